@@ -1,0 +1,3 @@
+"""easel: a self-hosted image-generation job server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""The contract between the worker loop and a model backend.
+
+The worker knows nothing about Diffusers: it hands a backend one ``WorkItem`` at a
+time together with a ``StepContext`` and gets PIL images back.  Backends report
+progress (and honour cancellation) through ``ctx.step``; they raise
+``BackendError`` with a sentence a user can act on when a request cannot be served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..config import ModelConfig
+
+Task = Literal["generate", "edit", "train", "upscale"]
+
+
+class JobCancelled(Exception):
+    """Raised inside a backend (by ``StepContext.step``) when the job was cancelled."""
+
+
+class BackendError(Exception):
+    """A failure the user can act on (bad LoRA, out of memory, image too small...).
+
+    The message goes to the client verbatim, so it must be a sentence, not a
+    traceback.
+    """
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    name: str
+    scale: float = 1.0
+
+
+@dataclass
+class WorkItem:
+    """One pipeline call: ``n`` images for one prompt.
+
+    Image ``k`` of the call uses seed ``seed + k`` so that results are reproducible
+    one by one.
+    """
+
+    task: Task
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    n: int = 1
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    images: list[Image] = field(default_factory=list)  # edit references
+    init_image: Image | None = None  # img2img source
+    strength: float | None = None
+    mask: Image | None = None
+    loras: list[LoraSpec] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1_000_000
+
+
+class StepContext(Protocol):
+    """What a backend may call while it runs an item."""
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def step(self, i: int, total: int) -> None:
+        """Report that denoising step ``i`` (1-based) of ``total`` finished.
+
+        Raises ``JobCancelled`` when the job has been cancelled, so calling it from
+        Diffusers' ``callback_on_step_end`` stops the pipeline at the next step.
+        """
+
+    def wants_preview(self, i: int) -> bool:
+        """True when the caller asked for a partial image after step ``i``."""
+
+    def preview(self, image: Image) -> None:
+        """Hand over a partial (preview) image decoded from intermediate latents."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    tasks: tuple[str, ...] = ("generate",)
+    max_images: int = 0  # reference images accepted by edits
+    max_output_images: int = 4
+    supports_mask: bool = False
+    supports_lora: bool = False
+    supports_init_image: bool = False
+    supports_training: bool = False
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded (or loadable) model.  ``run`` is only ever called from one worker
+    thread at a time per in-flight slot; ``load``/``unload`` are called off the
+    event loop."""
+
+    capabilities: Capabilities
+
+    def load(self) -> None: ...
+
+    def unload(self) -> None: ...
+
+    def run(self, item: WorkItem, ctx: StepContext) -> list[Image]: ...
+
+    def cost_prior(self, task: str) -> list[float] | None:
+        """Prior forecast coefficients for ``task`` (see ``forecast.FEATURES``), or
+        None to use the configured/default prior."""
+
+
+def model_capabilities(cfg: ModelConfig, default_tasks: tuple[str, ...]) -> Capabilities:
+    """Capabilities from the model config, falling back to the backend's defaults."""
+    tasks = tuple(cfg.tasks) if cfg.tasks else default_tasks
+    return Capabilities(
+        tasks=tasks,
+        max_images=cfg.max_images if "edit" in tasks else 0,
+        max_output_images=cfg.max_output_images,
+        supports_lora=bool(cfg.lora_dir),
+        supports_init_image="edit" in tasks,
+    )

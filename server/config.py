@@ -1,0 +1,175 @@
+"""Settings: the shipped default (``default_settings.json``) deep-merged with a local
+override file, validated into msgspec Structs.
+
+A bad file stops start-up with ``ConfigError`` naming the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
+BACKENDS = ("stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale_esrgan")
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """A settings file that cannot be used; the message names the key."""
+
+
+class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    backend: Literal["stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale_esrgan"]
+    enabled: bool = False
+    target_inflight: PositiveInt = 1
+    model_path: str | None = None
+    base_model_path: str | None = None
+    transformer_path: str | None = None
+    transformer_config_path: str | None = None
+    tasks: list[Literal["generate", "edit"]] = []
+    max_images: Annotated[int, Meta(ge=0, le=64)] = 1
+    max_output_images: Annotated[int, Meta(ge=1, le=64)] = 4
+    max_pixels: PositiveInt = 2_097_152  # 2 MP (e.g. 1448x1448)
+    default_width: Annotated[int, Meta(ge=16, multiple_of=16)] = 1024
+    default_height: Annotated[int, Meta(ge=16, multiple_of=16)] = 1024
+    recommended_steps: PositiveInt | None = None
+    recommended_guidance: float | None = None
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = "auto"  # auto -> cuda if available, else mps, else cpu
+    vram_estimate_mib: int | None = None
+    offload: Literal["none", "model", "sequential"] = "none"
+    quantization: Literal["none", "fp8"] = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    lora_dir: str | None = None
+    default_strength: Annotated[float, Meta(ge=0, le=1)] = 0.35
+    keep_loaded: bool = True  # upscalers: stay loaded after a job
+    # stub only: seconds per denoising step at one megapixel (per image)
+    simulate_step_seconds: NonNegFloat = 0.0
+    # forecast prior: seconds = c0 + c1*steps*MP*n + c2*refs*n + c3*steps*MP*n*refs
+    forecast_prior: list[float] | None = None
+
+
+class QueueConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    capacity: PositiveInt = 10_000  # waiting jobs per model
+    result_ttl_seconds: Annotated[float, Meta(gt=0)] = 3600.0
+    result_memory_mib: PositiveInt = 1024  # encoded images kept in memory
+    shutdown_grace_seconds: NonNegFloat = 30.0
+
+
+class LimitsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    max_body_mib: PositiveInt = 64
+    max_steps: PositiveInt = 200
+    max_prompts: PositiveInt = 64
+    max_image_pixels: PositiveInt = 40_000_000  # decoded reference images
+
+
+class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    api_keys: list[str] = []
+    admin_keys: list[str] = []
+
+
+class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    output_dir: str | None = None  # also write every result to disk when set
+
+
+class TrainingConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    dataset_roots: list[str] = []
+
+
+class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    allowed_hosts: list[str] = []
+    timeout_seconds: Annotated[float, Meta(gt=0)] = 30.0
+    max_download_mib: PositiveInt = 32
+    retries: Annotated[int, Meta(ge=0, le=10)] = 3
+
+
+class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 4030
+    models: dict[str, ModelConfig] = {}
+    default_model: str | None = None
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    upscaler: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def model(self, name: str | None) -> tuple[str, ModelConfig]:
+        key = name or self.default_model
+        if key is None or key not in self.models:
+            raise KeyError(key)
+        return key, self.models[key]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a copy of ``base``; nested objects merge key by key,
+    everything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"settings file {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object at the top level")
+    return data
+
+
+def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
+    try:
+        settings = msgspec.convert(data, Settings)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.models.x.max_pixels`"
+        raise ConfigError(f"{source}: {exc}") from exc
+    if settings.default_model is None and settings.models:
+        settings.default_model = next(iter(settings.models))
+    if settings.default_model is not None and settings.default_model not in settings.models:
+        raise ConfigError(
+            f"{source}: default_model {settings.default_model!r} is not one of the configured "
+            f"models ({', '.join(settings.models) or 'none'})"
+        )
+    if settings.upscaler is not None and settings.upscaler not in settings.models:
+        raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
+    return settings
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Shipped default <- local override file <- CLI overrides.
+
+    ``config_path`` None means ``local.json`` in the working directory when present.
+    """
+    data = _read_json(DEFAULT_SETTINGS)
+    sources = [str(DEFAULT_SETTINGS.name)]
+    if config_path is None:
+        local = Path("local.json")
+        config_path = local if local.exists() else None
+    if config_path is not None:
+        data = deep_merge(data, _read_json(Path(config_path)))
+        sources.append(str(config_path))
+    if overrides:
+        data = deep_merge(data, overrides)
+        sources.append("command line")
+    return build_settings(data, " + ".join(sources))

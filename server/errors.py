@@ -1,0 +1,168 @@
+"""Errors that carry their HTTP status, and the one handler that renders them.
+
+Every error body has OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}`` so that the job API and the OpenAI shim answer alike.  Unknown
+exceptions answer a fixed 500 message; the traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .schemas import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("easel")
+
+
+class ApiError(Exception):
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+    retryable = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retryable else {"x-should-retry": "false"}
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ApiError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class Gone(ApiError):
+    status = 410
+    type = "not_found_error"
+    code = "gone"
+
+
+class Conflict(ApiError):
+    status = 409
+    type = "conflict_error"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class QueueFull(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class Unavailable(ApiError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+    retryable = True
+
+
+class JobFailed(ApiError):
+    """A job that ran and failed; retrying the same request will not help."""
+
+    status = 500
+    type = "server_error"
+    code = "job_failed"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    return _encoder.encode(ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)))
+
+
+def render(exc: ApiError) -> Response:
+    return Response(
+        error_body(exc.message, exc.type, exc.param, exc.code),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers(),
+    )
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return render(exc)
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    from starlette.exceptions import HTTPException
+
+    assert isinstance(exc, HTTPException)
+    typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 404:
+        message = f"no route for {request.method} {request.url.path}; see /openapi.json for the API"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    return Response(
+        error_body(message, typ),
+        status_code=exc.status_code,
+        media_type="application/json",
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Response(
+        error_body("internal server error; the server log has the details", "server_error"),
+        status_code=500,
+        media_type="application/json",
+    )
+
+
+def validation_message(exc: msgspec.ValidationError | msgspec.DecodeError) -> tuple[str, str | None]:
+    """Turn msgspec's message into (sentence, param).
+
+    msgspec says e.g. ``Expected `int` >= 16 - at `$.width```.
+    """
+    text = str(exc)
+    param = None
+    if " - at `$." in text:
+        text, _, path = text.rpartition(" - at `$.")
+        param = path.rstrip("`")
+        text = f"{param}: {text}"
+    elif text.startswith("Object contains unknown field"):
+        param = text.split("`")[1] if "`" in text else None
+        text = f"{text}; remove it (see /openapi.json for the accepted fields)"
+    elif isinstance(exc, msgspec.DecodeError):
+        text = f"the request body is not valid JSON ({text})"
+    return text, param

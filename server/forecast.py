@@ -1,0 +1,119 @@
+"""Duration model and ETA.
+
+A job's cost is linear in a few features of what it is::
+
+    seconds = c0 + c1 * steps*MP*n + c2 * refs*n + c3 * steps*MP*n*refs
+
+(summed over the pipeline calls of the job).  The coefficients are learned per
+model and task, online, by ridge regression that shrinks towards a prior (the
+backend's own estimate or the config's ``forecast_prior``) and slowly forgets old
+jobs so that the model follows a warming GPU or a changed setting.
+
+Because the model is linear, the forecast for everything ahead of a job is the
+coefficients times the *sum* of the features ahead, which the queue keeps as
+prefix sums; no scan of the queue is needed.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+TASKS: tuple[str, ...] = ("generate", "edit", "train", "upscale")
+FEATURES: tuple[str, ...] = ("jobs", "steps_mp_n", "refs_n", "steps_mp_n_refs")
+NF = len(FEATURES)
+DIM = NF * len(TASKS)  # one block of features per task
+GENERIC_PRIOR = (0.5, 1.0, 0.5, 0.1)
+
+
+def features(steps: int, megapixels: float, n: int, refs: int) -> np.ndarray:
+    work = steps * megapixels * n
+    return np.array([1.0, work, refs * n, work * refs], dtype=np.float64)
+
+
+def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
+    """The job's features placed in its task's block of a DIM vector."""
+    vec = np.zeros(DIM, dtype=np.float64)
+    t = TASKS.index(task)
+    vec[t * NF : (t + 1) * NF] = feats
+    return vec
+
+
+@dataclass
+class _Fit:
+    prior: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    coef: np.ndarray
+    samples: int = 0
+    abs_pct_error_sum: float = 0.0
+
+
+class CostModel:
+    """Per-model forecaster: one ridge fit per task."""
+
+    def __init__(self, priors: dict[str, list[float] | tuple[float, ...]], *, ridge: float = 1.0, forget: float = 0.98) -> None:
+        self._lock = threading.Lock()
+        self.ridge = ridge
+        self.forget = forget
+        self._fits: dict[str, _Fit] = {}
+        for task in TASKS:
+            prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
+            self._fits[task] = _Fit(prior=prior, a=np.zeros((NF, NF)), b=np.zeros(NF), coef=prior.copy())
+        self._stacked = np.concatenate([self._fits[t].coef for t in TASKS])
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        """All tasks' coefficients as one DIM vector (dot it with job vectors)."""
+        return self._stacked
+
+    def predict(self, vec: np.ndarray) -> float:
+        return max(0.0, float(self._stacked @ vec))
+
+    def observe(self, task: str, feats: np.ndarray, seconds: float, predicted: float | None = None) -> None:
+        """Learn from a finished job that took ``seconds`` of worker time."""
+        with self._lock:
+            fit = self._fits[task]
+            fit.a = self.forget * fit.a + np.outer(feats, feats)
+            fit.b = self.forget * fit.b + feats * seconds
+            lam = self.ridge * np.eye(NF)
+            fit.coef = np.linalg.solve(fit.a + lam, fit.b + self.ridge * fit.prior)
+            fit.samples += 1
+            if predicted is not None and seconds > 0:
+                fit.abs_pct_error_sum += abs(predicted - seconds) / seconds
+            self._stacked = np.concatenate([self._fits[t].coef for t in TASKS])
+
+    def report(self) -> dict[str, dict[str, object]]:
+        """What the model has learned, for /api/ps and /health."""
+        out: dict[str, dict[str, object]] = {}
+        for task, fit in self._fits.items():
+            out[task] = {
+                "coefficients": dict(zip(FEATURES, (round(float(c), 6) for c in fit.coef))),
+                "prior": dict(zip(FEATURES, (float(c) for c in fit.prior))),
+                "samples": fit.samples,
+                "mean_abs_pct_error": round(fit.abs_pct_error_sum / fit.samples, 4) if fit.samples else None,
+            }
+        return out
+
+
+def running_remaining(
+    now: float,
+    started_at: float,
+    predicted: float,
+    step: int,
+    total_steps: int,
+    last_step_at: float | None,
+) -> float:
+    """Seconds left for a running job.
+
+    Before the first step: the prediction minus the time already spent.  After it:
+    the job's own measured step rate times the steps still to go, minus the time
+    since the last step.
+    """
+    if step <= 0 or last_step_at is None or total_steps <= 0:
+        return max(0.0, predicted - (now - started_at))
+    per_step = (last_step_at - started_at) / step
+    left = per_step * (total_steps - step) - (now - last_step_at)
+    return max(0.0, left)

@@ -1,0 +1,124 @@
+"""Jobs: what was asked, where it stands, and what it produced."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .backends.base import WorkItem
+
+
+class JobStatus(str, enum.Enum):
+    WAITING = "waiting"  # queued on its model's worker
+    RUNNING = "running"  # on the worker (or its results being encoded)
+    DONE = "done"  # results available
+    ERROR = "error"  # failed; ``message`` says why
+    CANCELLED = "cancelled"  # cancelled by a client or at shutdown
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED)
+
+
+@dataclass
+class ImageResult:
+    index: int
+    seed: int
+    width: int
+    height: int
+    format: str
+    prompt: str
+    data: bytes | None  # None once deleted by the client or evicted
+    upload: str | None = None
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(eq=False)
+class Job:
+    model: str
+    task: str
+    items: list[WorkItem]
+    priority: int = 0
+    format: str = "PNG"
+    quality: int = 85
+    metadata: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # upscale, upload_urls, webhook_url...
+    id: str = field(default_factory=new_id)
+    seq: int = 0
+    status: JobStatus = JobStatus.WAITING
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    # monotonic clock twins for the forecaster
+    started_mono: float | None = None
+    last_step_mono: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    message: str | None = None
+    results: list[ImageResult] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # backend/training status (loss...)
+    # forecasting
+    vector: np.ndarray | None = None
+    features: np.ndarray | None = None
+    predicted: float = 0.0
+    expected_at_submit: float = 0.0
+    # queue bookkeeping
+    level: Any = None
+    slot: int = -1
+    # change notification (event-loop side)
+    version: int = 0
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    # called on the worker thread with each preview image (OpenAI partial images)
+    preview_sink: Callable[[Any], None] | None = field(default=None, repr=False)
+    preview_steps: frozenset[int] = frozenset()
+
+    @property
+    def task_length(self) -> int:
+        return sum(item.n for item in self.items)
+
+    @property
+    def progress(self) -> float:
+        if self.status is JobStatus.DONE:
+            return 1.0
+        if self.total_steps <= 0:
+            return 0.0
+        return min(1.0, self.step / self.total_steps)
+
+    @property
+    def seed(self) -> int | None:
+        return self.items[0].seed if self.items else None
+
+    def touch(self) -> None:
+        """Record a change and wake everyone waiting for one (event loop only)."""
+        self.version += 1
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_change(self, timeout: float | None) -> bool:
+        """Wait for the next change; False on timeout."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def result_bytes(self) -> int:
+        return sum(len(r.data) for r in self.results if r.data is not None)

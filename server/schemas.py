@@ -1,0 +1,224 @@
+"""Every wire type of the job API as a msgspec Struct: the single source of truth
+for decoding, validation messages and the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from msgspec import Meta, Struct
+
+Prompt = Annotated[str, Meta(description="What to draw. Must not be empty.", examples=["a lighthouse at dusk"])]
+Dimension = Annotated[
+    int, Meta(ge=16, le=8192, multiple_of=16, description="Pixels; a positive multiple of 16.")
+]
+Steps = Annotated[int, Meta(ge=1, le=10_000, description="Denoising steps.")]
+Quality = Annotated[int, Meta(ge=1, le=100, description="JPEG/WEBP quality.")]
+Seed = Annotated[
+    Union[int, str],
+    Meta(description="Integer seed (or a numeric string). Random when absent; the seed used is reported."),
+]
+Priority = Annotated[
+    Union[bool, int],
+    Meta(description="true jumps ahead of every non-priority job; an int orders jobs, lower first (false = 0, true = -1)."),
+]
+Format = Annotated[str, Meta(description="PNG, JPEG or WEBP.", examples=["PNG"])]
+
+
+class ImageRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A reference image given as a data URL or fetched from a URL."""
+
+    data_url: str | None = None
+    url: str | None = None
+    name: str | None = None
+
+
+ImageInput = Annotated[
+    Union[str, ImageRef],
+    Meta(description="A data URL, a bare base64 string, or {data_url} / {url}."),
+]
+
+
+class LoraRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, Meta(description="Adapter name inside the model's lora_dir.")]
+    scale: Annotated[float, Meta(ge=-4, le=4)] = 1.0
+
+
+class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Text-to-image (and, with ``images``, an edit)."""
+
+    prompt: Prompt | None = None
+    prompts: Annotated[list[str], Meta(description="A batch: one job, n images per prompt; seeds increment by one per image.")] | None = None
+    model: str | None = None
+    negative_prompt: str | None = None
+    seed: Seed | None = None
+    width: Dimension | None = None
+    height: Dimension | None = None
+    steps: Steps | None = None
+    guidance: float | None = None
+    n: Annotated[int, Meta(ge=1, le=64, description="Images per prompt.")] = 1
+    format: Format = "PNG"
+    quality: Quality = 85
+    priority: Priority = False
+    images: list[ImageInput] | None = None
+    init_image: ImageInput | None = None
+    strength: Annotated[float, Meta(ge=0, le=1)] | None = None
+    loras: list[LoraRef] | None = None
+    upscale: Literal[2, 4] | None = None
+    upload_urls: list[str] | None = None
+    webhook_url: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class TrainRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    dataset_dir: str
+    adapter_name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    steps: Annotated[int, Meta(ge=1, le=100_000)] = 500
+    rank: Annotated[int, Meta(ge=1, le=256)] = 16
+    alpha: Annotated[float, Meta(gt=0)] | None = None
+    learning_rate: Annotated[float, Meta(gt=0, le=1)] = 1e-4
+    batch_size: Annotated[int, Meta(ge=1, le=64)] = 1
+    resolution: Annotated[int, Meta(ge=16, le=4096, multiple_of=16)] = 512
+    seed: int | None = None
+    save_every: Annotated[int, Meta(ge=1)] | None = None
+    gradient_checkpointing: bool = False
+    priority: Priority = False
+
+
+class UpscaleRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    image: ImageInput
+    scale: Literal[2, 4] = 4
+    format: Format = "PNG"
+    quality: Quality = 85
+    model: str | None = None
+    priority: Priority = False
+
+
+class LoadRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+
+
+class SubmitResponse(Struct, kw_only=True):
+    task_id: str
+    task_length: Annotated[int, Meta(description="Number of images the job will produce.")]
+    expected_time_seconds: Annotated[float, Meta(description="Forecast seconds from now until the job is done.")]
+    pos: int = 0
+    status: str = "waiting"
+    seed: int | None = None
+
+
+class ImageInfo(Struct, kw_only=True):
+    index: int
+    seed: int
+    width: int
+    height: int
+    format: str
+    prompt: str
+    bytes: int
+    url: str
+    upload: str | None = None  # pending / ok / failed: reason
+
+
+class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
+    task_id: str
+    status: Literal["waiting", "running", "done", "error", "cancelled"]
+    model: str
+    task: str
+    pos: int
+    wait_remaining: Annotated[float, Meta(description="Forecast seconds until the job is done.")]
+    expected_time_seconds: float
+    progress: Annotated[float, Meta(ge=0, le=1)]
+    step: int
+    total_steps: int
+    task_length: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    seed: int | None = None
+    message: str | None = None
+    images: list[ImageInfo] = []
+    metadata: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None
+
+
+class TasksResponse(Struct, kw_only=True):
+    queue: list[JobStatusResponse]
+    recent: list[JobStatusResponse]
+
+
+class ImageBase64(Struct, kw_only=True):
+    image: str
+    format: str
+
+
+class ClearResponse(Struct, kw_only=True):
+    cancelled: int
+
+
+class CancelResponse(Struct, kw_only=True):
+    task_id: str
+    status: str
+
+
+class ModelInfo(Struct, kw_only=True):
+    name: str
+    backend: str
+    state: Literal["unloaded", "loading", "loaded", "error"]
+    tasks: list[str]
+    max_images: int
+    max_output_images: int
+    max_pixels: int
+    default_width: int
+    default_height: int
+    recommended_steps: int | None
+    recommended_guidance: float | None
+    queue_depth: int
+    running: int
+    load_error: str | None = None
+    vram_estimate_mib: int | None = None
+    forecast: dict[str, Any] | None = None
+
+
+class ModelsResponse(Struct, kw_only=True):
+    default_model: str | None
+    models: list[ModelInfo]
+
+
+class HealthResponse(Struct, kw_only=True):
+    status: str
+    models: list[ModelInfo]
+    devices: list[dict[str, Any]]
+    uptime_seconds: float
+
+
+class Healthz(Struct):
+    status: str
+
+
+class ErrorDetail(Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Struct, kw_only=True):
+    error: ErrorDetail
+
+
+WIRE_TYPES: tuple[type, ...] = (
+    GenerateRequest,
+    TrainRequest,
+    UpscaleRequest,
+    LoadRequest,
+    SubmitResponse,
+    JobStatusResponse,
+    TasksResponse,
+    ImageBase64,
+    ClearResponse,
+    CancelResponse,
+    ModelsResponse,
+    HealthResponse,
+    Healthz,
+    ErrorResponse,
+)
