@@ -1,0 +1,202 @@
+"""Requests -> jobs: validate a decoded request against the model it names and
+build the pipeline calls.  Every refusal is a ``BadRequest`` naming the field and
+what to send instead."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import random
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from PIL import Image, UnidentifiedImageError
+
+from .backends.base import LoraSpec, WorkItem
+from .errors import BadRequest
+from .jobs import Job
+from .schemas import GenerateRequest, ImageRef
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .registry import ModelState
+
+FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "JPG": "JPEG", "WEBP": "WEBP"}
+MAX_SEED = 2**63 - 1
+UrlFetcher = Callable[[str, str], Awaitable[bytes]]  # (url, field) -> bytes
+
+
+def parse_format(value: str, param: str = "format") -> str:
+    fmt = FORMATS.get(value.strip().upper())
+    if fmt is None:
+        raise BadRequest(f"{param} {value!r} is not supported; use PNG, JPEG or WEBP", param=param)
+    return fmt
+
+
+def parse_priority(value: bool | int) -> int:
+    if isinstance(value, bool):
+        return -1 if value else 0
+    return value
+
+
+def parse_seed(value: int | str | None) -> int:
+    if value is None or value == "":
+        return random.randrange(0, 2**32)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise BadRequest(f"seed {value!r} is not an integer; send a number such as 42", param="seed") from None
+    if not 0 <= value <= MAX_SEED:
+        raise BadRequest(f"seed must be between 0 and {MAX_SEED}", param="seed")
+    return value
+
+
+def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise BadRequest(
+                f"{param}: the image is {img.width}x{img.height}, over the limit of {max_pixels} pixels; send a smaller image",
+                param=param,
+            )
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadRequest(
+            f"{param}: could not decode the image data ({type(exc).__name__}); send PNG, JPEG or WEBP bytes as a data URL or base64",
+            param=param,
+        ) from None
+    return img.convert("RGBA") if img.mode in ("RGBA", "LA", "P") and "transparency" in img.info else img.convert("RGB")
+
+
+def decode_b64(text: str, param: str) -> bytes:
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or ";base64" not in header:
+            raise BadRequest(f"{param}: a data URL must look like data:image/png;base64,<data>", param=param)
+    try:
+        return base64.b64decode(text.strip(), validate=False)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{param}: not valid base64; send a data URL or base64-encoded image", param=param) from None
+
+
+async def load_image(value: str | ImageRef | bytes, param: str, settings: Settings, fetch: UrlFetcher | None) -> Image.Image:
+    max_pixels = settings.limits.max_image_pixels
+    if isinstance(value, bytes):
+        return decode_image(value, param, max_pixels)
+    if isinstance(value, ImageRef):
+        if value.data_url:
+            return decode_image(decode_b64(value.data_url, param), param, max_pixels)
+        if value.url:
+            if fetch is None:
+                raise BadRequest(f"{param}: image URLs are not supported by this server; send a data URL", param=param)
+            return decode_image(await fetch(value.url, param), param, max_pixels)
+        raise BadRequest(f"{param}: give either data_url or url", param=param)
+    if value.startswith(("http://", "https://")):
+        return await load_image(ImageRef(url=value), param, settings, fetch)
+    return decode_image(decode_b64(value, param), param, max_pixels)
+
+
+def check_size(ms: ModelState, width: int, height: int, param: str = "width") -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % 16:
+            raise BadRequest(f"{name} {v} must be a positive multiple of 16 (e.g. {max(16, v // 16 * 16)})", param=name)
+    if width * height > ms.cfg.max_pixels:
+        raise BadRequest(
+            f"{width}x{height} is {width * height} pixels, over model {ms.name!r}'s max_pixels of {ms.cfg.max_pixels}; "
+            "choose a smaller width or height",
+            param=param,
+        )
+
+
+async def build_job(
+    req: GenerateRequest,
+    ms: ModelState,
+    settings: Settings,
+    task: str,
+    *,
+    uploads: list[bytes] | None = None,
+    fetch: UrlFetcher | None = None,
+) -> Job:
+    """Validate ``req`` for model ``ms`` and build the job (not yet queued)."""
+    cfg = ms.cfg
+    caps = ms.capabilities
+    prompts = list(req.prompts) if req.prompts else ([req.prompt] if req.prompt is not None else [])
+    if req.prompts and req.prompt:
+        raise BadRequest("give either prompt or prompts, not both", param="prompts")
+    if not prompts or any(not p or not p.strip() for p in prompts):
+        raise BadRequest("prompt is required and must not be empty; describe the image you want", param="prompt")
+    if len(prompts) > settings.limits.max_prompts:
+        raise BadRequest(f"prompts has {len(prompts)} entries; at most {settings.limits.max_prompts} per job", param="prompts")
+    if task not in caps.tasks:
+        other = "/api/edit" if task == "generate" else "/api/generate"
+        raise BadRequest(
+            f"model {ms.name!r} cannot {task} (it supports: {', '.join(caps.tasks)}); use {other} or another model",
+            param="model",
+        )
+    width = req.width or cfg.default_width
+    height = req.height or cfg.default_height
+    check_size(ms, width, height)
+    steps = req.steps or cfg.recommended_steps or 4
+    if steps > settings.limits.max_steps:
+        raise BadRequest(f"steps {steps} is over the limit of {settings.limits.max_steps}", param="steps")
+    if req.n > caps.max_output_images:
+        raise BadRequest(
+            f"n {req.n} is over model {ms.name!r}'s max_output_images of {caps.max_output_images}; ask for fewer images",
+            param="n",
+        )
+    fmt = parse_format(req.format)
+    seed = parse_seed(req.seed)
+    refs = [await load_image(v, f"images[{i}]", settings, fetch) for i, v in enumerate(req.images or [])]
+    refs += [decode_image(b, f"images[{len(refs) + i}]", settings.limits.max_image_pixels) for i, b in enumerate(uploads or [])]
+    if task == "edit":
+        if not refs:
+            raise BadRequest("an edit needs at least one reference image in images", param="images")
+        if len(refs) > caps.max_images:
+            raise BadRequest(
+                f"{len(refs)} reference images given; model {ms.name!r} accepts at most {caps.max_images}",
+                param="images",
+            )
+    elif refs:
+        raise BadRequest("images are for edits: send them to /api/edit, or use init_image for img2img", param="images")
+    init = await load_image(req.init_image, "init_image", settings, fetch) if req.init_image is not None else None
+    if init is not None and not caps.supports_init_image:
+        raise BadRequest(f"model {ms.name!r} does not do img2img; drop init_image", param="init_image")
+    loras = [LoraSpec(l.name, l.scale) for l in req.loras or []]
+    if loras and not caps.supports_lora:
+        raise BadRequest(f"model {ms.name!r} has no lora_dir configured, so loras cannot be used", param="loras")
+    items = []
+    seed_i = seed
+    for prompt in prompts:
+        items.append(
+            WorkItem(
+                task=task,  # type: ignore[arg-type]
+                prompt=prompt,
+                width=width,
+                height=height,
+                steps=steps,
+                seed=seed_i,
+                n=req.n,
+                negative_prompt=req.negative_prompt,
+                guidance=req.guidance if req.guidance is not None else cfg.recommended_guidance,
+                images=refs,
+                init_image=init,
+                strength=req.strength,
+                loras=loras,
+            )
+        )
+        seed_i += req.n
+    options: dict[str, Any] = {}
+    for key in ("upscale", "upload_urls", "webhook_url"):
+        if getattr(req, key) is not None:
+            options[key] = getattr(req, key)
+    return Job(
+        model=ms.name,
+        task=task,
+        items=items,
+        priority=parse_priority(req.priority),
+        format=fmt,
+        quality=req.quality,
+        metadata=req.metadata,
+        options=options,
+    )

@@ -1,0 +1,180 @@
+"""Configured models and their runtime state: load, unload, capabilities, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from .backends import create_backend
+from .backends.base import Backend, Capabilities, model_capabilities
+from .errors import Conflict, NotFound
+from .forecast import TASKS, CostModel
+from .queue import ModelQueue
+
+if TYPE_CHECKING:
+    from .config import ModelConfig, Settings
+    from .jobs import Job
+
+log = logging.getLogger("easel")
+State = Literal["unloaded", "loading", "loaded", "error"]
+
+
+@dataclass(eq=False)
+class ModelState:
+    name: str
+    cfg: ModelConfig
+    queue: ModelQueue
+    cost: CostModel
+    state: State = "unloaded"
+    backend: Backend | None = None
+    load_error: str | None = None
+    running: set[Job] = field(default_factory=set)
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+    limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self.backend is not None:
+            return self.backend.capabilities
+        default = ("edit",) if self.cfg.backend == "qwen_edit_gguf" else ("generate", "edit")
+        return model_capabilities(self.cfg, default)
+
+
+def _default_prior(cfg: ModelConfig) -> dict[str, list[float]]:
+    if cfg.forecast_prior is not None:
+        return {task: list(cfg.forecast_prior) for task in TASKS}
+    return {}
+
+
+class Registry:
+    """Owns every configured model; the engine asks it for loaded backends."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: dict[str, ModelState] = {
+            name: ModelState(
+                name=name,
+                cfg=cfg,
+                queue=ModelQueue(settings.queue.capacity),
+                cost=CostModel(_default_prior(cfg)),
+            )
+            for name, cfg in settings.models.items()
+        }
+
+    def get(self, name: str | None) -> ModelState:
+        key = name or self.settings.default_model
+        if key is None or key not in self.models:
+            known = ", ".join(self.models) or "none"
+            raise NotFound(f"unknown model {name!r}; configured models: {known}", param="model", code="model_not_found")
+        return self.models[key]
+
+    async def load(self, name: str) -> ModelState:
+        """Load a model off the event loop; its state reads 'loading' meanwhile."""
+        ms = self.get(name)
+        if ms.state in ("loaded", "loading"):
+            return ms
+        ms.state = "loading"
+        ms.load_error = None
+        log.info("model %s: loading (backend %s)", name, ms.cfg.backend)
+        try:
+            backend = await anyio.to_thread.run_sync(self._create_and_load, name, ms.cfg)
+        except Exception as exc:  # a load failure is state, not a crash
+            ms.state = "error"
+            ms.load_error = _load_message(exc)
+            log.warning("model %s: load failed: %s", name, ms.load_error)
+            return ms
+        ms.backend = backend
+        if not self.settings.models[name].forecast_prior:
+            priors = {t: p for t in TASKS if (p := backend.cost_prior(t)) is not None}
+            if priors:
+                ms.cost = CostModel(priors)
+        ms.limiter = anyio.CapacityLimiter(ms.cfg.target_inflight)
+        ms.state = "loaded"
+        log.info("model %s: loaded", name)
+        return ms
+
+    def _create_and_load(self, name: str, cfg: ModelConfig) -> Backend:
+        backend = create_backend(name, cfg, self.settings)
+        backend.load()
+        return backend
+
+    async def unload(self, name: str) -> ModelState:
+        ms = self.get(name)
+        if ms.state == "loading":
+            raise Conflict(f"model {name!r} is still loading; unload it once it has loaded", param="model")
+        backend, ms.backend = ms.backend, None
+        ms.state = "unloaded"
+        if backend is not None:
+            await anyio.to_thread.run_sync(_release, backend)
+        log.info("model %s: unloaded", name)
+        return ms
+
+
+def _release(backend: Backend) -> None:
+    backend.unload()
+    del backend
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_message(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, OSError)) and "model_index.json" in text:
+        return f"model folder is not a Diffusers pipeline (no model_index.json): {text}"
+    return text if len(text) < 600 else text[:600] + "..."
+
+
+def process_rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is in requirements
+        return 0
+
+
+def device_report() -> list[dict[str, Any]]:
+    """Per-device memory: torch's view of CUDA devices, nvidia-smi when present,
+    and the process RSS (the only meaningful figure on CPU)."""
+    devices: list[dict[str, Any]] = [{"device": "cpu", "process_rss_mib": round(process_rss() / 2**20, 1)}]
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            devices.append(
+                {
+                    "device": f"cuda:{i}",
+                    "name": torch.cuda.get_device_name(i),
+                    "total_mib": round(total / 2**20, 1),
+                    "free_mib": round(free / 2**20, 1),
+                    "allocated_mib": round(torch.cuda.memory_allocated(i) / 2**20, 1),
+                    "reserved_mib": round(torch.cuda.memory_reserved(i) / 2**20, 1),
+                    "max_allocated_mib": round(torch.cuda.max_memory_allocated(i) / 2**20, 1),
+                }
+            )
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index,name,memory.used,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout
+            for line in out.strip().splitlines():
+                idx, gpu, used, total = (p.strip() for p in line.split(","))
+                devices.append({"device": f"nvidia-smi:{idx}", "name": gpu, "used_mib": float(used), "total_mib": float(total)})
+        except (subprocess.SubprocessError, ValueError, OSError) as exc:
+            devices.append({"device": "nvidia-smi", "error": str(exc)})
+    return devices

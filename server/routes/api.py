@@ -1,0 +1,205 @@
+"""The job API (/api/*), compatible with mflux-server's polling protocol."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import AsyncIterator
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..build import build_job
+from ..errors import BadRequest, Gone, NotFound
+from ..jobs import Job, JobStatus
+from ..openapi import Doc, Param, route
+from ..schemas import (
+    CancelResponse,
+    ClearResponse,
+    GenerateRequest,
+    ImageBase64,
+    JobStatusResponse,
+    LoadRequest,
+    ModelsResponse,
+    SubmitResponse,
+    TasksResponse,
+)
+from .common import decode_form, decode_json, engine_of, json_response, status_of
+from .models import models_response
+
+TASK_ID = Param("task_id", description="The id returned at submission.", required=True)
+MEDIA = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def submit(request: Request, task: str) -> Response:
+    engine = engine_of(request)
+    uploads: list[bytes] = []
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        req, uploads, _ = await decode_form(request, GenerateRequest)
+    else:
+        req = await decode_json(request, GenerateRequest)
+    ms = engine.loaded_model(req.model)
+    job = await build_job(req, ms, engine.settings, task, uploads=uploads, fetch=engine.fetch_url)
+    await engine.validate_delivery(job)
+    engine.submit(ms, job)
+    return json_response(
+        SubmitResponse(
+            task_id=job.id,
+            task_length=job.task_length,
+            expected_time_seconds=round(job.expected_at_submit, 3),
+            pos=engine.position(ms, job),
+            status=job.status.value,
+            seed=job.seed,
+        ),
+        status_code=202,
+    )
+
+
+async def generate(request: Request) -> Response:
+    return await submit(request, "generate")
+
+
+async def edit(request: Request) -> Response:
+    return await submit(request, "edit")
+
+
+def _job(request: Request) -> Job:
+    task_id = request.query_params.get("task_id") or request.path_params.get("task_id")
+    if not task_id:
+        raise BadRequest("task_id is required (?task_id=...)", param="task_id")
+    return engine_of(request).get(task_id)
+
+
+def _float_param(request: Request, name: str, default: float, maximum: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number of seconds", param=name) from None
+    return min(max(value, 0.0), maximum)
+
+
+async def status(request: Request) -> Response:
+    job = _job(request)
+    wait = _float_param(request, "wait", 0.0, 300.0)
+    if wait > 0 and not job.status.finished:
+        first = job.status
+        deadline = time.monotonic() + wait
+        while job.status is first and (left := deadline - time.monotonic()) > 0:
+            await job.wait_change(left)
+    return json_response(status_of(request, job))
+
+
+async def events(request: Request) -> Response:
+    """Server-Sent Events: one ``status`` event per change until the job ends."""
+    job = _job(request)
+    heartbeat = _float_param(request, "heartbeat", 15.0, 60.0) or 15.0
+
+    async def stream() -> AsyncIterator[bytes]:
+        last = None
+        while True:
+            body = msgspec.json.encode(status_of(request, job))
+            if body != last:
+                yield b"event: status\ndata: " + body + b"\n\n"
+                last = body
+            if job.status.finished:
+                yield b"event: end\ndata: " + msgspec.json.encode({"status": job.status.value}) + b"\n\n"
+                return
+            if not await job.wait_change(heartbeat):
+                yield b": keep-alive\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def image(request: Request) -> Response:
+    engine = engine_of(request)
+    job = _job(request)
+    q = request.query_params
+    try:
+        index = int(q.get("index", "0"))
+    except ValueError:
+        raise BadRequest("index must be an integer", param="index") from None
+    as_b64 = q.get("base64", "false").lower() in ("1", "true", "yes")
+    delete = q.get("delete", "false").lower() in ("1", "true", "yes")
+    if job.status is not JobStatus.DONE:
+        if job.status in (JobStatus.ERROR, JobStatus.CANCELLED):
+            raise Gone(f"task {job.id} ended as {job.status.value}: {job.message}", param="task_id")
+        raise NotFound(f"task {job.id} is {job.status.value}; poll /api/status until it is done", param="task_id", code="not_ready")
+    if not 0 <= index < len(job.results):
+        raise NotFound(f"index {index} is out of range; task {job.id} has {len(job.results)} image(s)", param="index")
+    result = job.results[index]
+    if result.data is None:
+        raise Gone(f"image {index} of task {job.id} was already fetched with delete=true or expired", param="index")
+    data = result.data
+    if delete:
+        engine.store.drop_image(job, index)
+    if as_b64:
+        return json_response(ImageBase64(image=base64.b64encode(data).decode(), format=result.format))
+    return Response(data, media_type=MEDIA[result.format], headers={"X-Seed": str(result.seed)})
+
+
+async def tasks(request: Request) -> Response:
+    engine = engine_of(request)
+    limit = int(_float_param(request, "limit", 50, 1000))
+    queue: list[Job] = []
+    for ms in engine.registry.models.values():
+        queue.extend(sorted(ms.running, key=lambda j: j.seq))
+        queue.extend(ms.queue.jobs()[:limit])
+    return json_response(
+        TasksResponse(
+            queue=[status_of(request, j) for j in queue],
+            recent=[status_of(request, j) for j in engine.store.recent(limit)],
+        )
+    )
+
+
+async def cancel(request: Request) -> Response:
+    engine = engine_of(request)
+    job = _job(request)
+    engine.cancel(job)
+    if job.status is JobStatus.RUNNING and request.query_params.get("wait", "1") != "0":
+        # wait (briefly) for the backend to stop at its next step
+        deadline = time.monotonic() + 10
+        while job.status is JobStatus.RUNNING and (left := deadline - time.monotonic()) > 0:
+            await job.wait_change(left)
+    return json_response(CancelResponse(task_id=job.id, status=job.status.value))
+
+
+async def clear(request: Request) -> Response:
+    return json_response(ClearResponse(cancelled=engine_of(request).clear()))
+
+
+async def ls(request: Request) -> Response:
+    return json_response(models_response(engine_of(request), forecasts=False))
+
+
+async def ps(request: Request) -> Response:
+    return json_response(models_response(engine_of(request), forecasts=True))
+
+
+async def load(request: Request) -> Response:
+    engine = engine_of(request)
+    req = await decode_json(request, LoadRequest)
+    await engine.load(req.model)
+    return json_response(models_response(engine, forecasts=False))
+
+
+ROUTES = [
+    route("/api/generate", generate, ["POST"], Doc("Queue a text-to-image job", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
+    route("/api/edit", edit, ["POST"], Doc("Queue an image edit (1..max_images references)", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
+    route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change.")))),
+    route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends", tags=("jobs",), content="text/event-stream", params=(TASK_ID,))),
+    route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch.")), statuses=(400, 404, 410)), name="api_image"),
+    route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each."),))),
+    route("/api/cancel", cancel, ["GET", "POST"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
+    route("/api/tasks/{task_id}", cancel, ["DELETE"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
+    route("/api/clear", clear, ["GET", "POST"], Doc("Cancel every queued job", response=ClearResponse, tags=("jobs",))),
+    route("/api/ls", ls, ["GET"], Doc("Configured models", response=ModelsResponse, tags=("models",))),
+    route("/api/ps", ps, ["GET"], Doc("Models with queue state and learned forecast coefficients", response=ModelsResponse, tags=("models",))),
+    route("/api/load", load, ["POST"], Doc("Load a model", body=LoadRequest, response=ModelsResponse, tags=("models",), admin=True)),
+]
+

@@ -1,0 +1,151 @@
+"""Helpers shared by the route modules: body decoding with a size cap, JSON
+responses from msgspec Structs, and job -> status rendering."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import BadRequest, PayloadTooLarge, validation_message
+from ..jobs import Job
+from ..schemas import ImageInfo, JobStatusResponse
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+T = TypeVar("T")
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
+
+
+class MsgspecResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _encoder.encode(content)
+
+
+def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return MsgspecResponse(content, status_code=status_code, headers=headers)
+
+
+async def read_body(request: Request) -> bytes:
+    limit = engine_of(request).settings.limits.max_body_mib * 2**20
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit} bytes (limits.max_body_mib)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes (limits.max_body_mib)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(data: bytes | dict[str, Any], typ: type[T]) -> T:
+    try:
+        if isinstance(data, dict):
+            return msgspec.convert(data, typ, strict=False)
+        if not data.strip():
+            raise BadRequest("the request body is empty; send a JSON object (Content-Type: application/json)")
+        dec = _decoders.get(typ)
+        if dec is None:
+            dec = _decoders[typ] = msgspec.json.Decoder(typ)
+        return dec.decode(data)  # type: ignore[no-any-return]
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        message, param = validation_message(exc)
+        raise BadRequest(message, param=param) from None
+
+
+async def decode_json(request: Request, typ: type[T]) -> T:
+    return decode(await read_body(request), typ)
+
+
+FILE_FIELDS = ("images", "image", "image[]", "images[]")
+LIST_FIELDS = ("prompts", "upload_urls")
+
+
+async def decode_form(request: Request, typ: type[T], file_fields: tuple[str, ...] = FILE_FIELDS) -> tuple[T, list[bytes], dict[str, bytes]]:
+    """Multipart/form-data: fields -> ``typ`` (numbers coerced), files in
+    ``file_fields`` -> a list of bytes, other files by field name."""
+    limit = engine_of(request).settings.limits.max_body_mib * 2**20
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit} bytes (limits.max_body_mib)")
+    form = await request.form(max_part_size=limit)
+    fields: dict[str, Any] = {}
+    files: list[bytes] = []
+    named: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read()
+            if key in file_fields:
+                files.append(data)
+            else:
+                named[key] = data
+        elif key in LIST_FIELDS or key.endswith("[]"):
+            fields.setdefault(key.removesuffix("[]"), []).append(value)
+        elif key in ("metadata", "loras") or value.startswith(("{", "[")):
+            try:
+                fields[key] = msgspec.json.decode(value)
+            except msgspec.DecodeError:
+                fields[key] = value
+        elif value.lower() in ("true", "false") and key in ("priority", "stream"):
+            fields[key] = value.lower() == "true"
+        else:
+            fields[key] = value
+    await form.close()
+    return decode(fields, typ), files, named
+
+
+def image_url(request: Request, job: Job, index: int) -> str:
+    return str(request.url_for("api_image").include_query_params(task_id=job.id, index=index))
+
+
+def status_of(request: Request, job: Job) -> JobStatusResponse:
+    engine = engine_of(request)
+    ms = engine.registry.models[job.model]
+    return JobStatusResponse(
+        task_id=job.id,
+        status=job.status.value,  # type: ignore[arg-type]
+        model=job.model,
+        task=job.task,
+        pos=engine.position(ms, job),
+        wait_remaining=round(engine.wait_remaining(ms, job), 3),
+        expected_time_seconds=round(job.expected_at_submit, 3),
+        progress=round(job.progress, 4),
+        step=job.step,
+        total_steps=job.total_steps,
+        task_length=job.task_length,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        seed=job.seed,
+        message=job.message,
+        images=[
+            ImageInfo(
+                index=r.index,
+                seed=r.seed,
+                width=r.width,
+                height=r.height,
+                format=r.format,
+                prompt=r.prompt,
+                bytes=len(r.data) if r.data is not None else 0,
+                url=image_url(request, job, r.index),
+                upload=r.upload,
+            )
+            for r in job.results
+        ],
+        metadata=job.metadata,
+        extra=job.extra or None,
+    )

@@ -1,0 +1,69 @@
+"""Health, metrics, the OpenAPI document and the Swagger page (served offline)."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from ..openapi import Doc, route
+from ..registry import device_report
+from ..schemas import HealthResponse, Healthz
+from .common import engine_of, json_response
+from .models import model_info
+
+SWAGGER_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>easel API</title>
+<link rel="stylesheet" href="/swagger-static/swagger-ui.css">
+<link rel="icon" href="/swagger-static/favicon-32x32.png"></head>
+<body><div id="swagger-ui"></div>
+<script src="/swagger-static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>"""
+
+
+async def healthz(request: Request) -> Response:
+    return json_response(Healthz(status="ok"))
+
+
+async def health(request: Request) -> Response:
+    engine = engine_of(request)
+    devices = await anyio.to_thread.run_sync(device_report)
+    models = [model_info(engine, ms, forecasts=True) for ms in engine.registry.models.values()]
+    ok = engine.accepting and not any(m.state == "error" for m in models)
+    return json_response(
+        HealthResponse(
+            status="ok" if ok else ("shutting_down" if not engine.accepting else "degraded"),
+            models=models,
+            devices=devices,
+            uptime_seconds=round(time.time() - engine.started_at, 1),
+        )
+    )
+
+
+async def metrics(request: Request) -> Response:
+    return Response(engine_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(request.app.state.openapi)
+
+
+async def swagger(request: Request) -> Response:
+    return HTMLResponse(SWAGGER_HTML)
+
+
+async def docs(request: Request) -> Response:
+    return RedirectResponse("/swagger")
+
+
+ROUTES = [
+    route("/healthz", healthz, ["GET"], Doc("Liveness", response=Healthz, tags=("meta",), statuses=())),
+    route("/health", health, ["GET"], Doc("Models, devices, memory and learned forecasts", response=HealthResponse, tags=("meta",), statuses=())),
+    route("/metrics", metrics, ["GET"], Doc("Prometheus metrics", content="text/plain", tags=("meta",), statuses=())),
+    route("/openapi.json", openapi_json, ["GET"], Doc("This document", tags=("meta",), statuses=())),
+    route("/swagger", swagger, ["GET"], Doc("Swagger UI", content="text/html", tags=("meta",), statuses=())),
+    route("/docs", docs, ["GET"], Doc("Redirect to /swagger", content="text/html", tags=("meta",), statuses=())),
+]

@@ -1,0 +1,170 @@
+"""The per-model worker loop.
+
+Each loaded model runs ``target_inflight`` loops; each loop takes the next job from
+the model's queue and runs its pipeline calls in a worker thread (never on the
+event loop).  Progress and previews hop back to the loop with
+``call_soon_threadsafe``.  When the backend returns, the images are handed to a
+separate finishing task (post-processing, encoding, storing) and the loop takes
+the next job at once, so the GPU does not wait for PNG encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import anyio
+
+from .backends.base import BackendError, JobCancelled
+from .jobs import ImageResult, Job, JobStatus
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .backends.base import Backend
+    from .engine import Engine
+    from .registry import ModelState
+
+log = logging.getLogger("easel")
+ImageHook = Callable[[Job, list["Image"]], Awaitable[list["Image"]]]
+
+
+class JobContext:
+    """``StepContext`` for one job: maps item-local steps onto the job's total."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, offset: int = 0) -> None:
+        self.job = job
+        self.loop = loop
+        self.offset = offset
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancel_event.is_set()
+
+    def step(self, i: int, total: int) -> None:
+        if self.job.cancel_event.is_set():
+            raise JobCancelled()
+        self.loop.call_soon_threadsafe(_record_step, self.job, self.offset + i, time.monotonic())
+
+    def wants_preview(self, i: int) -> bool:
+        return self.job.preview_sink is not None and (self.offset + i) in self.job.preview_steps
+
+    def preview(self, image: Image) -> None:
+        sink = self.job.preview_sink
+        if sink is not None:
+            sink(image)
+
+    def set_extra(self, **values: Any) -> None:
+        """Publish backend-specific status (training loss...)."""
+        self.loop.call_soon_threadsafe(_record_extra, self.job, values)
+
+
+def _record_step(job: Job, step: int, at: float) -> None:
+    if job.status is JobStatus.RUNNING:
+        job.step = step
+        job.last_step_mono = at
+        job.touch()
+
+
+def _record_extra(job: Job, values: dict[str, Any]) -> None:
+    job.extra.update(values)
+    job.touch()
+
+
+def execute(backend: Backend, job: Job, ctx: JobContext) -> list[Image]:
+    """Run every pipeline call of ``job`` (worker thread)."""
+    runner = job.options.get("runner")
+    if runner is not None:  # training and other non-generation jobs bring their own
+        return runner(backend, job, ctx)  # type: ignore[no-any-return]
+    images: list[Image] = []
+    for item in job.items:
+        images.extend(backend.run(item, ctx))
+        ctx.offset += item.steps
+    return images
+
+
+def failure_message(exc: BaseException) -> str:
+    """A sentence for the client; tracebacks stay in the log."""
+    if isinstance(exc, BackendError):
+        return str(exc)
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return (
+            "the GPU ran out of memory for this job; try a smaller size, fewer images or "
+            "reference images, or set offload to 'model' for this model"
+        )
+    return f"the model failed on this job ({name}: {str(exc)[:300]}); the server log has the details"
+
+
+def encode(img: Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if fmt == "PNG":
+        img.save(buf, format="PNG", compress_level=1)
+    else:
+        img.save(buf, format=fmt, quality=quality)
+    return buf.getvalue()
+
+
+async def worker_loop(engine: Engine, ms: ModelState) -> None:
+    while True:
+        job = await ms.queue.get()
+        if job is None:
+            return
+        await run_job(engine, ms, job)
+
+
+async def run_job(engine: Engine, ms: ModelState, job: Job) -> None:
+    backend = ms.backend
+    assert backend is not None and ms.limiter is not None
+    engine.mark_running(ms, job)
+    ctx = JobContext(job, asyncio.get_running_loop())
+    try:
+        images = await anyio.to_thread.run_sync(execute, backend, job, ctx, limiter=ms.limiter)
+    except JobCancelled:
+        engine.finish(ms, job, JobStatus.CANCELLED, "cancelled while running")
+        return
+    except Exception as exc:  # the job fails, the worker goes on
+        if not isinstance(exc, BackendError):
+            log.exception("job %s on %s failed", job.id, ms.name)
+        engine.finish(ms, job, JobStatus.ERROR, failure_message(exc))
+        return
+    engine.spawn(finish_job(engine, ms, job, images))
+
+
+async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Image]) -> None:
+    """Post-process and encode off the worker's critical path, then mark done."""
+    try:
+        for hook in engine.image_hooks:
+            images = await hook(job, images)
+        encoded = await anyio.to_thread.run_sync(_encode_all, job, images, limiter=engine.encode_limiter)
+    except Exception as exc:
+        if not isinstance(exc, BackendError):
+            log.exception("finishing job %s failed", job.id)
+        engine.finish(ms, job, JobStatus.ERROR, failure_message(exc))
+        return
+    job.results = encoded
+    engine.finish(ms, job, JobStatus.DONE)
+
+
+def _encode_all(job: Job, images: list[Image]) -> list[ImageResult]:
+    prompts = [item.prompt for item in job.items for _ in range(item.n)]
+    seeds = [item.seed + k for item in job.items for k in range(item.n)]
+    out = []
+    for i, img in enumerate(images):
+        out.append(
+            ImageResult(
+                index=i,
+                seed=seeds[i] if i < len(seeds) else seeds[-1],
+                width=img.width,
+                height=img.height,
+                format=job.format,
+                prompt=prompts[i] if i < len(prompts) else prompts[-1],
+                data=encode(img, job.format, job.quality),
+            )
+        )
+    return out
