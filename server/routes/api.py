@@ -88,6 +88,9 @@ async def status(request: Request) -> Response:
     wait = _float_param(request, "wait", 0.0, 300.0)
     if wait > 0 and not job.status.finished:
         first = job.status
+        since = request.query_params.get("since")
+        if since is not None and since != first.value:
+            return json_response(status_of(request, job))
         deadline = time.monotonic() + wait
         while job.status is first and (left := deadline - time.monotonic()) > 0:
             await job.wait_change(left)
@@ -191,7 +194,7 @@ async def load(request: Request) -> Response:
 ROUTES = [
     route("/api/generate", generate, ["POST"], Doc("Queue a text-to-image job", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
     route("/api/edit", edit, ["POST"], Doc("Queue an image edit (1..max_images references)", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
-    route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change.")))),
+    route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
     route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends", tags=("jobs",), content="text/event-stream", params=(TASK_ID,))),
     route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch.")), statuses=(400, 404, 410)), name="api_image"),
     route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each."),))),

@@ -1,0 +1,108 @@
+"""Shared fixtures: a real easel server (``python server.py``) in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningServer:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+        self.proc = proc
+        self.url = url
+        self.log_path = log_path
+        self.client = httpx.Client(base_url=url, timeout=60)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(tmp: Path, settings: dict[str, Any], extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RunningServer:
+    port = free_port()
+    cfg = tmp / f"settings-{port}.json"
+    cfg.write_text(json.dumps(settings))
+    log_path = tmp / f"server-{port}.log"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "server.py"), "--config", str(cfg), "--port", str(port), *extra_args],
+        cwd=tmp,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return RunningServer(proc, url, log_path)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)  # start-up poll: there is no event to await across processes
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+
+def stub_settings(**model: Any) -> dict[str, Any]:
+    cfg = {"backend": "stub", "enabled": True, "tasks": ["generate", "edit"], "max_images": 4,
+           "max_output_images": 4, "max_pixels": 1048576, "default_width": 64, "default_height": 64,
+           "recommended_steps": 2, "simulate_step_seconds": 0.0}
+    cfg.update(model)
+    return {"models": {"stub": cfg}, "default_model": "stub"}
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningServer]]:
+    servers: list[RunningServer] = []
+
+    def make(settings: dict[str, Any] | None = None, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+        srv = start_server(tmp_path_factory.mktemp("srv"), settings or stub_settings(), args, env)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+    """A fast stub server shared by the API tests (no simulated delay)."""
+    return server_factory()
+
+
+@pytest.fixture(scope="session")
+def slow_server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+    """A stub whose steps take real time: 0.05 s per step at 64x64 -> 12 s/step/MP."""
+    return server_factory(stub_settings(simulate_step_seconds=12.0))
