@@ -136,6 +136,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
+    models = data.get("models")
+    if isinstance(models, dict):  # validate one by one so the message names the model
+        for name, model in models.items():
+            try:
+                msgspec.convert(model, ModelConfig)
+            except msgspec.ValidationError as exc:
+                text = str(exc).replace("`$", f"`$.models.{name}")
+                if "`$" not in text:
+                    text += f" - at `$.models.{name}`"
+                raise ConfigError(f"{source}: {text}") from exc
     try:
         settings = msgspec.convert(data, Settings)
     except msgspec.ValidationError as exc:

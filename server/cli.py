@@ -1,0 +1,72 @@
+"""Command line: ``python server.py [--host --port --config --model NAME=PATH ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+
+from .app import create_app
+from .config import ConfigError, load_settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="easel: self-hosted image-generation job server")
+    p.add_argument("--host", help="interface to bind (default from settings: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default from settings: 4030)")
+    p.add_argument("--config", help="local settings file merged over the shipped default (default: ./local.json if present)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="set a configured model's model_path and load it at start-up (repeatable)")
+    p.add_argument("--default-model", help="model used when a request names none")
+    p.add_argument("--device", help="device for every model (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="torch dtype for every model")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace, model_names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("host", "port", "default_model", "log_level"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    models: dict[str, dict[str, Any]] = {}
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--model {spec!r}: expected NAME=PATH")
+        if name not in model_names:
+            raise ConfigError(f"--model {spec!r}: no configured model named {name!r} (configured: {', '.join(model_names)})")
+        models[name] = {"model_path": path, "enabled": True}
+    for name in model_names:
+        if args.device:
+            models.setdefault(name, {})["device"] = args.device
+        if args.dtype:
+            models.setdefault(name, {})["torch_dtype"] = args.dtype
+    if models:
+        out["models"] = models
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        base = load_settings(args.config)
+        settings = load_settings(args.config, overrides_from(args, list(base.models)))
+    except ConfigError as exc:
+        print(f"easel: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,  # open SSE/long-poll connections; jobs get queue.shutdown_grace_seconds
+    )
+    uvicorn.Server(config).run()
+    return 0
+

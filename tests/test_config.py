@@ -1,0 +1,75 @@
+"""Settings: shipped default + local override + CLI flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, deep_merge, load_settings
+from server.cli import overrides_from, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    p = tmp_path / "local.json"
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_shipped_default_serves_the_stub() -> None:
+    s = load_settings(None)
+    assert s.default_model == "stub" and s.models["stub"].backend == "stub" and s.models["stub"].enabled
+    assert s.port == 4030
+
+
+def test_local_override_merges_key_by_key(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, {"port": 5000, "models": {"stub": {"simulate_step_seconds": 0}, "other": {"backend": "stub"}}}))
+    assert s.port == 5000
+    assert s.models["stub"].simulate_step_seconds == 0
+    assert s.models["stub"].max_images == 16  # kept from the default
+    assert set(s.models) == {"stub", "other"}
+
+
+def test_deep_merge_replaces_lists() -> None:
+    assert deep_merge({"a": {"b": [1, 2], "c": 1}}, {"a": {"b": [3]}}) == {"a": {"b": [3], "c": 1}}
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"models": {"stub": {"max_pixels": "big"}}}, "$.models.stub.max_pixels"),
+        ({"models": {"x": {"backend": "dalle"}}}, "$.models.x.backend"),
+        ({"queue": {"capacty": 3}}, "capacty"),
+        ({"default_model": "ghost"}, "ghost"),
+        ({"models": {"stub": {"default_width": 100}}}, "default_width"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, override: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, override))
+    assert needle in str(err.value)
+
+
+def test_invalid_json_is_reported_with_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text('{\n  "port": 1,\n}')
+    with pytest.raises(ConfigError, match="line 3"):
+        load_settings(p)
+
+
+def test_cli_overrides_win(tmp_path: Path) -> None:
+    args = parse_args(["--port", "4100", "--device", "cpu", "--model", "stub=/models/x"])
+    s = load_settings(None, overrides_from(args, ["stub"]))
+    assert s.port == 4100 and s.models["stub"].device == "cpu" and s.models["stub"].model_path == "/models/x"
+
+
+def test_bad_config_stops_start_up_with_a_message(tmp_path: Path) -> None:
+    p = write(tmp_path, {"models": {"stub": {"target_inflight": 0}}})
+    r = subprocess.run([sys.executable, str(ROOT / "server.py"), "--config", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "target_inflight" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,102 @@
+"""The priority queue: order, positions and forecast sums without scans."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from server.backends.base import WorkItem
+from server.forecast import DIM, features, job_vector
+from server.jobs import Job
+from server.queue import ModelQueue
+
+
+def make_job(priority: int = 0, steps: int = 4, seq: int = 0) -> Job:
+    item = WorkItem(task="generate", prompt="p", width=64, height=64, steps=steps, seed=0)
+    job = Job(model="m", task="generate", items=[item], priority=priority, seq=seq)
+    job.features = features(steps, item.megapixels, 1, 0)
+    job.vector = job_vector("generate", job.features)
+    return job
+
+
+def brute_ahead(jobs: list[Job], job: Job) -> tuple[int, np.ndarray]:
+    ahead = [j for j in jobs if (j.priority, j.seq) < (job.priority, job.seq)]
+    return len(ahead), sum((j.vector for j in ahead), np.zeros(DIM))
+
+
+def test_lower_priority_first_fifo_within_a_priority() -> None:
+    q = ModelQueue(100)
+    jobs = [make_job(p, seq=i) for i, p in enumerate([0, 0, -1, 5, -1, 0])]
+    for j in jobs:
+        q.push(j)
+    order = [q.pop_nowait() for _ in jobs]
+    assert [(j.priority, j.seq) for j in order] == sorted((j.priority, j.seq) for j in jobs)
+    assert q.pop_nowait() is None and len(q) == 0
+
+
+def test_positions_and_sums_match_a_brute_force_count_under_random_operations() -> None:
+    rng = random.Random(1)
+    q = ModelQueue(100_000)
+    live: list[Job] = []
+    seq = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.6 or not live:
+            seq += 1
+            j = make_job(rng.choice([-1, 0, 0, 0, 3]), steps=rng.randint(1, 30), seq=seq)
+            q.push(j)
+            live.append(j)
+        elif op < 0.8:
+            j = live.pop(rng.randrange(len(live)))
+            assert q.remove(j)
+        else:
+            j = q.pop_nowait()
+            assert j is not None
+            assert (j.priority, j.seq) == min((x.priority, x.seq) for x in live)
+            live.remove(j)
+        if live and rng.random() < 0.2:
+            probe = rng.choice(live)
+            count, vec = brute_ahead(live, probe)
+            got = q.ahead(probe)
+            assert int(got[DIM]) == count
+            np.testing.assert_allclose(got[:DIM], vec, atol=1e-6)
+    assert len(q) == len(live)
+    assert sorted(id(j) for j in q.jobs()) == sorted(id(j) for j in live)
+
+
+def test_removed_job_is_not_in_the_queue_twice() -> None:
+    q = ModelQueue(10)
+    a, b = make_job(seq=1), make_job(seq=2)
+    q.push(a)
+    q.push(b)
+    assert q.remove(a)
+    assert not q.remove(a)
+    assert q.pop_nowait() is b
+
+
+def test_get_waits_for_a_push_and_close_releases_waiters() -> None:
+    async def scenario() -> None:
+        q = ModelQueue(10)
+        waiter = asyncio.create_task(q.get())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        job = make_job(seq=1)
+        q.push(job)
+        assert await asyncio.wait_for(waiter, 1) is job
+        closing = asyncio.create_task(q.get())
+        await asyncio.sleep(0)
+        q.close()
+        assert await asyncio.wait_for(closing, 1) is None
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("n", [10, 5000])
+def test_full_flag_follows_capacity(n: int) -> None:
+    q = ModelQueue(n)
+    for i in range(n):
+        q.push(make_job(seq=i))
+    assert q.full and len(q) == n
