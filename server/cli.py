@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import uvicorn
 
@@ -50,6 +52,21 @@ def overrides_from(args: argparse.Namespace, model_names: list[str]) -> dict[str
     return out
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, so the process
+    dies by the signal; easel drains its jobs and exits with status 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -65,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=5,  # open SSE/long-poll connections; jobs get queue.shutdown_grace_seconds
     )
-    uvicorn.Server(config).run()
+    _Server(config).run()
     return 0
 

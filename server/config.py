@@ -103,6 +103,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     upscaler: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False  # uvicorn's per-request lines; job state changes are always logged
 
     def model(self, name: str | None) -> tuple[str, ModelConfig]:
         key = name or self.default_model

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
 
-import anyio
 import numpy as np
 
 from .build import UrlFetcher
@@ -40,7 +40,7 @@ class Engine:
         self.done_hooks: list[DoneHook] = []  # after a job ends (uploads, webhooks...)
         self.submit_checks: list[DoneHook] = []  # before a job is queued (URL guards...)
         self.fetch_url: UrlFetcher | None = None  # reference images given by URL
-        self.encode_limiter = anyio.CapacityLimiter(2)
+        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="easel-encode")  # off the GPU threads
         self.accepting = True
         self.started_at = time.time()
         self._seq = 0
@@ -100,6 +100,7 @@ class Engine:
         for ms in self.registry.models.values():
             if ms.backend is not None:
                 await self.registry.unload(ms.name)
+        self.encoder.shutdown(wait=False)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -147,11 +148,12 @@ class Engine:
             job.total_steps = sum(it.steps for it in job.items)
         self.store.add(job)
         ms.queue.push(job)
-        job.expected_at_submit = self.wait_remaining(ms, job)
+        pos, job.expected_at_submit = self.standing(ms, job)
+        job.pos_at_submit = pos
         self.metrics.submitted.labels(ms.name, job.task).inc()
         log.info(
             "job %s %s on %s: waiting (pos %d, expected %.2fs, priority %d)",
-            job.id, job.task, ms.name, self.position(ms, job), job.expected_at_submit, job.priority,
+            job.id, job.task, ms.name, pos, job.expected_at_submit, job.priority,
         )
         return job
 
@@ -221,11 +223,6 @@ class Engine:
 
     # ----- positions and forecasts ---------------------------------------------------
 
-    def position(self, ms: ModelState, job: Job) -> int:
-        if job.status is not JobStatus.WAITING:
-            return 0
-        return len(ms.running) + int(ms.queue.ahead(job)[DIM])
-
     def _running_seconds(self, ms: ModelState, now: float) -> float:
         total = 0.0
         for j in ms.running:
@@ -239,18 +236,22 @@ class Engine:
         ahead = ms.queue.total()
         return (self._running_seconds(ms, now) + ms.cost.predict(ahead[:DIM])) / ms.cfg.target_inflight
 
-    def wait_remaining(self, ms: ModelState, job: Job) -> float:
-        """Forecast seconds until ``job`` is done."""
-        now = time.monotonic()
+    def standing(self, ms: ModelState, job: Job) -> tuple[int, float]:
+        """(position, forecast seconds until done) of ``job``: one O(log n) look-up.
+
+        ``pos`` counts the unfinished jobs ahead on the same model (running ones
+        included), so 0 means running, or next with the worker idle.
+        """
         if job.status.finished:
-            return 0.0
+            return 0, 0.0
+        now = time.monotonic()
         if job.status is JobStatus.RUNNING:
-            return running_remaining(
+            return 0, running_remaining(
                 now, job.started_mono or now, job.predicted, job.step, job.total_steps, job.last_step_mono
             )
-        ahead = ms.queue.ahead(job)[:DIM]
-        before = (self._running_seconds(ms, now) + ms.cost.predict(ahead)) / ms.cfg.target_inflight
-        return before + job.predicted
+        ahead = ms.queue.ahead(job)
+        before = (self._running_seconds(ms, now) + ms.cost.predict(ahead[:DIM])) / ms.cfg.target_inflight
+        return len(ms.running) + int(ahead[DIM]), before + job.predicted
 
     def _depths(self) -> dict[str, tuple[int, int]]:
         return {name: (len(ms.queue), len(ms.running)) for name, ms in self.registry.models.items()}

@@ -72,6 +72,7 @@ class Job:
     features: np.ndarray | None = None
     predicted: float = 0.0
     expected_at_submit: float = 0.0
+    pos_at_submit: int = 0
     # queue bookkeeping
     level: Any = None
     slot: int = -1

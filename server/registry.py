@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +40,7 @@ class ModelState:
     load_error: str | None = None
     running: set[Job] = field(default_factory=set)
     workers: list[asyncio.Task[None]] = field(default_factory=list)
-    limiter: anyio.CapacityLimiter | None = None
+    executor: ThreadPoolExecutor | None = None  # the model's GPU thread(s)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -97,7 +98,7 @@ class Registry:
             priors = {t: p for t in TASKS if (p := backend.cost_prior(t)) is not None}
             if priors:
                 ms.cost = CostModel(priors)
-        ms.limiter = anyio.CapacityLimiter(ms.cfg.target_inflight)
+        ms.executor = ThreadPoolExecutor(ms.cfg.target_inflight, thread_name_prefix=f"easel-{name}")
         ms.state = "loaded"
         log.info("model %s: loaded", name)
         return ms
@@ -113,6 +114,9 @@ class Registry:
             raise Conflict(f"model {name!r} is still loading; unload it once it has loaded", param="model")
         backend, ms.backend = ms.backend, None
         ms.state = "unloaded"
+        if ms.executor is not None:
+            ms.executor.shutdown(wait=False)
+            ms.executor = None
         if backend is not None:
             await anyio.to_thread.run_sync(_release, backend)
         log.info("model %s: unloaded", name)

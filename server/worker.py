@@ -16,8 +16,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import anyio
-
 from .backends.base import BackendError, JobCancelled
 from .jobs import ImageResult, Job, JobStatus
 
@@ -120,11 +118,12 @@ async def worker_loop(engine: Engine, ms: ModelState) -> None:
 
 async def run_job(engine: Engine, ms: ModelState, job: Job) -> None:
     backend = ms.backend
-    assert backend is not None and ms.limiter is not None
+    assert backend is not None and ms.executor is not None
     engine.mark_running(ms, job)
-    ctx = JobContext(job, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    ctx = JobContext(job, loop)
     try:
-        images = await anyio.to_thread.run_sync(execute, backend, job, ctx, limiter=ms.limiter)
+        images = await loop.run_in_executor(ms.executor, execute, backend, job, ctx)
     except JobCancelled:
         engine.finish(ms, job, JobStatus.CANCELLED, "cancelled while running")
         return
@@ -141,7 +140,7 @@ async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Imag
     try:
         for hook in engine.image_hooks:
             images = await hook(job, images)
-        encoded = await anyio.to_thread.run_sync(_encode_all, job, images, limiter=engine.encode_limiter)
+        encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images)
     except Exception as exc:
         if not isinstance(exc, BackendError):
             log.exception("finishing job %s failed", job.id)

@@ -7,12 +7,13 @@ it behave like a real model for queueing, progress, cancel and forecasts.
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import textwrap
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .base import BackendError, Capabilities, StepContext, WorkItem, model_capabilities
 
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
 
 REF_COST = 0.25  # extra cost per reference image, as a fraction
+_RAMP = Image.linear_gradient("L")
+
+
+@functools.lru_cache(maxsize=16)
+def _font(width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bitmap font for small images (7x cheaper), its scalable one for large."""
+    if width < 256:
+        return ImageFont.load_default_imagefont()
+    return ImageFont.load_default(size=max(12, width // 32))
 
 
 class StubBackend:
@@ -61,15 +71,17 @@ class StubBackend:
         c2 = tuple(rng.randrange(256) for _ in range(3))
         w, h = item.width, item.height
         # a diagonal gradient: 1-pixel-high ramp resized, cheap even at 4 MP
-        ramp = Image.linear_gradient("L").resize((w, h))
+        ramp = _RAMP.resize((w, h), Image.Resampling.NEAREST)
         if item.images:
             base = ImageOps.fit(item.images[0].convert("RGB"), (w, h))
             img = Image.blend(Image.composite(Image.new("RGB", (w, h), c1), Image.new("RGB", (w, h), c2), ramp), base, 0.5)
         else:
             img = Image.composite(Image.new("RGB", (w, h), c1), Image.new("RGB", (w, h), c2), ramp)
         draw = ImageDraw.Draw(img)
-        text = "\n".join(textwrap.wrap(item.prompt, width=max(8, w // 12))[:8])
-        draw.multiline_text((8, 8), f"{text}\nseed {seed}", fill=(255, 255, 255))
+        font = _font(w)
+        size = getattr(font, "size", 11)
+        text = "\n".join(textwrap.wrap(item.prompt, width=max(8, int(w / (0.6 * size)) - 2))[:8])
+        draw.multiline_text((8, 8), f"{text}\nseed {seed}", fill=(255, 255, 255), font=font)
         if blur_to < 1.0:
             img = img.reduce(max(1, int(8 * (1 - blur_to)) or 1)).resize((w, h))
         return img

@@ -49,7 +49,7 @@ async def submit(request: Request, task: str) -> Response:
             task_id=job.id,
             task_length=job.task_length,
             expected_time_seconds=round(job.expected_at_submit, 3),
-            pos=engine.position(ms, job),
+            pos=job.pos_at_submit,
             status=job.status.value,
             seed=job.seed,
         ),

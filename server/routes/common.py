@@ -109,19 +109,19 @@ async def decode_form(request: Request, typ: type[T], file_fields: tuple[str, ..
 
 
 def image_url(request: Request, job: Job, index: int) -> str:
-    return str(request.url_for("api_image").include_query_params(task_id=job.id, index=index))
+    return f"{request.base_url}api/image?task_id={job.id}&index={index}"
 
 
 def status_of(request: Request, job: Job) -> JobStatusResponse:
     engine = engine_of(request)
-    ms = engine.registry.models[job.model]
+    pos, wait = engine.standing(engine.registry.models[job.model], job)
     return JobStatusResponse(
         task_id=job.id,
         status=job.status.value,  # type: ignore[arg-type]
         model=job.model,
         task=job.task,
-        pos=engine.position(ms, job),
-        wait_remaining=round(engine.wait_remaining(ms, job), 3),
+        pos=pos,
+        wait_remaining=round(wait, 3),
         expected_time_seconds=round(job.expected_at_submit, 3),
         progress=round(job.progress, 4),
         step=job.step,
