@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .registry import ModelState
 
 log = logging.getLogger("easel")
+INLINE_ENCODE_PIXELS = 128 * 128  # below this, encoding costs less than a thread hand-off
 ImageHook = Callable[[Job, list["Image"]], Awaitable[list["Image"]]]
 
 
@@ -140,7 +141,10 @@ async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Imag
     try:
         for hook in engine.image_hooks:
             images = await hook(job, images)
-        encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images)
+        if sum(img.width * img.height for img in images) <= INLINE_ENCODE_PIXELS:
+            encoded = _encode_all(job, images)  # cheaper than a hand-off to the encoder threads
+        else:
+            encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images)
     except Exception as exc:
         if not isinstance(exc, BackendError):
             log.exception("finishing job %s failed", job.id)
