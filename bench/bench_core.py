@@ -169,7 +169,7 @@ def bench_forecast(tmp: Path, seed: int) -> None:
         subs = [c.post("/api/generate", json=mixed()).json() for _ in range(16)]
         finals = wait_all([s["task_id"] for s in subs])
         errors = []
-        for s, st in zip(subs, finals):
+        for s, st in zip(subs, finals, strict=True):
             actual = float(st["finished_at"]) - float(st["created_at"])  # type: ignore[arg-type]
             errors.append(abs(s["expected_time_seconds"] - actual) / actual)
         total = max(float(st["finished_at"]) for st in finals) - min(float(st["created_at"]) for st in finals)  # type: ignore[arg-type]

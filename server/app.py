@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException

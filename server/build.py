@@ -8,7 +8,8 @@ import base64
 import binascii
 import io
 import random
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -162,7 +163,7 @@ async def build_job(
     init = await load_image(req.init_image, "init_image", settings, fetch) if req.init_image is not None else None
     if init is not None and not caps.supports_init_image:
         raise BadRequest(f"model {ms.name!r} does not do img2img; drop init_image", param="init_image")
-    loras = [LoraSpec(l.name, l.scale) for l in req.loras or []]
+    loras = [LoraSpec(lr.name, lr.scale) for lr in req.loras or []]
     if loras and not caps.supports_lora:
         raise BadRequest(f"model {ms.name!r} has no lora_dir configured, so loras cannot be used", param="loras")
     items = []

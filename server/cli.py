@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import logging
+import signal
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 

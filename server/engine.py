@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from .config import Settings
 
 log = logging.getLogger("easel")
-DoneHook = Callable[[Job], Awaitable[None]]
+DoneHook = Callable[[Job], Coroutine[Any, Any, None]]
 
 
 class Engine:

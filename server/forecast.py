@@ -17,6 +17,7 @@ prefix sums; no scan of the queue is needed.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ class _Fit:
 class CostModel:
     """Per-model forecaster: one ridge fit per task."""
 
-    def __init__(self, priors: dict[str, list[float] | tuple[float, ...]], *, ridge: float = 1.0, forget: float = 0.98) -> None:
+    def __init__(self, priors: Mapping[str, Sequence[float]], *, ridge: float = 1.0, forget: float = 0.98) -> None:
         self._lock = threading.Lock()
         self.ridge = ridge
         self.forget = forget
@@ -90,8 +91,8 @@ class CostModel:
         out: dict[str, dict[str, object]] = {}
         for task, fit in self._fits.items():
             out[task] = {
-                "coefficients": dict(zip(FEATURES, (round(float(c), 6) for c in fit.coef))),
-                "prior": dict(zip(FEATURES, (float(c) for c in fit.prior))),
+                "coefficients": dict(zip(FEATURES, (round(float(c), 6) for c in fit.coef), strict=True)),
+                "prior": dict(zip(FEATURES, (float(c) for c in fit.prior), strict=True)),
                 "samples": fit.samples,
                 "mean_abs_pct_error": round(fit.abs_pct_error_sum / fit.samples, 4) if fit.samples else None,
             }

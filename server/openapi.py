@@ -3,8 +3,9 @@ types (one ``schema_components`` call), never written by hand."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 from starlette.routing import Route

@@ -14,7 +14,8 @@ import asyncio
 import io
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from .backends.base import BackendError, JobCancelled
 from .jobs import ImageResult, Job, JobStatus

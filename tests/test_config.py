@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, deep_merge, load_settings
 from server.cli import overrides_from, parse_args
+from server.config import ConfigError, deep_merge, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import random
-import threading
 import textwrap
+import threading
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps

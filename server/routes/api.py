@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import msgspec
 from starlette.requests import Request
