@@ -122,10 +122,14 @@ def test_edit_with_a_single_file(client: OpenAI) -> None:
     assert r.data is not None and len(r.data) == 2
 
 
-def test_edit_as_json_with_seed_000_images(server: RunningServer) -> None:
-    data_url = "data:image/png;base64," + base64.b64encode(png()).decode()
+DATA_URL = "data:image/png;base64," + base64.b64encode(png()).decode()
+
+
+@pytest.mark.parametrize("ref", [{"name": "input.png", "data_url": DATA_URL}, {"image_url": DATA_URL}, DATA_URL],
+                         ids=["seed-000", "openai-image_url", "bare-data-url"])
+def test_edit_as_json_with_images(server: RunningServer, ref: Any) -> None:
     body = {"prompt": "remove the text", "size": "64x64", "n": 1, "metadata": {"steps": 2, "guidance": 1.0},
-            "images": [{"name": "input.png", "data_url": data_url}]}
+            "images": [ref]}
     r = server.client.post("/v1/images/edits", json=body)
     assert r.status_code == 200, r.text
     assert decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
@@ -134,6 +138,11 @@ def test_edit_as_json_with_seed_000_images(server: RunningServer) -> None:
 def test_edit_without_images_says_how_to_send_them(server: RunningServer) -> None:
     r = server.client.post("/v1/images/edits", json={"prompt": "x"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+def test_json_file_ids_are_refused_with_what_to_send(server: RunningServer) -> None:
+    r = server.client.post("/v1/images/edits", json={"prompt": "x", "images": [{"file_id": "file-123"}]})
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
 
 
 def test_mask_on_a_model_without_mask_support_is_a_400(client: OpenAI) -> None:
@@ -209,6 +218,19 @@ def test_a_caller_that_disconnects_cancels_its_job(slow_server: RunningServer) -
     body = {"prompt": "nobody waits for this", "size": "256x256", "steps": 50, **meta}  # ~40 s of stub time
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(slow_server.url + "/v1/images/generations", json=body, timeout=1.0)
+    (job,) = jobs_tagged(slow_server, meta)
+    st = slow_server.client.get("/api/status", params={"task_id": job["task_id"], "wait": 20, "since": "running"}).json()
+    assert st["status"] == "cancelled", st
+
+
+def test_a_stream_reader_that_hangs_up_cancels_its_job(slow_server: RunningServer) -> None:
+    meta = tag()
+    body = {"prompt": "read one partial, then leave", "size": "128x128", "steps": 20, "stream": True, "partial_images": 3, **meta}
+    with httpx.stream("POST", slow_server.url + "/v1/images/generations", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line == "event: image_generation.partial_image":
+                break
     (job,) = jobs_tagged(slow_server, meta)
     st = slow_server.client.get("/api/status", params={"task_id": job["task_id"], "wait": 20, "since": "running"}).json()
     assert st["status"] == "cancelled", st
