@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal, Union
 
 from msgspec import Meta, Struct
 
+from .schemas_openai import OPENAI_WIRE_TYPES
+
 Prompt = Annotated[str, Meta(description="What to draw. Must not be empty.", examples=["a lighthouse at dusk"])]
 Dimension = Annotated[
     int, Meta(ge=16, le=8192, multiple_of=16, description="Pixels; a positive multiple of 16.")
@@ -221,4 +223,5 @@ WIRE_TYPES: tuple[type, ...] = (
     HealthResponse,
     Healthz,
     ErrorResponse,
+    *OPENAI_WIRE_TYPES,
 )

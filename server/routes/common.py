@@ -95,6 +95,8 @@ async def decode_form(request: Request, typ: type[T], file_fields: tuple[str, ..
                 named[key] = data
         elif key in LIST_FIELDS or key.endswith("[]"):
             fields.setdefault(key.removesuffix("[]"), []).append(value)
+        elif "[" in key and key.endswith("]"):  # metadata[steps]=4, as the openai SDK flattens objects
+            _put_nested(fields, key, value)
         elif key in ("metadata", "loras") or value.startswith(("{", "[")):
             try:
                 fields[key] = msgspec.json.decode(value)
@@ -106,6 +108,18 @@ async def decode_form(request: Request, typ: type[T], file_fields: tuple[str, ..
             fields[key] = value
     await form.close()
     return decode(fields, typ), files, named
+
+
+def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
+    head, _, rest = key.partition("[")
+    *parents, leaf = [head, *rest[:-1].split("][")]
+    target = fields
+    for name in parents:
+        child = target.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise BadRequest(f"form field {key!r} conflicts with field {name!r}", param=name)
+        target = child
+    target[leaf] = value
 
 
 def image_url(request: Request, job: Job, index: int) -> str:

@@ -1,0 +1,236 @@
+"""The OpenAI-compatible shim's translation layer: OpenAI image requests ->
+``GenerateRequest`` (then the ordinary ``build_job``), finished jobs -> OpenAI
+responses and stream events, job outcomes -> OpenAI errors.
+
+Routes live in ``routes/openai.py``; this module knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .build import UrlFetcher, load_image, parse_format
+from .errors import ApiError, BadRequest, Conflict, JobFailed, Unavailable, validation_message
+from .jobs import Job, JobStatus
+from .routes.common import decode
+from .schemas import GenerateRequest, ImageRef
+from .schemas_openai import (
+    CompletedEvent,
+    EaselKnobs,
+    InputTokensDetails,
+    OpenAIImageInput,
+    OpenAIImageRequest,
+    OpenAIUsage,
+    PartialImageEvent,
+)
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .config import Settings
+    from .engine import Engine
+    from .registry import ModelState
+
+# quality -> fraction of the model's recommended_steps (an explicit steps wins)
+QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.0, "xhigh": 1.0, "max": 1.0}
+DEFAULT_STEPS = 4  # as build_job: when a model has no recommended_steps
+SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+EVENT_PREFIX = {"generate": "image_generation", "edit": "image_edit"}
+BACKGROUND = "opaque"  # every easel backend draws opaque images
+
+
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    """'WxH' -> (w, h); None or 'auto' -> None (the model's default size)."""
+    if size is None or size.strip().lower() in ("", "auto"):
+        return None
+    m = SIZE.match(size)
+    if m is None:
+        raise BadRequest(f"size {size!r} is not WIDTHxHEIGHT; send e.g. '1024x1024', or 'auto' for the model's default", param="size")
+    w, h = int(m[1]), int(m[2])
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        near = f"{max(16, round(w / 16) * 16)}x{max(16, round(h / 16) * 16)}"
+        raise BadRequest(f"size {size!r}: width and height must each be a positive multiple of 16; try {near}", param="size")
+    return w, h
+
+
+def quality_steps(quality: str | None, ms: ModelState) -> int | None:
+    if quality is None:
+        return None
+    fraction = QUALITY_STEPS.get(quality.strip().lower())
+    if fraction is None:
+        raise BadRequest(f"quality {quality!r} is not supported; use low, medium, high or auto (or set steps)", param="quality")
+    return max(1, round((ms.cfg.recommended_steps or DEFAULT_STEPS) * fraction))
+
+
+def knobs(req: OpenAIImageRequest) -> dict[str, Any]:
+    """easel knobs that were given: the top level wins over ``metadata``."""
+    from_meta = EaselKnobs()
+    if req.metadata:
+        try:
+            from_meta = msgspec.convert(req.metadata, EaselKnobs, strict=False)
+        except msgspec.ValidationError as exc:
+            message, param = validation_message(exc)
+            raise BadRequest(f"metadata.{message}", param=f"metadata.{param}" if param else "metadata") from None
+    out: dict[str, Any] = {}
+    for name in EaselKnobs.__struct_fields__:
+        value = getattr(req, name)
+        out[name] = value if value is not None else getattr(from_meta, name)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def image_input(value: OpenAIImageInput, param: str) -> str | dict[str, str]:
+    """An OpenAI/seed-000 image reference -> what ``GenerateRequest.images`` takes."""
+    if isinstance(value, str):
+        return value
+    if value.file_id is not None:
+        raise BadRequest(f"{param}: file ids are not supported (easel has no file store); send image_url or data_url as a data URL", param=param)
+    if value.data_url:
+        return {"data_url": value.data_url}
+    link = value.image_url or value.url
+    if link:
+        return {"data_url": link} if link.startswith("data:") else {"url": link}
+    raise BadRequest(f"{param}: give data_url (data:image/png;base64,...) or image_url", param=param)
+
+
+def to_generate_request(req: OpenAIImageRequest, ms: ModelState) -> GenerateRequest:
+    """Translate; ``decode`` re-validates every value against GenerateRequest's constraints."""
+    fields: dict[str, Any] = {"prompt": req.prompt, "model": ms.name, "n": req.n, **knobs(req)}
+    if "steps" not in fields and (steps := quality_steps(req.quality, ms)) is not None:
+        fields["steps"] = steps
+    if (size := parse_size(req.size)) is not None:
+        fields["width"], fields["height"] = size
+    if req.output_format is not None:
+        fields["format"] = parse_format(req.output_format, "output_format")
+    if req.output_compression is not None:
+        fields["quality"] = max(1, req.output_compression)
+    if req.images:
+        fields["images"] = [image_input(v, f"images[{i}]") for i, v in enumerate(req.images)]
+    if req.metadata is not None:
+        fields["metadata"] = req.metadata
+    return decode(fields, GenerateRequest)
+
+
+async def load_mask(
+    req: OpenAIImageRequest, upload: bytes | None, ms: ModelState, settings: Settings, fetch: UrlFetcher | None
+) -> Image | None:
+    """The edit mask (a multipart file or JSON ``mask``), refused by models without mask support."""
+    if upload is None and req.mask is None:
+        return None
+    if not ms.capabilities.supports_mask:
+        raise BadRequest(
+            f"model {ms.name!r} does not support masks (capabilities.supports_mask is false); "
+            "drop mask to edit the whole image, or use a model that supports masks (see GET /v1/models)",
+            param="mask",
+        )
+    if upload is not None:
+        return await load_image(upload, "mask", settings, fetch)
+    assert req.mask is not None
+    ref = image_input(req.mask, "mask")
+    return await load_image(ref if isinstance(ref, str) else ImageRef(**ref), "mask", settings, fetch)
+
+
+def raise_for_outcome(engine: Engine, job: Job) -> None:
+    """A finished job that did not produce images -> the error the caller gets."""
+    if job.status is JobStatus.DONE:
+        return
+    if job.status is JobStatus.ERROR:
+        raise JobFailed(f"the job ran and failed: {job.message}")
+    if not engine.accepting:
+        raise Unavailable(f"the server is shutting down ({job.message}); retry against a running server")
+    raise Conflict(f"job {job.id} was cancelled ({job.message}); send the request again", code="job_cancelled")
+
+
+# ----- previews (partial images) -------------------------------------------------------
+
+def preview_steps(total_steps: int, count: int) -> frozenset[int]:
+    """``count`` steps spread evenly over the job, before its last step."""
+    return frozenset(s for i in range(count) if 0 < (s := total_steps * (i + 1) // (count + 1)) < total_steps)
+
+
+class Previews:
+    """Collects a job's partial images.  The backend calls ``sink`` on the worker
+    thread; the image hops to the loop, where ``pending`` fills and the job's
+    waiters wake."""
+
+    def __init__(self, job: Job, count: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.job = job
+        self.loop = loop
+        self.pending: deque[Image] = deque()
+        job.total_steps = job.total_steps or sum(item.steps for item in job.items)
+        job.preview_steps = preview_steps(job.total_steps, count)
+        job.preview_sink = self.sink
+
+    def sink(self, image: Image) -> None:  # worker thread
+        self.loop.call_soon_threadsafe(self._push, image)
+
+    def _push(self, image: Image) -> None:
+        self.pending.append(image)
+        self.job.touch()
+
+
+# ----- responses ---------------------------------------------------------------------
+
+class Echo(msgspec.Struct, kw_only=True):
+    """What every response and event repeats about the request."""
+
+    prefix: str
+    quality: str
+    output_format: str
+    size: str = "auto"
+    background: str = BACKGROUND
+
+    @classmethod
+    def of(cls, req: OpenAIImageRequest, job: Job) -> Echo:
+        item = job.items[0]
+        return cls(
+            prefix=EVENT_PREFIX[job.task],
+            quality=(req.quality or "auto").lower(),
+            output_format=job.format.lower(),
+            size=f"{item.width}x{item.height}",
+        )
+
+
+def usage(job: Job) -> OpenAIUsage:
+    words = sum(len(item.prompt.split()) for item in job.items)
+    refs = sum(len(item.images) for item in job.items)
+    out = len(job.results)
+    return OpenAIUsage(
+        input_tokens=words + refs,
+        output_tokens=out,
+        total_tokens=words + refs + out,
+        input_tokens_details=InputTokensDetails(text_tokens=words, image_tokens=refs),
+    )
+
+
+def partial_event(echo: Echo, data: bytes, index: int) -> PartialImageEvent:
+    return PartialImageEvent(
+        type=f"{echo.prefix}.partial_image", b64_json=data, partial_image_index=index, created_at=int(time.time()),
+        size=echo.size, quality=echo.quality, background=echo.background, output_format=echo.output_format,
+    )
+
+
+def completed_event(echo: Echo, job: Job, data: bytes) -> CompletedEvent:
+    return CompletedEvent(
+        type=f"{echo.prefix}.completed", b64_json=data, created_at=int(time.time()), size=echo.size,
+        quality=echo.quality, background=echo.background, output_format=echo.output_format, usage=usage(job),
+    )
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def sse(event: str, payload: Any) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + _encoder.encode(payload) + b"\n\n"
+
+
+def sse_error(exc: ApiError) -> bytes:
+    """The SDK's stream parser raises ``APIError`` on a data payload with ``error``."""
+    body = {"type": "error", "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return sse("error", body)
+
