@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import secrets
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import openai

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -136,7 +136,7 @@ async def stream(engine: Engine, job: Job, previews: Previews, echo: Echo, limit
             while previews.pending:
                 image = previews.pending.popleft()
                 if sent < limit:
-                    data = await anyio.to_thread.run_sync(encode, image, job.format, job.quality, limiter=engine.encode_limiter)
+                    data = await asyncio.get_running_loop().run_in_executor(engine.encoder, encode, image, job.format, job.quality)
                     yield sse(f"{echo.prefix}.partial_image", partial_event(echo, data, sent))
                     sent += 1
             if job.status.finished:
