@@ -88,6 +88,7 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     timeout_seconds: Annotated[float, Meta(gt=0)] = 30.0
     max_download_mib: PositiveInt = 32
     retries: Annotated[int, Meta(ge=0, le=10)] = 3
+    backoff_seconds: NonNegFloat = 1.0  # first retry delay; doubles on each retry
 
 
 class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
