@@ -118,8 +118,11 @@ async def fetch_image(
 
 
 def _excerpt(body: bytes) -> str:
+    """A short reason from an error body; S3-style XML errors become "Code: Message"."""
     text = re.sub(r"\s+", " ", body[:ERROR_EXCERPT_BYTES].decode("utf-8", "replace")).strip()
-    return f": {text[:300]}" if text else ""
+    parts = [m.group(1) for tag in ("Code", "Message") if (m := re.search(rf"<{tag}>([^<]*)</{tag}>", text))]
+    text = ": ".join(parts) or text
+    return f" ({text[:300]})" if text else ""
 
 
 def _retry_after(resp: httpx.Response) -> float:
