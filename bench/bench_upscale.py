@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 from server.backends.upscale import UpscaleBackend  # noqa: E402
 from server.config import ModelConfig, Settings  # noqa: E402
-from tiny_upscaler import write_tiny_esrgan  # noqa: E402
+from tests.tiny_upscaler import write_tiny_esrgan  # noqa: E402
 
 
 def timed(backend: UpscaleBackend, image: Image.Image, repeat: int) -> tuple[float, float]:
@@ -51,9 +51,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_esrgan(Path(tmp) / "tiny_x4.pth")
-        print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, checkpoint {path.stat().st_size / 1e6:.1f} MB")
+        print(
+            f"torch {torch.__version__}, device {args.device}, {args.threads} threads, checkpoint {path.stat().st_size / 1e6:.1f} MB"
+        )
         for tile in (0, 512, 128):
-            backend = UpscaleBackend("bench", ModelConfig(backend="upscale_esrgan", model_path=str(path), device=args.device, tile_size=tile, max_pixels=1 << 24), Settings())
+            backend = UpscaleBackend(
+                "bench",
+                ModelConfig(
+                    backend="upscale_esrgan", model_path=str(path), device=args.device, tile_size=tile, max_pixels=1 << 24
+                ),
+                Settings(),
+            )
             backend.load()
             for side in (64, 256):
                 image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))

@@ -6,12 +6,12 @@ import io
 
 import anyio
 import pytest
-from loopback_http import LoopbackServer, Reply
 from PIL import Image
 
 from server.config import DeliveryConfig
 from server.delivery import FetchError, UnsafeURL, fetch_image, make_client, validate_url
 from server.delivery.ssrf import Guard
+from tests.loopback_http import LoopbackServer, Reply
 
 REFUSED = [
     ("http://169.254.169.254/latest/meta-data/", "link-local"),

@@ -7,10 +7,10 @@ import time
 
 import anyio
 import pytest
-from loopback_http import LoopbackServer, Reply, closed_port
 
 from server.config import DeliveryConfig
 from server.delivery import post_webhook, put_upload
+from tests.loopback_http import LoopbackServer, Reply, closed_port
 
 FAST = {"backoff_seconds": 0.01}
 

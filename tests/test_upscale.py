@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_upscaler import write_tiny_esrgan
 
 from server.backends import create_backend
 from server.backends.base import Backend, BackendError, WorkItem
 from server.backends.tiling import tile_boxes
 from server.backends.upscale import UpscaleBackend
 from server.config import ModelConfig, Settings
+from tests.tiny_upscaler import write_tiny_esrgan
 
 
 class RecordingContext:

@@ -17,7 +17,13 @@ import torch
 from spandrel.architectures.ESRGAN import ESRGAN
 
 # old ESRGAN sequential index -> basicsr RRDBNet name, for a x4 model
-_X4_NAMES = {"model.0.": "conv_first.", "model.3.": "conv_up1.", "model.6.": "conv_up2.", "model.8.": "conv_hr.", "model.10.": "conv_last."}
+_X4_NAMES = {
+    "model.0.": "conv_first.",
+    "model.3.": "conv_up1.",
+    "model.6.": "conv_up2.",
+    "model.8.": "conv_hr.",
+    "model.10.": "conv_last.",
+}
 
 
 def _basicsr_key(key: str, num_blocks: int) -> str:

@@ -28,9 +28,7 @@ def tile_boxes(width: int, height: int, tile: int) -> list[Box]:
     if tile <= 0:
         return [(0, 0, width, height)]
     return [
-        (x0, y0, min(x0 + tile, width), min(y0 + tile, height))
-        for y0 in range(0, height, tile)
-        for x0 in range(0, width, tile)
+        (x0, y0, min(x0 + tile, width), min(y0 + tile, height)) for y0 in range(0, height, tile) for x0 in range(0, width, tile)
     ]
 
 

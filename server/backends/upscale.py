@@ -62,7 +62,7 @@ class UpscaleBackend:
 
     @property
     def model_scale(self) -> int:
-        return self._require_model().scale
+        return int(self._require_model().scale)
 
     def load(self) -> None:
         with self._lock:
@@ -150,13 +150,12 @@ class UpscaleBackend:
                 f"lower models.{self.name}.tile_size (now {self.tile})"
             ) from None
         out = out.squeeze(0).permute(1, 2, 0).float().mul_(255).round_().clamp_(0, 255)
-        return out.to(torch.uint8).cpu().numpy()
+        result: Pixels = out.to(torch.uint8).cpu().numpy()
+        return result
 
     def _checkpoint_path(self) -> Path:
         if not self.cfg.model_path:
-            raise BackendError(
-                f"model {self.name!r} has no model_path; set it to a Real-ESRGAN .pth or .safetensors file"
-            )
+            raise BackendError(f"model {self.name!r} has no model_path; set it to a Real-ESRGAN .pth or .safetensors file")
         path = Path(self.cfg.model_path).expanduser()
         if not path.is_file():
             raise BackendError(f"model {self.name!r}: the upscaler checkpoint {path} does not exist")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -141,10 +142,7 @@ def _split_host_port(entry: str, raw: str) -> tuple[str, int | None]:
 
 def _how_to_allow(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
-    return (
-        f"If this host is trusted, add {shown!r} (or {f'{shown}:{port}'!r}) to delivery.allowed_hosts "
-        "in the settings file."
-    )
+    return f"If this host is trusted, add {shown!r} (or {f'{shown}:{port}'!r}) to delivery.allowed_hosts in the settings file."
 
 
 def parse_target(url: str, field: str = "url") -> tuple[str, str, int]:
@@ -184,9 +182,7 @@ class Guard:
             reason = unsafe_reason(addr)
             if reason is not None and not self.allow.allows_address(addr, port):
                 via = "" if _canonical_host(host) == str(addr) else f" resolves to {addr}, which"
-                raise UnsafeURL(
-                    f"{subject} is refused: {host}{via} is {reason}. {_how_to_allow(_canonical_host(host), port)}"
-                )
+                raise UnsafeURL(f"{subject} is refused: {host}{via} is {reason}. {_how_to_allow(_canonical_host(host), port)}")
         return addresses
 
     async def vetted_addresses(self, host: str, port: int, subject: str | None = None) -> list[str]:
@@ -206,14 +202,15 @@ def _unresolved(host: str, subject: str, exc: OSError) -> UnsafeURL:
     return UnsafeURL(f"{subject}: the host {host!r} could not be resolved ({exc.strerror or exc})")
 
 
-def _unique_addresses(infos: list[tuple[object, ...]]) -> list[str]:
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # type: ignore[index]
+def _unique_addresses(infos: Iterable[tuple[Any, ...]]) -> list[str]:
+    """Distinct addresses, in resolver order, from ``getaddrinfo`` results."""
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
     """All addresses of ``host`` from the operating system's resolver."""
     infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return _unique_addresses(list(infos))
+    return _unique_addresses(infos)
 
 
 def validate_url(url: str, allowed_hosts: Iterable[str], field: str = "url") -> None:
@@ -235,4 +232,4 @@ def validate_url(url: str, allowed_hosts: Iterable[str], field: str = "url") -> 
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise _unresolved(host, subject, exc) from None
-    guard.check(host, port, _unique_addresses(list(infos)), subject)
+    guard.check(host, port, _unique_addresses(infos), subject)

@@ -68,19 +68,17 @@ async def _client_for(cfg: DeliveryConfig, client: httpx.AsyncClient | None) -> 
         yield owned
 
 
-async def _read_capped(resp: httpx.Response, limit: int) -> bytes | None:
-    """The body, or None once it exceeds ``limit`` bytes (the rest is not read)."""
-    declared = resp.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
+async def _read_upto(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the body, and whether that was all of it (the
+    rest is not read)."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.aiter_bytes():
+        chunks.append(chunk)
         size += len(chunk)
         if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+            return b"".join(chunks)[:limit], False
+    return b"".join(chunks), True
 
 
 def _check_image(data: bytes, subject: str) -> None:
@@ -104,14 +102,16 @@ async def fetch_image(
                 async with http.stream("GET", url, follow_redirects=True) as resp:
                     if resp.status_code != 200:
                         raise FetchError(f"{subject} answered HTTP {resp.status_code}; check that the URL is public and current")
-                    data = await _read_capped(resp, limit)
+                    declared = resp.headers.get("content-length", "")
+                    too_big = declared.isdigit() and int(declared) > limit
+                    data, complete = (b"", False) if too_big else await _read_upto(resp, limit)
     except UnsafeURL as exc:
         raise UnsafeURL(f"{subject}: {exc}") from None
     except TimeoutError:
         raise FetchError(f"{subject} did not deliver within {cfg.timeout_seconds:g} s (delivery.timeout_seconds)") from None
     except httpx.HTTPError as exc:
         raise FetchError(f"{subject} could not be downloaded: {exc or type(exc).__name__}") from None
-    if data is None:
+    if not complete:
         raise FetchError(f"{subject} is larger than {cfg.max_download_mib} MiB (delivery.max_download_mib)")
     await anyio.to_thread.run_sync(_check_image, data, subject)
     return data
@@ -134,14 +134,17 @@ def _retryable(status: int) -> bool:
     return status >= 500 or status == 429
 
 
-async def _attempt(http: httpx.AsyncClient, method: str, url: str, cfg: DeliveryConfig, kwargs: dict[str, Any]) -> tuple[int | None, str | None, bool, float]:
-    """One request: ``(status, error, retryable, retry_after)``; error None on 2xx."""
+Attempt = tuple[int | None, str | None, bool, float]  # status, error (None: 2xx), retryable, retry-after
+
+
+async def _attempt(http: httpx.AsyncClient, method: str, url: str, cfg: DeliveryConfig, kwargs: dict[str, Any]) -> Attempt:
+    """One request and how it went."""
     try:
         with anyio.fail_after(cfg.timeout_seconds):
             async with http.stream(method, url, **kwargs) as resp:
                 if resp.is_success:
                     return resp.status_code, None, False, 0.0
-                body = await _read_capped(resp, ERROR_EXCERPT_BYTES) or b""
+                body, _ = await _read_upto(resp, ERROR_EXCERPT_BYTES)
     except TimeoutError:
         return None, f"no answer within {cfg.timeout_seconds:g} s", True, 0.0
     except httpx.TransportError as exc:
