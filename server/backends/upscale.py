@@ -123,19 +123,19 @@ class UpscaleBackend:
         return self._model
 
     def _run_passes(self, pixels: Pixels, scale: int, progress: Progress | None) -> Pixels:
+        """Run the model until the image is at least ``scale`` times larger; progress
+        is reported per tile over all passes."""
         model = self._require_model()
+        tile = 0 if model.tiling == ModelTiling.INTERNAL else self.tile  # the model tiles itself
         passes = max(1, math.ceil(math.log(scale, model.scale) - 1e-9))
         height, width = pixels.shape[:2]
-        counts = [len(tile_boxes(width * model.scale**k, height * model.scale**k, self.tile)) for k in range(passes)]
+        counts = [len(tile_boxes(width * model.scale**k, height * model.scale**k, tile)) for k in range(passes)]
         done = 0
         for count in counts:
             step = None if progress is None else (lambda i, _n, base=done: progress(base + i, sum(counts)))
-            pixels = run_tiled(self._forward, pixels, model.scale, self._tile_for(model), TILE_OVERLAP, step)
+            pixels = run_tiled(self._forward, pixels, model.scale, tile, TILE_OVERLAP, step)
             done += count
         return pixels
-
-    def _tile_for(self, model: ImageModelDescriptor) -> int:
-        return 0 if model.tiling == ModelTiling.INTERNAL else self.tile
 
     @torch.inference_mode()
     def _forward(self, patch: Pixels) -> Pixels:
