@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from server.backends import create_backend
-from server.backends.base import Backend, BackendError, WorkItem
+from server.backends.base import Backend, BackendError, JobCancelled, WorkItem
 from server.backends.tiling import tile_boxes
 from server.backends.upscale import UpscaleBackend
 from server.config import ModelConfig, Settings
@@ -170,3 +170,18 @@ def test_missing_model_path_is_reported(tmp_path: Path) -> None:
     backend = create_backend("up", ModelConfig(backend="upscale_esrgan"), Settings())
     with pytest.raises(BackendError, match="has no model_path"):
         backend.load()
+
+
+def test_cancel_stops_between_tiles(x4_path: Path) -> None:
+    class CancelAfterFirstTile(RecordingContext):
+        def step(self, i: int, total: int) -> None:
+            super().step(i, total)
+            raise JobCancelled()
+
+    backend = make_backend(x4_path, tile_size=32)
+    backend.load()
+    ctx = CancelAfterFirstTile()
+    with pytest.raises(JobCancelled):
+        backend.run(WorkItem("upscale", "", 96, 64, 1, 0, images=[noise_image(96, 64)], extra={"scale": 4}), ctx)
+    assert ctx.steps == [(1, 6)]
+    assert backend.upscale(noise_image(16, 16), 4).size == (64, 64)  # the lock was released
