@@ -50,6 +50,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     lora_dir: str | None = None
     default_strength: Annotated[float, Meta(ge=0, le=1)] = 0.35
     keep_loaded: bool = True  # upscalers: stay loaded after a job
+    tile_size: Annotated[int, Meta(ge=0)] = 512  # upscalers: input tile edge in px; 0 = no tiling
     # stub only: seconds per denoising step at one megapixel (per image)
     simulate_step_seconds: NonNegFloat = 0.0
     # forecast prior: seconds = c0 + c1*steps*MP*n + c2*refs*n + c3*steps*MP*n*refs
@@ -88,6 +89,7 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     timeout_seconds: Annotated[float, Meta(gt=0)] = 30.0
     max_download_mib: PositiveInt = 32
     retries: Annotated[int, Meta(ge=0, le=10)] = 3
+    backoff_seconds: NonNegFloat = 1.0  # first retry delay; doubles on each retry
 
 
 class Settings(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 # config key -> "module:Class"
 BACKENDS: dict[str, str] = {
     "stub": "stub:StubBackend",
+    "upscale_esrgan": "upscale:UpscaleBackend",
 }
 
 
