@@ -41,7 +41,7 @@ function render(job) {
   bar.setAttribute("aria-valuetext", st.total_steps ? `step ${st.step} of ${st.total_steps}` : `${pct}%`);
   $(".bar span", el).style.width = `${pct}%`;
   let pos = "";
-  if (st.status === "waiting") pos = st.pos === 0 ? "next" : `#${st.pos + 1} in queue`;
+  if (st.status === "waiting") pos = st.pos === 0 ? "next" : `${st.pos} job${st.pos === 1 ? "" : "s"} ahead`;
   else if (st.status === "running") pos = st.total_steps ? `step ${st.step}/${st.total_steps}` : "starting";
   else if (st.status === "error") pos = st.message ?? "failed";
   if (st.extra?.loss !== undefined) pos += ` · loss ${Number(st.extra.loss).toFixed(4)}`;
@@ -143,6 +143,7 @@ export async function refresh() {
 export function track(status, params = null) {
   if (jobs.has(status.task_id)) return;
   const el = fromTemplate("queue-item");
+  el.dataset.taskId = status.task_id;
   const job = { status, receivedAt: performance.now(), el, close: null, params };
   jobs.set(status.task_id, job);
   $(".cancel", el).addEventListener("click", () => cancel(job));
