@@ -113,6 +113,9 @@ def test_generate_shows_the_images_in_the_gallery(page: Any) -> None:
     assert cards.first.locator("img").evaluate("img => img.naturalWidth") == 256
     expect(cards.first).to_contain_text("seed")
     shot(page, "web-gallery")
+    page.set_viewport_size({"width": 390, "height": 844})
+    shot(page, "web-gallery-mobile")
+    page.set_viewport_size({"width": 1280, "height": 860})
     cards.first.get_by_role("button", name=re.compile("^Enlarge")).click()
     dialog = page.get_by_role("dialog", name="Image preview")
     expect(dialog).to_be_visible()
