@@ -19,7 +19,7 @@ from .config import Settings
 from .engine import Engine
 from .errors import ApiError, Forbidden, Unauthorized, api_error_handler, http_exception_handler, render, unhandled_error_handler
 from .openapi import build_document
-from .routes import api, meta, models
+from .routes import api, meta, models, training
 
 log = logging.getLogger("easel")
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -75,7 +75,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
         finally:
             await engine.shutdown(settings.queue.shutdown_grace_seconds)
 
-    routes: list[Any] = [*api.ROUTES, *models.ROUTES, *meta.ROUTES, *(extra_routes or [])]
+    routes: list[Any] = [*api.ROUTES, *models.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
     routes.append(Mount("/swagger-static", app=StaticFiles(directory=_swagger_dir()), name="swagger-static"))
     if STATIC.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC, html=True), name="static"))
