@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -221,3 +222,54 @@ def test_dataset_outside_the_roots_is_refused(srv: RunningServer, env: dict[str,
 def test_model_that_cannot_train_is_refused(srv: RunningServer, model: str, needle: str) -> None:
     r = srv.client.post("/api/train", json={"model": model, "dataset_dir": "shapes", "adapter_name": "x"})
     assert r.status_code == 400 and needle in r.json()["error"]["message"]
+
+
+# --- failures -------------------------------------------------------------------------
+
+
+def test_error_mid_run_keeps_earlier_checkpoints_and_removes_the_adapter(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner in-process on a loaded tiny Z-Image backend; step 4 fails."""
+    from server.backends import create_backend
+    from server.backends.base import BackendError
+    from server.config import build_settings
+    from server.training.dataset import validate_dataset
+    from server.training.families import ZImageFamily
+    from server.training.lora_trainer import ADAPTER, LoraTrainer, TrainPlan
+
+    settings = build_settings({"models": {"z": {"backend": "z_image", "model_path": str(env["zimg"]), "device": "cpu"}}})
+    backend: Any = create_backend("z", settings.models["z"], settings)
+    backend.load()
+    folder, samples = validate_dataset("shapes", [str(env["root"])])
+    calls = {"n": 0}
+    predict = ZImageFamily.predict
+
+    def failing_predict(self: ZImageFamily, *args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated failure")
+        return predict(self, *args)
+
+    monkeypatch.setattr(ZImageFamily, "predict", failing_predict)
+    plan = TrainPlan(
+        model="z", backend="z_image", base_model=None, dataset=folder, samples=samples, adapter_name="fails",
+        output=tmp_path / "fails", steps=10, rank=4, alpha=4.0, learning_rate=0.01, batch_size=1, resolution=32,
+        seed=0, save_every=2, gradient_checkpointing=False,
+    )  # fmt: skip
+
+    class Ctx:
+        job = type("J", (), {"id": "t"})()
+        cancelled = False
+
+        def step(self, i: int, total: int) -> None:
+            pass
+
+        def set_extra(self, **values: Any) -> None:
+            pass
+
+    with pytest.raises(BackendError, match=r"failed at step 4: .*simulated failure.*checkpoint of step 2 is kept"):
+        LoraTrainer(plan)(backend, Ctx.job, Ctx())  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "fails" / "easel_lora.json").read_text())["steps_done"] == 2
+    assert ADAPTER not in getattr(backend.pipe.transformer, "peft_config", {})
+    assert not backend.pipe.transformer.training

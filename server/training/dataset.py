@@ -41,8 +41,7 @@ def resolve_dataset_dir(dataset_dir: str, roots: list[str]) -> Path:
     """
     if not roots:
         raise Forbidden(
-            "training is disabled: training.dataset_roots is empty; add the folders that hold "
-            "training datasets to the settings",
+            "training is disabled: training.dataset_roots is empty; add the folders that hold training datasets to the settings",
             param="dataset_dir",
         )
     real_roots = [Path(r).expanduser().resolve() for r in roots]
@@ -71,8 +70,7 @@ def validate_dataset(dataset_dir: str, roots: list[str]) -> tuple[Path, list[Sam
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
         raise BadRequest(
-            f"dataset_dir {dataset_dir!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images with "
-            "a .txt caption each",
+            f"dataset_dir {dataset_dir!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images with a .txt caption each",
             param="dataset_dir",
         )
     escaping = [p for p in images if not any(p.resolve().is_relative_to(r) for r in real_roots)]
@@ -96,8 +94,7 @@ def validate_dataset(dataset_dir: str, roots: list[str]) -> tuple[Path, list[Sam
     unreadable = [p for p in images if not _readable(p)]
     if unreadable:
         raise BadRequest(
-            f"these images cannot be read: {_names(unreadable, folder)}; replace or remove them "
-            "(PNG, JPEG, WEBP or BMP)",
+            f"these images cannot be read: {_names(unreadable, folder)}; replace or remove them (PNG, JPEG, WEBP or BMP)",
             param="dataset_dir",
         )
     return folder, samples

@@ -170,4 +170,3 @@ def logit_normal(batch: int, generator: torch.Generator) -> torch.Tensor:
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     return compute_density_for_timestep_sampling("logit_normal", batch, 0.0, 1.0, generator=generator)
-

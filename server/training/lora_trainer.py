@@ -120,13 +120,17 @@ class LoraTrainer:
         for sample in self.plan.samples:
             if ctx.cancelled:
                 raise JobCancelled("stopped before the first step; no checkpoint was written")
-            image = prepare_image(sample.image, self.plan.resolution)
+            try:
+                image = prepare_image(sample.image, self.plan.resolution)
+            except OSError as exc:
+                raise BackendError(
+                    f"training image {sample.image} could not be read ({exc}); the dataset changed after it "
+                    "was checked: fix it and start the run again"
+                ) from exc
             latent = family.encode_image(family.pixels_to_tensor(image)).to("cpu", torch.float32)
             if sample.caption not in conds:
                 cond = family.encode_caption(sample.caption)
-                conds[sample.caption] = Conditioning(
-                    cond.embeds.to("cpu"), cond.ids.to("cpu") if cond.ids is not None else None
-                )
+                conds[sample.caption] = Conditioning(cond.embeds.to("cpu"), cond.ids.to("cpu") if cond.ids is not None else None)
             buckets.setdefault(tuple(latent.shape), []).append(_Cached(latent, conds[sample.caption]))
         return list(buckets.values())
 
@@ -137,7 +141,10 @@ class LoraTrainer:
         transformer = family.transformer
         transformer.requires_grad_(False)
         config = LoraConfig(
-            r=plan.rank, lora_alpha=plan.alpha, target_modules=list(family.target_modules), init_lora_weights=True
+            r=plan.rank,
+            lora_alpha=plan.alpha,  # type: ignore[arg-type]  # annotated int; peft scales by alpha / r, floats work
+            target_modules=list(family.target_modules),
+            init_lora_weights=True,
         )
         transformer.add_adapter(config, adapter_name=ADAPTER)
         params = [p for p in transformer.parameters() if p.requires_grad]
@@ -203,10 +210,7 @@ class LoraTrainer:
         sigmas = family.sigmas(logit_normal(len(batch), gen), family.seq_len(x0.shape)).to(device, torch.float32)
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
-        conds = [
-            Conditioning(c.cond.embeds.to(device), c.cond.ids.to(device) if c.cond.ids is not None else None)
-            for c in batch
-        ]
+        conds = [Conditioning(c.cond.embeds.to(device), c.cond.ids.to(device) if c.cond.ids is not None else None) for c in batch]
         pred = family.predict(noisy, sigmas, conds)
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
         loss.backward()
@@ -247,4 +251,6 @@ class LoraTrainer:
         save_checkpoint(type(family.pipe), layers, config, plan.output, metadata)
         progress.saved_step = progress.done
         ctx.set_extra(checkpoint_step=progress.done)
-        log.info("training %s on %s: checkpoint at step %d saved to %s", plan.adapter_name, plan.model, progress.done, plan.output)
+        log.info(
+            "training %s on %s: checkpoint at step %d saved to %s", plan.adapter_name, plan.model, progress.done, plan.output
+        )

@@ -68,7 +68,7 @@ async def build_train_job(engine: Engine, req: TrainRequest) -> Job:
     output = adapter_dir(lora_dir, req.adapter_name)
     if req.resolution * req.resolution > ms.cfg.max_pixels:
         raise BadRequest(
-            f"resolution {req.resolution} is {req.resolution ** 2} pixels, over model {ms.name!r}'s max_pixels "
+            f"resolution {req.resolution} is {req.resolution**2} pixels, over model {ms.name!r}'s max_pixels "
             f"of {ms.cfg.max_pixels}; choose a smaller resolution",
             param="resolution",
         )
@@ -84,8 +84,7 @@ async def build_train_job(engine: Engine, req: TrainRequest) -> Job:
         )
     if has_weights(output) and not req.overwrite:
         raise Conflict(
-            f"adapter {req.adapter_name!r} already exists in {lora_dir}; choose another adapter_name "
-            "or send overwrite: true",
+            f"adapter {req.adapter_name!r} already exists in {lora_dir}; choose another adapter_name or send overwrite: true",
             param="adapter_name",
         )
     folder, samples = await anyio.to_thread.run_sync(validate_dataset, req.dataset_dir, engine.settings.training.dataset_roots)
