@@ -31,7 +31,7 @@ from .errors import (
     unhandled_error_handler,
 )
 from .openapi import build_document
-from .routes import api, meta, models, openai
+from .routes import api, meta, models, openai, training
 
 log = logging.getLogger("easel")
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -87,7 +87,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
         finally:
             await engine.shutdown(settings.queue.shutdown_grace_seconds)
 
-    routes: list[Any] = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *(extra_routes or [])]
+    routes: list[Any] = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
     routes.append(Mount("/swagger-static", app=StaticFiles(directory=_swagger_dir()), name="swagger-static"))
     # unknown API paths answer a JSON 404, not the static files' 405
     routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1")]
