@@ -214,7 +214,7 @@ def build_qwen_edit(
 
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
     )  # fmt: skip
     z_dim = 4
@@ -298,7 +298,7 @@ def write_qwen_transformer_gguf(model_dir: str | Path, out_file: str | Path) -> 
         data = tensor.float().numpy()
         if data.ndim == 2 and data.shape[-1] % 32 == 0:
             qtype = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_shape=data.shape, raw_dtype=qtype)
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(name, data.astype(np.float32))
     writer.write_header_to_file()
