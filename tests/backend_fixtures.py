@@ -7,8 +7,9 @@ Use from a test module with::
 Fixtures: ``tiny_sdxl``, ``tiny_flux2_klein``, ``tiny_z_image``, ``tiny_qwen_edit``
 (folders), ``tiny_model_dirs`` (backend key -> folder), ``qwen_gguf`` (a Q8_0 GGUF of
 the tiny Qwen transformer), ``lora_dirs`` (backend key -> a ``lora_dir`` holding one
-random adapter named ``style``), and ``small_qwen_vae_images`` (lowers the ~1 MP
-resize QwenImageEditPlus applies to references, which costs seconds on CPU).
+random adapter named ``style``), and ``tiny_runtime`` (one torch thread, and a
+64x64 instead of ~1 MP reference resize in QwenImageEditPlus; use it in every test
+that runs a tiny pipeline).
 """
 
 from __future__ import annotations
@@ -76,11 +77,20 @@ def lora_dirs(tiny_model_dirs: dict[str, Path], tiny_root: Path) -> dict[str, Pa
 
 
 @pytest.fixture(scope="session")
-def small_qwen_vae_images() -> Iterator[None]:
-    """QwenImageEditPlus resizes every reference to ~1 MP before VAE encoding (~8 s
-    per reference with the tiny VAE on CPU); tests use 64x64."""
+def tiny_runtime() -> Iterator[None]:
+    """Settings for running tiny pipelines fast on a small shared CPU:
+
+    - one torch thread: tiny ops gain nothing from threads, and on an oversubscribed
+      machine OpenMP spin-waiting made the suite ~7x slower;
+    - QwenImageEditPlus resizes every reference to ~1 MP before VAE encoding (~8 s
+      per reference with the tiny VAE on CPU); tests use 64x64.
+    """
+    import torch
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_plus
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qwen_plus, "VAE_IMAGE_SIZE", 64 * 64)
         yield
+    torch.set_num_threads(threads)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from server.backends.base import Backend, WorkItem
 
 pytest_plugins = ["tests.backend_fixtures"]
-pytestmark = [pytest.mark.usefixtures("small_qwen_vae_images"), pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.usefixtures("tiny_runtime"), pytest.mark.timeout(120)]
 
 ALL = ("flux2_klein", "sdxl", "z_image", "qwen_edit_gguf")
 WITH_LORA = ("flux2_klein", "sdxl", "z_image")
