@@ -4,7 +4,7 @@ shapes and options, another scheduler, pickled or sharded weights) load and run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -24,7 +24,7 @@ def test_z_image_folder_with_pickled_weights_and_other_shapes_loads(tmp_path: Pa
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(42)
-    pipe = ZImagePipeline(
+    pipe: Any = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, num_train_timesteps=1000),
         vae=AutoencoderKL(
             block_out_channels=[16, 32], latent_channels=16, norm_num_groups=8, layers_per_block=2,
@@ -52,10 +52,10 @@ def test_z_image_folder_with_pickled_weights_and_other_shapes_loads(tmp_path: Pa
 
 
 def test_distilled_flux2_klein_folder_with_another_scheduler_loads(tiny_flux2_klein: Path, tmp_path: Path) -> None:
-    from diffusers import Flux2KleinPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
     source = Flux2KleinPipeline.from_pretrained(tiny_flux2_klein)
-    pipe = Flux2KleinPipeline(
+    pipe: Any = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.3, max_shift=1.0),
         vae=source.vae,
         text_encoder=source.text_encoder,

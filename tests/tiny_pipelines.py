@@ -69,7 +69,7 @@ def qwen_tokenizer() -> Any:
     tok = Qwen2Tokenizer(
         vocab={t: i for i, t in enumerate(tokens)},
         merges=[],
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=QWEN_SPECIAL[1:],
@@ -143,9 +143,7 @@ def build_sdxl(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_s
     return _save(pipe, path, safe_serialization)
 
 
-def build_flux2_klein(
-    path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True
-) -> Path:
+def build_flux2_klein(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True) -> Path:
     """A tiny Flux2KleinPipeline (~1 MB): 28-layer hidden-16 Qwen3 text encoder (the
     pipeline stacks hidden states 9/18/27, so joint_attention_dim = 48)."""
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
@@ -199,9 +197,7 @@ def build_z_image(path: str | Path, *, seed: int = 0, scheduler: Any = None, saf
     return _save(pipe, path, safe_serialization)
 
 
-def build_qwen_edit(
-    path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True
-) -> Path:
+def build_qwen_edit(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True) -> Path:
     """A tiny QwenImageEditPlusPipeline (tiny Qwen2.5-VL text/vision encoder).
 
     Note the pipeline resizes each reference to ~1 MP before VAE encoding
@@ -236,11 +232,12 @@ def build_qwen_edit(
         },
         image_token_id=qwen_token_id("<|image_pad|>"), video_token_id=qwen_token_id("<|video_pad|>"),
         vision_start_token_id=qwen_token_id("<|vision_start|>"), vision_end_token_id=qwen_token_id("<|vision_end|>"),
-        vocab_size=len(QWEN_SPECIAL) + 256, hidden_size=16,
     )  # fmt: skip
     tokenizer = qwen_tokenizer()
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     pipe = QwenImageEditPlusPipeline(

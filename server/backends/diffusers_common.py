@@ -10,11 +10,10 @@ turn intermediate latents into an image for previews.
 from __future__ import annotations
 
 import gc
-import math
 import logging
+import math
 import os
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -192,7 +191,7 @@ class DiffusersBackend:
             pipe.enable_sequential_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
-        vae = getattr(pipe, "vae", None)
+        vae: Any = getattr(pipe, "vae", None)
         if self.cfg.vae_tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
         if self.cfg.vae_slicing and hasattr(vae, "enable_slicing"):
@@ -274,8 +273,7 @@ class DiffusersBackend:
             raise BackendError(f"model {self.name!r} is not loaded; load it first")
         if item.task not in self.capabilities.tasks:
             raise BackendError(
-                f"model {self.name!r} does not support {item.task!r} "
-                f"(it supports: {', '.join(self.capabilities.tasks)})"
+                f"model {self.name!r} does not support {item.task!r} (it supports: {', '.join(self.capabilities.tasks)})"
             )
         pipe, kwargs = self._call_kwargs(item)
         kwargs.update(

@@ -42,8 +42,7 @@ def resolve_lora(name: str, lora_dir: str | None, model: str) -> Path:
         if len(files) == 1:
             return files[0]
         raise BackendError(
-            f"LoRA folder {name!r} holds {len(files)} weight files; it must hold exactly one "
-            f"(or {DEFAULT_WEIGHT_NAME})"
+            f"LoRA folder {name!r} holds {len(files)} weight files; it must hold exactly one (or {DEFAULT_WEIGHT_NAME})"
         )
     available = sorted(p.stem for p in root.iterdir()) if root.is_dir() else []
     raise BackendError(
