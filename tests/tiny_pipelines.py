@@ -155,9 +155,9 @@ def build_flux2_klein(path: str | Path, *, seed: int = 0, scheduler: Any = None,
         num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
         guidance_embeds=False,
     )  # fmt: skip
-    vae = AutoencoderKLFlux2(
-        sample_size=32, block_out_channels=(4,), layers_per_block=1, latent_channels=4, norm_num_groups=1,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    vae = AutoencoderKLFlux2(  # 4 blocks: the real 8x downsampling, so token counts are realistic
+        sample_size=32, block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         use_quant_conv=False, use_post_quant_conv=False,
     )  # fmt: skip
     pipe = Flux2KleinPipeline(
@@ -180,12 +180,12 @@ def build_z_image(path: str | Path, *, seed: int = 0, scheduler: Any = None, saf
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
-        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+        axes_dims=[8, 4, 4], axes_lens=[256, 128, 128],
     )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-        latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+    vae = AutoencoderKL(  # 4 blocks: the real 8x downsampling
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
     )  # fmt: skip
     pipe = ZImagePipeline(
         scheduler=scheduler or _flow_scheduler(),
