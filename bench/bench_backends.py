@@ -142,7 +142,13 @@ def bench_backend(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> N
             if n == 0 and name in EDIT_ONLY:
                 continue
             work = WorkItem(
-                task="edit" if n else "generate", prompt="put them together", width=w, height=h, steps=args.steps, seed=0, images=refs[:n]
+                task="edit" if n else "generate",
+                prompt="put them together",
+                width=w,
+                height=h,
+                steps=args.steps,
+                seed=0,
+                images=refs[:n],
             )
             rows.append(Row(f"{n} refs @ {w}x{h}", *measure(backend, work, args.repeats)))
         print(table(f"### {name}: by number of reference images", rows))
