@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from server.backends.base import WorkItem  # noqa: E402
+from server.backends.base import Task, WorkItem  # noqa: E402
 from tests.backend_helpers import RecordingContext, load_backend, reference  # noqa: E402
 
 EDIT_ONLY = {"qwen_edit_gguf"}
@@ -125,7 +125,7 @@ def bench_backend(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> N
     print(f"\n## {name}  ({'cuda' if torch.cuda.is_available() else 'cpu'}, {args.steps} steps)")
     print(f"load {load_s:.2f} s; memory before load {before:.0f} MiB, after load {loaded:.0f} MiB")
 
-    task = "edit" if name in EDIT_ONLY else "generate"
+    task: Task = "edit" if name in EDIT_ONLY else "generate"
     refs = [reference(256, 256, seed=k) for k in range(max(args.refs))]
     base_refs = refs[:1] if name in EDIT_ONLY else []
     rows = []

@@ -122,9 +122,10 @@ def build_sdxl(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_s
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
         cross_attention_dim=64, norm_num_groups=32,
     )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
+    vae = AutoencoderKL(  # 4 blocks: the real 8x downsampling
+        block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=32,
     )  # fmt: skip
     text_cfg = CLIPTextConfig(
         bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
