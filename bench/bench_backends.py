@@ -157,6 +157,43 @@ def bench_backend(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> N
     print(f"after unload {resting_mib():.0f} MiB (was {loaded:.0f} loaded, {before:.0f} before load)")
 
 
+def bench_isolated(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> None:
+    """Memory of a model run in its own process (``IsolatedBackend``): what the child
+    holds while loaded, and that unloading returns all of it."""
+    from server.backends.isolated import IsolatedBackend
+    from server.config import ModelConfig, Settings
+
+    model = ModelConfig(backend=name, device=args.device, torch_dtype=args.dtype, **cfg)  # type: ignore[arg-type]
+    backend = IsolatedBackend(f"bench-{name}", model, Settings())
+    parent = psutil.Process().memory_info().rss / MIB
+    start = time.perf_counter()
+    backend.load()
+    load_s = time.perf_counter() - start
+    child = psutil.Process(backend.pid)
+    task: Task = "edit" if name in EDIT_ONLY else "generate"
+    w, h = parse_size(args.sizes[-1])
+    work = WorkItem(
+        task=task,
+        prompt="a lighthouse",
+        width=w,
+        height=h,
+        steps=args.steps,
+        seed=0,
+        images=[reference()] if task == "edit" else [],
+    )
+    start = time.perf_counter()
+    backend.run(work, RecordingContext())
+    run_s = time.perf_counter() - start
+    child_mib = child.memory_info().rss / MIB
+    pid = backend.pid
+    backend.unload()
+    gone = not psutil.pid_exists(pid) if pid else True
+    print(
+        f"\n## {name} isolated: start+load {load_s:.2f} s, one {w}x{h} call {run_s:.2f} s; child RSS {child_mib:.0f} MiB "
+        f"(parent {parent:.0f} MiB); after unload the child process is {'gone' if gone else 'STILL ALIVE'}"
+    )
+
+
 def tiny_models(root: Path, backends: list[str]) -> dict[str, dict[str, Any]]:
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_plus
 
@@ -182,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--isolated", action="store_true", help="also measure the model in a child process")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,11 +235,15 @@ def main(argv: list[str] | None = None) -> None:
             "offload": args.offload,
         }
         bench_backend(args.backend[0], cfg, args)
+        if args.isolated:
+            bench_isolated(args.backend[0], cfg, args)
         return
     backends = args.backend or ["flux2_klein", "sdxl", "z_image", "qwen_edit_gguf"]
     with tempfile.TemporaryDirectory(prefix="easel-bench-") as tmp:
         for name, cfg in tiny_models(Path(tmp), backends).items():
             bench_backend(name, cfg, args)
+            if args.isolated:
+                bench_isolated(name, cfg, args)
 
 
 if __name__ == "__main__":
