@@ -69,7 +69,7 @@ def qwen_tokenizer() -> Any:
     tok = Qwen2Tokenizer(
         vocab={t: i for i, t in enumerate(tokens)},
         merges=[],
-        unk_token=None,
+        unk_token=None,  # type: ignore[arg-type]
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=QWEN_SPECIAL[1:],
@@ -122,9 +122,10 @@ def build_sdxl(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_s
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
         cross_attention_dim=64, norm_num_groups=32,
     )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
+    vae = AutoencoderKL(  # 4 blocks: the real 8x downsampling
+        block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        norm_num_groups=32,
     )  # fmt: skip
     text_cfg = CLIPTextConfig(
         bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
@@ -143,9 +144,7 @@ def build_sdxl(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_s
     return _save(pipe, path, safe_serialization)
 
 
-def build_flux2_klein(
-    path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True
-) -> Path:
+def build_flux2_klein(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True) -> Path:
     """A tiny Flux2KleinPipeline (~1 MB): 28-layer hidden-16 Qwen3 text encoder (the
     pipeline stacks hidden states 9/18/27, so joint_attention_dim = 48)."""
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
@@ -157,9 +156,9 @@ def build_flux2_klein(
         num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
         guidance_embeds=False,
     )  # fmt: skip
-    vae = AutoencoderKLFlux2(
-        sample_size=32, block_out_channels=(4,), layers_per_block=1, latent_channels=4, norm_num_groups=1,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    vae = AutoencoderKLFlux2(  # 4 blocks: the real 8x downsampling, so token counts are realistic
+        sample_size=32, block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         use_quant_conv=False, use_post_quant_conv=False,
     )  # fmt: skip
     pipe = Flux2KleinPipeline(
@@ -182,12 +181,12 @@ def build_z_image(path: str | Path, *, seed: int = 0, scheduler: Any = None, saf
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
-        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+        axes_dims=[8, 4, 4], axes_lens=[256, 128, 128],
     )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-        latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+    vae = AutoencoderKL(  # 4 blocks: the real 8x downsampling
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
     )  # fmt: skip
     pipe = ZImagePipeline(
         scheduler=scheduler or _flow_scheduler(),
@@ -199,9 +198,7 @@ def build_z_image(path: str | Path, *, seed: int = 0, scheduler: Any = None, saf
     return _save(pipe, path, safe_serialization)
 
 
-def build_qwen_edit(
-    path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True
-) -> Path:
+def build_qwen_edit(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True) -> Path:
     """A tiny QwenImageEditPlusPipeline (tiny Qwen2.5-VL text/vision encoder).
 
     Note the pipeline resizes each reference to ~1 MP before VAE encoding
@@ -214,7 +211,7 @@ def build_qwen_edit(
 
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
     )  # fmt: skip
     z_dim = 4
@@ -236,11 +233,12 @@ def build_qwen_edit(
         },
         image_token_id=qwen_token_id("<|image_pad|>"), video_token_id=qwen_token_id("<|video_pad|>"),
         vision_start_token_id=qwen_token_id("<|vision_start|>"), vision_end_token_id=qwen_token_id("<|vision_end|>"),
-        vocab_size=len(QWEN_SPECIAL) + 256, hidden_size=16,
     )  # fmt: skip
     tokenizer = qwen_tokenizer()
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     pipe = QwenImageEditPlusPipeline(
@@ -298,7 +296,7 @@ def write_qwen_transformer_gguf(model_dir: str | Path, out_file: str | Path) -> 
         data = tensor.float().numpy()
         if data.ndim == 2 and data.shape[-1] % 32 == 0:
             qtype = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_shape=data.shape, raw_dtype=qtype)
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(name, data.astype(np.float32))
     writer.write_header_to_file()

@@ -10,11 +10,10 @@ turn intermediate latents into an image for previews.
 from __future__ import annotations
 
 import gc
-import math
 import logging
+import math
 import os
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -140,8 +139,7 @@ class DiffusersBackend:
         self.name = name
         self.cfg = cfg
         self.settings = settings
-        caps = model_capabilities(cfg, self.default_tasks)
-        self.capabilities: Capabilities = self._capabilities(caps)
+        self.capabilities: Capabilities = model_capabilities(cfg, self.default_tasks)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.torch_dtype, self.device)
         self.pipe: Any = None
@@ -149,11 +147,8 @@ class DiffusersBackend:
 
     # ----------------------------------------------------------------- hooks
 
-    def _capabilities(self, caps: Capabilities) -> Capabilities:
-        return caps
-
     def _build_pipeline(self) -> Any:
-        """Construct the (still CPU-resident) pipeline; default: ``from_pretrained``."""
+        """Construct the (still CPU-resident) pipeline, usually with ``self.from_pretrained``."""
         raise NotImplementedError
 
     def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
@@ -179,8 +174,16 @@ class DiffusersBackend:
     def load(self) -> None:
         if self.pipe is not None:
             return
-        pipe = self._build_pipeline()
-        self.pipe = self._place(pipe)
+        try:
+            self.pipe = self._place(self._build_pipeline())
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            free_memory()
+            raise BackendError(
+                f"out of GPU memory loading model {self.name!r}; set offload to 'model' (or 'sequential'), "
+                "use a quantized transformer, or unload other models first"
+            ) from exc
         log.info("model %s loaded on %s (%s, offload=%s)", self.name, self.device, self.dtype, self.cfg.offload)
 
     def _place(self, pipe: Any) -> Any:
@@ -192,7 +195,7 @@ class DiffusersBackend:
             pipe.enable_sequential_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
-        vae = getattr(pipe, "vae", None)
+        vae: Any = getattr(pipe, "vae", None)
         if self.cfg.vae_tiling and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
         if self.cfg.vae_slicing and hasattr(vae, "enable_slicing"):
@@ -274,8 +277,7 @@ class DiffusersBackend:
             raise BackendError(f"model {self.name!r} is not loaded; load it first")
         if item.task not in self.capabilities.tasks:
             raise BackendError(
-                f"model {self.name!r} does not support {item.task!r} "
-                f"(it supports: {', '.join(self.capabilities.tasks)})"
+                f"model {self.name!r} does not support {item.task!r} (it supports: {', '.join(self.capabilities.tasks)})"
             )
         pipe, kwargs = self._call_kwargs(item)
         kwargs.update(

@@ -75,8 +75,7 @@ def check_torchao() -> None:
         import torchao  # noqa: F401
     except ImportError:
         raise BackendError(
-            "quantization 'fp8' needs torchao, which is not installed; run `pip install torchao` "
-            "or set quantization to 'none'"
+            "quantization 'fp8' needs torchao, which is not installed; run `pip install torchao` or set quantization to 'none'"
         ) from None
 
 

@@ -42,8 +42,7 @@ def resolve_lora(name: str, lora_dir: str | None, model: str) -> Path:
         if len(files) == 1:
             return files[0]
         raise BackendError(
-            f"LoRA folder {name!r} holds {len(files)} weight files; it must hold exactly one "
-            f"(or {DEFAULT_WEIGHT_NAME})"
+            f"LoRA folder {name!r} holds {len(files)} weight files; it must hold exactly one (or {DEFAULT_WEIGHT_NAME})"
         )
     available = sorted(p.stem for p in root.iterdir()) if root.is_dir() else []
     raise BackendError(
@@ -70,6 +69,11 @@ def load_loras(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: st
                     f"LoRA {spec.name!r} could not be applied to model {model!r}: {exc}. "
                     "Check that it was trained for this model family"
                 ) from exc
+            if adapter not in {a for group in pipe.get_list_adapters().values() for a in group}:
+                raise BackendError(
+                    f"LoRA {spec.name!r} has no weights matching model {model!r}; "
+                    "it was probably trained for another model family"
+                )
             names.append(adapter)
         pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
     except BaseException:

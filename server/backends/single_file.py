@@ -35,9 +35,7 @@ def single_file_parts(cfg: ModelConfig, model: str, suffix: str) -> tuple[str, s
     return transformer, base
 
 
-def load_single_file_transformer(
-    backend: DiffusersBackend, model_cls: Any, path: str, base: str, **kwargs: Any
-) -> Any:
+def load_single_file_transformer(backend: DiffusersBackend, model_cls: Any, path: str, base: str, **kwargs: Any) -> Any:
     """``model_cls.from_single_file`` with the config taken from ``transformer_config_path``
     (a folder holding ``config.json``) or from ``base/transformer``."""
     cfg = backend.cfg

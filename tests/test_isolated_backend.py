@@ -1,0 +1,55 @@
+"""IsolatedBackend runs a real backend in a spawn child process: results, progress,
+previews and cancellation cross the pipe, and unloading ends the process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import psutil
+import pytest
+
+from server.backends.base import BackendError, JobCancelled
+from server.backends.isolated import IsolatedBackend
+from server.config import ModelConfig, Settings
+from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytest_plugins = ["tests.backend_fixtures"]
+pytestmark = [pytest.mark.usefixtures("tiny_runtime"), pytest.mark.timeout(180)]
+
+
+def test_isolated_backend_matches_in_process_and_unload_ends_the_process(tiny_z_image: Path) -> None:
+    cfg = ModelConfig(backend="z_image", model_path=str(tiny_z_image))
+    backend = IsolatedBackend("iso", cfg, Settings())
+    assert backend.capabilities.tasks == ("generate", "edit")
+    backend.load()
+    pid = backend.pid
+    assert pid is not None and psutil.pid_exists(pid)
+    try:
+        ctx = RecordingContext(preview_every=1)
+        image = backend.run(item(width=64, height=48), ctx)[0]
+        assert ctx.steps == [(1, 2), (2, 2)] and [p.size for p in ctx.previews] == [(64, 48)] * 2
+        in_process = load_backend("z_image", model_path=str(tiny_z_image)).run(item(width=64, height=48), RecordingContext())
+        assert max_diff(image, in_process[0]) == 0
+
+        cancel = RecordingContext(cancel_after=1)
+        with pytest.raises(JobCancelled):
+            backend.run(item(steps=4), cancel)
+        assert cancel.steps == [(1, 4)]
+
+        with pytest.raises(BackendError, match="at least 64 px"):
+            backend.run(item("edit", images=[reference(32, 32)]), RecordingContext())
+        assert len(backend.run(item(), RecordingContext())) == 1  # still serving
+    finally:
+        backend.unload()
+    assert backend.pid is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_isolated_load_error_is_reported_and_leaves_no_process(tmp_path: Path) -> None:
+    backend = IsolatedBackend("iso", ModelConfig(backend="sdxl", model_path=str(tmp_path / "missing")), Settings())
+    with pytest.raises(BackendError, match="does not exist"):
+        backend.load()
+    assert backend.pid is None
