@@ -120,7 +120,7 @@ def _run_job(client: Client, args: argparse.Namespace, bar: ProgressBar | None) 
         if bar:
             bar.close()
     paths = output_paths(output, len(images))
-    return [{"path": str(p), "seed": img.info.get("seed"), "width": img.width, "height": img.height} for p, img in zip(paths, images)]
+    return [{"path": str(p), "seed": img.info.get("seed"), "width": img.width, "height": img.height} for p, img in zip(paths, images, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
