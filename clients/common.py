@@ -196,7 +196,7 @@ class BaseClient:
 
     @staticmethod
     def _save(images: list[Image.Image], output: PathLike | Sequence[PathLike] | None) -> None:
-        for img, path in zip(images, output_paths(output, len(images)), strict=False)  # no output: nothing to save:
+        for img, path in zip(images, output_paths(output, len(images)), strict=False):  # output None: nothing to save
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path)
 
