@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"easel: bad configuration: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the format uses none of these: skip collecting them for every record
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     app = create_app(settings)
     config = uvicorn.Config(
         app,
