@@ -12,16 +12,27 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import Mount
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .delivery.hooks import install as install_delivery
 from .engine import Engine
-from .errors import ApiError, Forbidden, Unauthorized, api_error_handler, http_exception_handler, render, unhandled_error_handler
+from .errors import (
+    ApiError,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    api_error_handler,
+    http_exception_handler,
+    render,
+    unhandled_error_handler,
+)
 from .openapi import build_document
-from .routes import api, meta, models, openai
+from .routes import api, meta, models, openai, training
 from .upscaling import Upscaler
 
 log = logging.getLogger("easel")
@@ -81,8 +92,10 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
         finally:
             await engine.shutdown(settings.queue.shutdown_grace_seconds)
 
-    routes: list[Any] = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *(extra_routes or [])]
+    routes: list[Any] = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
     routes.append(Mount("/swagger-static", app=StaticFiles(directory=_swagger_dir()), name="swagger-static"))
+    # unknown API paths answer a JSON 404, not the static files' 405
+    routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1")]
     if STATIC.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC, html=True), name="static"))
     app = Starlette(
@@ -100,6 +113,13 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     if settings.auth.api_keys or settings.auth.admin_keys:
         app.add_middleware(AuthMiddleware, api_keys=settings.auth.api_keys, admin_keys=settings.auth.admin_keys)
     return app
+
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+async def _no_route(request: Request) -> Response:
+    raise NotFound(f"no route for {request.method} {request.url.path}; see /openapi.json for the API")
 
 
 def _swagger_dir() -> str:

@@ -128,8 +128,8 @@ async def run_job(engine: Engine, ms: ModelState, job: Job) -> None:
     ctx = JobContext(job, loop)
     try:
         images = await loop.run_in_executor(ms.executor, execute, backend, job, ctx)
-    except JobCancelled:
-        engine.finish(ms, job, JobStatus.CANCELLED, "cancelled while running")
+    except JobCancelled as exc:  # a runner may say how far it got
+        engine.finish(ms, job, JobStatus.CANCELLED, str(exc) or "cancelled while running")
         return
     except Exception as exc:  # the job fails, the worker goes on
         if not isinstance(exc, BackendError):

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 # config key -> "module:Class"
 BACKENDS: dict[str, str] = {
     "stub": "stub:StubBackend",
+    "flux2_klein": "flux2_klein:Flux2KleinBackend",
+    "sdxl": "sdxl:SDXLBackend",
+    "z_image": "z_image:ZImageBackend",
+    "qwen_edit_gguf": "qwen_edit_gguf:QwenEditGGUFBackend",
     "upscale_esrgan": "upscale:UpscaleBackend",
 }
 

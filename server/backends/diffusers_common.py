@@ -1,0 +1,307 @@
+"""What every Diffusers backend shares: device/dtype resolution, finding weights,
+placement (offload, VAE tiling/slicing), seeded generators, the step callback with
+cancellation and previews, per-request LoRA, OOM mapping and unloading.
+
+A concrete backend subclasses ``DiffusersBackend`` and says only what differs: how
+to build its pipeline, which keyword arguments a ``WorkItem`` becomes, and how to
+turn intermediate latents into an image for previews.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from PIL import Image, ImageOps
+
+from .base import BackendError, Capabilities, StepContext, WorkItem, model_capabilities
+from .lora import applied_loras
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..config import ModelConfig, Settings
+
+log = logging.getLogger(__name__)
+
+MIN_REFERENCE_SIDE = 64
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_device(spec: str) -> str:
+    """``auto`` -> cuda when available, else mps, else cpu; anything else verbatim."""
+    if spec != "auto":
+        return spec
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(spec: str, device: str) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float16 on MPS, float32 on CPU."""
+    if spec != "auto":
+        return DTYPES[spec]
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+def hub_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_TOKEN") or None
+
+
+def resolve_source(path: str | None, key: str, model: str) -> tuple[str, dict[str, Any]]:
+    """A local path, or a Hugging Face repo id (``org/name`` that does not exist on
+    disk), with the keyword arguments ``from_pretrained`` needs for it."""
+    if not path:
+        raise BackendError(f"model {model!r} has no {key} configured; set it to a local Diffusers folder")
+    expanded = os.path.expanduser(path)
+    if os.path.exists(expanded):
+        return expanded, {}
+    if REPO_ID.match(path):
+        return path, {"token": hub_token()}
+    raise BackendError(
+        f"{key} {path!r} of model {model!r} does not exist; download the weights there "
+        f"(e.g. `hf download ORG/NAME --local-dir {path}`) or fix the path in the settings"
+    )
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """An RGB copy of ``image`` center-cropped and resized to exactly width x height."""
+    return ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+
+
+def check_references(images: list[Image.Image]) -> list[Image.Image]:
+    for k, img in enumerate(images):
+        if min(img.size) < MIN_REFERENCE_SIDE:
+            raise BackendError(
+                f"reference image {k + 1} is {img.width}x{img.height}; each side must be at least "
+                f"{MIN_REFERENCE_SIDE} px — upload a larger image"
+            )
+    return [img.convert("RGB") for img in images]
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def step_callback(
+    ctx: StepContext,
+    preview: Callable[[Any, torch.Tensor], Image.Image | None],
+    calls: int = 1,
+    call: int = 0,
+) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+    """A ``callback_on_step_end`` that reports progress (over ``calls`` pipeline calls,
+    this being call number ``call``), honours cancellation (``JobCancelled`` from
+    ``ctx.step`` propagates and stops the pipeline) and sends previews."""
+
+    def callback(pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        per_call = int(pipe._num_timesteps)  # the real count (img2img runs fewer steps)
+        done = call * per_call + i + 1
+        ctx.step(done, calls * per_call)
+        if ctx.wants_preview(done) and "latents" in kwargs:
+            with torch.no_grad():
+                image = preview(pipe, kwargs["latents"])
+            if image is not None:
+                ctx.preview(image)
+        return kwargs
+
+    return callback
+
+
+class DiffusersBackend:
+    """Base class of the Diffusers backends (see module docstring)."""
+
+    default_tasks: ClassVar[tuple[str, ...]] = ("generate",)
+    default_guidance: ClassVar[float] = 0.0
+    supports_previews: ClassVar[bool] = True
+
+    def __init__(self, name: str, cfg: ModelConfig, settings: Settings) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.settings = settings
+        caps = model_capabilities(cfg, self.default_tasks)
+        self.capabilities: Capabilities = self._capabilities(caps)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.torch_dtype, self.device)
+        self.pipe: Any = None
+        self._variants: dict[str, Any] = {}  # e.g. "img2img" -> pipeline sharing components
+
+    # ----------------------------------------------------------------- hooks
+
+    def _capabilities(self, caps: Capabilities) -> Capabilities:
+        return caps
+
+    def _build_pipeline(self) -> Any:
+        """Construct the (still CPU-resident) pipeline; default: ``from_pretrained``."""
+        raise NotImplementedError
+
+    def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
+        """The pipeline to call for ``item`` and its task-specific keyword arguments."""
+        raise NotImplementedError
+
+    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        """Decode intermediate latents to an image tensor in [-1, 1] (B, 3, H, W)."""
+        return None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def from_pretrained(self, pipeline_cls: Any, path: str | None, key: str = "model_path", **kwargs: Any) -> Any:
+        source, extra = resolve_source(path, key, self.name)
+        try:
+            return pipeline_cls.from_pretrained(source, dtype=self.dtype, **extra, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise BackendError(
+                f"could not load {pipeline_cls.__name__} for model {self.name!r} from {source!r}: {exc}. "
+                "Check that the folder is a complete Diffusers model (model_index.json and its component folders)"
+            ) from exc
+
+    def load(self) -> None:
+        if self.pipe is not None:
+            return
+        pipe = self._build_pipeline()
+        self.pipe = self._place(pipe)
+        log.info("model %s loaded on %s (%s, offload=%s)", self.name, self.device, self.dtype, self.cfg.offload)
+
+    def _place(self, pipe: Any) -> Any:
+        """Move to the device (or install offload hooks) and apply VAE options."""
+        pipe.set_progress_bar_config(disable=True)
+        if self.cfg.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif self.cfg.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        vae = getattr(pipe, "vae", None)
+        if self.cfg.vae_tiling and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        if self.cfg.vae_slicing and hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()
+        return pipe
+
+    def variant(self, key: str, pipeline_cls: Any) -> Any:
+        """A pipeline of another class sharing the loaded components (``from_pipe``)."""
+        if key not in self._variants:
+            pipe = pipeline_cls.from_pipe(self.pipe)
+            if self.cfg.offload != "none":  # from_pipe drops the offload hooks
+                pipe = self._place(pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._variants[key] = pipe
+        return self._variants[key]
+
+    def unload(self) -> None:
+        self._variants.clear()
+        pipe, self.pipe = self.pipe, None
+        if pipe is not None:
+            if hasattr(pipe, "remove_all_hooks"):
+                pipe.remove_all_hooks()
+            del pipe
+        free_memory()
+
+    def cost_prior(self, task: str) -> list[float] | None:
+        return None
+
+    # ----------------------------------------------------------------- running
+
+    def generators(self, item: WorkItem) -> list[torch.Generator]:
+        """One generator per image: image k uses seed + k (reproducible one by one)."""
+        device = "cpu" if self.device.startswith("mps") else self.device
+        return [torch.Generator(device).manual_seed(item.seed + k) for k in range(item.n)]
+
+    def guidance(self, item: WorkItem) -> float:
+        if item.guidance is not None:
+            return item.guidance
+        if self.cfg.recommended_guidance is not None:
+            return self.cfg.recommended_guidance
+        return self.default_guidance
+
+    def strength(self, item: WorkItem) -> float:
+        return item.strength if item.strength is not None else self.cfg.default_strength
+
+    def img2img_kwargs(self, item: WorkItem) -> dict[str, Any] | None:
+        """``image`` and ``strength`` for an img2img call when ``item`` has a source
+        (``init_image``, else an edit's first reference), else None."""
+        source = item.init_image or (item.images[0] if item.images else None)
+        if source is None:
+            if item.task == "edit":
+                raise BackendError("an edit needs a reference image")
+            return None
+        check_references([source])
+        strength = self.strength(item)
+        if int(item.steps * strength) < 1:
+            raise BackendError(
+                f"strength {strength:g} with {item.steps} steps leaves no denoising step; "
+                f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength"
+            )
+        return {"image": fit_image(source, item.width, item.height), "strength": strength}
+
+    def _preview(self, item: WorkItem) -> Callable[[Any, torch.Tensor], Image.Image | None]:
+        def decode(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
+            image = self._latents_to_image(pipe, latents[:1], item)
+            if image is None:
+                return None
+            return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]  # type: ignore[no-any-return]
+
+        return decode
+
+    def _batchable(self, item: WorkItem) -> bool:
+        """False when a batched call would not give image k the pixels of seed + k
+        alone (then images are made one call each)."""
+        return True
+
+    def run(self, item: WorkItem, ctx: StepContext) -> list[Image.Image]:
+        if self.pipe is None:
+            raise BackendError(f"model {self.name!r} is not loaded; load it first")
+        if item.task not in self.capabilities.tasks:
+            raise BackendError(
+                f"model {self.name!r} does not support {item.task!r} "
+                f"(it supports: {', '.join(self.capabilities.tasks)})"
+            )
+        pipe, kwargs = self._call_kwargs(item)
+        kwargs.update(
+            prompt=item.prompt,
+            num_inference_steps=item.steps,
+            callback_on_step_end_tensor_inputs=["latents"],
+            output_type="pil",
+        )
+        generators = self.generators(item)
+        batches = [generators] if self._batchable(item) else [[g] for g in generators]
+        preview = self._preview(item)
+        images: list[Image.Image] = []
+        try:
+            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name):
+                for k, gens in enumerate(batches):
+                    callback = step_callback(ctx, preview, len(batches), k)
+                    out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)
+                    images.extend(out.images)
+        except Exception as exc:
+            pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
+            if not is_oom(exc):
+                raise
+            free_memory()
+            raise BackendError(
+                f"out of GPU memory running model {self.name!r} at {item.width}x{item.height} with n={item.n} "
+                f"and {len(item.images)} reference image(s); try a smaller size, fewer images or references, "
+                "or set offload to 'model' for this model"
+            ) from exc
+        return images[: item.n]

@@ -1,0 +1,94 @@
+"""FLUX.2-klein (4B/9B): text-to-image and edits with 1..max_images references.
+
+Weights: a Diffusers folder in ``model_path``; or an FP8/single-file transformer in
+``transformer_path`` (or ``model_path`` pointing at a ``.safetensors`` file) with the
+rest of the pipeline from ``base_model_path``.  ``quantization: "fp8"`` quantizes
+the transformer to float8 weight-only with torchao.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import BackendError, WorkItem
+from .diffusers_common import DiffusersBackend, check_references
+from .single_file import load_single_file_transformer, single_file_parts
+
+
+class Flux2KleinBackend(DiffusersBackend):
+    default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
+    default_guidance: ClassVar[float] = 1.0
+
+    def _build_pipeline(self) -> Any:
+        from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+        if self.cfg.quantization == "fp8":
+            check_torchao()
+        parts = single_file_parts(self.cfg, self.name, ".safetensors")
+        if parts is None:
+            pipe = self.from_pretrained(Flux2KleinPipeline, self.cfg.model_path)
+        else:
+            transformer_file, base = parts
+            transformer = load_single_file_transformer(self, Flux2Transformer2DModel, transformer_file, base)
+            pipe = self.from_pretrained(Flux2KleinPipeline, base, "base_model_path", transformer=transformer)
+        if self.cfg.quantization == "fp8":
+            quantize_fp8(pipe.transformer)
+        return pipe
+
+    def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
+        kwargs: dict[str, Any] = {
+            "width": item.width,
+            "height": item.height,
+            "guidance_scale": self.guidance(item),
+        }
+        refs = check_references(item.images) if item.task == "edit" else []
+        if item.task == "edit" and not refs:
+            raise BackendError("an edit needs at least one reference image")
+        if len(refs) > max(self.capabilities.max_images, 1):
+            raise BackendError(
+                f"model {self.name!r} accepts at most {self.capabilities.max_images} reference images, got {len(refs)}"
+            )
+        if refs:
+            kwargs["image"] = refs
+        if item.negative_prompt and self.guidance(item) > 1 and not self.pipe.config.is_distilled:
+            # the pipeline has no negative_prompt argument, only pre-computed embeddings
+            with torch.no_grad():
+                kwargs["negative_prompt_embeds"] = self.pipe.encode_prompt(prompt=item.negative_prompt)[0]
+        return self.pipe, kwargs
+
+    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        # latents: (B, h*w, C) tokens in row-major order over the packed (2x2-patchified) grid
+        f = pipe.vae_scale_factor * 2
+        h, w = item.height // f, item.width // f
+        x = latents.reshape(latents.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        vae = pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.device, x.dtype)
+        x = pipe._unpatchify_latents(x * std + mean)
+        return vae.decode(x.to(vae.dtype), return_dict=False)[0]  # type: ignore[no-any-return]
+
+
+def check_torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise BackendError(
+            "quantization 'fp8' needs torchao, which is not installed; run `pip install torchao` "
+            "or set quantization to 'none'"
+        ) from None
+
+
+def quantize_fp8(module: torch.nn.Module) -> None:
+    """Float8 weight-only quantization of ``module`` in place (torchao)."""
+    from torchao.quantization import quantize_
+
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        quantize_(module, Float8WeightOnlyConfig())
+    except ImportError:  # older torchao
+        from torchao.quantization import float8_weight_only
+
+        quantize_(module, float8_weight_only())

@@ -1,0 +1,59 @@
+"""Qwen-Image-Edit-2509/2511 and FireRed edit (edit only) with a GGUF transformer.
+
+``transformer_path`` (or ``model_path`` naming a ``.gguf`` file) holds the quantized
+transformer; everything else comes from ``base_model_path``.  Without a GGUF file the
+whole pipeline loads from the Diffusers folder in ``model_path``.  Guidance maps to
+``true_cfg_scale``; the negative prompt defaults to a single space so CFG is on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import BackendError, WorkItem
+from .diffusers_common import DiffusersBackend, check_references
+from .single_file import load_single_file_transformer, single_file_parts
+
+
+class QwenEditGGUFBackend(DiffusersBackend):
+    default_tasks: ClassVar[tuple[str, ...]] = ("edit",)
+    default_guidance: ClassVar[float] = 4.0
+
+    def _build_pipeline(self) -> Any:
+        from diffusers import GGUFQuantizationConfig, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+        parts = single_file_parts(self.cfg, self.name, ".gguf")
+        if parts is None:
+            return self.from_pretrained(QwenImageEditPlusPipeline, self.cfg.model_path)
+        gguf_file, base = parts
+        transformer = load_single_file_transformer(
+            self, QwenImageTransformer2DModel, gguf_file, base,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=self.dtype),
+        )  # fmt: skip
+        return self.from_pretrained(QwenImageEditPlusPipeline, base, "base_model_path", transformer=transformer)
+
+    def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
+        refs = check_references(item.images or ([item.init_image] if item.init_image else []))
+        if not refs:
+            raise BackendError(f"model {self.name!r} only edits: send at least one reference image")
+        if len(refs) > max(self.capabilities.max_images, 1):
+            raise BackendError(
+                f"model {self.name!r} accepts at most {self.capabilities.max_images} reference images, got {len(refs)}"
+            )
+        return self.pipe, {
+            "image": refs,
+            "width": item.width,
+            "height": item.height,
+            "true_cfg_scale": self.guidance(item),
+            "negative_prompt": item.negative_prompt or " ",
+        }
+
+    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        vae = pipe.vae
+        x = pipe._unpack_latents(latents, item.height, item.width, pipe.vae_scale_factor).to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(x.device, x.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(x.device, x.dtype)
+        return vae.decode(x * std + mean, return_dict=False)[0][:, :, 0]  # type: ignore[no-any-return]

@@ -1,0 +1,35 @@
+"""Stable Diffusion XL: text-to-image, and img2img (``init_image``, or an edit's
+first reference) through ``StableDiffusionXLImg2ImgPipeline.from_pipe``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import WorkItem
+from .diffusers_common import DiffusersBackend
+
+
+class SDXLBackend(DiffusersBackend):
+    default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
+    default_guidance: ClassVar[float] = 5.0
+
+    def _build_pipeline(self) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        return self.from_pretrained(StableDiffusionXLPipeline, self.cfg.model_path)
+
+    def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        kwargs: dict[str, Any] = {"guidance_scale": self.guidance(item), "negative_prompt": item.negative_prompt}
+        img2img = self.img2img_kwargs(item)
+        if img2img is None:
+            return self.pipe, {**kwargs, "width": item.width, "height": item.height}
+        # the img2img pipeline takes its size from the (already resized) source image
+        return self.variant("img2img", StableDiffusionXLImg2ImgPipeline), {**kwargs, **img2img}
+
+    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        vae = pipe.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # type: ignore[no-any-return]

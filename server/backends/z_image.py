@@ -1,0 +1,45 @@
+"""Z-Image (e.g. Z-Image-Turbo): text-to-image, and img2img (``init_image``, or an
+edit's first reference) through ``ZImageImg2ImgPipeline.from_pipe``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .base import WorkItem
+from .diffusers_common import DiffusersBackend
+
+
+class ZImageBackend(DiffusersBackend):
+    default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
+    default_guidance: ClassVar[float] = 0.0
+
+    def _build_pipeline(self) -> Any:
+        from diffusers import ZImagePipeline
+
+        return self.from_pretrained(ZImagePipeline, self.cfg.model_path)
+
+    def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
+        from diffusers import ZImageImg2ImgPipeline
+
+        kwargs: dict[str, Any] = {
+            "width": item.width,
+            "height": item.height,
+            "guidance_scale": self.guidance(item),
+            "negative_prompt": item.negative_prompt,
+        }
+        img2img = self.img2img_kwargs(item)
+        if img2img is None:
+            return self.pipe, kwargs
+        return self.variant("img2img", ZImageImg2ImgPipeline), {**kwargs, **img2img}
+
+    def _batchable(self, item: WorkItem) -> bool:
+        # ZImageImg2ImgPipeline draws the VAE sample of the source from generator[0]
+        # before the noise, so image k of a batch would differ from seed + k alone
+        return item.init_image is None and not item.images
+
+    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        vae = pipe.vae
+        x = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(x, return_dict=False)[0]  # type: ignore[no-any-return]

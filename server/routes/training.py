@@ -1,0 +1,202 @@
+"""LoRA training routes: POST /api/train, GET /api/loras, and image-pool's
+/v1/training/{flux-lora,z-image-lora} (+ /stop), all over the same "train" jobs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..engine import Engine
+from ..errors import BadRequest, NotFound
+from ..jobs import Job, JobStatus
+from ..openapi import Doc, Param, route
+from ..schemas import (
+    LoraInfo,
+    LorasResponse,
+    SeedTrainRequest,
+    StopTrainingRequest,
+    SubmitResponse,
+    TrainingRun,
+    TrainingRunsResponse,
+    TrainRequest,
+)
+from ..training.adapters import list_adapters
+from ..training.submit import build_train_job, training_jobs
+from .common import decode, engine_of, json_response, read_body
+
+STOP_WAIT_SECONDS = 60.0  # a stopped run saves its checkpoint before it ends
+ENDPOINT_BACKENDS = {"flux-lora": "flux2_klein", "z-image-lora": "z_image"}
+
+
+async def queue_training(engine: Engine, req: TrainRequest) -> Job:
+    job = await build_train_job(engine, req)
+    return engine.submit(engine.registry.models[job.model], job)
+
+
+async def train(request: Request) -> Response:
+    engine = engine_of(request)
+    job = await queue_training(engine, decode(await read_body(request), TrainRequest))
+    return json_response(
+        SubmitResponse(
+            task_id=job.id,
+            task_length=0,
+            expected_time_seconds=round(job.expected_at_submit, 3),
+            pos=job.pos_at_submit,
+            status=job.status.value,
+            seed=job.extra.get("seed"),
+        ),
+        status_code=202,
+    )
+
+
+async def loras(request: Request) -> Response:
+    engine = engine_of(request)
+    ms = engine.registry.get(request.query_params.get("model"))
+    lora_dir = ms.cfg.lora_dir
+    found = list_adapters(lora_dir) if lora_dir else []
+    return json_response(
+        LorasResponse(
+            model=ms.name,
+            lora_dir=lora_dir,
+            loras=[LoraInfo(name=name, path=str(path), metadata=meta) for name, path, meta in found],
+        )
+    )
+
+
+# ----------------------------------------------------------------- image-pool shape
+
+
+def run_of(engine: Engine, job: Job) -> TrainingRun:
+    plan = job.options["train"]
+    _, wait = engine.standing(engine.registry.models[job.model], job)
+    return TrainingRun(
+        task_id=job.id,
+        model=job.model,
+        adapter_name=plan.adapter_name,
+        output_dir=str(plan.output),
+        status=job.status.value,  # type: ignore[arg-type]
+        step=max(job.step, job.extra.get("step", 0)),  # a stopped run's last step is not reported as progress
+        total_steps=job.total_steps,
+        progress=round(job.progress, 4),
+        loss=job.extra.get("loss"),
+        loss_avg=job.extra.get("loss_avg"),
+        checkpoint_step=job.extra.get("checkpoint_step"),
+        wait_remaining=round(wait, 3),
+        message=job.message,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _runs(engine: Engine, backend: str) -> TrainingRunsResponse:
+    jobs = training_jobs(engine, backend)
+    active = next((j for j in jobs if j.status is JobStatus.RUNNING), None)
+    return TrainingRunsResponse(
+        runs=[run_of(engine, j) for j in jobs],
+        active=run_of(engine, active) if active is not None else None,
+    )
+
+
+def _default_model(engine: Engine, backend: str) -> str:
+    for ms in engine.registry.models.values():
+        if ms.cfg.backend == backend and ms.state == "loaded":
+            return ms.name
+    raise NotFound(f"no {backend} model is loaded; load one or name it in model", param="model")
+
+
+def _adapter_name(engine: Engine, model: str, output_dir: str) -> str:
+    """``output_dir`` as an adapter name: a bare name, or a folder directly inside
+    the model's lora_dir."""
+    if "/" not in output_dir and "\\" not in output_dir:
+        return output_dir
+    lora_dir = engine.registry.get(model).cfg.lora_dir
+    path = Path(output_dir).expanduser().resolve()
+    if lora_dir is None or path.parent != Path(lora_dir).expanduser().resolve():
+        raise BadRequest(
+            f"output_dir {output_dir!r} must be a folder directly inside model {model!r}'s lora_dir "
+            f"({lora_dir or 'not configured'}), or a bare adapter name",
+            param="output_dir",
+        )
+    return path.name
+
+
+def seed_request(engine: Engine, backend: str, req: SeedTrainRequest) -> TrainRequest:
+    model = req.model or _default_model(engine, backend)
+    if engine.registry.get(model).cfg.backend != backend:
+        raise BadRequest(f"model {model!r} is not a {backend} model; use the matching /v1/training endpoint", param="model")
+    return decode(
+        {
+            "model": model,
+            "dataset_dir": req.dataset_dir,
+            "adapter_name": _adapter_name(engine, model, req.output_dir),
+            "steps": req.max_train_steps,
+            "rank": req.rank,
+            "alpha": req.lora_alpha,
+            "learning_rate": req.learning_rate,
+            "batch_size": req.train_batch_size,
+            "resolution": req.resolution,
+            "seed": req.seed,
+            "save_every": req.checkpointing_steps,
+            "gradient_checkpointing": req.gradient_checkpointing,
+            "overwrite": req.overwrite,
+        },
+        TrainRequest,
+    )
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def training_endpoints(endpoint: str) -> tuple[Handler, Handler, Handler]:
+    """(list runs, start a run, stop runs) for one image-pool endpoint."""
+    backend = ENDPOINT_BACKENDS[endpoint]
+
+    async def runs(request: Request) -> Response:
+        return json_response(_runs(engine_of(request), backend))
+
+    async def start(request: Request) -> Response:
+        engine = engine_of(request)
+        req = decode(await read_body(request), SeedTrainRequest)
+        job = await queue_training(engine, seed_request(engine, backend, req))
+        return json_response(run_of(engine, job), status_code=202)
+
+    async def stop(request: Request) -> Response:
+        engine = engine_of(request)
+        body = await read_body(request)
+        task_id = decode(body, StopTrainingRequest).task_id if body.strip() else None
+        task_id = task_id or request.query_params.get("task_id")
+        jobs = [j for j in training_jobs(engine, backend) if not j.status.finished and task_id in (None, j.id)]
+        if task_id is not None and not jobs:
+            raise NotFound(f"no unfinished {endpoint} run has task_id {task_id!r}", param="task_id")
+        for job in jobs:
+            engine.cancel(job)
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        for job in jobs:
+            while not job.status.finished and (left := deadline - time.monotonic()) > 0:
+                await job.wait_change(left)
+        return json_response(_runs(engine, backend))
+
+    return runs, start, stop
+
+
+def _routes() -> list[Any]:
+    out = [
+        route("/api/train", train, ["POST"], Doc("Queue a LoRA training job", body=TrainRequest, response=SubmitResponse, tags=("training",), admin=True, statuses=(400, 403, 404, 409, 429))),
+        route("/api/loras", loras, ["GET"], Doc("LoRA adapters in a model's lora_dir, with training metadata", response=LorasResponse, tags=("training",), params=(Param("model", description="Model name; default: the default model."),))),
+    ]  # fmt: skip
+    for endpoint in ENDPOINT_BACKENDS:
+        runs, start, stop = training_endpoints(endpoint)
+        path = f"/v1/training/{endpoint}"
+        out.append(route(path, runs, ["GET"], Doc(f"{endpoint} training runs with status, step and loss", response=TrainingRunsResponse, tags=("training",), admin=True)))  # fmt: skip
+        out.append(route(path, start, ["POST"], Doc(f"Start a {endpoint} run (image-pool fields)", body=SeedTrainRequest, response=TrainingRun, tags=("training",), admin=True, statuses=(400, 403, 404, 409, 429))))  # fmt: skip
+        out.append(route(f"{path}/stop", stop, ["POST"], Doc(f"Stop {endpoint} runs gracefully (each saves a checkpoint)", body=StopTrainingRequest, response=TrainingRunsResponse, tags=("training",), admin=True)))  # fmt: skip
+    return out
+
+
+ROUTES = _routes()

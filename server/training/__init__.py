@@ -1,0 +1,8 @@
+"""LoRA training jobs: dataset checks (``dataset``), the per-pipeline hooks
+(``families``), the training loop (``lora_trainer``), adapters on disk
+(``adapters``) and request -> queued job (``submit``)."""
+
+from __future__ import annotations
+
+# backends whose transformer can be LoRA-trained (see ``families.FAMILIES``)
+TRAINABLE_BACKENDS: tuple[str, ...] = ("flux2_klein", "z_image")

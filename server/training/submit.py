@@ -1,0 +1,126 @@
+"""TrainRequest -> a queued "train" job, after every check that can be made before
+it runs: the model can train and has a lora_dir, the adapter name is free, and the
+dataset is inside the allowed roots, captioned and readable.
+
+Nothing here imports torch until a job is actually built for a trainable model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..build import parse_priority, parse_seed
+from ..errors import BadRequest, Conflict
+from ..forecast import features
+from ..jobs import Job
+from . import TRAINABLE_BACKENDS
+from .adapters import adapter_dir, has_weights
+from .dataset import validate_dataset
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from ..registry import ModelState
+    from ..schemas import TrainRequest
+
+
+def check_trainable(ms: ModelState) -> str:
+    """The model's lora_dir, or a 400 saying why the model cannot train."""
+    cfg = ms.cfg
+    if cfg.backend not in TRAINABLE_BACKENDS:
+        raise BadRequest(
+            f"model {ms.name!r} (backend {cfg.backend}) cannot train LoRAs; training supports "
+            f"{' and '.join(TRAINABLE_BACKENDS)} models",
+            param="model",
+        )
+    if not cfg.lora_dir:
+        raise BadRequest(
+            f"model {ms.name!r} has no lora_dir configured, so a trained adapter has nowhere to go; "
+            "set lora_dir in the model's settings",
+            param="model",
+        )
+    if cfg.target_inflight > 1:
+        raise BadRequest(
+            f"training needs model {ms.name!r} to itself, but its target_inflight is {cfg.target_inflight}; "
+            "set target_inflight to 1 to train",
+            param="model",
+        )
+    if cfg.offload == "sequential":
+        raise BadRequest(
+            f"model {ms.name!r} uses offload 'sequential', which training does not support; use 'model' or 'none'",
+            param="model",
+        )
+    return cfg.lora_dir
+
+
+def training_jobs(engine: Engine, backend: str | None = None) -> list[Job]:
+    """Train jobs (queued, running and recent), oldest first, optionally of one backend."""
+    jobs = {j.id: j for j in engine.store.all() if j.task == "train"}
+    out = [j for j in jobs.values() if backend is None or engine.registry.models[j.model].cfg.backend == backend]
+    return sorted(out, key=lambda j: j.created_at)
+
+
+async def build_train_job(engine: Engine, req: TrainRequest) -> Job:
+    """Validate ``req`` and build its job (not yet queued)."""
+    ms = engine.loaded_model(req.model)
+    lora_dir = check_trainable(ms)
+    output = adapter_dir(lora_dir, req.adapter_name)
+    if req.resolution * req.resolution > ms.cfg.max_pixels:
+        raise BadRequest(
+            f"resolution {req.resolution} is {req.resolution**2} pixels, over model {ms.name!r}'s max_pixels "
+            f"of {ms.cfg.max_pixels}; choose a smaller resolution",
+            param="resolution",
+        )
+    busy = [
+        j for j in training_jobs(engine)
+        if not j.status.finished and j.options["train"].output == output
+    ]  # fmt: skip
+    if busy:
+        raise Conflict(
+            f"adapter {req.adapter_name!r} of model {ms.name!r} is already being trained by task {busy[0].id}; "
+            "wait for it, stop it, or choose another adapter_name",
+            param="adapter_name",
+        )
+    if has_weights(output) and not req.overwrite:
+        raise Conflict(
+            f"adapter {req.adapter_name!r} already exists in {lora_dir}; choose another adapter_name or send overwrite: true",
+            param="adapter_name",
+        )
+    folder, samples = await anyio.to_thread.run_sync(validate_dataset, req.dataset_dir, engine.settings.training.dataset_roots)
+    if req.batch_size > len(samples):
+        raise BadRequest(
+            f"batch_size {req.batch_size} is larger than the dataset ({len(samples)} images); lower it",
+            param="batch_size",
+        )
+    from .lora_trainer import LoraTrainer, TrainPlan  # imports torch
+
+    plan = TrainPlan(
+        model=ms.name,
+        backend=ms.cfg.backend,
+        base_model=ms.cfg.model_path or ms.cfg.base_model_path,
+        dataset=folder,
+        samples=samples,
+        adapter_name=req.adapter_name,
+        output=output,
+        steps=req.steps,
+        rank=req.rank,
+        alpha=req.alpha if req.alpha is not None else float(req.rank),
+        learning_rate=req.learning_rate,
+        batch_size=req.batch_size,
+        resolution=req.resolution,
+        seed=parse_seed(req.seed),
+        save_every=req.save_every,
+        gradient_checkpointing=req.gradient_checkpointing,
+    )
+    return Job(
+        model=ms.name,
+        task="train",
+        items=[],
+        priority=parse_priority(req.priority),
+        options={"runner": LoraTrainer(plan), "train": plan},
+        total_steps=plan.steps,
+        # forecast: like generating batch_size images of resolution² for `steps` steps
+        features=features(plan.steps, plan.resolution**2 / 1e6, plan.batch_size, 0),
+        extra={"adapter_name": plan.adapter_name, "seed": plan.seed, "images": len(samples)},
+    )

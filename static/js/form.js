@@ -1,0 +1,170 @@
+// The compose form: mode, model picker (fed by /v1/models), size presets,
+// seed helpers, submission to /api/generate or /api/edit.
+
+import { api } from "./api.js";
+import { $, clearErrors, showError, toast } from "./dom.js";
+import { referenceDataUrls, setMaxImages } from "./refs.js";
+
+const RATIOS = [[1, 1], [4, 3], [3, 4], [3, 2], [2, 3], [16, 9], [9, 16]];
+const MAX_SEED = 2 ** 32 - 1;
+let models = []; // /v1/models data
+let onSubmitted = () => {};
+
+const form = () => $("#job-form");
+export const mode = () => form().elements.mode.value;
+const currentModel = () => models.find((m) => m.id === $("#model").value);
+const round16 = (x) => Math.max(16, Math.round(x / 16) * 16);
+
+export function setMode(value) {
+  for (const r of form().elements.mode) r.checked = r.value === value;
+  applyMode();
+}
+
+function applyMode() {
+  const editing = mode() === "edit";
+  $("#refs-field").hidden = !editing;
+  const select = $("#model");
+  for (const opt of select.options) {
+    const tasks = models.find((m) => m.id === opt.value)?.capabilities.tasks ?? [];
+    opt.hidden = opt.disabled = !tasks.includes(editing ? "edit" : "generate");
+  }
+  if (select.selectedOptions[0]?.disabled) {
+    const first = [...select.options].find((o) => !o.disabled);
+    if (first) select.value = first.value;
+    applyModel();
+  }
+  $("#submit").disabled = ![...select.options].some((o) => !o.disabled);
+}
+
+function capsText(c) {
+  const parts = [c.tasks.join(" + ")];
+  if (c.tasks.includes("edit")) parts.push(`up to ${c.max_images} reference${c.max_images === 1 ? "" : "s"}`);
+  parts.push(`≤ ${(c.max_pixels / 1e6).toFixed(1)} MP`, `≤ ${c.max_output_images} images`);
+  if (c.recommended_steps) parts.push(`${c.recommended_steps} steps`);
+  if (c.recommended_guidance != null) parts.push(`guidance ${c.recommended_guidance}`);
+  if (c.supports_lora) parts.push("LoRA");
+  return parts.join(" · ");
+}
+
+function applyModel() {
+  const m = currentModel();
+  if (!m) {
+    $("#model-caps").textContent = "No model is loaded: load one in the Models panel.";
+    return;
+  }
+  const c = m.capabilities;
+  $("#model-caps").textContent = capsText(c);
+  $("#steps").value = c.recommended_steps ?? ($("#steps").value || 4);
+  $("#guidance").value = c.recommended_guidance ?? "";
+  $("#n").max = c.max_output_images;
+  setMaxImages(c.max_images);
+  const area = c.default_width * c.default_height;
+  const presets = RATIOS.map(([a, b]) => {
+    let w = round16(Math.sqrt((area * a) / b));
+    let h = round16((w * b) / a);
+    while (w * h > c.max_pixels) [w, h] = [w - 16, round16(((w - 16) * b) / a)];
+    return { label: `${a}:${b} — ${w}×${h}`, w, h };
+  });
+  const sel = $("#size-preset");
+  sel.replaceChildren(
+    ...presets.map((p) => new Option(p.label, `${p.w}x${p.h}`)),
+    new Option("Custom", "custom"),
+  );
+  sel.value = `${c.default_width}x${c.default_height}`;
+  if (!sel.value) sel.value = "custom";
+  $("#width").value = c.default_width;
+  $("#height").value = c.default_height;
+}
+
+function syncPreset() {
+  const v = `${$("#width").value}x${$("#height").value}`;
+  const sel = $("#size-preset");
+  sel.value = [...sel.options].some((o) => o.value === v) ? v : "custom";
+}
+
+/** Fill the model picker from /v1/models (loaded models only). */
+export async function loadModels() {
+  const previous = $("#model").value;
+  const data = await api("/v1/models");
+  models = data.data;
+  const select = $("#model");
+  select.replaceChildren(...models.map((m) => new Option(`${m.id} (${m.backend})`, m.id)));
+  if (models.some((m) => m.id === previous)) select.value = previous;
+  applyModel();
+  applyMode();
+  return models;
+}
+
+const num = (id) => {
+  const v = $(id).value.trim();
+  return v === "" ? undefined : Number(v);
+};
+
+function requestBody() {
+  const body = {
+    prompt: $("#prompt").value.trim(),
+    model: $("#model").value || undefined,
+    negative_prompt: $("#negative-prompt").value.trim() || undefined,
+    width: num("#width"),
+    height: num("#height"),
+    steps: num("#steps"),
+    guidance: num("#guidance"),
+    seed: $("#seed").value.trim() || undefined,
+    n: num("#n") ?? 1,
+    format: $("#format").value,
+    priority: $("#priority").checked,
+  };
+  body.metadata = { source: "web", prompt: body.prompt, negative_prompt: body.negative_prompt, steps: body.steps, guidance: body.guidance };
+  if (mode() === "edit") body.images = referenceDataUrls();
+  return body;
+}
+
+async function submit(ev) {
+  ev.preventDefault();
+  const f = form();
+  clearErrors(f);
+  const body = requestBody();
+  const button = $("#submit");
+  button.disabled = true;
+  try {
+    const res = await api(mode() === "edit" ? "/api/edit" : "/api/generate", { method: "POST", body });
+    onSubmitted(
+      {
+        task_id: res.task_id, status: res.status, pos: res.pos, model: body.model, task: mode(),
+        wait_remaining: res.expected_time_seconds, progress: 0, step: 0, total_steps: 0, metadata: body.metadata, images: [],
+      },
+      body.metadata,
+    );
+  } catch (err) {
+    showError(f, err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+export function initForm(submitted) {
+  onSubmitted = submitted;
+  const f = form();
+  f.addEventListener("submit", submit);
+  for (const r of f.elements.mode) r.addEventListener("change", applyMode);
+  $("#model").addEventListener("change", applyModel);
+  $("#size-preset").addEventListener("change", () => {
+    const [w, h] = $("#size-preset").value.split("x");
+    if (h) [$("#width").value, $("#height").value] = [w, h];
+  });
+  $("#width").addEventListener("input", syncPreset);
+  $("#height").addEventListener("input", syncPreset);
+  $("#seed-random").addEventListener("click", () => {
+    $("#seed").value = String(crypto.getRandomValues(new Uint32Array(1))[0] % MAX_SEED);
+  });
+  $("#seed-clear").addEventListener("click", () => ($("#seed").value = ""));
+  // Ctrl/Cmd+Enter in the prompt submits
+  $("#prompt").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) f.requestSubmit();
+  });
+}
+
+export function reuseSeed(seed) {
+  $("#seed").value = String(seed);
+  toast(`Seed ${seed} will be used for the next job.`);
+}

@@ -1,0 +1,180 @@
+// The queue panel: one row per job with position, progress and a locally
+// interpolated ETA.  Status changes are pushed by /api/events; at most
+// MAX_STREAMS streams are open at once (browsers allow ~6 connections per
+// host), given to running jobs first, then to the head of the queue.  When a
+// job starts or ends, one /api/tasks request refreshes everyone's position.
+
+import { api, subscribe } from "./api.js";
+import { $, fromTemplate, formatSeconds, toast } from "./dom.js";
+
+const MAX_STREAMS = 4;
+const FINISHED_LINGER_MS = 3000;
+const STATUS_TEXT = { waiting: "queued", running: "running", done: "done", error: "failed", cancelled: "cancelled" };
+
+const jobs = new Map(); // task_id -> {status, receivedAt, el, close, params}
+let onFinished = () => {};
+let refreshTimer = null;
+
+const finished = (s) => s === "done" || s === "error" || s === "cancelled";
+
+function title(job) {
+  const p = job.params ?? job.status.metadata ?? {};
+  const what = p.prompt || p.adapter_name || job.status.images?.[0]?.prompt || job.status.task_id;
+  return `${job.status.task === "generate" ? "" : `${job.status.task}: `}${what}`;
+}
+
+function etaSeconds(job) {
+  return Math.max(0, job.status.wait_remaining - (performance.now() - job.receivedAt) / 1000);
+}
+
+function render(job) {
+  const { el, status: st } = job;
+  el.dataset.status = st.status;
+  const chip = $(".status", el);
+  chip.textContent = STATUS_TEXT[st.status] ?? st.status;
+  chip.className = `chip status ${st.status}`;
+  $(".job-title", el).textContent = title(job);
+  const pct = Math.round((st.progress ?? 0) * 100);
+  const bar = $(".bar", el);
+  bar.setAttribute("aria-valuenow", String(pct));
+  bar.setAttribute("aria-label", `Progress of ${title(job)}`);
+  bar.setAttribute("aria-valuetext", st.total_steps ? `step ${st.step} of ${st.total_steps}` : `${pct}%`);
+  $(".bar span", el).style.width = `${pct}%`;
+  let pos = "";
+  if (st.status === "waiting") pos = st.pos === 0 ? "next" : `${st.pos} job${st.pos === 1 ? "" : "s"} ahead`;
+  else if (st.status === "running") pos = st.total_steps ? `step ${st.step}/${st.total_steps}` : "starting";
+  else if (st.status === "error") pos = st.message ?? "failed";
+  if (st.extra?.loss !== undefined) pos += ` · loss ${Number(st.extra.loss).toFixed(4)}`;
+  $(".pos", el).textContent = pos;
+  const cancel = $(".cancel", el);
+  cancel.setAttribute("aria-label", `${finished(st.status) ? "Dismiss" : "Cancel"} job ${title(job)}`);
+  cancel.title = finished(st.status) ? "Dismiss" : "Cancel";
+  tickOne(job);
+}
+
+function tickOne(job) {
+  const eta = $(".eta", job.el);
+  if (finished(job.status.status)) {
+    eta.textContent = "";
+    delete eta.dataset.seconds;
+    return;
+  }
+  const s = etaSeconds(job);
+  eta.dataset.seconds = s.toFixed(2);
+  eta.textContent = `ETA ${formatSeconds(s)}`;
+}
+
+function update(st) {
+  const job = jobs.get(st.task_id);
+  if (!job) return;
+  const before = job.status.status;
+  job.status = st;
+  job.receivedAt = performance.now();
+  render(job);
+  if (before !== st.status) {
+    if (finished(st.status)) settle(job);
+    scheduleRefresh();
+  }
+}
+
+function settle(job) {
+  job.close?.();
+  job.close = null;
+  onFinished(job.status, job.params);
+  if (job.status.status === "error") toast(`Job failed: ${job.status.message ?? "unknown error"}`, "error");
+  if (job.status.status !== "error") setTimeout(() => remove(job.status.task_id), FINISHED_LINGER_MS);
+  pump();
+}
+
+function remove(taskId) {
+  const job = jobs.get(taskId);
+  if (!job) return;
+  job.close?.();
+  job.el.remove();
+  jobs.delete(taskId);
+  $("#queue-empty").hidden = jobs.size > 0;
+}
+
+/** Open streams for the most urgent unwatched jobs. */
+function pump() {
+  const live = [...jobs.values()].filter((j) => !finished(j.status.status));
+  let open = live.filter((j) => j.close).length;
+  const rank = (j) => (j.status.status === "running" ? -1 : j.status.pos);
+  for (const job of live.filter((j) => !j.close).sort((a, b) => rank(a) - rank(b))) {
+    if (open >= MAX_STREAMS) break;
+    open += 1;
+    const id = job.status.task_id;
+    job.close = subscribe(id, update, (reason) => {
+      job.close = null;
+      if (reason !== "end" && jobs.has(id)) scheduleRefresh();
+      pump();
+    });
+  }
+}
+
+function scheduleRefresh() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(refresh, 50);
+}
+
+/** One /api/tasks request: positions and forecasts of every job, new jobs from other clients. */
+export async function refresh() {
+  let data;
+  try {
+    data = await api("/api/tasks?limit=200");
+  } catch (err) {
+    toast(`Queue: ${err.message}`, "error");
+    return;
+  }
+  const seen = new Set();
+  for (const st of data.queue) {
+    seen.add(st.task_id);
+    if (jobs.has(st.task_id)) update(st);
+    else track(st);
+  }
+  for (const st of data.recent) {
+    if (jobs.has(st.task_id) && !seen.has(st.task_id)) update(st);
+  }
+  pump();
+  return data;
+}
+
+/** Follow a job (a fresh submission or one found on the server). */
+export function track(status, params = null) {
+  if (jobs.has(status.task_id)) return;
+  const el = fromTemplate("queue-item");
+  el.dataset.taskId = status.task_id;
+  const job = { status, receivedAt: performance.now(), el, close: null, params };
+  jobs.set(status.task_id, job);
+  $(".cancel", el).addEventListener("click", () => cancel(job));
+  $("#queue").append(el);
+  $("#queue-empty").hidden = true;
+  render(job);
+  pump();
+}
+
+async function cancel(job) {
+  const id = job.status.task_id;
+  if (finished(job.status.status)) return remove(id);
+  try {
+    const res = await api(`/api/tasks/${encodeURIComponent(id)}?wait=0`, { method: "DELETE" });
+    if (finished(res.status)) update({ ...job.status, status: res.status, wait_remaining: 0 });
+  } catch (err) {
+    toast(`Cancel: ${err.message}`, "error");
+  }
+}
+
+export function initQueue(finishedCallback) {
+  onFinished = finishedCallback;
+  $("#clear-queue").addEventListener("click", async () => {
+    try {
+      const res = await api("/api/clear", { method: "POST" });
+      toast(`Cancelled ${res.cancelled} queued job(s).`);
+      await refresh();
+    } catch (err) {
+      toast(`Clear: ${err.message}`, "error");
+    }
+  });
+  // local countdown between pushes (no server traffic)
+  setInterval(() => jobs.forEach(tickOne), 250);
+}
