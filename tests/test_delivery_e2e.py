@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from clients import Client
 from tests.conftest import RunningServer, stub_settings
 from tests.loopback_http import LoopbackServer, Reply
 from tests.moto_s3 import BUCKET, moto_s3, presigned_put
@@ -135,6 +136,12 @@ def test_api_upscale_queues_a_job_on_the_upscaler(world: World) -> None:
     image = Image.open(io.BytesIO(fetch(world.srv, status["task_id"])))
     assert (image.format, image.size) == ("JPEG", (64, 48))
     assert model_state(world.srv, "esrgan") == "unloaded"
+
+
+def test_python_client_upscale_round_trips(world: World) -> None:
+    with Client(world.srv.url) as client:
+        result = client.upscale(Image.open(io.BytesIO(png(16, 12))), 4, timeout=60)
+    assert result.size == (64, 48)
 
 
 def test_upscale_without_an_upscaler_is_refused_naming_the_setting(server: RunningServer) -> None:
