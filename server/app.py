@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
+from .delivery.hooks import install as install_delivery
 from .engine import Engine
 from .errors import (
     ApiError,
@@ -32,6 +33,7 @@ from .errors import (
 )
 from .openapi import build_document
 from .routes import api, meta, models, openai, training
+from .upscaling import Upscaler
 
 log = logging.getLogger("easel")
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -78,6 +80,9 @@ class AuthMiddleware:
 
 def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Starlette:
     engine = Engine(settings)
+    upscaler = Upscaler(engine)
+    upscaler.install()  # upscale checks and post-processing before the delivery checks
+    install_delivery(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -103,6 +108,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
         },
     )
     app.state.engine = engine
+    app.state.upscaler = upscaler
     app.state.openapi = build_document(routes)
     if settings.auth.api_keys or settings.auth.admin_keys:
         app.add_middleware(AuthMiddleware, api_keys=settings.auth.api_keys, admin_keys=settings.auth.admin_keys)

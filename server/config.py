@@ -163,6 +163,8 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
         )
     if settings.upscaler is not None and settings.upscaler not in settings.models:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
+    if settings.upscaler is not None and settings.models[settings.upscaler].backend != "upscale_esrgan":
+        raise ConfigError(f"{source}: upscaler {settings.upscaler!r} must be a model with backend 'upscale_esrgan'")
     return settings
 
 

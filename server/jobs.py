@@ -15,6 +15,9 @@ import numpy as np
 
 from .backends.base import WorkItem
 
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+PENDING = "pending"  # a delivery (upload, webhook) not yet attempted or in flight
+
 
 class JobStatus(str, enum.Enum):
     WAITING = "waiting"  # queued on its model's worker
@@ -37,7 +40,12 @@ class ImageResult:
     format: str
     prompt: str
     data: bytes | None  # None once deleted by the client or evicted
-    upload: str | None = None
+    upload: str | None = None  # pending / ok / failed: reason (with upload_urls)
+    seconds: float | None = None  # generation time: its pipeline call's seconds / n
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
 
 
 def new_id() -> str:
@@ -67,6 +75,9 @@ class Job:
     total_steps: int = 0
     message: str | None = None
     results: list[ImageResult] = field(default_factory=list)
+    item_seconds: list[float] = field(default_factory=list)  # per pipeline call (worker thread)
+    base_url: str = ""  # the server's URL as the submitter saw it (webhook payloads)
+    webhook: str | None = None  # pending / ok / failed: reason (with webhook_url)
     extra: dict[str, Any] = field(default_factory=dict)  # backend/training status (loss...)
     # forecasting
     vector: np.ndarray | None = None
@@ -100,6 +111,11 @@ class Job:
     @property
     def seed(self) -> int | None:
         return self.items[0].seed if self.items else None
+
+    @property
+    def delivering(self) -> bool:
+        """True while uploads or the webhook of a finished job are still under way."""
+        return self.webhook == PENDING or any(r.upload == PENDING for r in self.results)
 
     def touch(self) -> None:
         """Record a change and wake everyone waiting for one (event loop only)."""

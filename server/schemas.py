@@ -166,12 +166,15 @@ class LorasResponse(Struct, kw_only=True):
 
 
 class UpscaleRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Upscale one image with the configured upscaler (loaded on demand)."""
+
     image: ImageInput
     scale: Literal[2, 4] = 4
     format: Format = "PNG"
     quality: Quality = 85
-    model: str | None = None
+    model: Annotated[str, Meta(description="An upscale_esrgan model; default: the settings' upscaler.")] | None = None
     priority: Priority = False
+    metadata: dict[str, Any] | None = None
 
 
 class LoadRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -196,7 +199,8 @@ class ImageInfo(Struct, kw_only=True):
     prompt: str
     bytes: int
     url: str
-    upload: str | None = None  # pending / ok / failed: reason
+    upload: Annotated[str, Meta(description="With upload_urls: pending, ok, or failed: <reason>.")] | None = None
+    seconds: Annotated[float, Meta(description="Generation seconds: the image's pipeline call divided by n.")] | None = None
 
 
 class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
@@ -219,6 +223,7 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     images: list[ImageInfo] = []
     metadata: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+    webhook: Annotated[str, Meta(description="With webhook_url: pending, ok, or failed: <reason>.")] | None = None
 
 
 class TasksResponse(Struct, kw_only=True):

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import BackendError, JobCancelled
-from .jobs import ImageResult, Job, JobStatus
+from .jobs import PENDING, ImageResult, Job, JobStatus
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -81,7 +81,9 @@ def execute(backend: Backend, job: Job, ctx: JobContext) -> list[Image]:
         return runner(backend, job, ctx)  # type: ignore[no-any-return]
     images: list[Image] = []
     for item in job.items:
+        start = time.monotonic()
         images.extend(backend.run(item, ctx))
+        job.item_seconds.append(time.monotonic() - start)
         ctx.offset += item.steps
     return images
 
@@ -146,6 +148,9 @@ async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Imag
             encoded = _encode_all(job, images)  # cheaper than a hand-off to the encoder threads
         else:
             encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images)
+    except JobCancelled:
+        engine.finish(ms, job, JobStatus.CANCELLED, "cancelled while post-processing")
+        return
     except Exception as exc:
         if not isinstance(exc, BackendError):
             log.exception("finishing job %s failed", job.id)
@@ -158,17 +163,23 @@ async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Imag
 def _encode_all(job: Job, images: list[Image]) -> list[ImageResult]:
     prompts = [item.prompt for item in job.items for _ in range(item.n)]
     seeds = [item.seed + k for item in job.items for k in range(item.n)]
+    timed = job.item_seconds
+    seconds = [round(timed[i] / it.n, 4) if i < len(timed) else None for i, it in enumerate(job.items) for _ in range(it.n)]
+    upload = PENDING if job.options.get("upload_urls") else None  # the done hooks deliver them
     out = []
     for i, img in enumerate(images):
+        last = min(i, len(seeds) - 1)  # runners may return more images than items
         out.append(
             ImageResult(
                 index=i,
-                seed=seeds[i] if i < len(seeds) else seeds[-1],
+                seed=seeds[last],
                 width=img.width,
                 height=img.height,
                 format=job.format,
-                prompt=prompts[i] if i < len(prompts) else prompts[-1],
+                prompt=prompts[last],
                 data=encode(img, job.format, job.quality),
+                upload=upload,
+                seconds=seconds[last],
             )
         )
     return out

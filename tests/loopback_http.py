@@ -73,6 +73,7 @@ class LoopbackServer:
         self.replies = list(replies or [Reply()])
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # notified on every request
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
         self.port: int = self._server.server_address[1]
@@ -86,7 +87,17 @@ class LoopbackServer:
         with self._lock:
             index = min(len(self.requests), len(self.replies) - 1)
             self.requests.append(request)
+            self._arrived.notify_all()
             return self.replies[index]
+
+    def wait_for(self, path: str, timeout: float = 30.0) -> Recorded:
+        """The first request for ``path``, waiting (on a condition the handler
+        notifies, no polling) until it arrives; ``TimeoutError`` after ``timeout``."""
+        with self._arrived:
+            found = self._arrived.wait_for(lambda: [r for r in self.requests if r.path == path], timeout)
+        if not found:
+            raise TimeoutError(f"no request for {path} within {timeout} s")
+        return found[0]
 
     def __enter__(self) -> LoopbackServer:
         self._thread.start()

@@ -7,42 +7,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from server.config import DeliveryConfig
 from server.delivery import make_client, put_upload
-
-BUCKET = "easel-results"
+from tests.moto_s3 import BUCKET, moto_s3, presigned_put
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[tuple[Any, str]]:
     """(boto3 S3 client, "127.0.0.1:PORT") for a moto server started for this module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    client = boto3.client(
-        "s3",
-        endpoint_url=f"http://{host}:{port}",
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield client, f"{host}:{port}"
-    finally:
-        server.stop()
-
-
-def presigned_put(client: Any, key: str, content_type: str) -> str:
-    url: str = client.generate_presigned_url(
-        "put_object", Params={"Bucket": BUCKET, "Key": key, "ContentType": content_type}, ExpiresIn=300
-    )
-    return url
+    with moto_s3() as pair:
+        yield pair
 
 
 def encoded(fmt: str, color: tuple[int, int, int]) -> bytes:

@@ -24,12 +24,12 @@ from ..schemas import (
     ModelsResponse,
     SubmitResponse,
     TasksResponse,
+    UpscaleRequest,
 )
-from .common import decode_form, decode_json, engine_of, json_response, status_of
+from .common import decode_form, decode_json, engine_of, json_response, status_of, upscaler_of
 from .models import models_response
 
 TASK_ID = Param("task_id", description="The id returned at submission.", required=True)
-MEDIA = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -42,8 +42,19 @@ async def submit(request: Request, task: str) -> Response:
         req = await decode_json(request, GenerateRequest)
     ms = engine.loaded_model(req.model)
     job = await build_job(req, ms, engine.settings, task, uploads=uploads, fetch=engine.fetch_url)
+    job.base_url = str(request.base_url)
     await engine.validate_delivery(job)
     engine.submit(ms, job)
+    return accepted(job)
+
+
+async def upscale(request: Request) -> Response:
+    req = await decode_json(request, UpscaleRequest)
+    job = await upscaler_of(request).submit(req)
+    return accepted(job)
+
+
+def accepted(job: Job) -> Response:
     return json_response(
         SubmitResponse(
             task_id=job.id,
@@ -86,13 +97,13 @@ def _float_param(request: Request, name: str, default: float, maximum: float) ->
 async def status(request: Request) -> Response:
     job = _job(request)
     wait = _float_param(request, "wait", 0.0, 300.0)
-    if wait > 0 and not job.status.finished:
-        first = job.status
+    if wait > 0 and (not job.status.finished or job.delivering):
+        first = (job.status, job.delivering)  # a done job also waits for its uploads and webhook
         since = request.query_params.get("since")
-        if since is not None and since != first.value:
+        if since is not None and since != job.status.value:
             return json_response(status_of(request, job))
         deadline = time.monotonic() + wait
-        while job.status is first and (left := deadline - time.monotonic()) > 0:
+        while (job.status, job.delivering) == first and (left := deadline - time.monotonic()) > 0:
             await job.wait_change(left)
     return json_response(status_of(request, job))
 
@@ -142,7 +153,7 @@ async def image(request: Request) -> Response:
         engine.store.drop_image(job, index)
     if as_b64:
         return json_response(ImageBase64(image=base64.b64encode(data).decode(), format=result.format))
-    return Response(data, media_type=MEDIA[result.format], headers={"X-Seed": str(result.seed)})
+    return Response(data, media_type=result.media_type, headers={"X-Seed": str(result.seed)})
 
 
 async def tasks(request: Request) -> Response:
@@ -194,7 +205,8 @@ async def load(request: Request) -> Response:
 ROUTES = [
     route("/api/generate", generate, ["POST"], Doc("Queue a text-to-image job", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
     route("/api/edit", edit, ["POST"], Doc("Queue an image edit (1..max_images references)", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
-    route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
+    route("/api/upscale", upscale, ["POST"], Doc("Queue an upscale of one image (the upscaler is loaded on demand)", body=UpscaleRequest, response=SubmitResponse, tags=("jobs",), statuses=(400, 404, 409, 413, 429))),
+    route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change (for a done job: for its uploads and webhook to finish)."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
     route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends", tags=("jobs",), content="text/event-stream", params=(TASK_ID,))),
     route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch.")), statuses=(400, 404, 410)), name="api_image"),
     route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each."),))),

@@ -16,6 +16,7 @@ from ..schemas import ImageInfo, JobStatusResponse
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..upscaling import Upscaler
 
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
@@ -24,6 +25,10 @@ _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 def engine_of(request: Request) -> Engine:
     return request.app.state.engine  # type: ignore[no-any-return]
+
+
+def upscaler_of(request: Request) -> Upscaler:
+    return request.app.state.upscaler  # type: ignore[no-any-return]
 
 
 class MsgspecResponse(Response):
@@ -123,11 +128,19 @@ def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
 
 
 def image_url(request: Request, job: Job, index: int) -> str:
-    return f"{request.base_url}api/image?task_id={job.id}&index={index}"
+    return absolute_image_url(str(request.base_url), job, index)
+
+
+def absolute_image_url(base_url: str, job: Job, index: int) -> str:
+    return f"{base_url}api/image?task_id={job.id}&index={index}"
 
 
 def status_of(request: Request, job: Job) -> JobStatusResponse:
-    engine = engine_of(request)
+    return job_status(engine_of(request), job, str(request.base_url))
+
+
+def job_status(engine: Engine, job: Job, base_url: str) -> JobStatusResponse:
+    """``job`` as the status API shows it; image URLs are absolute under ``base_url``."""
     pos, wait = engine.standing(engine.registry.models[job.model], job)
     return JobStatusResponse(
         task_id=job.id,
@@ -155,11 +168,13 @@ def status_of(request: Request, job: Job) -> JobStatusResponse:
                 format=r.format,
                 prompt=r.prompt,
                 bytes=len(r.data) if r.data is not None else 0,
-                url=image_url(request, job, r.index),
+                url=absolute_image_url(base_url, job, r.index),
                 upload=r.upload,
+                seconds=r.seconds,
             )
             for r in job.results
         ],
         metadata=job.metadata,
         extra=job.extra or None,
+        webhook=job.webhook,
     )
