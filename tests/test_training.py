@@ -273,3 +273,27 @@ def test_error_mid_run_keeps_earlier_checkpoints_and_removes_the_adapter(
     assert json.loads((tmp_path / "fails" / "easel_lora.json").read_text())["steps_done"] == 2
     assert ADAPTER not in getattr(backend.pipe.transformer, "peft_config", {})
     assert not backend.pipe.transformer.training
+
+
+# --- the Python clients' train() ---------------------------------------------------------
+
+
+def test_client_train_runs_to_done_and_reports_loss(srv: RunningServer) -> None:
+    from clients import Client
+
+    steps: list[int] = []
+    with Client(srv.url) as client:
+        final = client.train("zimg", "shapes", "client-sync", steps=3, rank=4, resolution=32, overwrite=True,
+                             on_progress=lambda st: steps.append(st["step"]), timeout=120)
+    assert final["status"] == "done" and final["step"] == 3
+    assert "loss" in final["extra"] and steps[-1] == 3
+    assert metadata(srv.client, "zimg", "client-sync")["steps"] == 3
+
+
+@pytest.mark.anyio
+async def test_async_client_train_runs_to_done(srv: RunningServer) -> None:
+    from clients import AsyncClient
+
+    async with AsyncClient(srv.url) as client:
+        final = await client.train("zimg", "shapes", "client-async", steps=2, rank=4, resolution=32, overwrite=True, timeout=120)
+    assert final["status"] == "done" and final["step"] == 2
