@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -20,6 +21,7 @@ from .backends.base import Backend, Capabilities, model_capabilities
 from .errors import Conflict, NotFound
 from .forecast import TASKS, CostModel
 from .queue import ModelQueue
+from .training import TRAINABLE_BACKENDS
 
 if TYPE_CHECKING:
     from .config import ModelConfig, Settings
@@ -45,9 +47,13 @@ class ModelState:
     @property
     def capabilities(self) -> Capabilities:
         if self.backend is not None:
-            return self.backend.capabilities
-        default = ("edit",) if self.cfg.backend == "qwen_edit_gguf" else ("generate", "edit")
-        return model_capabilities(self.cfg, default)
+            caps = self.backend.capabilities
+        else:
+            default = ("edit",) if self.cfg.backend == "qwen_edit_gguf" else ("generate", "edit")
+            caps = model_capabilities(self.cfg, default)
+        if self.cfg.backend in TRAINABLE_BACKENDS and self.cfg.lora_dir and "train" not in caps.tasks:
+            caps = dataclasses.replace(caps, tasks=(*caps.tasks, "train"), supports_training=True)
+        return caps
 
 
 def _default_prior(cfg: ModelConfig) -> dict[str, list[float]]:

@@ -297,3 +297,9 @@ async def test_async_client_train_runs_to_done(srv: RunningServer) -> None:
     async with AsyncClient(srv.url) as client:
         final = await client.train("zimg", "shapes", "client-async", steps=2, rank=4, resolution=32, overwrite=True, timeout=120)
     assert final["status"] == "done" and final["step"] == 2
+
+
+def test_models_that_can_train_say_so_in_their_capabilities(srv: RunningServer) -> None:
+    tasks = {m["id"]: m["capabilities"]["tasks"] for m in srv.client.get("/v1/models").json()["data"]}
+    assert "train" in tasks["flux"] and "train" in tasks["zimg"]
+    assert "train" not in tasks["nolora"] and "train" not in tasks["stub"]
