@@ -38,7 +38,7 @@ class Engine:
         self.store = JobStore(settings.queue.result_ttl_seconds, settings.queue.result_memory_mib * 2**20)
         self.metrics = Metrics(self._depths)
         self.image_hooks: list[ImageHook] = []  # before encoding (upscale...)
-        self.done_hooks: list[DoneHook] = []  # after a job ends (uploads, webhooks...)
+        self.done_hooks: list[DoneHook] = []  # after a job with options ends (uploads, webhooks...)
         self.submit_checks: list[DoneHook] = []  # before a job is queued (URL guards...)
         self.fetch_url: UrlFetcher | None = None  # reference images given by URL
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="easel-encode")  # off the GPU threads
@@ -219,8 +219,9 @@ class Engine:
             f" ({message})" if message else "",
         )
         job.touch()
-        for hook in self.done_hooks:
-            self.spawn(hook(job))
+        if job.options:  # done hooks act on a job's options (uploads, webhook, upscaler lease)
+            for hook in self.done_hooks:
+                self.spawn(hook(job))
 
     # ----- positions and forecasts ---------------------------------------------------
 

@@ -59,6 +59,7 @@ class CostModel:
         self._lock = threading.Lock()
         self.ridge = ridge
         self.forget = forget
+        self._ridge_eye = ridge * np.eye(NF)
         self._fits: dict[str, _Fit] = {}
         for task in TASKS:
             prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
@@ -79,12 +80,14 @@ class CostModel:
             fit = self._fits[task]
             fit.a = self.forget * fit.a + np.outer(feats, feats)
             fit.b = self.forget * fit.b + feats * seconds
-            lam = self.ridge * np.eye(NF)
-            fit.coef = np.linalg.solve(fit.a + lam, fit.b + self.ridge * fit.prior)
+            fit.coef = np.linalg.solve(fit.a + self._ridge_eye, fit.b + self.ridge * fit.prior)
             fit.samples += 1
             if predicted is not None and seconds > 0:
                 fit.abs_pct_error_sum += abs(predicted - seconds) / seconds
-            self._stacked = np.concatenate([self._fits[t].coef for t in TASKS])
+            t = TASKS.index(task)
+            stacked = self._stacked.copy()  # readers on other threads keep a consistent vector
+            stacked[t * NF : (t + 1) * NF] = fit.coef
+            self._stacked = stacked
 
     def report(self) -> dict[str, dict[str, object]]:
         """What the model has learned, for /api/ps and /health."""
