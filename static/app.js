@@ -2,7 +2,7 @@
 
 import { apiKey, setApiKey } from "./js/api.js";
 import { $, toast } from "./js/dom.js";
-import { initForm, loadModels, reuseSeed, setMode } from "./js/form.js";
+import { initForm, loadLoras, loadModels, reuseSeed, setMode } from "./js/form.js";
 import { addResults, initGallery } from "./js/gallery.js";
 import { initModels } from "./js/models.js";
 import { initQueue, refresh, track } from "./js/queue.js";
@@ -34,7 +34,13 @@ async function start() {
   });
 
   initRefs(() => setMode("edit"));
-  initQueue((status) => addResults(status));
+  initQueue((status) => {
+    if (status.task !== "train") return addResults(status);
+    // a finished run (or a stopped one that kept its checkpoint) is a new adapter
+    loadLoras();
+    const name = status.extra?.adapter_name ?? "the adapter";
+    if (status.status === "done") toast(`LoRA "${name}" is ready for ${status.model}: pick it under LoRA adapter.`);
+  });
   initGallery({
     useAsReference: async (blob, name) => {
       await addImages([blob], [name]);

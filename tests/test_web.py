@@ -1,91 +1,26 @@
 """The web front-end in headless Chromium (Debian's /usr/bin/chromium through
 Playwright): generate, live progress and ETA, cancel, edit with uploads, field
-errors.  Every test also asserts no console errors and no request off loopback.
-Screenshots go to test-artifacts/."""
+errors.  Every test also asserts no console errors and no request off loopback
+(fixtures in web_fixtures.py).  Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
 from PIL import Image
 
-from .conftest import ROOT, RunningServer, stub_settings
-
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("web tests need Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="web tests need the playwright Python package")
-expect = sync_api.expect
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = ROOT / "test-artifacts"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-TIMEOUT_MS = 15_000
+from .conftest import RunningServer, stub_settings
+from .web_fixtures import PageGuard, browser, expect, guard, page, queue_item, shot  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
 def web_server(server_factory: Callable[..., RunningServer]) -> RunningServer:
     """256x256 by default; 1 s per step per megapixel -> ~0.065 s a step."""
     return server_factory(stub_settings(simulate_step_seconds=1.0, default_width=256, default_height=256, max_images=4))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
-
-
-class PageGuard:
-    """Collects console errors and the hosts of every request."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.offsite: list[str] = []
-        self.allowed: list[re.Pattern[str]] = []
-
-    def on_console(self, msg: Any) -> None:
-        if msg.type == "error" and not any(p.search(msg.text) for p in self.allowed):
-            self.errors.append(msg.text)
-
-    def on_request(self, req: Any) -> None:
-        url = urlparse(req.url)
-        if url.scheme not in ("data", "blob") and url.hostname not in LOOPBACK:
-            self.offsite.append(req.url)
-
-
-@pytest.fixture
-def guard() -> PageGuard:
-    return PageGuard()
-
-
-@pytest.fixture
-def page(browser: Any, web_server: RunningServer, guard: PageGuard) -> Iterator[Any]:
-    ctx = browser.new_context(viewport={"width": 1280, "height": 860})
-    pg = ctx.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.on("console", guard.on_console)
-    pg.on("pageerror", lambda exc: guard.errors.append(f"uncaught: {exc}"))
-    pg.on("request", guard.on_request)
-    pg.goto(web_server.url + "/")
-    pg.wait_for_selector("body[data-ready]")
-    yield pg
-    ctx.close()
-    assert guard.errors == [], f"console errors: {guard.errors}"
-    assert guard.offsite == [], f"requests left loopback: {guard.offsite}"
-
-
-def shot(page: Any, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 def png_bytes(color: str) -> bytes:
@@ -99,10 +34,6 @@ def submit(page: Any, prompt: str, **fields: str) -> None:
     for label, value in fields.items():
         page.get_by_label(label.replace("_", " "), exact=True).fill(value)
     page.get_by_role("button", name="Generate", exact=True).click()
-
-
-def queue_item(page: Any, status: str) -> Any:
-    return page.locator(f"#queue li[data-status={status}]")
 
 
 def test_generate_shows_the_images_in_the_gallery(page: Any) -> None:

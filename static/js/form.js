@@ -1,4 +1,5 @@
-// The compose form: mode, model picker (fed by /v1/models), size presets,
+// The compose form: mode, model picker (fed by /v1/models), LoRA picker (fed
+// by /api/loras, for models with capabilities.supports_lora), size presets,
 // seed helpers, submission to /api/generate or /api/edit.
 
 import { api } from "./api.js";
@@ -9,6 +10,7 @@ const RATIOS = [[1, 1], [4, 3], [3, 4], [3, 2], [2, 3], [16, 9], [9, 16]];
 const MAX_SEED = 2 ** 32 - 1;
 let models = []; // /v1/models data
 let onSubmitted = () => {};
+let loraRequest = 0; // the latest /api/loras request; older answers are dropped
 
 const form = () => $("#job-form");
 export const mode = () => form().elements.mode.value;
@@ -46,8 +48,49 @@ function capsText(c) {
   return parts.join(" · ");
 }
 
+function loraLabel(a) {
+  const m = a.metadata;
+  if (!m) return a.name;
+  const steps = m.complete ? `${m.steps_done} steps` : `stopped at step ${m.steps_done} of ${m.steps}`;
+  return `${a.name} (${[steps, m.rank && `rank ${m.rank}`].filter(Boolean).join(", ")})`;
+}
+
+/** Fill the LoRA picker with the selected model's adapters; hidden for models without LoRA support. */
+export async function loadLoras() {
+  const m = currentModel();
+  const field = $("#lora-field");
+  const seq = ++loraRequest;
+  if (!m?.capabilities.supports_lora) {
+    field.hidden = true;
+    $("#lora").value = "";
+    return;
+  }
+  let data;
+  try {
+    data = await api(`/api/loras?model=${encodeURIComponent(m.id)}`);
+  } catch (err) {
+    if (seq === loraRequest) toast(`LoRA adapters: ${err.message}`, "error");
+    return;
+  }
+  if (seq !== loraRequest) return;
+  const select = $("#lora");
+  const previous = select.value;
+  select.replaceChildren(new Option("None", ""), ...data.loras.map((a) => new Option(loraLabel(a), a.name)));
+  select.value = data.loras.some((a) => a.name === previous) ? previous : "";
+  $("#lora-hint").textContent = data.loras.length
+    ? ""
+    : "No adapters for this model yet; train one in the LoRA training panel.";
+  field.hidden = false;
+  applyLora();
+}
+
+function applyLora() {
+  $("#lora-scale").disabled = !$("#lora").value;
+}
+
 function applyModel() {
   const m = currentModel();
+  loadLoras();
   if (!m) {
     $("#model-caps").textContent = "No model is loaded: load one in the Models panel.";
     return;
@@ -115,6 +158,12 @@ function requestBody() {
     priority: $("#priority").checked,
   };
   body.metadata = { source: "web", prompt: body.prompt, negative_prompt: body.negative_prompt, steps: body.steps, guidance: body.guidance };
+  const lora = $("#lora-field").hidden ? "" : $("#lora").value;
+  if (lora) {
+    const scale = num("#lora-scale") ?? 1;
+    body.loras = [{ name: lora, scale }];
+    body.metadata.lora = scale === 1 ? lora : `${lora} × ${scale}`;
+  }
   if (mode() === "edit") body.images = referenceDataUrls();
   return body;
 }
@@ -148,6 +197,7 @@ export function initForm(submitted) {
   f.addEventListener("submit", submit);
   for (const r of f.elements.mode) r.addEventListener("change", applyMode);
   $("#model").addEventListener("change", applyModel);
+  $("#lora").addEventListener("change", applyLora);
   $("#size-preset").addEventListener("change", () => {
     const [w, h] = $("#size-preset").value.split("x");
     if (h) [$("#width").value, $("#height").value] = [w, h];

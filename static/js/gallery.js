@@ -16,6 +16,7 @@ function describe(status, img) {
     ["Seed", img.seed],
     ["Size", `${img.width}×${img.height}`],
     ["Model", status.model],
+    ["LoRA", p.lora],
     ["Task", status.task],
     ["Steps", status.total_steps || p.steps],
     ["Guidance", p.guidance],
@@ -57,8 +58,8 @@ function card(status, img) {
   $(".thumb", el).addEventListener("click", () => openLightbox(src, rows));
   $(".card-prompt", el).textContent = img.prompt;
   $(".card-meta", el).textContent = rows
-    .filter(([k]) => ["Seed", "Size", "Model", "Steps"].includes(k))
-    .map(([k, v]) => `${k.toLowerCase()} ${v}`)
+    .filter(([k]) => ["Seed", "Size", "Model", "LoRA", "Steps"].includes(k))
+    .map(([k, v]) => (k === "LoRA" ? `LoRA ${v}` : `${k.toLowerCase()} ${v}`))
     .join(" · ");
   const dl = $(".download", el);
   dl.href = src;

@@ -53,13 +53,14 @@ function row(m) {
 }
 
 function deviceLine(d) {
-  const parts = [[d.device, d.name].filter(Boolean).join(" ")];
-  const mib = (v) => `${(v / 1024).toFixed(1)} GiB`;
+  const head = [d.device, d.name].filter(Boolean).join(" ");
+  const parts = [];
+  const mib = (v) => (v >= 1024 ? `${(v / 1024).toFixed(1)} GiB` : `${Math.round(v)} MiB`);
   if (d.total_mib) parts.push(`${mib(d.used_mib ?? d.total_mib - (d.free_mib ?? 0))} used of ${mib(d.total_mib)}`);
   if (d.allocated_mib !== undefined) parts.push(`torch allocated ${mib(d.allocated_mib)}`);
   if (d.process_rss_mib !== undefined) parts.push(`process RSS ${mib(d.process_rss_mib)}`);
   if (d.error) parts.push(d.error);
-  return parts.join(" · ");
+  return parts.length ? `${head}: ${parts.join(" · ")}` : head;
 }
 
 export async function refreshModels() {
@@ -87,7 +88,12 @@ export async function refreshModels() {
   table.createTBody().append(...data.models.map(row));
   const devices = document.createElement("ul");
   devices.className = "devices";
-  devices.setAttribute("aria-label", "Device memory");
+  devices.id = "devices";
+  const devicesTitle = document.createElement("p");
+  devicesTitle.className = "devices-title";
+  devicesTitle.id = "devices-title";
+  devicesTitle.textContent = "Memory in use";
+  devices.setAttribute("aria-labelledby", "devices-title");
   devices.append(
     ...mem.devices.map((d) => {
       const li = document.createElement("li");
@@ -103,7 +109,7 @@ export async function refreshModels() {
   const wrap = document.createElement("div");
   wrap.className = "table-wrap";
   wrap.append(table);
-  body.replaceChildren(wrap, devices, refresh);
+  body.replaceChildren(wrap, devicesTitle, devices, refresh);
 }
 
 export function initModels(changed) {

@@ -3,12 +3,15 @@
 // MAX_STREAMS streams are open at once (browsers allow ~6 connections per
 // host), given to running jobs first, then to the head of the queue.  When a
 // job starts or ends, one /api/tasks request refreshes everyone's position.
+// Finished jobs leave after a few seconds, except failures and training runs
+// (their outcome is not in the gallery): those stay until dismissed.
 
 import { api, subscribe } from "./api.js";
 import { $, fromTemplate, formatSeconds, toast } from "./dom.js";
 
 const MAX_STREAMS = 4;
 const FINISHED_LINGER_MS = 3000;
+const PHASE_TEXT = { caching: "encoding the dataset", training: "training" };
 const STATUS_TEXT = { waiting: "queued", running: "running", done: "done", error: "failed", cancelled: "cancelled" };
 
 const jobs = new Map(); // task_id -> {status, receivedAt, el, close, params}
@@ -19,7 +22,7 @@ const finished = (s) => s === "done" || s === "error" || s === "cancelled";
 
 function title(job) {
   const p = job.params ?? job.status.metadata ?? {};
-  const what = p.prompt || p.adapter_name || job.status.images?.[0]?.prompt || job.status.task_id;
+  const what = p.prompt || p.adapter_name || job.status.extra?.adapter_name || job.status.images?.[0]?.prompt || job.status.task_id;
   return `${job.status.task === "generate" ? "" : `${job.status.task}: `}${what}`;
 }
 
@@ -34,21 +37,27 @@ function render(job) {
   chip.textContent = STATUS_TEXT[st.status] ?? st.status;
   chip.className = `chip status ${st.status}`;
   $(".job-title", el).textContent = title(job);
-  const pct = Math.round((st.progress ?? 0) * 100);
+  const pct = st.status === "done" ? 100 : Math.round((st.progress ?? 0) * 100);
   const bar = $(".bar", el);
   bar.setAttribute("aria-valuenow", String(pct));
   bar.setAttribute("aria-label", `Progress of ${title(job)}`);
   bar.setAttribute("aria-valuetext", st.total_steps ? `step ${st.step} of ${st.total_steps}` : `${pct}%`);
   $(".bar span", el).style.width = `${pct}%`;
-  let pos = "";
-  if (st.status === "waiting") pos = st.pos === 0 ? "next" : `${st.pos} job${st.pos === 1 ? "" : "s"} ahead`;
-  else if (st.status === "running") pos = st.total_steps ? `step ${st.step}/${st.total_steps}` : "starting";
-  else if (st.status === "error") pos = st.message ?? "failed";
-  if (st.extra?.loss !== undefined) pos += ` · loss ${Number(st.extra.loss).toFixed(4)}`;
-  $(".pos", el).textContent = pos;
+  const training = st.task === "train";
+  const parts = [];
+  if (st.status === "waiting") parts.push(st.pos === 0 ? "next" : `${st.pos} job${st.pos === 1 ? "" : "s"} ahead`);
+  else if (st.status === "running") {
+    if (!st.total_steps) parts.push(training ? PHASE_TEXT[st.extra?.phase] ?? "preparing" : "starting");
+    else parts.push(`step ${st.step}/${st.total_steps}`);
+  } else if (st.message) parts.push(st.message);
+  else if (st.status === "error") parts.push("failed");
+  else if (st.status === "done" && training) parts.push(`${st.total_steps} steps; adapter saved`);
+  if (st.extra?.loss !== undefined) parts.push(`loss ${Number(st.extra.loss).toFixed(4)}`);
+  $(".pos", el).textContent = parts.join(" · ");
   const cancel = $(".cancel", el);
-  cancel.setAttribute("aria-label", `${finished(st.status) ? "Dismiss" : "Cancel"} job ${title(job)}`);
-  cancel.title = finished(st.status) ? "Dismiss" : "Cancel";
+  const verb = finished(st.status) ? "Dismiss" : training ? "Stop" : "Cancel";
+  cancel.setAttribute("aria-label", `${verb} ${training ? "training" : "job"} ${title(job)}`);
+  cancel.title = finished(st.status) ? "Dismiss" : training ? "Stop (keeps a checkpoint)" : "Cancel";
   tickOne(job);
 }
 
@@ -82,7 +91,7 @@ function settle(job) {
   job.close = null;
   onFinished(job.status, job.params);
   if (job.status.status === "error") toast(`Job failed: ${job.status.message ?? "unknown error"}`, "error");
-  if (job.status.status !== "error") setTimeout(() => remove(job.status.task_id), FINISHED_LINGER_MS);
+  if (job.status.status !== "error" && job.status.task !== "train") setTimeout(() => remove(job.status.task_id), FINISHED_LINGER_MS);
   pump();
 }
 

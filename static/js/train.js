@@ -39,6 +39,8 @@ async function submit(ev) {
         wait_remaining: res.expected_time_seconds ?? 0, progress: 0, step: 0, total_steps: body.steps, images: [] },
       { adapter_name: body.adapter_name },
     );
+    // the run is followed in the queue, usually scrolled away above this panel
+    $(`#queue li[data-task-id="${CSS.escape(res.task_id)}"]`)?.scrollIntoView({ block: "nearest", behavior: "smooth" });
   } catch (err) {
     if (err.status === 404 || err.status === 405) {
       // this server has no training endpoint: hide the panel for good
