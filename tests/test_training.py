@@ -303,3 +303,8 @@ def test_models_that_can_train_say_so_in_their_capabilities(srv: RunningServer) 
     tasks = {m["id"]: m["capabilities"]["tasks"] for m in srv.client.get("/v1/models").json()["data"]}
     assert "train" in tasks["flux"] and "train" in tasks["zimg"]
     assert "train" not in tasks["nolora"] and "train" not in tasks["stub"]
+
+
+def test_v1_models_marks_the_default_model(srv: RunningServer) -> None:
+    defaults = [m["id"] for m in srv.client.get("/v1/models").json()["data"] if m["default"]]
+    assert defaults == ["zimg"]

@@ -56,6 +56,7 @@ def openai_model(engine: Engine, ms: ModelState) -> dict[str, Any]:
         "created": int(engine.started_at),
         "owned_by": "easel",
         "backend": ms.cfg.backend,
+        "default": ms.name == engine.settings.default_model,
         "capabilities": {
             "tasks": list(caps.tasks),
             "max_images": caps.max_images,

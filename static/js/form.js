@@ -132,7 +132,9 @@ export async function loadModels() {
   models = data.data;
   const select = $("#model");
   select.replaceChildren(...models.map((m) => new Option(`${m.id} (${m.backend})`, m.id)));
+  const fallback = models.find((m) => m.default)?.id;
   if (models.some((m) => m.id === previous)) select.value = previous;
+  else if (fallback) select.value = fallback;
   applyModel();
   applyMode();
   return models;
