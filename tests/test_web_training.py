@@ -45,7 +45,9 @@ def start_training(page: Any, adapter: str, steps: int, dataset: str = "shapes")
 
 
 def test_train_an_adapter_then_generate_with_it(page: Any) -> None:
-    expect(page.locator("#lora-field")).to_be_hidden()  # the stub, listed first, has no lora_dir
+    expect(page.get_by_label("Model", exact=True)).to_have_value("zimg")  # the server's default_model
+    page.get_by_label("Model", exact=True).select_option("stub")
+    expect(page.locator("#lora-field")).to_be_hidden()  # the stub has no lora_dir
     page.get_by_label("Model", exact=True).select_option("zimg")
     expect(page.locator("#lora-field")).to_be_visible()
     expect(page.locator("#lora-hint")).to_contain_text("No adapters for this model yet")
