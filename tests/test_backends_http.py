@@ -53,7 +53,9 @@ def srv(
     }
     for name in LORA:
         models[name]["lora_dir"] = str(lora_dirs[name])
-    models["qwen_edit_gguf"].update(model_path=None, transformer_path=str(qwen_gguf), base_model_path=str(tiny_model_dirs["qwen_edit_gguf"]))
+    models["qwen_edit_gguf"].update(
+        model_path=None, transformer_path=str(qwen_gguf), base_model_path=str(tiny_model_dirs["qwen_edit_gguf"])
+    )
     models["alternative"] = {"backend": "z_image", "model_path": str(write_alternative_z_image(tmp / "alt")), **common}
     models["missing"] = {"backend": "sdxl", "model_path": str(tmp / "not-downloaded"), **common}
     models["isolated"] = {**models["sdxl"], "isolate": True}
