@@ -13,7 +13,6 @@ The pipeline is the tiny random-weight SDXL of ``tests/tiny_pipelines.py`` (offl
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import random
 import statistics
