@@ -63,6 +63,7 @@ class Job:
     # monotonic clock twins for the forecaster
     started_mono: float | None = None
     last_step_mono: float | None = None
+    worker_seconds: float | None = None  # time on the worker, encoding excluded: what forecasts learn
     step: int = 0
     total_steps: int = 0
     message: str | None = None

@@ -126,6 +126,9 @@ async def run_job(engine: Engine, ms: ModelState, job: Job) -> None:
     ctx = JobContext(job, loop)
     try:
         images = await loop.run_in_executor(ms.executor, execute, backend, job, ctx)
+        # the next job starts now, while this one is encoded: the worker's time is
+        # what a job ahead in the queue costs
+        job.worker_seconds = time.monotonic() - (job.started_mono or 0.0)
     except JobCancelled as exc:  # a runner may say how far it got
         engine.finish(ms, job, JobStatus.CANCELLED, str(exc) or "cancelled while running")
         return
