@@ -48,6 +48,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     vae_tiling: bool = False
     vae_slicing: bool = False
     lora_dir: str | None = None
+    isolate: bool = False  # run the model in its own process: unloading returns all of its memory
     default_strength: Annotated[float, Meta(ge=0, le=1)] = 0.35
     keep_loaded: bool = True  # upscalers: stay loaded after a job
     tile_size: Annotated[int, Meta(ge=0)] = 512  # upscalers: input tile edge in px; 0 = no tiling

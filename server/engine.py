@@ -205,7 +205,8 @@ class Engine:
         if status is JobStatus.DONE:
             job.step = job.total_steps
             assert job.features is not None
-            ms.cost.observe(job.task, job.features, run_s, job.predicted)
+            worker_s = job.worker_seconds if job.worker_seconds is not None else run_s
+            ms.cost.observe(job.task, job.features, worker_s, job.predicted)
             self.metrics.duration.labels(ms.name, job.task).observe(run_s)
             total = job.finished_at - job.created_at
             if total > 0:

@@ -9,6 +9,10 @@ model and task, online, by ridge regression that shrinks towards a prior (the
 backend's own estimate or the config's ``forecast_prior``) and slowly forgets old
 jobs so that the model follows a warming GPU or a changed setting.
 
+The ridge penalty of each feature is scaled by that feature's mean square over the
+jobs seen, so the prior weighs as ``ridge`` of an average job whatever the units:
+a 64 px, 2-step job (``steps*MP*n`` ~ 0.01) learns as fast as a 1 MP, 30-step one.
+
 Because the model is linear, the forecast for everything ahead of a job is the
 coefficients times the *sum* of the features ahead, which the queue keeps as
 prefix sums; no scan of the queue is needed.
@@ -27,6 +31,7 @@ FEATURES: tuple[str, ...] = ("jobs", "steps_mp_n", "refs_n", "steps_mp_n_refs")
 NF = len(FEATURES)
 DIM = NF * len(TASKS)  # one block of features per task
 GENERIC_PRIOR = (0.5, 1.0, 0.5, 0.1)
+MIN_PENALTY = 1e-9
 
 
 def features(steps: int, megapixels: float, n: int, refs: int) -> np.ndarray:
@@ -49,17 +54,17 @@ class _Fit:
     b: np.ndarray
     coef: np.ndarray
     samples: int = 0
+    weight: float = 0.0  # the forgetting-weighted number of jobs in ``a`` and ``b``
     abs_pct_error_sum: float = 0.0
 
 
 class CostModel:
     """Per-model forecaster: one ridge fit per task."""
 
-    def __init__(self, priors: Mapping[str, Sequence[float]], *, ridge: float = 1.0, forget: float = 0.98) -> None:
+    def __init__(self, priors: Mapping[str, Sequence[float]], *, ridge: float = 0.1, forget: float = 0.98) -> None:
         self._lock = threading.Lock()
         self.ridge = ridge
         self.forget = forget
-        self._ridge_eye = ridge * np.eye(NF)
         self._fits: dict[str, _Fit] = {}
         for task in TASKS:
             prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
@@ -80,7 +85,10 @@ class CostModel:
             fit = self._fits[task]
             fit.a = self.forget * fit.a + np.outer(feats, feats)
             fit.b = self.forget * fit.b + feats * seconds
-            fit.coef = np.linalg.solve(fit.a + self._ridge_eye, fit.b + self.ridge * fit.prior)
+            fit.weight = self.forget * fit.weight + 1.0
+            # per feature: ridge x its mean square (a feature never seen keeps its prior)
+            lam = self.ridge * np.diag(fit.a) / fit.weight + MIN_PENALTY
+            fit.coef = np.linalg.solve(fit.a + np.diag(lam), fit.b + lam * fit.prior)
             fit.samples += 1
             if predicted is not None and seconds > 0:
                 fit.abs_pct_error_sum += abs(predicted - seconds) / seconds

@@ -71,6 +71,7 @@ class Job:
     # monotonic clock twins for the forecaster
     started_mono: float | None = None
     last_step_mono: float | None = None
+    worker_seconds: float | None = None  # time on the worker, encoding excluded: what forecasts learn
     step: int = 0
     total_steps: int = 0
     message: str | None = None
@@ -90,7 +91,8 @@ class Job:
     slot: int = -1
     # change notification (event-loop side)
     version: int = 0
-    _waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)  # any change
+    _status_waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)  # not progress
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     # called on the worker thread with each preview image (OpenAI partial images)
     preview_sink: Callable[[Any], None] | None = field(default=None, repr=False)
@@ -120,23 +122,40 @@ class Job:
     def touch(self) -> None:
         """Record a change and wake everyone waiting for one (event loop only)."""
         self.version += 1
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        _wake(self._waiters)
+        _wake(self._status_waiters)
 
-    async def wait_change(self, timeout: float | None) -> bool:
-        """Wait for the next change; False on timeout."""
+    def progressed(self) -> None:
+        """A step finished: wake only the waiters that follow progress (event loop only)."""
+        self.version += 1
+        _wake(self._waiters)
+
+    @property
+    def followed(self) -> bool:
+        """Whether someone waits for progress (read from the worker thread)."""
+        return bool(self._waiters)
+
+    async def wait_change(self, timeout: float | None, *, progress: bool = True) -> bool:
+        """Wait for the next change (with ``progress=False``: not a mere step); False on timeout."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        waiters = self._waiters if progress else self._status_waiters
+        waiters.append(fut)
         try:
             await asyncio.wait_for(fut, timeout)
             return True
         except TimeoutError:
             return False
         finally:
-            if fut in self._waiters:
-                self._waiters.remove(fut)
+            if fut in waiters:
+                waiters.remove(fut)
 
     def result_bytes(self) -> int:
         return sum(len(r.data) for r in self.results if r.data is not None)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    pending = list(waiters)
+    waiters.clear()
+    for fut in pending:
+        if not fut.done():
+            fut.set_result(None)

@@ -45,9 +45,16 @@ class JobContext:
         return self.job.cancel_event.is_set()
 
     def step(self, i: int, total: int) -> None:
-        if self.job.cancel_event.is_set():
+        job = self.job
+        if job.cancel_event.is_set():
             raise JobCancelled()
-        self.loop.call_soon_threadsafe(_record_step, self.job, self.offset + i, time.monotonic())
+        # plain attribute stores (the job is RUNNING until this thread returns); the
+        # event loop is woken only when someone follows progress, since every wake-up
+        # takes the GIL from the pipeline
+        job.step = self.offset + i
+        job.last_step_mono = time.monotonic()
+        if job.followed:
+            self.loop.call_soon_threadsafe(job.progressed)
 
     def wants_preview(self, i: int) -> bool:
         return self.job.preview_sink is not None and (self.offset + i) in self.job.preview_steps
@@ -60,13 +67,6 @@ class JobContext:
     def set_extra(self, **values: Any) -> None:
         """Publish backend-specific status (training loss...)."""
         self.loop.call_soon_threadsafe(_record_extra, self.job, values)
-
-
-def _record_step(job: Job, step: int, at: float) -> None:
-    if job.status is JobStatus.RUNNING:
-        job.step = step
-        job.last_step_mono = at
-        job.touch()
 
 
 def _record_extra(job: Job, values: dict[str, Any]) -> None:
@@ -128,6 +128,9 @@ async def run_job(engine: Engine, ms: ModelState, job: Job) -> None:
     ctx = JobContext(job, loop)
     try:
         images = await loop.run_in_executor(ms.executor, execute, backend, job, ctx)
+        # the next job starts now, while this one is encoded: the worker's time is
+        # what a job ahead in the queue costs
+        job.worker_seconds = time.monotonic() - (job.started_mono or 0.0)
     except JobCancelled as exc:  # a runner may say how far it got
         engine.finish(ms, job, JobStatus.CANCELLED, str(exc) or "cancelled while running")
         return

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from server.backends import create_backend
@@ -69,3 +70,34 @@ def max_diff(a: Image.Image, b: Image.Image) -> int:
 
 def model_dir(path: Path) -> dict[str, str]:
     return {"model_path": str(path)}
+
+
+def write_alternative_z_image(path: Path) -> Path:
+    """A Z-Image folder assembled without ``tests/tiny_pipelines.py``'s builders: other
+    component shapes and options, and pickled (``.bin``) instead of safetensors weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from tests.tiny_pipelines import qwen_tokenizer
+
+    torch.manual_seed(42)
+    pipe: Any = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, num_train_timesteps=1000),
+        vae=AutoencoderKL(
+            block_out_channels=[16, 32], latent_channels=16, norm_num_groups=8, layers_per_block=2,
+            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+            scaling_factor=0.5, shift_factor=0.0,
+        ),
+        text_encoder=Qwen3Model(Qwen3Config(
+            vocab_size=264, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=3,
+            num_key_value_heads=3, head_dim=8,
+        )),
+        tokenizer=qwen_tokenizer(),
+        transformer=ZImageTransformer2DModel(
+            dim=48, n_layers=1, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=24,
+            axes_dims=[8, 4, 4], axes_lens=[128, 16, 16],
+        ),
+    )  # fmt: skip
+    # (Diffusers 0.42 writes sharded .bin files but cannot read them back, so unsharded)
+    pipe.save_pretrained(path, safe_serialization=False)
+    return path

@@ -48,13 +48,19 @@ class RunningServer:
         return self.proc.returncode
 
 
-def start_server(tmp: Path, settings: dict[str, Any], extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RunningServer:
+def start_server(
+    tmp: Path,
+    settings: dict[str, Any],
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    script: Path = ROOT / "server.py",
+) -> RunningServer:
     port = free_port()
     cfg = tmp / f"settings-{port}.json"
     cfg.write_text(json.dumps(settings))
     log_path = tmp / f"server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "server.py"), "--config", str(cfg), "--port", str(port), *extra_args],
+        [sys.executable, str(script), "--config", str(cfg), "--port", str(port), *extra_args],
         cwd=tmp,
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
@@ -87,8 +93,10 @@ def stub_settings(**model: Any) -> dict[str, Any]:
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningServer]]:
     servers: list[RunningServer] = []
 
-    def make(settings: dict[str, Any] | None = None, *args: str, env: dict[str, str] | None = None) -> RunningServer:
-        srv = start_server(tmp_path_factory.mktemp("srv"), settings or stub_settings(), args, env)
+    def make(
+        settings: dict[str, Any] | None = None, *args: str, env: dict[str, str] | None = None, script: Path = ROOT / "server.py"
+    ) -> RunningServer:
+        srv = start_server(tmp_path_factory.mktemp("srv"), settings or stub_settings(), args, env, script)
         servers.append(srv)
         return srv
 

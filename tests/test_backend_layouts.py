@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
-from tests.backend_helpers import RecordingContext, item, load_backend, max_diff
-from tests.tiny_pipelines import qwen_tokenizer
+from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, write_alternative_z_image
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -20,29 +19,7 @@ pytestmark = [pytest.mark.usefixtures("tiny_runtime"), pytest.mark.timeout(120)]
 
 
 def test_z_image_folder_with_pickled_weights_and_other_shapes_loads(tmp_path: Path) -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(42)
-    pipe: Any = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, num_train_timesteps=1000),
-        vae=AutoencoderKL(
-            block_out_channels=[16, 32], latent_channels=16, norm_num_groups=8, layers_per_block=2,
-            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-            scaling_factor=0.5, shift_factor=0.0,
-        ),
-        text_encoder=Qwen3Model(Qwen3Config(
-            vocab_size=264, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=3,
-            num_key_value_heads=3, head_dim=8,
-        )),
-        tokenizer=qwen_tokenizer(),
-        transformer=ZImageTransformer2DModel(
-            dim=48, n_layers=1, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=24,
-            axes_dims=[8, 4, 4], axes_lens=[128, 16, 16],
-        ),
-    )  # fmt: skip
-    # (Diffusers 0.42 writes sharded .bin files but cannot read them back, so unsharded)
-    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    write_alternative_z_image(tmp_path)
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.bin").is_file()
 
     backend = load_backend("z_image", model_path=str(tmp_path))

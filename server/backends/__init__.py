@@ -21,8 +21,13 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def create_backend(name: str, cfg: ModelConfig, settings: Settings) -> Backend:
-    """Instantiate (not load) the backend for model ``name``."""
+def create_backend(name: str, cfg: ModelConfig, settings: Settings, *, isolate: bool | None = None) -> Backend:
+    """Instantiate (not load) the backend for model ``name``; with ``cfg.isolate``
+    (or ``isolate=True``) a proxy that runs it in a child process."""
+    if cfg.isolate if isolate is None else isolate:
+        from .isolated import IsolatedBackend
+
+        return IsolatedBackend(name, cfg, settings)
     try:
         target = BACKENDS[cfg.backend]
     except KeyError:

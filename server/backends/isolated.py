@@ -65,7 +65,7 @@ class _ChildContext:
 def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Settings) -> None:
     from . import create_backend
 
-    backend = create_backend(name, cfg, settings)
+    backend = create_backend(name, cfg, settings, isolate=False)
     while True:
         try:
             command, payload = conn.recv()

@@ -104,7 +104,7 @@ async def status(request: Request) -> Response:
             return json_response(status_of(request, job))
         deadline = time.monotonic() + wait
         while (job.status, job.delivering) == first and (left := deadline - time.monotonic()) > 0:
-            await job.wait_change(left)
+            await job.wait_change(left, progress=False)
     return json_response(status_of(request, job))
 
 
@@ -179,7 +179,7 @@ async def cancel(request: Request) -> Response:
         # wait (briefly) for the backend to stop at its next step
         deadline = time.monotonic() + 10
         while job.status is JobStatus.RUNNING and (left := deadline - time.monotonic()) > 0:
-            await job.wait_change(left)
+            await job.wait_change(left, progress=False)
     return json_response(CancelResponse(task_id=job.id, status=job.status.value))
 
 

@@ -105,7 +105,7 @@ async def wait_for(request: Request, engine: Engine, job: Job) -> None:
     watcher = asyncio.create_task(watch())
     try:
         while not job.status.finished:
-            await job.wait_change(None)
+            await job.wait_change(None, progress=False)
     finally:
         watcher.cancel()
 

@@ -1,0 +1,133 @@
+"""A real Diffusers backend through the API (run by hand: ``python bench/bench_backends_api.py``).
+
+1. End-to-end API time of a tiny-SDXL job (submit, long-poll until done, fetch the
+   PNG) against a direct call of the same pipeline folder with the same parameters
+   in this process (``StableDiffusionXLPipeline.from_pretrained``), same torch
+   threads, runs alternated, medians compared.
+2. Forecast error (MAPE of ``expected_time_seconds`` against the real completion
+   time) on a queue of 16 mixed tiny-SDXL jobs after a dozen warm-up jobs.
+
+The pipeline is the tiny random-weight SDXL of ``tests/tiny_pipelines.py`` (offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from bench.bench_core import forecast_error  # noqa: E402
+from server.worker import encode  # noqa: E402
+from tests import tiny_pipelines as tp  # noqa: E402
+from tests.conftest import RunningServer, start_server  # noqa: E402
+
+PROMPT = "a lighthouse at dusk"
+GUIDANCE = 5.0  # the SDXL backend's default
+
+
+def sdxl_settings(folder: Path) -> dict[str, Any]:
+    model = {"backend": "sdxl", "enabled": True, "model_path": str(folder), "max_pixels": 256 * 256,
+             "default_width": 128, "default_height": 128, "max_output_images": 2}  # fmt: skip
+    return {"models": {"sdxl": model}, "default_model": "sdxl"}
+
+
+def api_job(c: httpx.Client, body: dict[str, Any]) -> bytes:
+    """submit -> long-poll (answers on each status change, no polling delay) -> fetch."""
+    tid = c.post("/api/generate", json=body).json()["task_id"]
+    while c.get("/api/status", params={"task_id": tid, "wait": 60}).json()["status"] not in ("done", "error", "cancelled"):
+        pass
+    r = c.get("/api/image", params={"task_id": tid, "delete": "true"})
+    r.raise_for_status()
+    return r.content
+
+
+def direct_call(pipe: Any, size: int, steps: int, seed: int) -> Any:
+    out = pipe(
+        prompt=PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=GUIDANCE,
+        generator=[torch.Generator("cpu").manual_seed(seed)], num_images_per_prompt=1, output_type="pil",
+    )  # fmt: skip
+    return out.images[0]
+
+
+def bench_overhead(srv: RunningServer, folder: Path, runs: int, size: int, steps: int) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    body = {"prompt": PROMPT, "width": size, "height": size, "steps": steps, "seed": 0, "format": "PNG"}
+    c = srv.client
+    for _ in range(2):  # warm-up both
+        api_job(c, body)
+        direct_call(pipe, size, steps, 0)
+    api, direct, encoded = [], [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        api_job(c, body)
+        api.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        image = direct_call(pipe, size, steps, 0)
+        direct.append(time.perf_counter() - t0)
+        encode(image, "PNG", 85)
+        encoded.append(time.perf_counter() - t0)
+    m_api, m_direct, m_enc = (statistics.median(x) for x in (api, direct, encoded))
+    print(f"  {size}x{size}, {steps} steps, PNG, median of {runs} alternated runs:")
+    print(f"  API end to end {1000 * m_api:.1f} ms; direct call {1000 * m_direct:.1f} ms (+ PNG encode {1000 * m_enc:.1f} ms)")
+    print(f"  ratio API / direct: {m_api / m_direct:.3f}x (target <= 1.05x); API / (direct + encode): {m_api / m_enc:.3f}x")
+
+
+def bench_forecast(srv: RunningServer, seed: int) -> None:
+    rng = random.Random(seed)
+    sizes = [64, 80, 96, 112, 128]
+
+    def mixed() -> dict[str, object]:
+        return {"prompt": PROMPT, "width": rng.choice(sizes), "height": rng.choice(sizes),
+                "steps": rng.randint(2, 6), "n": rng.randint(1, 2)}  # fmt: skip
+
+    forecast_error(srv.client, mixed, "sdxl")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=["overhead", "forecast"])
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="easel-bench-") as d:
+        tmp = Path(d)
+        folder = tp.build_sdxl(tmp / "sdxl")
+        env = {"OMP_NUM_THREADS": str(args.threads)}
+        if args.only in (None, "overhead"):
+            print(f"1. tiny SDXL: API vs direct pipeline call ({args.threads} torch thread(s))")
+            srv = start_server(tmp, sdxl_settings(folder), env=env)
+            try:
+                bench_overhead(srv, folder, args.runs, args.size, args.steps)
+            finally:
+                srv.stop()
+        if args.only in (None, "forecast"):
+            print("2. forecast error on 16 mixed tiny-SDXL jobs (64-128 px, 2-6 steps, n 1-2)")
+            srv = start_server(tmp, sdxl_settings(folder), env=env)
+            try:
+                bench_forecast(srv, args.seed)
+            finally:
+                srv.stop()
+
+
+if __name__ == "__main__":
+    main()
