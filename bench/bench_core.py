@@ -195,7 +195,7 @@ def forecast_error(c: httpx.Client, mixed: Callable[[], dict[str, object]], mode
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=300)
+    p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["cpu", "status", "forecast"])

@@ -151,7 +151,7 @@ class Engine:
         ms.queue.push(job)
         pos, job.expected_at_submit = self.standing(ms, job)
         job.pos_at_submit = pos
-        self.metrics.submitted.labels(ms.name, job.task).inc()
+        self.metrics.child(self.metrics.submitted, ms.name, job.task).inc()
         log.info(
             "job %s %s on %s: waiting (pos %d, expected %.2fs, priority %d)",
             job.id, job.task, ms.name, pos, job.expected_at_submit, job.priority,
@@ -189,7 +189,7 @@ class Engine:
         job.started_at = time.time()
         job.started_mono = time.monotonic()
         ms.running.add(job)
-        self.metrics.wait.labels(ms.name).observe(job.started_at - job.created_at)
+        self.metrics.child(self.metrics.wait, ms.name).observe(job.started_at - job.created_at)
         log.info("job %s on %s: running (waited %.2fs)", job.id, ms.name, job.started_at - job.created_at)
         job.touch()
 
@@ -207,11 +207,11 @@ class Engine:
             assert job.features is not None
             worker_s = job.worker_seconds if job.worker_seconds is not None else run_s
             ms.cost.observe(job.task, job.features, worker_s, job.predicted)
-            self.metrics.duration.labels(ms.name, job.task).observe(run_s)
+            self.metrics.child(self.metrics.duration, ms.name, job.task).observe(run_s)
             total = job.finished_at - job.created_at
             if total > 0:
-                self.metrics.forecast_error.labels(ms.name).observe(abs(job.expected_at_submit - total) / total)
-        self.metrics.jobs.labels(ms.name, job.task, status.value).inc()
+                self.metrics.child(self.metrics.forecast_error, ms.name).observe(abs(job.expected_at_submit - total) / total)
+        self.metrics.child(self.metrics.jobs, ms.name, job.task, status.value).inc()
         self.store.finished(job)
         log.info(
             "job %s on %s: %s%s%s",

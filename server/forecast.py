@@ -21,6 +21,7 @@ prefix sums; no scan of the queue is needed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ NF = len(FEATURES)
 DIM = NF * len(TASKS)  # one block of features per task
 GENERIC_PRIOR = (0.5, 1.0, 0.5, 0.1)
 MIN_PENALTY = 1e-9
+EAGER_SAMPLES = 64  # refit after every one of a task's first jobs
+REFIT_SECONDS = 0.1  # then at most this often (a solve per job costs more than the rest of the bookkeeping)
 
 
 def features(steps: int, megapixels: float, n: int, refs: int) -> np.ndarray:
@@ -70,13 +73,19 @@ class CostModel:
             prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
             self._fits[task] = _Fit(prior=prior, a=np.zeros((NF, NF)), b=np.zeros(NF), coef=prior.copy())
         self._stacked = np.concatenate([self._fits[t].coef for t in TASKS])
+        self._dirty: set[str] = set()
+        self._fitted_at = 0.0
 
     @property
     def coefficients(self) -> np.ndarray:
         """All tasks' coefficients as one DIM vector (dot it with job vectors)."""
+        if self._dirty:
+            self._refit(force=False)
         return self._stacked
 
     def predict(self, vec: np.ndarray) -> float:
+        if self._dirty:
+            self._refit(force=False)
         return max(0.0, float(self._stacked @ vec))
 
     def observe(self, task: str, feats: np.ndarray, seconds: float, predicted: float | None = None) -> None:
@@ -86,19 +95,33 @@ class CostModel:
             fit.a = self.forget * fit.a + np.outer(feats, feats)
             fit.b = self.forget * fit.b + feats * seconds
             fit.weight = self.forget * fit.weight + 1.0
-            # per feature: ridge x its mean square (a feature never seen keeps its prior)
-            lam = self.ridge * np.diag(fit.a) / fit.weight + MIN_PENALTY
-            fit.coef = np.linalg.solve(fit.a + np.diag(lam), fit.b + lam * fit.prior)
             fit.samples += 1
             if predicted is not None and seconds > 0:
                 fit.abs_pct_error_sum += abs(predicted - seconds) / seconds
-            t = TASKS.index(task)
+            self._dirty.add(task)
+        # while it learns, refit after every job; later at most every REFIT_SECONDS
+        self._refit(force=fit.samples <= EAGER_SAMPLES)
+
+    def _refit(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._fitted_at < REFIT_SECONDS:
+            return
+        with self._lock:
             stacked = self._stacked.copy()  # readers on other threads keep a consistent vector
-            stacked[t * NF : (t + 1) * NF] = fit.coef
+            for task in self._dirty:
+                fit = self._fits[task]
+                # per feature: ridge x its mean square (a feature never seen keeps its prior)
+                lam = self.ridge * np.diag(fit.a) / fit.weight + MIN_PENALTY
+                fit.coef = np.linalg.solve(fit.a + np.diag(lam), fit.b + lam * fit.prior)
+                t = TASKS.index(task)
+                stacked[t * NF : (t + 1) * NF] = fit.coef
+            self._dirty.clear()
             self._stacked = stacked
+            self._fitted_at = now
 
     def report(self) -> dict[str, dict[str, object]]:
         """What the model has learned, for /api/ps and /health."""
+        self._refit(force=True)
         out: dict[str, dict[str, object]] = {}
         for task, fit in self._fits.items():
             out[task] = {
