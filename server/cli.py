@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import logging
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -23,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="port (default from settings: 4030)")
     p.add_argument("--config", help="local settings file merged over the shipped default (default: ./local.json if present)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help="set a configured model's model_path and load it at start-up (repeatable)")
+                   help="load a model at start-up: a configured model's new model_path, or a new model whose "
+                        "backend is read from the Diffusers folder's model_index.json (repeatable)")
     p.add_argument("--default-model", help="model used when a request names none")
     p.add_argument("--device", help="device for every model (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="torch dtype for every model")
@@ -41,10 +44,12 @@ def overrides_from(args: argparse.Namespace, model_names: list[str]) -> dict[str
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--model {spec!r}: expected NAME=PATH")
-        if name not in model_names:
-            raise ConfigError(f"--model {spec!r}: no configured model named {name!r} (configured: {', '.join(model_names)})")
         models[name] = {"model_path": path, "enabled": True}
-    for name in model_names:
+        if name not in model_names:
+            models[name].update(new_model_config(spec, path))
+    if models and args.default_model is None:
+        out["default_model"] = next(iter(models))  # requests naming no model go to the one asked for
+    for name in [*model_names, *models]:
         if args.device:
             models.setdefault(name, {})["device"] = args.device
         if args.dtype:
@@ -52,6 +57,38 @@ def overrides_from(args: argparse.Namespace, model_names: list[str]) -> dict[str
     if models:
         out["models"] = models
     return out
+
+
+# model_index.json "_class_name" -> (backend, tasks)
+PIPELINE_BACKENDS: dict[str, tuple[str, list[str]]] = {
+    "Flux2KleinPipeline": ("flux2_klein", ["generate", "edit"]),
+    "StableDiffusionXLPipeline": ("sdxl", ["generate", "edit"]),
+    "ZImagePipeline": ("z_image", ["generate", "edit"]),
+    "QwenImageEditPlusPipeline": ("qwen_edit_gguf", ["edit"]),
+}
+
+
+def new_model_config(spec: str, path: str) -> dict[str, Any]:
+    """The backend and tasks of an unconfigured ``--model NAME=PATH``, from the
+    folder's model_index.json (a .pth/.safetensors file is an upscaler)."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix in (".pth", ".safetensors"):
+        return {"backend": "upscale_esrgan"}
+    index = p / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--model {spec!r}: {index} could not be read ({exc.__class__.__name__}); point at a Diffusers "
+            "folder, or configure the model in the settings file"
+        ) from None
+    if class_name not in PIPELINE_BACKENDS:
+        raise ConfigError(
+            f"--model {spec!r}: pipeline {class_name!r} is not served by easel (supported: "
+            f"{', '.join(PIPELINE_BACKENDS)}); configure the model in the settings file"
+        )
+    backend, tasks = PIPELINE_BACKENDS[class_name]
+    return {"backend": backend, "tasks": tasks}
 
 
 class _Server(uvicorn.Server):

@@ -73,3 +73,22 @@ def test_bad_config_stops_start_up_with_a_message(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "server.py"), "--config", str(p)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "target_inflight" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_model_not_in_the_settings_gets_its_backend_from_model_index(tmp_path: Path) -> None:
+    folder = tmp_path / "sdxl-base"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    args = parse_args(["--model", f"mysdxl={folder}", "--device", "cpu"])
+    s = load_settings(None, overrides_from(args, ["stub"]))
+    m = s.models["mysdxl"]
+    assert (m.backend, m.enabled, m.model_path, m.device) == ("sdxl", True, str(folder), "cpu")
+    assert s.default_model == "mysdxl"
+
+
+@pytest.mark.parametrize(("content", "needle"), [(None, "could not be read"), ({"_class_name": "DallePipeline"}, "not served")])
+def test_cli_model_that_cannot_be_recognised_is_a_clear_error(tmp_path: Path, content: object, needle: str) -> None:
+    if content is not None:
+        (tmp_path / "model_index.json").write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=needle):
+        overrides_from(parse_args(["--model", f"x={tmp_path}"]), ["stub"])
