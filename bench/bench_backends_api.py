@@ -47,9 +47,7 @@ def sdxl_settings(folder: Path) -> dict[str, Any]:
 def api_job(c: httpx.Client, body: dict[str, Any]) -> bytes:
     """submit -> long-poll (answers on each status change, no polling delay) -> fetch."""
     tid = c.post("/api/generate", json=body).json()["task_id"]
-    while c.get("/api/status", params={"task_id": tid, "wait": 60}).json()["status"] not in ("done", "error", "cancelled"):
-        pass
-    r = c.get("/api/image", params={"task_id": tid, "delete": "true"})
+    r = c.get("/api/image", params={"task_id": tid, "delete": "true", "wait": 60})  # waits for the job, then the bytes
     r.raise_for_status()
     return r.content
 

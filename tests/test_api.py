@@ -134,6 +134,16 @@ def test_same_seed_gives_identical_pixels(server: RunningServer) -> None:
     assert data[0] == data[1] != data[2]
 
 
+def test_image_with_wait_answers_once_the_job_is_done(slow_server: RunningServer) -> None:
+    c = slow_server.client
+    tid = c.post("/api/generate", json={"prompt": "wait for me", "steps": 6}).json()["task_id"]
+    assert c.get("/api/image", params={"task_id": tid}).status_code == 404  # not ready yet
+    r = c.get("/api/image", params={"task_id": tid, "wait": 30})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    failed = c.post("/api/generate", json={"prompt": "fail"}).json()["task_id"]
+    assert c.get("/api/image", params={"task_id": failed, "wait": 30}).status_code == 410
+
+
 def test_base64_and_delete(server: RunningServer) -> None:
     c = server.client
     tid = c.post("/api/generate", json={"prompt": "b64", "format": "webp"}).json()["task_id"]

@@ -139,6 +139,10 @@ async def image(request: Request) -> Response:
         raise BadRequest("index must be an integer", param="index") from None
     as_b64 = q.get("base64", "false").lower() in ("1", "true", "yes")
     delete = q.get("delete", "false").lower() in ("1", "true", "yes")
+    wait = _float_param(request, "wait", 0.0, 300.0)
+    deadline = time.monotonic() + wait
+    while not job.status.finished and (left := deadline - time.monotonic()) > 0:
+        await job.wait_change(left, progress=False)  # submit, then one request for the image
     if job.status is not JobStatus.DONE:
         if job.status in (JobStatus.ERROR, JobStatus.CANCELLED):
             raise Gone(f"task {job.id} ended as {job.status.value}: {job.message}", param="task_id")
@@ -208,7 +212,7 @@ ROUTES = [
     route("/api/upscale", upscale, ["POST"], Doc("Queue an upscale of one image (the upscaler is loaded on demand)", body=UpscaleRequest, response=SubmitResponse, tags=("jobs",), statuses=(400, 404, 409, 413, 429))),
     route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change (for a done job: for its uploads and webhook to finish)."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
     route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends", tags=("jobs",), content="text/event-stream", params=(TASK_ID,))),
-    route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch.")), statuses=(400, 404, 410)), name="api_image"),
+    route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch."), Param("wait", "number", "Seconds to wait for the job to finish first (then the bytes, in one request).")), statuses=(400, 404, 410)), name="api_image"),
     route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each."),))),
     route("/api/cancel", cancel, ["GET", "POST"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
     route("/api/tasks/{task_id}", cancel, ["DELETE"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
