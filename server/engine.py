@@ -116,7 +116,7 @@ class Engine:
 
     # ----- submit / cancel ---------------------------------------------------------
 
-    async def validate_delivery(self, job: Job) -> None:
+    async def run_submit_checks(self, job: Job) -> None:
         for check in self.submit_checks:
             await check(job)
 

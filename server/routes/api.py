@@ -43,7 +43,7 @@ async def submit(request: Request, task: str) -> Response:
     ms = engine.loaded_model(req.model)
     job = await build_job(req, ms, engine.settings, task, uploads=uploads, fetch=engine.fetch_url)
     job.base_url = str(request.base_url)
-    await engine.validate_delivery(job)
+    await engine.run_submit_checks(job)
     engine.submit(ms, job)
     return accepted(job)
 

@@ -86,7 +86,7 @@ async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, Job, 
     job = await build_job(to_generate_request(req, ms), ms, engine.settings, task, uploads=uploads, fetch=engine.fetch_url)
     for item in job.items:
         item.mask = mask
-    await engine.validate_delivery(job)
+    await engine.run_submit_checks(job)
     previews = Previews(job, req.partial_images or 0, asyncio.get_running_loop()) if req.stream else None
     engine.submit(ms, job)
     return req, job, previews
