@@ -76,13 +76,6 @@ class CostModel:
         self._dirty: set[str] = set()
         self._fitted_at = 0.0
 
-    @property
-    def coefficients(self) -> np.ndarray:
-        """All tasks' coefficients as one DIM vector (dot it with job vectors)."""
-        if self._dirty:
-            self._refit(force=False)
-        return self._stacked
-
     def predict(self, vec: np.ndarray) -> float:
         if self._dirty:
             self._refit(force=False)

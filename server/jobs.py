@@ -90,7 +90,6 @@ class Job:
     level: Any = None
     slot: int = -1
     # change notification (event-loop side)
-    version: int = 0
     _waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)  # any change
     _status_waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)  # not progress
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -120,14 +119,12 @@ class Job:
         return self.webhook == PENDING or any(r.upload == PENDING for r in self.results)
 
     def touch(self) -> None:
-        """Record a change and wake everyone waiting for one (event loop only)."""
-        self.version += 1
+        """Wake everyone waiting for a change (event loop only)."""
         _wake(self._waiters)
         _wake(self._status_waiters)
 
     def progressed(self) -> None:
         """A step finished: wake only the waiters that follow progress (event loop only)."""
-        self.version += 1
         _wake(self._waiters)
 
     @property
