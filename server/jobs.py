@@ -16,6 +16,7 @@ import numpy as np
 from .backends.base import WorkItem
 
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 PENDING = "pending"  # a delivery (upload, webhook) not yet attempted or in flight
 
 
@@ -46,6 +47,10 @@ class ImageResult:
     @property
     def media_type(self) -> str:
         return MEDIA_TYPES[self.format]
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
 
 
 def new_id() -> str:

@@ -15,6 +15,7 @@ import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import BackendError, JobCancelled
@@ -147,10 +148,11 @@ async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Imag
     try:
         for hook in engine.image_hooks:
             images = await hook(job, images)
-        if sum(img.width * img.height for img in images) <= INLINE_ENCODE_PIXELS:
+        output_dir = engine.settings.storage.output_dir
+        if output_dir is None and sum(img.width * img.height for img in images) <= INLINE_ENCODE_PIXELS:
             encoded = _encode_all(job, images)  # cheaper than a hand-off to the encoder threads
         else:
-            encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images)
+            encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images, output_dir)
     except JobCancelled:
         engine.finish(ms, job, JobStatus.CANCELLED, "cancelled while post-processing")
         return
@@ -163,7 +165,9 @@ async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Imag
     engine.finish(ms, job, JobStatus.DONE)
 
 
-def _encode_all(job: Job, images: list[Image]) -> list[ImageResult]:
+def _encode_all(job: Job, images: list[Image], output_dir: str | None = None) -> list[ImageResult]:
+    """Encode every image (encoder thread, or inline for tiny ones); with
+    ``storage.output_dir`` set, also write each to ``<output_dir>/<task_id>-<index>.<ext>``."""
     prompts = [item.prompt for item in job.items for _ in range(item.n)]
     seeds = [item.seed + k for item in job.items for k in range(item.n)]
     timed = job.item_seconds
@@ -185,4 +189,10 @@ def _encode_all(job: Job, images: list[Image]) -> list[ImageResult]:
                 seconds=seconds[last],
             )
         )
+    if output_dir is not None:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for r in out:
+            assert r.data is not None
+            (folder / f"{job.id}-{r.index}.{r.extension}").write_bytes(r.data)
     return out

@@ -405,3 +405,13 @@ def test_api_keys_guard_the_api_and_admin_routes(server_factory: Any) -> None:
     assert c.get("/v1/admin/models", headers=user).status_code == 403
     assert c.get("/v1/admin/models", headers=admin).status_code == 200
     assert c.get("/api/tasks", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_storage_output_dir_keeps_a_copy_of_every_result(server_factory: Any, tmp_path: Any) -> None:
+    out = tmp_path / "results"
+    srv = server_factory({**stub_settings(), "storage": {"output_dir": str(out)}})
+    c = srv.client
+    tid = c.post("/api/generate", json={"prompt": "keep", "n": 2, "format": "JPEG"}).json()["task_id"]
+    assert wait_done(c, tid)["status"] == "done"
+    for i in range(2):
+        assert (out / f"{tid}-{i}.jpg").read_bytes() == c.get("/api/image", params={"task_id": tid, "index": i}).content
