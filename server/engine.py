@@ -258,6 +258,3 @@ class Engine:
 
     def _depths(self) -> dict[str, tuple[int, int]]:
         return {name: (len(ms.queue), len(ms.running)) for name, ms in self.registry.models.items()}
-
-    def forecast_report(self, ms: ModelState) -> dict[str, Any]:
-        return ms.cost.report()

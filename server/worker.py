@@ -2,10 +2,11 @@
 
 Each loaded model runs ``target_inflight`` loops; each loop takes the next job from
 the model's queue and runs its pipeline calls in a worker thread (never on the
-event loop).  Progress and previews hop back to the loop with
-``call_soon_threadsafe``.  When the backend returns, the images are handed to a
-separate finishing task (post-processing, encoding, storing) and the loop takes
-the next job at once, so the GPU does not wait for PNG encoding.
+event loop).  Steps are recorded on the job from the worker thread; the loop is
+woken (``call_soon_threadsafe``) only when someone follows progress or previews.
+When the backend returns, the images are handed to a separate finishing task
+(post-processing, encoding, storing) and the loop takes the next job at once, so
+the GPU does not wait for PNG encoding.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def model_info(engine: Engine, ms: ModelState, forecasts: bool) -> ModelInfo:
         running=len(ms.running),
         load_error=ms.load_error,
         vram_estimate_mib=cfg.vram_estimate_mib,
-        forecast=engine.forecast_report(ms) if forecasts else None,
+        forecast=ms.cost.report() if forecasts else None,
     )
 
 
