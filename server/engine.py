@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from .config import Settings
 
 log = logging.getLogger("easel")
-DoneHook = Callable[[Job], Coroutine[Any, Any, None]]
+# a done hook looks at a finished job and returns the work to run for it, if any
+DoneHook = Callable[[Job], Coroutine[Any, Any, None] | None]
+SubmitCheck = Callable[[Job], Coroutine[Any, Any, None]]
 
 
 class Engine:
@@ -38,8 +40,8 @@ class Engine:
         self.store = JobStore(settings.queue.result_ttl_seconds, settings.queue.result_memory_mib * 2**20)
         self.metrics = Metrics(self._depths)
         self.image_hooks: list[ImageHook] = []  # before encoding (upscale...)
-        self.done_hooks: list[DoneHook] = []  # after a job with options ends (uploads, webhooks...)
-        self.submit_checks: list[DoneHook] = []  # before a job is queued (URL guards...)
+        self.done_hooks: list[DoneHook] = []  # after a job ends (uploads, webhooks, upscaler lease)
+        self.submit_checks: list[SubmitCheck] = []  # before a job is queued (URL guards...)
         self.fetch_url: UrlFetcher | None = None  # reference images given by URL
         self.encoder = ThreadPoolExecutor(2, thread_name_prefix="easel-encode")  # off the GPU threads
         self.accepting = True
@@ -220,9 +222,10 @@ class Engine:
             f" ({message})" if message else "",
         )
         job.touch()
-        if job.options:  # done hooks act on a job's options (uploads, webhook, upscaler lease)
-            for hook in self.done_hooks:
-                self.spawn(hook(job))
+        for hook in self.done_hooks:
+            work = hook(job)  # None when the hook has nothing to do: no task for it
+            if work is not None:
+                self.spawn(work)
 
     # ----- positions and forecasts ---------------------------------------------------
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio.to_thread
 
@@ -125,9 +125,11 @@ class Upscaler:
         async with self.lease(ms) as backend:
             return await anyio.to_thread.run_sync(_upscale_all, backend, images, int(scale), job.cancel_event)
 
-    async def job_done(self, job: Job) -> None:
-        if job.options.pop(LEASED, False):
-            await self.release(self.engine.registry.models[job.model])
+    def job_done(self, job: Job) -> Coroutine[Any, Any, None] | None:
+        """Done hook: a job that held the upscaler gives its lease back."""
+        if not job.options.pop(LEASED, False):
+            return None
+        return self.release(self.engine.registry.models[job.model])
 
     # ----- /api/upscale --------------------------------------------------------------
 

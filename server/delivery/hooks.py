@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import httpx
@@ -90,13 +91,16 @@ class Delivery:
         if webhook is not None:
             job.webhook = PENDING
 
-    async def deliver(self, job: Job) -> None:
+    def deliver(self, job: Job) -> Coroutine[Any, Any, None] | None:
         """Done hook: uploads first, then the webhook with the final status."""
         urls: list[str] = job.options.get("upload_urls") or []
         webhook: str | None = job.options.get("webhook_url")
         uploads = list(zip(job.results, urls, strict=False)) if job.status is JobStatus.DONE else []
         if not uploads and webhook is None:
-            return
+            return None
+        return self._deliver(job, uploads, webhook)
+
+    async def _deliver(self, job: Job, uploads: list[tuple[ImageResult, str]], webhook: str | None) -> None:
         try:
             async with make_client(self.cfg) as http:
                 await asyncio.gather(*(self._upload(http, job, result, url) for result, url in uploads))
