@@ -42,11 +42,17 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
     return MsgspecResponse(content, status_code=status_code, headers=headers)
 
 
-async def read_body(request: Request) -> bytes:
+def body_limit(request: Request) -> int:
+    """The body size limit in bytes; a declared Content-Length over it is a 413 at once."""
     limit = engine_of(request).settings.limits.max_body_mib * 2**20
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit} bytes (limits.max_body_mib)")
+    return limit
+
+
+async def read_body(request: Request) -> bytes:
+    limit = body_limit(request)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -83,10 +89,7 @@ LIST_FIELDS = ("prompts", "upload_urls")
 async def decode_form(request: Request, typ: type[T], file_fields: tuple[str, ...] = FILE_FIELDS) -> tuple[T, list[bytes], dict[str, bytes]]:
     """Multipart/form-data: fields -> ``typ`` (numbers coerced), files in
     ``file_fields`` -> a list of bytes, other files by field name."""
-    limit = engine_of(request).settings.limits.max_body_mib * 2**20
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit} bytes (limits.max_body_mib)")
+    limit = body_limit(request)
     form = await request.form(max_part_size=limit)
     fields: dict[str, Any] = {}
     files: list[bytes] = []
