@@ -13,6 +13,7 @@ import httpx
 import pytest
 import requests
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import RunningServer, stub_settings
 
@@ -353,14 +354,32 @@ def test_500_concurrent_submissions_all_complete_once(server: RunningServer) -> 
             assert r.status_code == 202, r.text
             return str(r.json()["task_id"])
 
+    c = server.client
+    before = metric_values(c.get("/metrics").text)
     with ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(submit, range(500)))
     assert len(set(ids)) == 500
-    c = server.client
     seeds = [wait_done(c, tid, timeout=120)["seed"] for tid in ids]
     assert sorted(seeds) == list(range(500))
-    text = c.get("/metrics").text
-    assert "easel_jobs_total" in text
+    after = metric_values(c.get("/metrics").text)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("easel_jobs_submitted_total", model="stub", task="generate") == 500
+    assert grew("easel_jobs_total", model="stub", task="generate", status="done") == 500
+    assert grew("easel_job_run_seconds_count", model="stub", task="generate") == 500
+    assert grew("easel_job_wait_seconds_bucket", model="stub", le="+Inf") == 500
+    assert after[("easel_queue_depth", (("model", "stub"),))] == 0
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 # --- models, docs, health ------------------------------------------------------------------
