@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,6 +20,7 @@ from .backends.base import Backend, Capabilities, model_capabilities
 from .errors import Conflict, NotFound
 from .forecast import TASKS, CostModel
 from .queue import ModelQueue
+from .threads import LoopThreads
 from .training import TRAINABLE_BACKENDS
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class ModelState:
     load_error: str | None = None
     running: set[Job] = field(default_factory=set)
     workers: list[asyncio.Task[None]] = field(default_factory=list)
-    executor: ThreadPoolExecutor | None = None  # the model's GPU thread(s)
+    executor: LoopThreads | None = None  # the model's GPU thread(s)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -104,7 +104,7 @@ class Registry:
             priors = {t: p for t in TASKS if (p := backend.cost_prior(t)) is not None}
             if priors:
                 ms.cost = CostModel(priors)
-        ms.executor = ThreadPoolExecutor(ms.cfg.target_inflight, thread_name_prefix=f"easel-{name}")
+        ms.executor = LoopThreads(ms.cfg.target_inflight, f"easel-{name}")
         ms.state = "loaded"
         log.info("model %s: loaded", name)
         return ms
@@ -121,7 +121,7 @@ class Registry:
         backend, ms.backend = ms.backend, None
         ms.state = "unloaded"
         if ms.executor is not None:
-            ms.executor.shutdown(wait=False)
+            ms.executor.shutdown()
             ms.executor = None
         if backend is not None:
             await anyio.to_thread.run_sync(_release, backend)
