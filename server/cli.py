@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import gc
 import json
-import logging
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from . import logs
 from .app import create_app
 from .config import ConfigError, load_settings
 
@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"easel: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # the format uses none of these: skip collecting them for every record
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logs.setup(settings.log_level)
     app = create_app(settings)
     # Start-up objects (modules, settings, routes) never become garbage: keep them out
     # of every collection, and collect the young generation less often than the
