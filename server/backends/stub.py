@@ -8,7 +8,6 @@ it behave like a real model for queueing, progress, cancel and forecasts.
 from __future__ import annotations
 
 import functools
-import random
 import textwrap
 import threading
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
 
 REF_COST = 0.25  # extra cost per reference image, as a fraction
+MIN_TEXT_WIDTH, MIN_TEXT_HEIGHT = 48, 32  # smaller images get no caption: no line of it would show
 _RAMP = Image.linear_gradient("L")
 
 
@@ -66,9 +66,7 @@ class StubBackend:
         return [self._draw(item, item.seed + k) for k in range(item.n)]
 
     def _draw(self, item: WorkItem, seed: int, blur_to: float = 1.0) -> Image.Image:
-        rng = random.Random(seed)
-        c1 = tuple(rng.randrange(256) for _ in range(3))
-        c2 = tuple(rng.randrange(256) for _ in range(3))
+        c1, c2 = _colours(seed)
         w, h = item.width, item.height
         # a diagonal gradient: 1-pixel-high ramp resized, cheap even at 4 MP
         ramp = _RAMP.resize((w, h), Image.Resampling.NEAREST)
@@ -77,11 +75,25 @@ class StubBackend:
             img = Image.blend(Image.composite(Image.new("RGB", (w, h), c1), Image.new("RGB", (w, h), c2), ramp), base, 0.5)
         else:
             img = Image.composite(Image.new("RGB", (w, h), c1), Image.new("RGB", (w, h), c2), ramp)
-        draw = ImageDraw.Draw(img)
-        font = _font(w)
-        size = getattr(font, "size", 11)
-        text = "\n".join(textwrap.wrap(item.prompt, width=max(8, int(w / (0.6 * size)) - 2))[:8])
-        draw.multiline_text((8, 8), f"{text}\nseed {seed}", fill=(255, 255, 255), font=font)
+        if w >= MIN_TEXT_WIDTH and h >= MIN_TEXT_HEIGHT:
+            self._caption(img, item.prompt, seed)
         if blur_to < 1.0:
             img = img.reduce(max(1, int(8 * (1 - blur_to)) or 1)).resize((w, h))
         return img
+
+    @staticmethod
+    def _caption(img: Image.Image, prompt: str, seed: int) -> None:
+        w = img.width
+        draw = ImageDraw.Draw(img)
+        font = _font(w)
+        size = getattr(font, "size", 11)
+        text = "\n".join(textwrap.wrap(prompt, width=max(8, int(w / (0.6 * size)) - 2))[:8])
+        draw.multiline_text((8, 8), f"{text}\nseed {seed}", fill=(255, 255, 255), font=font)
+
+
+def _colours(seed: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The gradient's two colours, from the seed (a multiplicative hash: seeding a
+    Mersenne Twister per image costs more than the rest of a thumbnail)."""
+    x = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFF  # 48 bits: two colours
+    x ^= x >> 29
+    return (x & 255, (x >> 8) & 255, (x >> 16) & 255), ((x >> 24) & 255, (x >> 32) & 255, (x >> 40) & 255)
