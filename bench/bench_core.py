@@ -54,6 +54,11 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 '''
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    t = psutil.Process(pid).cpu_times()
+    return t.user, t.system
+
+
 def cpu_seconds(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system

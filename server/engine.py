@@ -13,11 +13,9 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .build import UrlFetcher
 from .errors import Conflict, NotFound, QueueFull, Unavailable
-from .forecast import DIM, features, job_vector, running_remaining
+from .forecast import DIM, features, job_vector, running_remaining, sum_features
 from .jobs import Job, JobStatus
 from .metrics import Metrics
 from .registry import ModelState, Registry
@@ -144,7 +142,7 @@ class Engine:
         self._seq += 1
         job.seq = self._seq
         if job.features is None:  # training jobs bring their own
-            job.features = np.sum([features(it.steps, it.megapixels, it.n, len(it.images)) for it in job.items], axis=0)
+            job.features = sum_features([features(it.steps, it.megapixels, it.n, len(it.images)) for it in job.items])
         job.vector = job_vector(job.task, job.features)
         job.predicted = ms.cost.predict(job.vector)
         if job.total_steps == 0:
@@ -153,7 +151,7 @@ class Engine:
         ms.queue.push(job)
         pos, job.expected_at_submit = self.standing(ms, job)
         job.pos_at_submit = pos
-        self.metrics.child(self.metrics.submitted, ms.name, job.task).inc()
+        self.metrics.submitted.labels(ms.name, job.task).inc()
         log.info(
             "job %s %s on %s: waiting (pos %d, expected %.2fs, priority %d)",
             job.id, job.task, ms.name, pos, job.expected_at_submit, job.priority,
@@ -191,7 +189,7 @@ class Engine:
         job.started_at = time.time()
         job.started_mono = time.monotonic()
         ms.running.add(job)
-        self.metrics.child(self.metrics.wait, ms.name).observe(job.started_at - job.created_at)
+        self.metrics.wait.labels(ms.name).observe(job.started_at - job.created_at)
         log.info("job %s on %s: running (waited %.2fs)", job.id, ms.name, job.started_at - job.created_at)
         job.touch()
 
@@ -209,11 +207,11 @@ class Engine:
             assert job.features is not None
             worker_s = job.worker_seconds if job.worker_seconds is not None else run_s
             ms.cost.observe(job.task, job.features, worker_s, job.predicted)
-            self.metrics.child(self.metrics.duration, ms.name, job.task).observe(run_s)
+            self.metrics.duration.labels(ms.name, job.task).observe(run_s)
             total = job.finished_at - job.created_at
             if total > 0:
-                self.metrics.child(self.metrics.forecast_error, ms.name).observe(abs(job.expected_at_submit - total) / total)
-        self.metrics.child(self.metrics.jobs, ms.name, job.task, status.value).inc()
+                self.metrics.forecast_error.labels(ms.name).observe(abs(job.expected_at_submit - total) / total)
+        self.metrics.jobs.labels(ms.name, job.task, status.value).inc()
         self.store.finished(job)
         log.info(
             "job %s on %s: %s%s%s",

@@ -42,6 +42,11 @@ def features(steps: int, megapixels: float, n: int, refs: int) -> np.ndarray:
     return np.array([1.0, work, refs * n, work * refs], dtype=np.float64)
 
 
+def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
+    """A job's features: the sum over its pipeline calls (most jobs make one)."""
+    return per_call[0] if len(per_call) == 1 else np.sum(per_call, axis=0)
+
+
 def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
     """The job's features placed in its task's block of a DIM vector."""
     vec = np.zeros(DIM, dtype=np.float64)

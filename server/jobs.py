@@ -92,6 +92,7 @@ class Job:
     expected_at_submit: float = 0.0
     pos_at_submit: int = 0
     # queue bookkeeping
+    row: np.ndarray | None = None  # ``vector`` and a count of one
     level: Any = None
     slot: int = -1
     # change notification (event-loop side)
@@ -139,20 +140,34 @@ class Job:
 
     async def wait_change(self, timeout: float | None, *, progress: bool = True) -> bool:
         """Wait for the next change (with ``progress=False``: not a mere step); False on timeout."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         waiters = self._waiters if progress else self._status_waiters
         waiters.append(fut)
+        # a timer on the future itself, not asyncio.wait_for: one loop pass less per wake-up
+        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
         try:
-            await asyncio.wait_for(fut, timeout)
+            await fut
             return True
-        except TimeoutError:
+        except _Expired:
             return False
         finally:
+            if timer is not None:
+                timer.cancel()
             if fut in waiters:
                 waiters.remove(fut)
 
     def result_bytes(self) -> int:
         return sum(len(r.data) for r in self.results if r.data is not None)
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:

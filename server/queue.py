@@ -56,27 +56,24 @@ class _Level:
         self.next_slot = 0
         self.fenwick = _Fenwick(64)
 
-    def _row(self, job: Job) -> np.ndarray:
-        row = np.empty(WIDTH, dtype=np.float64)
-        assert job.vector is not None
-        row[:DIM] = job.vector
-        row[DIM] = 1.0
-        return row
-
     def push(self, job: Job) -> None:
         if self.next_slot >= self.fenwick.capacity:
             self._rebuild()
         job.level = self
         job.slot = self.next_slot
         self.next_slot += 1
-        row = self._row(job)
+        if job.row is None:  # its features and a count of one
+            assert job.vector is not None
+            job.row = np.append(job.vector, 1.0)
+        row = job.row
         self.fenwick.add(job.slot, row)
         self.total += row
         self.jobs.append(job)
         self.live += 1
 
     def remove(self, job: Job) -> None:
-        row = self._row(job)
+        row = job.row
+        assert row is not None
         self.fenwick.add(job.slot, -row)
         self.total -= row
         self.live -= 1

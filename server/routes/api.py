@@ -26,7 +26,7 @@ from ..schemas import (
     TasksResponse,
     UpscaleRequest,
 )
-from .common import decode_form, decode_json, engine_of, json_response, status_of, upscaler_of
+from .common import base_url, decode_form, decode_json, engine_of, json_response, status_of, upscaler_of
 from .models import models_response
 
 TASK_ID = Param("task_id", description="The id returned at submission.", required=True)
@@ -42,7 +42,7 @@ async def submit(request: Request, task: str) -> Response:
         req = await decode_json(request, GenerateRequest)
     ms = engine.loaded_model(req.model)
     job = await build_job(req, ms, engine.settings, task, uploads=uploads, fetch=engine.fetch_url)
-    job.base_url = str(request.base_url)
+    job.base_url = base_url(request)
     await engine.run_submit_checks(job)
     engine.submit(ms, job)
     return accepted(job)

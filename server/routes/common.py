@@ -130,8 +130,25 @@ def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
     target[leaf] = value
 
 
+_base_urls: dict[tuple[Any, ...], str] = {}
+
+
+def base_url(request: Request) -> str:
+    """``str(request.base_url)``, remembered per scheme, Host header, server address
+    and root path (Starlette builds and parses a URL for it on every call)."""
+    scope = request.scope
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    key = (scope.get("scheme"), host, scope.get("server"), scope.get("root_path"), scope.get("app_root_path"))
+    url = _base_urls.get(key)
+    if url is None:
+        if len(_base_urls) >= 256:  # Host headers are the client's to choose: keep it bounded
+            _base_urls.clear()
+        url = _base_urls[key] = str(request.base_url)
+    return url
+
+
 def image_url(request: Request, job: Job, index: int) -> str:
-    return absolute_image_url(str(request.base_url), job, index)
+    return absolute_image_url(base_url(request), job, index)
 
 
 def absolute_image_url(base_url: str, job: Job, index: int) -> str:
@@ -139,7 +156,7 @@ def absolute_image_url(base_url: str, job: Job, index: int) -> str:
 
 
 def status_of(request: Request, job: Job) -> JobStatusResponse:
-    return job_status(engine_of(request), job, str(request.base_url))
+    return job_status(engine_of(request), job, base_url(request))
 
 
 def job_status(engine: Engine, job: Job, base_url: str) -> JobStatusResponse:

@@ -1,0 +1,162 @@
+"""Unit tests of the small parts the job path is made of: the worker threads, the
+direct PNG writer, the scrape-time metrics, the log formatter, and change waits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import random
+import re
+import threading
+import time
+
+import prometheus_client
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.backends.base import WorkItem
+from server.jobs import Job
+from server.logs import FORMAT, Formatter
+from server.metrics import Metrics
+from server.threads import LoopThreads
+from server.worker import encode, small_png
+
+# --- LoopThreads -----------------------------------------------------------------------
+
+
+def test_loop_threads_run_off_the_loop_and_return_results_and_exceptions() -> None:
+    async def main() -> None:
+        threads = LoopThreads(2, "t")
+        try:
+            loop_thread = threading.get_ident()
+            ident = await threads.run(threading.get_ident)
+            assert ident != loop_thread
+            assert await threads.run(pow, 3, 4) == 81
+            with pytest.raises(ZeroDivisionError):
+                await threads.run(lambda: 1 / 0)
+            # two threads: two blocking calls overlap
+            barrier = threading.Barrier(2, timeout=10)
+            assert await asyncio.gather(threads.run(barrier.wait), threads.run(barrier.wait)) is not None
+        finally:
+            threads.shutdown()
+        with pytest.raises(RuntimeError, match="shut down"):
+            threads.run(int)
+
+    asyncio.run(main())
+
+
+def test_loop_threads_end_after_shutdown_and_ignore_a_cancelled_caller() -> None:
+    release = threading.Event()
+
+    async def main() -> LoopThreads:
+        threads = LoopThreads(1, "t")
+        fut = threads.run(release.wait, 10)
+        fut.cancel()  # the caller goes away; the call runs on and its result is dropped
+        release.set()
+        assert await threads.run(int, "7") == 7  # the thread is still serving
+        threads.shutdown()
+        return threads
+
+    threads = asyncio.run(main())
+    for t in threads._threads:
+        t.join(timeout=10)
+        assert not t.is_alive()
+
+
+# --- small_png -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(1, 1), (16, 16), (37, 5), (128, 128)])
+def test_small_png_decodes_to_the_same_pixels(mode: str, size: tuple[int, int]) -> None:
+    rng = random.Random(f"{mode}{size}")
+    img = Image.frombytes(mode, size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * len(mode))))
+    data = small_png(img)
+    out = Image.open(io.BytesIO(data))
+    out.load()  # Pillow checks each chunk's CRC
+    assert (out.format, out.mode, out.size) == ("PNG", mode, size)
+    assert out.tobytes() == img.tobytes()
+    assert encode(img, "PNG", 85) == data  # small images take this path
+
+
+def test_large_and_other_images_still_go_through_pillow() -> None:
+    big = Image.new("RGB", (256, 256), (10, 20, 30))
+    assert encode(big, "PNG", 85) != small_png(big)
+    palette = Image.new("P", (8, 8))
+    assert Image.open(io.BytesIO(encode(palette, "PNG", 85))).mode == "P"
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_render_as_prometheus_client_would() -> None:
+    ours = Metrics(lambda: {"m": (3, 1)})
+    reg = prometheus_client.CollectorRegistry()
+    bounds = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
+    ref_wait = prometheus_client.Histogram("easel_job_wait_seconds", "w", ["model"], buckets=bounds, registry=reg)
+    ref_jobs = prometheus_client.Counter("easel_jobs", "j", ["model", "task", "status"], registry=reg)
+    for value in (0.0, 0.01, 0.011, 0.3, 7.0, 5000.0):  # on a bound, just over it, over the last
+        ours.wait.labels("m").observe(value)
+        ref_wait.labels("m").observe(value)
+    for status in ("done", "done", "error"):
+        ours.jobs.labels("m", "generate", status).inc()
+        ref_jobs.labels("m", "generate", status).inc()
+    ours.loaded.labels("m").set(1)
+    got = _samples(ours.render().decode())
+    want = {k: v for k, v in _samples(prometheus_client.generate_latest(reg).decode()).items() if not k[0].endswith("_created")}
+    assert want.items() <= got.items()
+    assert got[("easel_queue_depth", (("model", "m"),))] == 3
+    assert got[("easel_jobs_running", (("model", "m"),))] == 1
+    assert got[("easel_model_loaded", (("model", "m"),))] == 1
+    with pytest.raises(ValueError, match="labels"):
+        ours.jobs.labels("m")
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+
+def test_log_formatter_matches_the_default_format() -> None:
+    ours, std = Formatter(FORMAT), logging.Formatter(FORMAT)
+    for created in (1_790_000_000.0, 1_790_000_000.999, 1_790_000_001.5, 1_790_000_000.25):
+        record = logging.makeLogRecord({"name": "easel", "levelname": "INFO", "msg": "job %s", "args": ("x",), "created": created, "msecs": (created % 1) * 1000})
+        assert ours.format(record) == std.format(record)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO easel: job x", ours.format(record))
+
+
+# --- change waits --------------------------------------------------------------------------
+
+
+def test_wait_change_times_out_wakes_on_touch_and_leaves_no_waiter() -> None:
+    job = Job(model="m", task="generate", items=[WorkItem(task="generate", prompt="p", width=16, height=16, steps=1, seed=0)])
+
+    async def main() -> None:
+        t0 = time.monotonic()
+        assert await job.wait_change(0.05) is False
+        assert time.monotonic() - t0 >= 0.04
+        assert not job._waiters
+        waiting = asyncio.ensure_future(job.wait_change(10, progress=False))
+        await asyncio.sleep(0)
+        job.progressed()  # a step: not a change for progress=False
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        job.touch()
+        assert await waiting is True
+        assert not job._waiters and not job._status_waiters
+        cancelled = asyncio.ensure_future(job.wait_change(10))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert not job._waiters
+
+    asyncio.run(main())
