@@ -238,7 +238,7 @@ class Engine:
     def _queue_seconds(self, ms: ModelState) -> float:
         now = time.monotonic()
         ahead = ms.queue.total()
-        return (self._running_seconds(ms, now) + ms.cost.predict(ahead[:DIM])) / ms.cfg.target_inflight
+        return (self._running_seconds(ms, now) + ms.cost.predict(ahead)) / ms.cfg.target_inflight
 
     def standing(self, ms: ModelState, job: Job) -> tuple[int, float]:
         """(position, forecast seconds until done) of ``job``: one O(log n) look-up.
@@ -254,7 +254,7 @@ class Engine:
                 now, job.started_mono or now, job.predicted, job.step, job.total_steps, job.last_step_mono
             )
         ahead = ms.queue.ahead(job)
-        before = (self._running_seconds(ms, now) + ms.cost.predict(ahead[:DIM])) / ms.cfg.target_inflight
+        before = (self._running_seconds(ms, now) + ms.cost.predict(ahead)) / ms.cfg.target_inflight
         return len(ms.running) + int(ahead[DIM]), before + job.predicted
 
     def _depths(self) -> dict[str, tuple[int, int]]:

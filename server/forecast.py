@@ -31,6 +31,7 @@ TASKS: tuple[str, ...] = ("generate", "edit", "train", "upscale")
 FEATURES: tuple[str, ...] = ("jobs", "steps_mp_n", "refs_n", "steps_mp_n_refs")
 NF = len(FEATURES)
 DIM = NF * len(TASKS)  # one block of features per task
+WIDTH = DIM + 1  # a job vector: its task's features, then a count of one (jobs ahead = sum of vectors)
 GENERIC_PRIOR = (0.5, 1.0, 0.5, 0.1)
 MIN_PENALTY = 1e-9
 EAGER_SAMPLES = 64  # refit after every one of a task's first jobs
@@ -48,10 +49,12 @@ def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
 
 
 def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
-    """The job's features placed in its task's block of a DIM vector."""
-    vec = np.zeros(DIM, dtype=np.float64)
+    """The job's features placed in its task's block of a WIDTH vector, whose last
+    component (a count of one job) the forecast gives no weight."""
+    vec = np.zeros(WIDTH, dtype=np.float64)
     t = TASKS.index(task)
     vec[t * NF : (t + 1) * NF] = feats
+    vec[DIM] = 1.0
     return vec
 
 
@@ -77,11 +80,12 @@ class CostModel:
         for task in TASKS:
             prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
             self._fits[task] = _Fit(prior=prior, a=np.zeros((NF, NF)), b=np.zeros(NF), coef=prior.copy())
-        self._stacked = np.concatenate([self._fits[t].coef for t in TASKS])
+        self._stacked = np.concatenate([*(self._fits[t].coef for t in TASKS), [0.0]])  # 0: the count
         self._dirty: set[str] = set()
         self._fitted_at = 0.0
 
     def predict(self, vec: np.ndarray) -> float:
+        """Seconds for a job vector, or for a sum of them (everything ahead of a job)."""
         if self._dirty:
             self._refit(force=False)
         return max(0.0, float(self._stacked @ vec))

@@ -1,11 +1,15 @@
 """Per-model priority queue with O(log n) positions and forecast sums.
 
 Jobs are ordered by ``(priority, seq)``: lower priority first, FIFO within a
-priority.  Each distinct priority is a *level* holding its jobs in arrival order in
-a Fenwick (binary indexed) tree of feature vectors, whose last component counts
-jobs.  The jobs ahead of a job are all jobs of lower levels (kept as running
-totals) plus a Fenwick prefix of its own level, so a job's position and the summed
-forecast features of everything ahead cost O(levels + log n), never a scan.
+priority.  Each distinct priority is a *level* holding its jobs in arrival order.
+A job's forecast vector ends with a count of one, so summing the vectors of the
+jobs ahead of a job gives both its position and the forecast features of what it
+waits for.  A level keeps prefix sums of the vectors in arrival order and subtracts
+the jobs that left: those popped from the front as one running sum (each was ahead
+of every job still waiting), those cancelled from the middle through a Fenwick
+(binary indexed) tree.  Push and pop cost one vector add, a cancel and a position
+O(log n); the jobs ahead in lower levels are their levels' totals.  Nothing scans
+the queue.
 """
 
 from __future__ import annotations
@@ -16,19 +20,15 @@ from collections import deque
 import numpy as np
 from sortedcontainers import SortedDict
 
-from .forecast import DIM
+from .forecast import WIDTH
 from .jobs import Job
 
-WIDTH = DIM + 1  # features + count
+MIN_SLOTS = 64
 
 
 class _Fenwick:
     def __init__(self, capacity: int) -> None:
         self.tree = np.zeros((capacity + 1, WIDTH), dtype=np.float64)
-
-    @property
-    def capacity(self) -> int:
-        return self.tree.shape[0] - 1
 
     def add(self, slot: int, vec: np.ndarray) -> None:
         i = slot + 1
@@ -50,60 +50,74 @@ class _Fenwick:
 class _Level:
     def __init__(self, priority: int) -> None:
         self.priority = priority
-        self.jobs: deque[Job] = deque()  # arrival order; removed jobs are skipped lazily
+        self.jobs: deque[Job] = deque()  # arrival order; cancelled jobs are skipped lazily
         self.live = 0
-        self.total = np.zeros(WIDTH, dtype=np.float64)
         self.next_slot = 0
-        self.fenwick = _Fenwick(64)
+        self.cum = np.zeros((MIN_SLOTS + 1, WIDTH), dtype=np.float64)  # cum[k]: sum of slots [0, k)
+        self.popped = np.zeros(WIDTH, dtype=np.float64)  # jobs taken from the front
+        self.cancelled: _Fenwick | None = None  # jobs taken from anywhere else (made at the first)
 
     def push(self, job: Job) -> None:
-        if self.next_slot >= self.fenwick.capacity:
-            self._rebuild()
+        if self.next_slot + 1 >= self.cum.shape[0]:
+            self._compact()
+        assert job.vector is not None
+        slot = self.next_slot
+        np.add(self.cum[slot], job.vector, out=self.cum[slot + 1])
         job.level = self
-        job.slot = self.next_slot
-        self.next_slot += 1
-        if job.row is None:  # its features and a count of one
-            assert job.vector is not None
-            job.row = np.append(job.vector, 1.0)
-        row = job.row
-        self.fenwick.add(job.slot, row)
-        self.total += row
+        job.slot = slot
+        self.next_slot = slot + 1
         self.jobs.append(job)
         self.live += 1
-
-    def remove(self, job: Job) -> None:
-        row = job.row
-        assert row is not None
-        self.fenwick.add(job.slot, -row)
-        self.total -= row
-        self.live -= 1
-        job.level = None
-        job.slot = -1
-        if self.live == 0:  # start afresh: drops lazily skipped entries and float drift
-            self.jobs.clear()
-            self.total[:] = 0
-            self.next_slot = 0
-            self.fenwick = _Fenwick(64)
 
     def pop(self) -> Job | None:
         while self.jobs:
             job = self.jobs.popleft()
             if job.level is self:
-                self.remove(job)
+                self.popped += job.vector
+                self._left(job)
                 return job
         return None
 
-    def ahead(self, job: Job) -> np.ndarray:
-        return self.fenwick.prefix(job.slot)
+    def remove(self, job: Job) -> None:
+        if self.cancelled is None:
+            self.cancelled = _Fenwick(self.cum.shape[0] - 1)
+        assert job.vector is not None
+        self.cancelled.add(job.slot, job.vector)
+        self._left(job)
 
-    def _rebuild(self) -> None:
+    def _left(self, job: Job) -> None:
+        job.level = None
+        job.slot = -1
+        self.live -= 1
+        if self.live == 0:  # start afresh: drops lazily skipped entries and float drift
+            self.jobs.clear()
+            self.next_slot = 0
+            self.popped[:] = 0
+            self.cancelled = None
+
+    def ahead(self, job: Job) -> np.ndarray:
+        """Summed vectors of the jobs of this level ahead of ``job``."""
+        out = self.cum[job.slot] - self.popped
+        if self.cancelled is not None:
+            out -= self.cancelled.prefix(job.slot)
+        return out
+
+    @property
+    def total(self) -> np.ndarray:
+        out = self.cum[self.next_slot] - self.popped
+        if self.cancelled is not None:
+            out -= self.cancelled.prefix(self.next_slot)
+        return out
+
+    def _compact(self) -> None:
+        """Renumber the waiting jobs from slot 0, with room for as many again."""
         live = [j for j in self.jobs if j.level is self]
-        capacity = max(64, 2 * len(live) + 2)
-        self.fenwick = _Fenwick(capacity)
+        self.cum = np.zeros((max(MIN_SLOTS, 2 * len(live) + 2) + 1, WIDTH), dtype=np.float64)
         self.jobs = deque()
-        self.total[:] = 0
         self.next_slot = 0
         self.live = 0
+        self.popped[:] = 0
+        self.cancelled = None
         for j in live:
             self.push(j)
 
@@ -117,6 +131,7 @@ class ModelQueue:
         self._size = 0
         self._ready = asyncio.Event()
         self._closed = False
+        self._spare: _Level | None = None  # an emptied level, reused (a queue often runs empty)
 
     def __len__(self) -> int:
         return self._size
@@ -128,7 +143,9 @@ class ModelQueue:
     def push(self, job: Job) -> None:
         level = self._levels.get(job.priority)
         if level is None:
-            level = self._levels[job.priority] = _Level(job.priority)
+            level, self._spare = self._spare or _Level(job.priority), None
+            level.priority = job.priority
+            self._levels[job.priority] = level
         level.push(job)
         self._size += 1
         self._ready.set()
@@ -141,7 +158,7 @@ class ModelQueue:
         level.remove(job)
         self._size -= 1
         if level.live == 0:
-            del self._levels[level.priority]
+            self._retire(level)
         return True
 
     def pop_nowait(self) -> Job | None:
@@ -149,11 +166,15 @@ class ModelQueue:
             priority, level = self._levels.peekitem(0)
             job = level.pop()
             if level.live == 0:
-                del self._levels[priority]
+                self._retire(level)
             if job is not None:
                 self._size -= 1
                 return job
         return None
+
+    def _retire(self, level: _Level) -> None:
+        del self._levels[level.priority]
+        self._spare = level
 
     async def get(self) -> Job | None:
         """Next job, waiting for one; None once the queue is closed."""

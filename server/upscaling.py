@@ -18,6 +18,7 @@ never unload the upscaler under each other.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator, Coroutine
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .registry import ModelState
     from .schemas import UpscaleRequest
+    from .worker import ImageStep
 
 log = logging.getLogger("easel")
 BACKEND = "upscale_esrgan"
@@ -116,14 +118,18 @@ class Upscaler:
                 param="upscale",
             )
 
-    async def image_hook(self, job: Job, images: list[Image]) -> list[Image]:
-        """Upscale a finished generation's images (before they are encoded)."""
+    def image_hook(self, job: Job) -> ImageStep | None:
+        """Image hook: a generation asked to be upscaled gets its images upscaled
+        before they are encoded."""
         scale = job.options.get("upscale")
         if not scale or job.task == "upscale":
-            return images
+            return None
+        return functools.partial(self._upscale, job, int(scale))
+
+    async def _upscale(self, job: Job, scale: int, images: list[Image]) -> list[Image]:
         ms = self.model(None, "upscale")
         async with self.lease(ms) as backend:
-            return await anyio.to_thread.run_sync(_upscale_all, backend, images, int(scale), job.cancel_event)
+            return await anyio.to_thread.run_sync(_upscale_all, backend, images, scale, job.cancel_event)
 
     def job_done(self, job: Job) -> Coroutine[Any, Any, None] | None:
         """Done hook: a job that held the upscaler gives its lease back."""

@@ -33,7 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("easel")
 INLINE_ENCODE_PIXELS = 128 * 128  # below this, encoding costs less than a thread hand-off
-ImageHook = Callable[[Job, list["Image"]], Awaitable[list["Image"]]]
+# an image hook looks at a job whose pipeline calls are done and returns the
+# post-processing to run on its images before they are encoded (upscaling), if any
+ImageStep = Callable[[list["Image"]], Awaitable[list["Image"]]]
+ImageHook = Callable[[Job], ImageStep | None]
 
 
 class JobContext:
@@ -164,29 +167,49 @@ async def run_job(engine: Engine, ms: ModelState, job: Job) -> None:
             log.exception("job %s on %s failed", job.id, ms.name)
         engine.finish(ms, job, JobStatus.ERROR, failure_message(exc))
         return
-    engine.spawn(finish_job(engine, ms, job, images))
-
-
-async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Image]) -> None:
-    """Post-process and encode off the worker's critical path, then mark done."""
-    try:
-        for hook in engine.image_hooks:
-            images = await hook(job, images)
-        output_dir = engine.settings.storage.output_dir
-        if output_dir is None and sum(img.width * img.height for img in images) <= INLINE_ENCODE_PIXELS:
-            encoded = _encode_all(job, images)  # cheaper than a hand-off to the encoder threads
-        else:
-            encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images, output_dir)
-    except JobCancelled:
-        engine.finish(ms, job, JobStatus.CANCELLED, "cancelled while post-processing")
+    steps = [step for hook in engine.image_hooks if (step := hook(job)) is not None]
+    if steps or not _encode_inline(engine, images):
+        engine.spawn(finish_job(engine, ms, job, images, steps))
         return
+    try:  # nothing to wait for, and a few small images: cheaper than a task
+        encoded = _encode_all(job, images)
     except Exception as exc:
-        if not isinstance(exc, BackendError):
-            log.exception("finishing job %s failed", job.id)
-        engine.finish(ms, job, JobStatus.ERROR, failure_message(exc))
+        _failed_finishing(engine, ms, job, exc)
         return
     job.results = encoded
     engine.finish(ms, job, JobStatus.DONE)
+
+
+async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Image], steps: list[ImageStep]) -> None:
+    """Post-process and encode off the worker's critical path, then mark done."""
+    try:
+        for step in steps:
+            images = await step(images)
+        if _encode_inline(engine, images):
+            encoded = _encode_all(job, images)
+        else:
+            output_dir = engine.settings.storage.output_dir
+            encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images, output_dir)
+    except Exception as exc:
+        _failed_finishing(engine, ms, job, exc)
+        return
+    job.results = encoded
+    engine.finish(ms, job, JobStatus.DONE)
+
+
+def _encode_inline(engine: Engine, images: list[Image]) -> bool:
+    """Whether to encode on the event loop: a few small images cost less than a hand-off
+    to the encoder threads (which also write ``storage.output_dir``)."""
+    return engine.settings.storage.output_dir is None and sum(img.width * img.height for img in images) <= INLINE_ENCODE_PIXELS
+
+
+def _failed_finishing(engine: Engine, ms: ModelState, job: Job, exc: Exception) -> None:
+    if isinstance(exc, JobCancelled):
+        engine.finish(ms, job, JobStatus.CANCELLED, "cancelled while post-processing")
+        return
+    if not isinstance(exc, BackendError):
+        log.exception("finishing job %s failed", job.id)
+    engine.finish(ms, job, JobStatus.ERROR, failure_message(exc))
 
 
 def _encode_all(job: Job, images: list[Image], output_dir: str | None = None) -> list[ImageResult]:
