@@ -8,6 +8,7 @@ import io
 import logging
 import random
 import re
+import sys
 import threading
 import time
 
@@ -125,12 +126,18 @@ def test_metrics_render_as_prometheus_client_would() -> None:
 # --- logs ----------------------------------------------------------------------------------
 
 
-def test_log_formatter_matches_the_default_format() -> None:
-    ours, std = Formatter(FORMAT), logging.Formatter(FORMAT)
+def test_log_formatter_matches_logging_with_the_same_format() -> None:
+    ours, std = Formatter(), logging.Formatter(FORMAT)
     for created in (1_790_000_000.0, 1_790_000_000.999, 1_790_000_001.5, 1_790_000_000.25):
         record = logging.makeLogRecord({"name": "easel", "levelname": "INFO", "msg": "job %s", "args": ("x",), "created": created, "msecs": (created % 1) * 1000})
         assert ours.format(record) == std.format(record)
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO easel: job x", ours.format(record))
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        failed = logging.makeLogRecord({"name": "easel", "levelname": "ERROR", "msg": "failed", "exc_info": sys.exc_info(), "stack_info": "Stack (most recent call last):\n  here"})
+    assert ours.format(failed) == std.format(logging.makeLogRecord(failed.__dict__ | {"exc_text": None}))
+    assert "ValueError: bad" in ours.format(failed) and ours.format(failed).endswith("here")
 
 
 # --- change waits --------------------------------------------------------------------------
