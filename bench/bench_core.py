@@ -59,11 +59,6 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return t.user, t.system
 
 
-def cpu_seconds(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
-
-
 def run_jobs(url: str, jobs: int) -> int:
     """submit -> wait (long-poll until done) -> fetch; returns requests sent."""
     sent = 0
@@ -82,7 +77,9 @@ def run_jobs(url: str, jobs: int) -> int:
     return sent
 
 
-def bench_cpu(tmp: Path, jobs: int) -> None:
+def bench_cpu(tmp: Path, jobs: int, rounds: int) -> None:
+    """Alternate rounds of ``jobs`` jobs on easel and on the bare app (so drift in the
+    machine's speed hits both alike) and compare the median CPU per job."""
     srv = start_server(tmp, stub_settings())
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(port)])
@@ -95,18 +92,27 @@ def bench_cpu(tmp: Path, jobs: int) -> None:
                 break
             except httpx.TransportError:
                 time.sleep(0.05)
-        run_jobs(srv.url, 20)  # warm-up both
-        run_jobs(bare_url, 20)
-        results = {}
-        for name, url, pid in (("easel", srv.url, srv.proc.pid), ("bare starlette", bare_url, bare.pid)):
-            c0 = cpu_seconds(pid)
-            t0 = time.perf_counter()
-            sent = run_jobs(url, jobs)
-            wall = time.perf_counter() - t0
-            cpu = cpu_seconds(pid) - c0
-            results[name] = cpu / jobs
-            print(f"  {name:15s} {jobs} jobs, {sent / jobs:.2f} requests/job, server CPU {1000 * cpu / jobs:.3f} ms/job, wall {wall:.1f}s")
-        print(f"  ratio easel / bare: {results['easel'] / results['bare starlette']:.2f}x (target <= 2x)")
+        run_jobs(srv.url, 100)  # warm-up both
+        run_jobs(bare_url, 100)
+        targets = (("easel", srv.url, srv.proc.pid), ("bare starlette", bare_url, bare.pid))
+        per_job: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in targets}
+        sent = dict.fromkeys(per_job, 0)
+        for _ in range(rounds):
+            for name, url, pid in targets:
+                u0, s0 = cpu_split(pid)
+                sent[name] += run_jobs(url, jobs)
+                u1, s1 = cpu_split(pid)
+                per_job[name].append(((u1 - u0) / jobs, (s1 - s0) / jobs))
+        medians = {}
+        for name, samples in per_job.items():
+            totals = [u + s for u, s in samples]
+            medians[name] = statistics.median(totals)
+            print(
+                f"  {name:15s} {rounds} rounds of {jobs} jobs ({sent[name] / (rounds * jobs):.2f} requests/job): server CPU {1000 * medians[name]:.3f} ms/job "
+                f"(median; user {1000 * statistics.median(u for u, _ in samples):.3f}, sys {1000 * statistics.median(s for _, s in samples):.3f}; "
+                f"rounds {' '.join(f'{1000 * t:.3f}' for t in totals)})"
+            )
+        print(f"  ratio easel / bare: {medians['easel'] / medians['bare starlette']:.2f}x (target <= 2x)")
     finally:
         srv.stop()
         bare.terminate()
@@ -200,7 +206,8 @@ def forecast_error(c: httpx.Client, mixed: Callable[[], dict[str, object]], mode
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=2000)
+    p.add_argument("--jobs", type=int, default=1000, help="jobs per round of the CPU benchmark")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the CPU benchmark, alternating easel and the bare app")
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["cpu", "status", "forecast"])
@@ -210,7 +217,7 @@ def main() -> None:
         tmp = Path(d)
         if args.only in (None, "cpu"):
             print("1. server CPU per stub job (submit, wait, fetch)")
-            bench_cpu(tmp, args.jobs)
+            bench_cpu(tmp, args.jobs, args.rounds)
         if args.only in (None, "status"):
             print("2. status latency by queue depth")
             bench_status(tmp, args.calls)
