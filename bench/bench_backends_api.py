@@ -99,7 +99,7 @@ def bench_forecast(srv: RunningServer, seed: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--runs", type=int, default=30)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
