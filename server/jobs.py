@@ -86,13 +86,12 @@ class Job:
     webhook: str | None = None  # pending / ok / failed: reason (with webhook_url)
     extra: dict[str, Any] = field(default_factory=dict)  # backend/training status (loss...)
     # forecasting
-    vector: np.ndarray | None = None
+    vector: np.ndarray | None = None  # features in its task's block, then a count of one (forecast.job_vector)
     features: np.ndarray | None = None
     predicted: float = 0.0
     expected_at_submit: float = 0.0
     pos_at_submit: int = 0
     # queue bookkeeping
-    row: np.ndarray | None = None  # ``vector`` and a count of one
     level: Any = None
     slot: int = -1
     # change notification (event-loop side)
