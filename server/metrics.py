@@ -84,15 +84,19 @@ class _Family(Generic[C]):
         return child
 
 
+def _value_family(metric: _Family[Any], kind: type[CounterMetricFamily] | type[GaugeMetricFamily]) -> Metric:
+    out = kind(metric.name, metric.doc, labels=metric.label_names)
+    for values, child in metric.children.items():
+        out.add_metric(list(values), child.value)
+    return out
+
+
 class Counter(_Family[_CounterValue]):
     def _new_child(self) -> _CounterValue:
         return _CounterValue()
 
     def family(self) -> Metric:
-        out = CounterMetricFamily(self.name, self.doc, labels=self.label_names)
-        for values, child in self.children.items():
-            out.add_metric(list(values), child.value)
-        return out
+        return _value_family(self, CounterMetricFamily)
 
 
 class Gauge(_Family[_GaugeValue]):
@@ -100,10 +104,7 @@ class Gauge(_Family[_GaugeValue]):
         return _GaugeValue()
 
     def family(self) -> Metric:
-        out = GaugeMetricFamily(self.name, self.doc, labels=self.label_names)
-        for values, child in self.children.items():
-            out.add_metric(list(values), child.value)
-        return out
+        return _value_family(self, GaugeMetricFamily)
 
 
 class Histogram(_Family[_HistogramValue]):
