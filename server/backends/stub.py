@@ -24,6 +24,12 @@ MIN_TEXT_WIDTH, MIN_TEXT_HEIGHT = 48, 32  # smaller images get no caption: no li
 _RAMP = Image.linear_gradient("L")
 
 
+@functools.lru_cache(maxsize=8)
+def _ramp(width: int, height: int) -> Image.Image:
+    """The gradient's mask at one size (1-pixel-high ramp resized; read-only)."""
+    return _RAMP.resize((width, height), Image.Resampling.NEAREST)
+
+
 @functools.lru_cache(maxsize=16)
 def _font(width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's bitmap font for small images (7x cheaper), its scalable one for large."""
@@ -68,13 +74,11 @@ class StubBackend:
     def _draw(self, item: WorkItem, seed: int, blur_to: float = 1.0) -> Image.Image:
         c1, c2 = _colours(seed)
         w, h = item.width, item.height
-        # a diagonal gradient: 1-pixel-high ramp resized, cheap even at 4 MP
-        ramp = _RAMP.resize((w, h), Image.Resampling.NEAREST)
+        # a diagonal gradient: c1 pasted over c2 through the ramp as a mask
+        img = Image.new("RGB", (w, h), c2)
+        img.paste(c1, (0, 0, w, h), _ramp(w, h))
         if item.images:
-            base = ImageOps.fit(item.images[0].convert("RGB"), (w, h))
-            img = Image.blend(Image.composite(Image.new("RGB", (w, h), c1), Image.new("RGB", (w, h), c2), ramp), base, 0.5)
-        else:
-            img = Image.composite(Image.new("RGB", (w, h), c1), Image.new("RGB", (w, h), c2), ramp)
+            img = Image.blend(img, ImageOps.fit(item.images[0].convert("RGB"), (w, h)), 0.5)
         if w >= MIN_TEXT_WIDTH and h >= MIN_TEXT_HEIGHT:
             self._caption(img, item.prompt, seed)
         if blur_to < 1.0:
