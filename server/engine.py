@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .build import UrlFetcher
@@ -20,6 +19,7 @@ from .jobs import Job, JobStatus
 from .metrics import Metrics
 from .registry import ModelState, Registry
 from .store import JobStore
+from .threads import LoopThreads
 from .worker import ImageHook, worker_loop
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class Engine:
         self.done_hooks: list[DoneHook] = []  # after a job ends (uploads, webhooks, upscaler lease)
         self.submit_checks: list[SubmitCheck] = []  # before a job is queued (URL guards...)
         self.fetch_url: UrlFetcher | None = None  # reference images given by URL
-        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="easel-encode")  # off the GPU threads
+        self.encoder = LoopThreads(2, "easel-encode")  # off the GPU threads
         self.accepting = True
         self.started_at = time.time()
         self._seq = 0
@@ -101,7 +101,7 @@ class Engine:
         for ms in self.registry.models.values():
             if ms.backend is not None:
                 await self.registry.unload(ms.name)
-        self.encoder.shutdown(wait=False)
+        self.encoder.shutdown()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)

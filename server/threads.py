@@ -2,10 +2,10 @@
 
 ``loop.run_in_executor`` goes through ``concurrent.futures``: a work item, a
 future with its own lock and condition, an idle-thread semaphore, and a chain of
-callbacks from that future to an asyncio one.  A model's worker threads need none
-of it: they take ``(future, function, args)`` from a queue and settle the asyncio
-future with one ``call_soon_threadsafe``.  On a small VM that hand-off is a good
-part of what a small job costs the server.
+callbacks from that future to an asyncio one.  The server's threads (each model's,
+and the image encoders) need none of it: they take ``(future, function, args)``
+from a queue and settle the asyncio future with one ``call_soon_threadsafe``.  On
+a small VM that hand-off is a good part of what a small job costs the server.
 """
 
 from __future__ import annotations

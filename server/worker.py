@@ -189,7 +189,7 @@ async def finish_job(engine: Engine, ms: ModelState, job: Job, images: list[Imag
             encoded = _encode_all(job, images)
         else:
             output_dir = engine.settings.storage.output_dir
-            encoded = await asyncio.get_running_loop().run_in_executor(engine.encoder, _encode_all, job, images, output_dir)
+            encoded = await engine.encoder.run(_encode_all, job, images, output_dir)
     except Exception as exc:
         _failed_finishing(engine, ms, job, exc)
         return

@@ -136,7 +136,7 @@ async def stream(engine: Engine, job: Job, previews: Previews, echo: Echo, limit
             while previews.pending:
                 image = previews.pending.popleft()
                 if sent < limit:
-                    data = await asyncio.get_running_loop().run_in_executor(engine.encoder, encode, image, job.format, job.quality)
+                    data = await engine.encoder.run(encode, image, job.format, job.quality)
                     yield sse(f"{echo.prefix}.partial_image", partial_event(echo, data, sent))
                     sent += 1
             if job.status.finished:
