@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import mimetypes
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Literal, TypedDict
 import httpx
 from PIL import Image
 
-from .errors import ApiError, JobCancelled, JobFailed
+from .errors import ApiError, JobCancelled, JobFailed, Timeout
 
 ImageLike = str | Path | bytes | Image.Image
 PathLike = str | Path
@@ -183,6 +184,20 @@ class BaseClient:
         left = deadline - time.monotonic()
         params: dict[str, Any] = {"task_id": task_id, "heartbeat": round(max(1.0, min(5.0, left)), 3)}
         return params, httpx.Timeout(self.http_timeout, read=max(0.1, min(left, 65.0)))
+
+    @staticmethod
+    def _sse_status(parser: SSEParser, line: str, task_id: str, deadline: float, on_progress: ProgressCallback | None) -> Status | None:
+        """One line of /api/events: the status it completes (reported to ``on_progress``),
+        or None; raises Timeout past the deadline."""
+        if time.monotonic() > deadline:
+            raise Timeout(task_id, 0, False)
+        event = parser.feed(line)
+        if not event or event[0] != "status":
+            return None
+        status: Status = json.loads(event[1])
+        if on_progress:
+            on_progress(status)
+        return status
 
     def _image_params(self, task_id: str, index: int) -> dict[str, Any]:
         return {"task_id": task_id, "index": index, "delete": str(self.delete_after_fetch).lower()}

@@ -15,7 +15,6 @@ Everything that does not touch the network is shared in ``clients.common``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Self
@@ -116,15 +115,10 @@ class Client(BaseClient):
                 response.read()
                 self._check(response)
             for line in response.iter_lines():
-                if time.monotonic() > deadline:
-                    raise Timeout(task_id, 0, False)
-                event = parser.feed(line)
-                if event and event[0] == "status":
-                    last = json.loads(event[1])
-                    if on_progress:
-                        on_progress(last)
-                    if self._outcome(last):
-                        return last
+                if (st := self._sse_status(parser, line, task_id, deadline, on_progress)) is not None:
+                    last = st
+                    if self._outcome(st):
+                        return st
         # the stream ended without "done": the status says why
         return self._wait_poll(task_id, deadline, on_progress) if last is None or last["status"] not in FINISHED else last
 
@@ -246,15 +240,10 @@ class AsyncClient(BaseClient):
                 await response.aread()
                 self._check(response)
             async for line in response.aiter_lines():
-                if time.monotonic() > deadline:
-                    raise Timeout(task_id, 0, False)
-                event = parser.feed(line)
-                if event and event[0] == "status":
-                    last = json.loads(event[1])
-                    if on_progress:
-                        on_progress(last)
-                    if self._outcome(last):
-                        return last
+                if (st := self._sse_status(parser, line, task_id, deadline, on_progress)) is not None:
+                    last = st
+                    if self._outcome(st):
+                        return st
         return await self._wait_poll(task_id, deadline, on_progress) if last is None or last["status"] not in FINISHED else last
 
     async def _cancel_quietly(self, task_id: str) -> bool:
