@@ -3,7 +3,10 @@
 1. End-to-end API time of a tiny-SDXL job (submit, long-poll until done, fetch the
    PNG) against a direct call of the same pipeline folder with the same parameters
    in this process (``StableDiffusionXLPipeline.from_pretrained``), same torch
-   threads, runs alternated, medians compared.
+   threads, runs alternated, medians compared. The server keeps freed memory for the
+   next job (``host_memory.retain_mib``, server/hostmem.py) and this process, like a
+   plain script, does not; ``--tune-direct`` gives the direct call the same malloc
+   settings, which leaves the HTTP and queue overhead alone in the ratio.
 2. Forecast error (MAPE of ``expected_time_seconds`` against the real completion
    time) on a queue of 16 mixed tiny-SDXL jobs after a dozen warm-up jobs.
 
@@ -30,6 +33,8 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_core import forecast_error  # noqa: E402
+from server import hostmem  # noqa: E402
+from server.config import Settings  # noqa: E402
 from server.worker import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.conftest import RunningServer, start_server  # noqa: E402
@@ -105,14 +110,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["overhead", "forecast"])
+    p.add_argument("--tune-direct", action="store_true", help="the server's malloc settings for the direct call too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tune_direct and not hostmem.tune(Settings().host_memory.retain_mib):
+        p.error("--tune-direct needs glibc")
     with tempfile.TemporaryDirectory(prefix="easel-bench-") as d:
         tmp = Path(d)
         folder = tp.build_sdxl(tmp / "sdxl")
         env = {"OMP_NUM_THREADS": str(args.threads)}
         if args.only in (None, "overhead"):
-            print(f"1. tiny SDXL: API vs direct pipeline call ({args.threads} torch thread(s))")
+            tuned = "the server's malloc settings" if args.tune_direct else "glibc's default malloc settings"
+            print(f"1. tiny SDXL: API vs direct pipeline call ({args.threads} torch thread(s); direct call with {tuned})")
             srv = start_server(tmp, sdxl_settings(folder), env=env)
             try:
                 bench_overhead(srv, folder, args.runs, args.size, args.steps)

@@ -14,7 +14,7 @@ from typing import Any
 
 import uvicorn
 
-from . import logs
+from . import hostmem, logs
 from .app import create_app
 from .config import ConfigError, load_settings
 
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"easel: bad configuration: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level)
+    hostmem.tune(settings.host_memory.retain_mib)  # before any model allocates
     app = create_app(settings)
     # Start-up objects (modules, settings, routes) never become garbage: keep them out
     # of every collection, and collect the young generation less often than the

@@ -18,6 +18,7 @@ BACKENDS = ("stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
 
 
 class ConfigError(Exception):
@@ -85,6 +86,12 @@ class TrainingConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     dataset_roots: list[str] = []
 
 
+class HostMemoryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # glibc: freed memory each arena keeps for the next job instead of returning it to
+    # the kernel (0 = glibc's defaults); unloading a model still returns it (server/hostmem.py)
+    retain_mib: NonNegInt = 512
+
+
 class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_hosts: list[str] = []
     timeout_seconds: Annotated[float, Meta(gt=0)] = 30.0
@@ -104,6 +111,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    host_memory: HostMemoryConfig = msgspec.field(default_factory=HostMemoryConfig)
     upscaler: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False  # uvicorn's per-request lines; job state changes are always logged

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
+from . import hostmem
 from .backends import create_backend
 from .backends.base import Backend, Capabilities, model_capabilities
 from .errors import Conflict, NotFound
@@ -136,6 +137,7 @@ def _release(backend: Backend) -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+    hostmem.trim()  # the freed weights' pages, kept by the malloc settings, go back too
 
 
 def _load_message(exc: Exception) -> str:

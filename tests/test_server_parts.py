@@ -1,22 +1,27 @@
 """Unit tests of the small parts the job path is made of: the worker threads, the
-direct PNG writer, the scrape-time metrics, the log formatter, and change waits."""
+direct PNG writer, the scrape-time metrics, the log formatter, change waits, and the
+malloc settings."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import random
 import re
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import prometheus_client
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from server import hostmem
 from server.backends.base import WorkItem
 from server.jobs import Job
 from server.logs import FORMAT, Formatter
@@ -167,3 +172,59 @@ def test_wait_change_times_out_wakes_on_touch_and_leaves_no_waiter() -> None:
         assert not job._waiters
 
     asyncio.run(main())
+
+
+# --- malloc settings (server/hostmem.py) ------------------------------------------------
+
+FAULT_PROBE = r"""
+import json, resource, sys, threading
+from server import hostmem
+
+def faults_per_round():  # 30 MiB of 1 MiB buffers, touched and freed, six times
+    out = []
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        bufs = [bytearray(1 << 20) for _ in range(30)]
+        del bufs
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+tuned = hostmem.tune(int(sys.argv[1]))
+found = {}
+worker = threading.Thread(target=lambda: found.update(thread=faults_per_round()))  # a model's thread
+worker.start()
+worker.join()
+found.update(tuned=tuned, main=faults_per_round())
+bufs = [bytearray(1 << 20) for _ in range(64)]
+del bufs
+found["rss_before_trim"] = rss_mib()
+found["trimmed"] = hostmem.trim()
+found["rss_after_trim"] = rss_mib()
+print(json.dumps(found))
+"""
+
+
+def _probe(retain_mib: int) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE, str(retain_mib)], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parent.parent))  # fmt: skip
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(hostmem._glibc() is None, reason="the malloc settings exist on glibc only")
+def test_malloc_settings_keep_freed_memory_for_the_next_job_and_trim_gives_it_back() -> None:
+    default, tuned = _probe(0), _probe(512)
+    assert default["tuned"] is False and tuned["tuned"] is True
+    for where in ("main", "thread"):
+        untouched, kept = default[where], tuned[where]
+        assert isinstance(untouched, list) and isinstance(kept, list)
+        # glibc's defaults give the 30 MiB back after every round and fault it in again
+        assert min(untouched[2:]) > 5000, untouched
+        # kept: only the first round faults (about 7,700 pages), the rest reuse it
+        assert kept[0] > 5000 and max(kept[2:]) < 200, kept
+    before, after = tuned["rss_before_trim"], tuned["rss_after_trim"]
+    assert isinstance(before, float) and isinstance(after, float)
+    assert tuned["trimmed"] is True and before - after > 30, (before, after)

@@ -23,6 +23,7 @@ import multiprocessing as mp
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from .. import hostmem
 from .base import BackendError, Capabilities, JobCancelled, WorkItem, model_capabilities
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class _ChildContext:
 def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Settings) -> None:
     from . import create_backend
 
+    hostmem.tune(settings.host_memory.retain_mib)
     backend = create_backend(name, cfg, settings, isolate=False)
     while True:
         try:
