@@ -9,9 +9,18 @@ model and task, online, by ridge regression that shrinks towards a prior (the
 backend's own estimate or the config's ``forecast_prior``) and slowly forgets old
 jobs so that the model follows a warming GPU or a changed setting.
 
-The ridge penalty of each feature is scaled by that feature's mean square over the
-jobs seen, so the prior weighs as ``ridge`` of an average job whatever the units:
-a 64 px, 2-step job (``steps*MP*n`` ~ 0.01) learns as fast as a 1 MP, 30-step one.
+The prior is first scaled to the jobs seen (by the ratio of their total time to
+the prior's total forecast for them: a machine twice as fast as the prior assumed
+halves every coefficient), then the fit shrinks towards that scaled prior with a
+weight of ``ridge`` jobs, measured in the metric of the jobs seen (a "g-prior"):
+with enough varied jobs the result is the least-squares fit moved ``ridge/(jobs +
+ridge)`` of the way to the prior, whatever the units, so a 64 px, 2-step job
+(``steps*MP*n`` ~ 0.01) learns as fast as a 1 MP, 30-step one.  What the jobs seen
+cannot tell apart (after one job, or with a feature that never varied) stays in the
+scaled prior's proportions.  (A plain ridge on each coefficient lets a far-off
+prior tilt the line instead: over a narrow range of jobs the constant and the
+per-step cost are nearly collinear, and trading one for the other costs the fit
+almost nothing.)
 
 Because the model is linear, the forecast for everything ahead of a job is the
 coefficients times the *sum* of the features ahead, which the queue keeps as
@@ -34,6 +43,7 @@ DIM = NF * len(TASKS)  # one block of features per task
 WIDTH = DIM + 1  # a job vector: its task's features, then a count of one (jobs ahead = sum of vectors)
 GENERIC_PRIOR = (0.5, 1.0, 0.5, 0.1)
 MIN_PENALTY = 1e-9
+FLOOR = 1e-3  # x each feature's mean square: what the jobs seen leave open stays at the scaled prior
 EAGER_SAMPLES = 64  # refit after every one of a task's first jobs
 REFIT_SECONDS = 0.1  # then at most this often (a solve per job costs more than the rest of the bookkeeping)
 
@@ -64,6 +74,8 @@ class _Fit:
     a: np.ndarray
     b: np.ndarray
     coef: np.ndarray
+    s: np.ndarray  # the forgetting-weighted sum of the feature vectors
+    y_sum: float = 0.0  # and of the seconds
     samples: int = 0
     weight: float = 0.0  # the forgetting-weighted number of jobs in ``a`` and ``b``
     abs_pct_error_sum: float = 0.0
@@ -79,7 +91,7 @@ class CostModel:
         self._fits: dict[str, _Fit] = {}
         for task in TASKS:
             prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
-            self._fits[task] = _Fit(prior=prior, a=np.zeros((NF, NF)), b=np.zeros(NF), coef=prior.copy())
+            self._fits[task] = _Fit(prior=prior, a=np.zeros((NF, NF)), b=np.zeros(NF), coef=prior.copy(), s=np.zeros(NF))
         self._stacked = np.concatenate([*(self._fits[t].coef for t in TASKS), [0.0]])  # 0: the count
         self._dirty: set[str] = set()
         self._fitted_at = 0.0
@@ -96,6 +108,8 @@ class CostModel:
             fit = self._fits[task]
             fit.a = self.forget * fit.a + np.outer(feats, feats)
             fit.b = self.forget * fit.b + feats * seconds
+            fit.s = self.forget * fit.s + feats
+            fit.y_sum = self.forget * fit.y_sum + seconds
             fit.weight = self.forget * fit.weight + 1.0
             fit.samples += 1
             if predicted is not None and seconds > 0:
@@ -112,9 +126,11 @@ class CostModel:
             stacked = self._stacked.copy()  # readers on other threads keep a consistent vector
             for task in self._dirty:
                 fit = self._fits[task]
-                # per feature: ridge x its mean square (a feature never seen keeps its prior)
-                lam = self.ridge * np.diag(fit.a) / fit.weight + MIN_PENALTY
-                fit.coef = np.linalg.solve(fit.a + np.diag(lam), fit.b + lam * fit.prior)
+                forecast = float(fit.s @ fit.prior)
+                scaled = fit.prior * (fit.y_sum / forecast) if forecast > 0 and fit.y_sum > 0 else fit.prior
+                gram = fit.a / fit.weight  # the jobs' mean outer product
+                penalty = self.ridge * (gram + FLOOR * np.diag(np.diag(gram))) + MIN_PENALTY * np.eye(NF)
+                fit.coef = np.linalg.solve(fit.a + penalty, fit.b + penalty @ scaled)
                 t = TASKS.index(task)
                 stacked[t * NF : (t + 1) * NF] = fit.coef
             self._dirty.clear()

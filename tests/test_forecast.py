@@ -44,3 +44,29 @@ def test_running_remaining_uses_the_measured_step_rate() -> None:
     # before the first step: prediction minus time spent
     assert running_remaining(3.0, 0.0, predicted=10.0, step=0, total_steps=10, last_step_at=None) == 7.0
     assert running_remaining(30.0, 0.0, predicted=10.0, step=0, total_steps=10, last_step_at=None) == 0.0
+
+
+def test_a_far_off_prior_does_not_tilt_the_line_over_a_narrow_range_of_jobs() -> None:
+    # a tiny model: ~50 ms a job + 0.8 s per step-megapixel, where the generic prior
+    # says 0.5 s + 1 s; a dozen jobs over a narrow range of work, as after start-up
+    truth = np.array([0.054, 0.83, 0.0, 0.0])
+    model = CostModel({})
+    rng = random.Random(1)
+    for _ in range(12):
+        f = features(rng.randint(2, 6), rng.choice([64, 80, 96]) ** 2 / 1e6, 1, 0)
+        model.observe("generate", f, float(truth @ f))
+    coef = model.report()["generate"]["coefficients"]
+    assert abs(coef["steps_mp_n"] - 0.83) / 0.83 < 0.02, coef  # a ridge on each coefficient learned 0.06 here
+    # so a job outside the range seen (n=2 at 128 px, 6 steps) is forecast well too
+    big = features(6, 128 * 128 / 1e6, 2, 0)
+    assert abs(model.predict(job_vector("generate", big)) - truth @ big) / (truth @ big) < 0.02
+
+
+def test_after_one_job_the_prior_is_scaled_to_it() -> None:
+    model = CostModel({"generate": [0.5, 1.0, 0.0, 0.0]})
+    seen = features(5, 0.01, 1, 0)  # the prior says 0.55 s; it took 0.09 s
+    model.observe("generate", seen, 0.09)
+    assert abs(model.predict(job_vector("generate", seen)) - 0.09) < 1e-6
+    # what one job cannot tell apart keeps the prior's proportions: 0.6/0.55 of it
+    double = features(5, 0.02, 1, 0)
+    assert abs(model.predict(job_vector("generate", double)) - 0.09 * 0.6 / 0.55) < 1e-6
