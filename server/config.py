@@ -6,7 +6,10 @@ A bad file stops start-up with ``ConfigError`` naming the key and what is wrong.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -98,6 +101,9 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_download_mib: PositiveInt = 32
     retries: Annotated[int, Meta(ge=0, le=10)] = 3
     backoff_seconds: NonNegFloat = 1.0  # first retry delay; doubles on each retry
+    # Standard Webhooks signing key ("whsec_" + base64); the EASEL_WEBHOOK_SECRET
+    # environment variable, when set, takes its place (keeps the secret out of files)
+    webhook_secret: str | None = None
 
 
 class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -147,6 +153,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret ("whsec_" + base64 of 24-64 bytes)."""
+    make = "make one with: python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+    if not secret.startswith("whsec_"):
+        raise ValueError(f"must start with 'whsec_' (Standard Webhooks format); {make}")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise ValueError(f"is not valid base64 after 'whsec_'; {make}") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"must encode 24 to 64 bytes, not {len(key)}; {make}")
+    return key
+
+
 def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
     models = data.get("models")
     if isinstance(models, dict):  # validate one by one so the message names the model
@@ -170,6 +190,11 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
             f"{source}: default_model {settings.default_model!r} is not one of the configured "
             f"models ({', '.join(settings.models) or 'none'})"
         )
+    if settings.delivery.webhook_secret is not None:
+        try:
+            webhook_key(settings.delivery.webhook_secret)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: delivery.webhook_secret {exc}") from None
     if settings.upscaler is not None and settings.upscaler not in settings.models:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
     if settings.upscaler is not None and settings.models[settings.upscaler].backend != "upscale_esrgan":
@@ -196,4 +221,7 @@ def load_settings(
     if overrides:
         data = deep_merge(data, overrides)
         sources.append("command line")
+    if secret := os.environ.get("EASEL_WEBHOOK_SECRET"):
+        data = deep_merge(data, {"delivery": {"webhook_secret": secret}})
+        sources.append("EASEL_WEBHOOK_SECRET")
     return build_settings(data, " + ".join(sources))

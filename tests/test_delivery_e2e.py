@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,9 +16,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from clients import Client
-from tests.conftest import RunningServer, stub_settings
+from tests.conftest import ROOT, RunningServer, stub_settings
 from tests.loopback_http import LoopbackServer, Reply
 from tests.moto_s3 import BUCKET, moto_s3, presigned_put
 from tests.tiny_upscaler import write_tiny_esrgan
@@ -191,6 +196,41 @@ def test_webhook_gets_the_final_status_after_the_uploads(world: World) -> None:
     assert payload["metadata"] == {"order": 7} and payload["images"][0]["upload"] == "ok"
     assert payload["images"][0]["url"].startswith(world.srv.url + "/api/image?task_id=")
     assert settled(world.srv, payload["task_id"])["webhook"] == "ok"
+
+
+def test_webhooks_are_signed_by_the_standard_webhooks_scheme_and_retries_keep_their_id(server_factory: Any) -> None:
+    """A server given a secret in EASEL_WEBHOOK_SECRET signs each attempt; the
+    standardwebhooks library (what a receiver would use) accepts the signature, and
+    refuses it once the body is changed."""
+    secret = "whsec_" + base64.b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes).decode()
+    with LoopbackServer([Reply(503), Reply(200)]) as hooks:  # the first attempt fails: a retry
+        settings = stub_settings()
+        settings["delivery"] = {"allowed_hosts": [hooks.host_port], "retries": 2, "backoff_seconds": 0.05}
+        srv = server_factory(settings, env={"EASEL_WEBHOOK_SECRET": secret})
+        path = f"/hook/{uuid.uuid4().hex}"
+        r = srv.client.post("/api/generate", json={"prompt": "signed", "webhook_url": hooks.url(path)})
+        assert r.status_code == 202, r.text
+        task_id = r.json()["task_id"]
+        assert settled(srv, task_id)["webhook"] == "ok"
+        calls = [c for c in hooks.requests if c.path == path]
+        assert len(calls) == 2
+        assert calls[0].headers["webhook-id"] == calls[1].headers["webhook-id"] == f"msg_{task_id}"
+        payload = Webhook(secret).verify(calls[1].body, calls[1].headers)
+        assert payload["task_id"] == task_id and payload["status"] == "done"
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(calls[1].body.replace(b'"done"', b'"error"'), calls[1].headers)
+        other = "whsec_" + base64.b64encode(uuid.uuid4().bytes * 2).decode()
+        with pytest.raises(WebhookVerificationError):
+            Webhook(other).verify(calls[1].body, calls[1].headers)
+
+
+def test_a_bad_webhook_secret_stops_start_up_with_a_message(tmp_path: Any) -> None:
+    cfg = tmp_path / "local.json"
+    cfg.write_text(json.dumps({"delivery": {"webhook_secret": "hunter2"}}))
+    env = {k: v for k, v in os.environ.items() if k != "EASEL_WEBHOOK_SECRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "server.py"), "--config", str(cfg)], capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert out.returncode == 2
+    assert "delivery.webhook_secret must start with 'whsec_'" in out.stderr and "hunter2" not in out.stderr
 
 
 # ----- refusals before the job runs --------------------------------------------------------

@@ -130,6 +130,6 @@ class Delivery:
         engine = self.engine
         base_url = job.base_url or f"http://{engine.settings.host}:{engine.settings.port}/"
         payload = msgspec.structs.replace(job_status(engine, job, base_url), webhook=None)
-        outcome = await post_webhook(url, msgspec.to_builtins(payload), self.cfg, client=http)
+        outcome = await post_webhook(url, msgspec.to_builtins(payload), self.cfg, client=http, msg_id=f"msg_{job.id}")
         job.webhook = "ok" if outcome.ok else f"failed: {outcome.error}"
         log.info("job %s webhook: %s", job.id, job.webhook)

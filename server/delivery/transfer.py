@@ -12,7 +12,12 @@ reuse connections across several calls, or leave it out for a one-off client):
   an image with PIL.  Raises ``UnsafeURL`` or ``FetchError`` (both ``ValueError``;
   map them to a 4xx at submit time).
 * ``put_upload(url, data, content_type, cfg, *, client=None) -> DeliveryOutcome``
-* ``post_webhook(url, payload, cfg, *, client=None) -> DeliveryOutcome``
+* ``post_webhook(url, payload, cfg, *, client=None, msg_id=None) -> DeliveryOutcome``
+  — signed by the Standard Webhooks scheme when ``cfg.webhook_secret`` is set:
+  ``webhook-id`` (``msg_id``, the same on every retry), ``webhook-timestamp``
+  (each attempt's) and ``webhook-signature: v1,<base64 HMAC-SHA256 of
+  "{id}.{timestamp}.{body}">``, which receivers check with any Standard Webhooks
+  library (``standardwebhooks.Webhook(secret).verify(body, headers)``).
   Both never raise for delivery failures: they retry ``cfg.retries`` times on
   5xx, 429, timeouts and connection errors (delay ``cfg.backoff_seconds`` doubled
   each retry, at least the server's ``Retry-After``), never on other statuses or
@@ -21,10 +26,14 @@ reuse connections across several calls, or leave it out for a one-off client):
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import io
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,7 +44,7 @@ import httpx
 import msgspec
 from PIL import Image, UnidentifiedImageError
 
-from ..config import DeliveryConfig
+from ..config import DeliveryConfig, webhook_key
 from .client import make_client
 from .ssrf import UnsafeURL, parse_target, redact
 
@@ -155,9 +164,15 @@ async def _attempt(http: httpx.AsyncClient, method: str, url: str, cfg: Delivery
 
 
 async def _deliver(
-    what: str, method: str, url: str, cfg: DeliveryConfig, client: httpx.AsyncClient | None, kwargs: dict[str, Any]
+    what: str,
+    method: str,
+    url: str,
+    cfg: DeliveryConfig,
+    client: httpx.AsyncClient | None,
+    kwargs: dict[str, Any] | Callable[[], dict[str, Any]],
 ) -> DeliveryOutcome:
-    """Send with the retry policy; ``what`` names the action in error messages."""
+    """Send with the retry policy; ``what`` names the action in error messages;
+    ``kwargs`` may be a function, called for each attempt (fresh signatures)."""
     start = time.monotonic()
     subject = f"{what} to {redact(url)}"
     status: int | None = None
@@ -167,7 +182,8 @@ async def _deliver(
         parse_target(url, what)
         async with _client_for(cfg, client) as http:
             for attempt in range(1, cfg.retries + 2):
-                status, failure, retryable, retry_after = await _attempt(http, method, url, cfg, kwargs)
+                request = kwargs() if callable(kwargs) else kwargs
+                status, failure, retryable, retry_after = await _attempt(http, method, url, cfg, request)
                 if failure is None:
                     return DeliveryOutcome(True, attempt, status, None, time.monotonic() - start)
                 error = failure
@@ -194,8 +210,29 @@ async def put_upload(
 
 
 async def post_webhook(
-    url: str, payload: Mapping[str, Any], cfg: DeliveryConfig, *, client: httpx.AsyncClient | None = None
+    url: str,
+    payload: Mapping[str, Any],
+    cfg: DeliveryConfig,
+    *,
+    client: httpx.AsyncClient | None = None,
+    msg_id: str | None = None,
 ) -> DeliveryOutcome:
-    """POST ``payload`` as JSON (msgspec-encoded: Structs and dataclasses are fine)."""
+    """POST ``payload`` as JSON (msgspec-encoded: Structs and dataclasses are fine),
+    signed when ``cfg.webhook_secret`` is set (see the module docstring)."""
     body = msgspec.json.encode(payload)
-    return await _deliver("webhook", "POST", url, cfg, client, {"content": body, "headers": {"Content-Type": "application/json"}})
+    if cfg.webhook_secret is None:
+        return await _deliver("webhook", "POST", url, cfg, client, {"content": body, "headers": {"Content-Type": "application/json"}})
+    key = webhook_key(cfg.webhook_secret)
+    ident = msg_id or f"msg_{uuid.uuid4().hex}"
+
+    def signed() -> dict[str, Any]:
+        return {"content": body, "headers": {"Content-Type": "application/json", **webhook_headers(key, ident, body)}}
+
+    return await _deliver("webhook", "POST", url, cfg, client, signed)
+
+
+def webhook_headers(key: bytes, msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+    """Standard Webhooks headers for ``body`` (https://www.standardwebhooks.com)."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": msg_id, "webhook-timestamp": ts, "webhook-signature": "v1," + base64.b64encode(mac).decode()}
