@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,7 @@ def srv(
     )
     models["alternative"] = {"backend": "z_image", "model_path": str(write_alternative_z_image(tmp / "alt")), **common}
     models["missing"] = {"backend": "sdxl", "model_path": str(tmp / "not-downloaded"), **common}
+    models["fp16_only"] = {"backend": "sdxl", "model_path": str(fp16_files_only(tiny_model_dirs["sdxl"], tmp / "fp16")), **common}
     models["isolated"] = {**models["sdxl"], "isolate": True}
     # refs cost nothing in the prior: a forecast that grows with them has learned it
     models["forecast"] = {**models["flux2_klein"], "forecast_prior": [0.05, 1.0, 0.0, 0.0]}
@@ -67,6 +69,16 @@ def srv(
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def fp16_files_only(src: Path, dst: Path) -> Path:
+    """``src`` with every weight file named as the fp16 variant only, as
+    ``hf download --include "*.fp16.*"`` leaves a repository that ships both."""
+    shutil.copytree(src, dst)
+    for f in list(dst.glob("*/*")):
+        if f.suffix in (".safetensors", ".bin"):
+            f.rename(f.with_name(f"{f.stem}.fp16{f.suffix}"))
+    return dst
 
 
 def model_state(c: httpx.Client, name: str) -> dict[str, Any]:
@@ -157,6 +169,16 @@ def test_a_folder_not_written_by_the_builders_loads_and_generates(srv: RunningSe
     image = run(c, "alternative", width=64, height=48)
     assert image[:8] == b"\x89PNG\r\n\x1a\n"
     unload(c, "alternative")
+
+
+def test_a_folder_with_only_fp16_weight_files_loads_as_that_variant(srv: RunningServer) -> None:
+    c = srv.client
+    assert load(c, "fp16_only")[-1] == "loaded", model_state(c, "fp16_only")
+    load(c, "sdxl")
+    # the same weights under other file names: the same pixels
+    assert run(c, "fp16_only", seed=3) == run(c, "sdxl", seed=3)
+    unload(c, "fp16_only")
+    unload(c, "sdxl")
 
 
 def test_missing_model_path_is_a_readable_load_error_and_the_server_keeps_serving(srv: RunningServer) -> None:

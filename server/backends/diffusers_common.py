@@ -67,13 +67,47 @@ def resolve_source(path: str | None, key: str, model: str) -> tuple[str, dict[st
         raise BackendError(f"model {model!r} has no {key} configured; set it to a local Diffusers folder")
     expanded = os.path.expanduser(path)
     if os.path.exists(expanded):
-        return expanded, {}
+        variant = weights_variant(expanded)
+        return expanded, ({"variant": variant} if variant else {})
     if REPO_ID.match(path):
         return path, {"token": hub_token()}
     raise BackendError(
         f"{key} {path!r} of model {model!r} does not exist; download the weights there "
         f"(e.g. `hf download ORG/NAME --local-dir {path}`) or fix the path in the settings"
     )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+VARIANTS = ("fp16", "bf16")
+
+
+def weights_variant(folder: str) -> str | None:
+    """The variant to load a pipeline folder with: ``fp16`` (or ``bf16``) when some
+    component has only weight files of that variant (e.g. ``unet/diffusion_pytorch_model.fp16.safetensors``,
+    as ``hf download --include "*.fp16.*"`` leaves it), which ``from_pretrained``
+    does not find without ``variant=``; components that have plain weights still
+    load them. None when every component has plain weights."""
+    found: set[str] = set()
+    try:
+        components = [e for e in os.scandir(folder) if e.is_dir()]
+    except OSError:
+        return None
+    for component in components:
+        try:
+            names = [n for n in os.listdir(component.path) if n.endswith(WEIGHT_SUFFIXES)]
+        except OSError:
+            continue
+        tags = {_variant_tag(n) for n in names}
+        if len(tags) == 1 and None not in tags:  # weights, all of one variant
+            found |= tags  # type: ignore[arg-type]
+    return found.pop() if len(found) == 1 else None
+
+
+def _variant_tag(name: str) -> str | None:
+    """``fp16`` for model.fp16.safetensors, model.fp16-00001-of-00002.safetensors or
+    diffusion_pytorch_model-00001-of-00002.fp16.safetensors; None for plain weights."""
+    parts = set(re.split(r"[.-]", name))
+    return next((v for v in VARIANTS if v in parts), None)
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
