@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .base import BackendError, Capabilities, StepContext, WorkItem, model_capabilities
-from .lora import applied_loras
+from .lora import WEIGHT_SUFFIXES, applied_loras
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -77,7 +77,6 @@ def resolve_source(path: str | None, key: str, model: str) -> tuple[str, dict[st
     )
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 VARIANTS = ("fp16", "bf16")
 
 
