@@ -231,8 +231,8 @@ async def post_webhook(
     return await _deliver("webhook", "POST", url, cfg, client, signed)
 
 
-def webhook_headers(key: bytes, msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-    """Standard Webhooks headers for ``body`` (https://www.standardwebhooks.com)."""
-    ts = str(int(time.time()) if timestamp is None else timestamp)
+def webhook_headers(key: bytes, msg_id: str, body: bytes) -> dict[str, str]:
+    """Standard Webhooks headers for ``body``, signed now (https://www.standardwebhooks.com)."""
+    ts = str(int(time.time()))
     mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
     return {"webhook-id": msg_id, "webhook-timestamp": ts, "webhook-signature": "v1," + base64.b64encode(mac).decode()}
