@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ import anyio
 
 from . import hostmem
 from .backends import create_backend
-from .backends.base import Backend, Capabilities, model_capabilities
+from .backends.base import Backend, Capabilities, free_memory, model_capabilities
 from .errors import Conflict, NotFound
 from .forecast import TASKS, CostModel
 from .queue import ModelQueue
@@ -133,10 +132,7 @@ class Registry:
 def _release(backend: Backend) -> None:
     backend.unload()
     del backend
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     hostmem.trim()  # the freed weights' pages, kept by the malloc settings, go back too
 
 

@@ -8,6 +8,8 @@ progress (and honour cancellation) through ``ctx.step``; they raise
 
 from __future__ import annotations
 
+import gc
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -17,6 +19,19 @@ if TYPE_CHECKING:
     from ..config import ModelConfig
 
 Task = Literal["generate", "edit", "train", "upscale"]
+
+
+def free_memory() -> None:
+    """Collect garbage and empty torch's CUDA / MPS caches (without importing torch
+    where no backend has: a stub-only server never loads it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
 
 
 class JobCancelled(Exception):

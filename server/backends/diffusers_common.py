@@ -9,7 +9,6 @@ turn intermediate latents into an image for previews.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image, ImageOps
 
-from .base import BackendError, Capabilities, StepContext, WorkItem, model_capabilities
+from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities
 from .lora import WEIGHT_SUFFIXES, applied_loras
 
 if TYPE_CHECKING:
@@ -127,14 +126,6 @@ def check_references(images: list[Image.Image]) -> list[Image.Image]:
 def is_oom(exc: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(exc, oom) or "out of memory" in str(exc).lower()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        torch.mps.empty_cache()
 
 
 def step_callback(

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..backends.base import BackendError, JobCancelled
-from ..backends.diffusers_common import free_memory
+from ..backends.base import BackendError, JobCancelled, free_memory
 from ..worker import failure_message
 from .adapters import save_checkpoint
 from .dataset import Sample, prepare_image
