@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .build import UrlFetcher, load_image, parse_format
+from .build import DEFAULT_STEPS, UrlFetcher, load_image, parse_format
 from .errors import ApiError, BadRequest, Conflict, JobFailed, Unavailable, validation_message
 from .jobs import Job, JobStatus
 from .routes.common import decode
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 # quality -> fraction of the model's recommended_steps (an explicit steps wins)
 QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.0, "xhigh": 1.0, "max": 1.0}
-DEFAULT_STEPS = 4  # as build_job: when a model has no recommended_steps
 SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 EVENT_PREFIX = {"generate": "image_generation", "edit": "image_edit"}
 BACKGROUND = "opaque"  # every easel backend draws opaque images
