@@ -156,6 +156,12 @@ class Job:
             if fut in waiters:
                 waiters.remove(fut)
 
+    async def wait_while(self, busy: Callable[[Job], bool], deadline: float) -> None:
+        """Wait through status changes while ``busy(self)`` holds, until ``deadline``
+        (``time.monotonic()``)."""
+        while busy(self) and (left := deadline - time.monotonic()) > 0:
+            await self.wait_change(left, progress=False)
+
     def result_bytes(self) -> int:
         return sum(len(r.data) for r in self.results if r.data is not None)
 

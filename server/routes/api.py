@@ -102,9 +102,7 @@ async def status(request: Request) -> Response:
         since = request.query_params.get("since")
         if since is not None and since != job.status.value:
             return json_response(status_of(request, job))
-        deadline = time.monotonic() + wait
-        while (job.status, job.delivering) == first and (left := deadline - time.monotonic()) > 0:
-            await job.wait_change(left, progress=False)
+        await job.wait_while(lambda j: (j.status, j.delivering) == first, time.monotonic() + wait)
     return json_response(status_of(request, job))
 
 
@@ -140,9 +138,8 @@ async def image(request: Request) -> Response:
     as_b64 = q.get("base64", "false").lower() in ("1", "true", "yes")
     delete = q.get("delete", "false").lower() in ("1", "true", "yes")
     wait = _float_param(request, "wait", 0.0, 300.0)
-    deadline = time.monotonic() + wait
-    while not job.status.finished and (left := deadline - time.monotonic()) > 0:
-        await job.wait_change(left, progress=False)  # submit, then one request for the image
+    # submit, then one request for the image
+    await job.wait_while(lambda j: not j.status.finished, time.monotonic() + wait)
     if job.status is not JobStatus.DONE:
         if job.status in (JobStatus.ERROR, JobStatus.CANCELLED):
             raise Gone(f"task {job.id} ended as {job.status.value}: {job.message}", param="task_id")
@@ -181,9 +178,7 @@ async def cancel(request: Request) -> Response:
     engine.cancel(job)
     if job.status is JobStatus.RUNNING and request.query_params.get("wait", "1") != "0":
         # wait (briefly) for the backend to stop at its next step
-        deadline = time.monotonic() + 10
-        while job.status is JobStatus.RUNNING and (left := deadline - time.monotonic()) > 0:
-            await job.wait_change(left, progress=False)
+        await job.wait_while(lambda j: j.status is JobStatus.RUNNING, time.monotonic() + 10)
     return json_response(CancelResponse(task_id=job.id, status=job.status.value))
 
 

@@ -178,8 +178,7 @@ def training_endpoints(endpoint: str) -> tuple[Handler, Handler, Handler]:
             engine.cancel(job)
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         for job in jobs:
-            while not job.status.finished and (left := deadline - time.monotonic()) > 0:
-                await job.wait_change(left, progress=False)
+            await job.wait_while(lambda j: not j.status.finished, deadline)
         return json_response(_runs(engine, backend))
 
     return runs, start, stop
