@@ -12,7 +12,7 @@ from ..openapi import Doc, route
 from ..registry import device_report
 from ..schemas import HealthResponse, Healthz
 from .common import engine_of, json_response
-from .models import model_info
+from .models import models_response
 
 SWAGGER_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>easel API</title>
@@ -31,7 +31,7 @@ async def healthz(request: Request) -> Response:
 async def health(request: Request) -> Response:
     engine = engine_of(request)
     devices = await anyio.to_thread.run_sync(device_report)
-    models = [model_info(engine, ms, forecasts=True) for ms in engine.registry.models.values()]
+    models = models_response(engine, forecasts=True).models
     ok = engine.accepting and not any(m.state == "error" for m in models)
     return json_response(
         HealthResponse(

@@ -18,7 +18,7 @@ from .common import engine_of, json_response
 NAME = Param("name", description="Model name from the configuration.", required=True, location="path")
 
 
-def model_info(engine: Engine, ms: ModelState, forecasts: bool) -> ModelInfo:
+def model_info(ms: ModelState, forecasts: bool) -> ModelInfo:
     caps = ms.capabilities
     cfg = ms.cfg
     return ModelInfo(
@@ -44,7 +44,7 @@ def model_info(engine: Engine, ms: ModelState, forecasts: bool) -> ModelInfo:
 def models_response(engine: Engine, forecasts: bool) -> ModelsResponse:
     return ModelsResponse(
         default_model=engine.settings.default_model,
-        models=[model_info(engine, ms, forecasts) for ms in engine.registry.models.values()],
+        models=[model_info(ms, forecasts) for ms in engine.registry.models.values()],
     )
 
 
@@ -92,13 +92,13 @@ async def admin_load(request: Request) -> Response:
     else:
         await engine.load(name)
     ms = engine.registry.get(name)
-    return json_response(model_info(engine, ms, forecasts=False), status_code=200 if ms.state != "error" else 500)
+    return json_response(model_info(ms, forecasts=False), status_code=200 if ms.state != "error" else 500)
 
 
 async def admin_unload(request: Request) -> Response:
     engine = engine_of(request)
     ms = await engine.unload(request.path_params["name"])
-    return json_response(model_info(engine, ms, forecasts=False))
+    return json_response(model_info(ms, forecasts=False))
 
 
 async def gpu_memory(request: Request) -> Response:
