@@ -26,7 +26,7 @@ from ..schemas import (
     TasksResponse,
     UpscaleRequest,
 )
-from .common import base_url, decode_form, decode_json, engine_of, json_response, status_of, upscaler_of
+from .common import base_url, decode_form, decode_json, engine_of, job_status, json_response, status_of, upscaler_of
 from .models import models_response
 
 TASK_ID = Param("task_id", description="The id returned at submission.", required=True)
@@ -164,10 +164,11 @@ async def tasks(request: Request) -> Response:
     for ms in engine.registry.models.values():
         queue.extend(sorted(ms.running, key=lambda j: j.seq))
         queue.extend(ms.queue.jobs()[:limit])
+    base = base_url(request)
     return json_response(
         TasksResponse(
-            queue=[status_of(request, j) for j in queue],
-            recent=[status_of(request, j) for j in engine.store.recent(limit)],
+            queue=[job_status(engine, j, base) for j in queue],
+            recent=[job_status(engine, j, base) for j in engine.store.recent(limit)],
         )
     )
 
