@@ -107,7 +107,7 @@ class Upscaler:
 
     async def check(self, job: Job) -> None:
         """Submit check: ``upscale`` needs an upscaler that accepts the output size."""
-        if not job.options.get("upscale") or job.task == "upscale":
+        if not job.options.get("upscale"):  # only generations and edits carry it (build_job)
             return
         ms = self.model(None, "upscale")
         limit = ms.cfg.max_pixels
@@ -122,7 +122,7 @@ class Upscaler:
         """Image hook: a generation asked to be upscaled gets its images upscaled
         before they are encoded."""
         scale = job.options.get("upscale")
-        if not scale or job.task == "upscale":
+        if not scale:
             return None
         return functools.partial(self._upscale, job, int(scale))
 
