@@ -1,5 +1,12 @@
-"""create_app(settings) -> Starlette.  The lifespan starts the engine (loading
-enabled models and their workers) and drains it on shutdown."""
+"""create_app(settings) -> Starlette, for the node's role:
+
+* ``all`` (the default): the job API and the workers of the models enabled here;
+* ``api``: the job API only (a shared broker's workers run the jobs);
+* ``worker``: the workers only, with ``/healthz`` and ``/metrics``.
+
+The lifespan starts the broker and the runner (loading enabled models) and stops
+them on shutdown: a single process cancels what is still queued; a node of a
+shared broker leaves the queue to the others."""
 
 from __future__ import annotations
 
@@ -18,21 +25,27 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .broker import create_broker
+from .broker.base import BrokerUnavailable
 from .config import Settings
-from .delivery.hooks import install as install_delivery
-from .engine import Engine
+from .delivery.hooks import Delivery
 from .errors import (
     ApiError,
     Forbidden,
     NotFound,
     Unauthorized,
     api_error_handler,
+    broker_unavailable_handler,
     http_exception_handler,
     render,
     unhandled_error_handler,
 )
+from .metrics import Metrics
 from .openapi import build_document
+from .registry import Registry
 from .routes import api, meta, models, openai, training
+from .runner import Runner
+from .service import Service
 from .upscaling import Upscaler
 
 log = logging.getLogger("easel")
@@ -79,35 +92,56 @@ class AuthMiddleware:
 
 
 def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Starlette:
-    engine = Engine(settings)
-    upscaler = Upscaler(engine)
-    upscaler.install()  # upscale checks and post-processing before the delivery checks
-    install_delivery(engine)
+    role = settings.broker.role
+    broker = create_broker(settings)
+    registry = Registry(settings)
+    metrics = Metrics()
+    service = Service(settings, broker, registry, metrics)
+    runner = Runner(settings, broker, registry, metrics) if role in ("all", "worker") else None
+    service.runner = runner
+    upscaler = Upscaler(settings, registry, runner)
+    delivery = Delivery(settings, broker)
+    service.fetch_url = delivery.fetch_url
+    service.submit_checks += [upscaler.check, delivery.check]  # upscale checks before the delivery checks
+    if runner is not None:
+        runner.upscaler = upscaler
+        runner.delivery = delivery
+        runner.on_presence.append(service.forecasts.presence_changed)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await engine.start()
+        await broker.start()
+        if runner is not None:
+            await runner.start()
+        log.info("easel: role %s, broker %s%s", role, broker.name, f", worker {runner.id}" if runner else "")
         try:
             yield
         finally:
-            await engine.shutdown(settings.queue.shutdown_grace_seconds)
+            service.accepting = False
+            if runner is not None:
+                await runner.stop(settings.queue.shutdown_grace_seconds)
+            await broker.close()
 
-    routes: list[Any] = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
-    routes.append(Mount("/swagger-static", app=StaticFiles(directory=_swagger_dir()), name="swagger-static"))
+    if role == "worker":
+        routes: list[Any] = [*meta.WORKER_ROUTES]
+    else:
+        routes = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
+        routes.append(Mount("/swagger-static", app=StaticFiles(directory=_swagger_dir()), name="swagger-static"))
     # unknown API paths answer a JSON 404, not the static files' 405
     routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1")]
-    if STATIC.is_dir():
+    if STATIC.is_dir() and role != "worker":
         routes.append(Mount("/", app=StaticFiles(directory=STATIC, html=True), name="static"))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,
+            BrokerUnavailable: broker_unavailable_handler,
             HTTPException: http_exception_handler,
             Exception: unhandled_error_handler,
         },
     )
-    app.state.engine = engine
+    app.state.service = service
     app.state.upscaler = upscaler
     app.state.openapi = build_document(routes)
     if settings.auth.api_keys or settings.auth.admin_keys:

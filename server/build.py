@@ -1,6 +1,10 @@
-"""Requests -> jobs: validate a decoded request against the model it names and
-build the pipeline calls.  Every refusal is a ``BadRequest`` naming the field and
-what to send instead."""
+"""Requests -> job records: validate a decoded request against the model it names
+and build the pipeline calls.  Every refusal is a ``BadRequest`` naming the field
+and what to send instead.
+
+Images are decoded here, once, to check them; the record keeps only blob keys, and
+the bytes go to the broker with the job (``Inputs``).  The worker decodes them
+again with ``decode_image``."""
 
 from __future__ import annotations
 
@@ -9,13 +13,12 @@ import binascii
 import io
 import random
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from .backends.base import LoraSpec, WorkItem
 from .errors import BadRequest
-from .jobs import Job
+from .jobs import Item, JobRecord, Lora, input_key, new_id
 from .schemas import GenerateRequest, ImageRef
 
 if TYPE_CHECKING:
@@ -82,21 +85,40 @@ def decode_b64(text: str, param: str) -> bytes:
         raise BadRequest(f"{param}: not valid base64; send a data URL or base64-encoded image", param=param) from None
 
 
-async def load_image(value: str | ImageRef | bytes, param: str, settings: Settings, fetch: UrlFetcher | None) -> Image.Image:
-    max_pixels = settings.limits.max_image_pixels
+async def image_bytes(value: str | ImageRef | bytes, param: str, fetch: UrlFetcher | None) -> bytes:
+    """The bytes of an image given as bytes, a data URL, base64, ``{data_url}`` or ``{url}``."""
     if isinstance(value, bytes):
-        return decode_image(value, param, max_pixels)
+        return value
     if isinstance(value, ImageRef):
         if value.data_url:
-            return decode_image(decode_b64(value.data_url, param), param, max_pixels)
+            return decode_b64(value.data_url, param)
         if value.url:
             if fetch is None:
                 raise BadRequest(f"{param}: image URLs are not supported by this server; send a data URL", param=param)
-            return decode_image(await fetch(value.url, param), param, max_pixels)
+            return await fetch(value.url, param)
         raise BadRequest(f"{param}: give either data_url or url", param=param)
     if value.startswith(("http://", "https://")):
-        return await load_image(ImageRef(url=value), param, settings, fetch)
-    return decode_image(decode_b64(value, param), param, max_pixels)
+        return await image_bytes(ImageRef(url=value), param, fetch)
+    return decode_b64(value, param)
+
+
+async def load_image(value: str | ImageRef | bytes, param: str, settings: Settings, fetch: UrlFetcher | None) -> tuple[bytes, Image.Image]:
+    """(bytes, decoded image) of an image input; undecodable or oversized data is a 400."""
+    data = await image_bytes(value, param, fetch)
+    return data, decode_image(data, param, settings.limits.max_image_pixels)
+
+
+class Inputs:
+    """The input images of a job being built: blob key -> bytes, sent with the job."""
+
+    def __init__(self, job_id: str | None = None) -> None:
+        self.job_id = job_id or new_id()
+        self.blobs: dict[str, bytes] = {}
+
+    def add(self, name: str, data: bytes) -> str:
+        key = input_key(self.job_id, name)
+        self.blobs[key] = data
+        return key
 
 
 def check_size(ms: ModelState, width: int, height: int) -> None:
@@ -118,8 +140,9 @@ async def build_job(
     *,
     uploads: list[bytes] | None = None,
     fetch: UrlFetcher | None = None,
-) -> Job:
-    """Validate ``req`` for model ``ms`` and build the job (not yet queued)."""
+) -> tuple[JobRecord, Inputs]:
+    """Validate ``req`` for model ``ms`` and build the job (not yet queued) with its
+    input images."""
     cfg = ms.cfg
     caps = ms.capabilities
     prompts = list(req.prompts) if req.prompts else ([req.prompt] if req.prompt is not None else [])
@@ -148,8 +171,16 @@ async def build_job(
         )
     fmt = parse_format(req.format)
     seed = parse_seed(req.seed)
-    refs = [await load_image(v, f"images[{i}]", settings, fetch) for i, v in enumerate(req.images or [])]
-    refs += [decode_image(b, f"images[{len(refs) + i}]", settings.limits.max_image_pixels) for i, b in enumerate(uploads or [])]
+    inputs = Inputs()
+    max_pixels = settings.limits.max_image_pixels
+    refs: list[str] = []
+    for i, value in enumerate(req.images or []):
+        data, _ = await load_image(value, f"images[{i}]", settings, fetch)
+        refs.append(inputs.add(f"ref{i}", data))
+    for data in uploads or []:
+        param = f"images[{len(refs)}]"
+        decode_image(data, param, max_pixels)
+        refs.append(inputs.add(f"ref{len(refs)}", data))
     if task == "edit":
         if not refs:
             raise BadRequest("an edit needs at least one reference image in images", param="images")
@@ -160,18 +191,20 @@ async def build_job(
             )
     elif refs:
         raise BadRequest("images are for edits: send them to /api/edit, or use init_image for img2img", param="images")
-    init = await load_image(req.init_image, "init_image", settings, fetch) if req.init_image is not None else None
-    if init is not None and not caps.supports_init_image:
-        raise BadRequest(f"model {ms.name!r} does not do img2img; drop init_image", param="init_image")
-    loras = [LoraSpec(lr.name, lr.scale) for lr in req.loras or []]
+    init: str | None = None
+    if req.init_image is not None:
+        data, _ = await load_image(req.init_image, "init_image", settings, fetch)
+        if not caps.supports_init_image:
+            raise BadRequest(f"model {ms.name!r} does not do img2img; drop init_image", param="init_image")
+        init = inputs.add("init", data)
+    loras = [Lora(lr.name, lr.scale) for lr in req.loras or []]
     if loras and not caps.supports_lora:
         raise BadRequest(f"model {ms.name!r} has no lora_dir configured, so loras cannot be used", param="loras")
     items = []
     seed_i = seed
     for prompt in prompts:
         items.append(
-            WorkItem(
-                task=task,  # type: ignore[arg-type]
+            Item(
                 prompt=prompt,
                 width=width,
                 height=height,
@@ -187,11 +220,8 @@ async def build_job(
             )
         )
         seed_i += req.n
-    options: dict[str, Any] = {}
-    for key in ("upscale", "upload_urls", "webhook_url"):
-        if getattr(req, key) is not None:
-            options[key] = getattr(req, key)
-    return Job(
+    job = JobRecord(
+        id=inputs.job_id,
         model=ms.name,
         task=task,
         items=items,
@@ -199,5 +229,9 @@ async def build_job(
         format=fmt,
         quality=req.quality,
         metadata=req.metadata,
-        options=options,
+        upscale=req.upscale,
+        upload_urls=req.upload_urls,
+        webhook_url=req.webhook_url,
+        inputs=list(inputs.blobs),
     )
+    return job, inputs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import signal
 import sys
@@ -31,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="device for every model (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="torch dtype for every model")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--broker", metavar="URL",
+                   help="where the queue lives: 'memory' (this process, the default) or redis://HOST:PORT/DB, "
+                        "shared by any number of API nodes and workers")
+    p.add_argument("--role", choices=["all", "api", "worker"],
+                   help="all: API and workers (default); api: serve HTTP, load no model; worker: run the enabled "
+                        "models' jobs, serve only /healthz and /metrics")
     return p.parse_args(argv)
 
 
@@ -39,6 +44,9 @@ def overrides_from(args: argparse.Namespace, model_names: list[str]) -> dict[str
     for key in ("host", "port", "default_model", "log_level"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
+    broker = {key: value for key in ("url", "role") if (value := getattr(args, "broker" if key == "url" else key, None))}
+    if broker:
+        out["broker"] = broker
     models: dict[str, dict[str, Any]] = {}
     for spec in args.model:
         name, sep, path = spec.partition("=")
@@ -117,11 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_level)
     hostmem.tune(settings.host_memory.retain_mib)  # before any model allocates
     app = create_app(settings)
-    # Start-up objects (modules, settings, routes) never become garbage: keep them out
-    # of every collection, and collect the young generation less often than the
-    # default 700 allocations (each request allocates a few hundred short-lived objects).
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -95,6 +95,17 @@ class HostMemoryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     retain_mib: NonNegInt = 512
 
 
+class BrokerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # "memory": this process only (the default); "redis://HOST:PORT/DB": shared by any
+    # number of API nodes and worker hosts (see README, Scaling out)
+    url: str = "memory"
+    role: Literal["all", "api", "worker"] = "all"  # api: HTTP only; worker: models only
+    lease_seconds: Annotated[float, Meta(gt=0)] = 15.0  # a running job's lease; a dead worker's jobs rerun after it
+    heartbeat_seconds: Annotated[float, Meta(gt=0)] = 2.0  # leases and presence are renewed this often
+    prefix: str = "easel:"  # of every Redis key: several easels can share one Redis
+    worker_id: str | None = None  # default: host:pid:random
+
+
 class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_hosts: list[str] = []
     timeout_seconds: Annotated[float, Meta(gt=0)] = 30.0
@@ -118,6 +129,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     host_memory: HostMemoryConfig = msgspec.field(default_factory=HostMemoryConfig)
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     upscaler: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False  # uvicorn's per-request lines; job state changes are always logged
@@ -195,6 +207,15 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
             webhook_key(settings.delivery.webhook_secret)
         except ValueError as exc:
             raise ConfigError(f"{source}: delivery.webhook_secret {exc}") from None
+    broker = settings.broker
+    if broker.url != "memory" and not broker.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{source}: broker.url {broker.url!r} must be 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0")
+    if broker.url == "memory" and broker.role != "all":
+        raise ConfigError(
+            f"{source}: broker.role {broker.role!r} needs a shared broker: set broker.url (or --broker) to a redis:// URL"
+        )
+    if broker.heartbeat_seconds >= broker.lease_seconds:
+        raise ConfigError(f"{source}: broker.heartbeat_seconds must be shorter than broker.lease_seconds")
     if settings.upscaler is not None and settings.upscaler not in settings.models:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
     if settings.upscaler is not None and settings.models[settings.upscaler].backend != "upscale_esrgan":

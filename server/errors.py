@@ -140,6 +140,12 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     )
 
 
+async def broker_unavailable_handler(request: Request, exc: Exception) -> Response:
+    """The shared broker (Redis) is down: 503, and nothing already accepted is lost."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return render(Unavailable(f"{exc}; jobs already accepted are kept; retry shortly"))
+
+
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(

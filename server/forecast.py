@@ -29,8 +29,6 @@ prefix sums; no scan of the queue is needed.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,10 +40,9 @@ NF = len(FEATURES)
 DIM = NF * len(TASKS)  # one block of features per task
 WIDTH = DIM + 1  # a job vector: its task's features, then a count of one (jobs ahead = sum of vectors)
 GENERIC_PRIOR = (0.5, 1.0, 0.5, 0.1)
+FORGET = 0.98  # each finished job weighs old ones down by this: the fit follows a warming GPU
 MIN_PENALTY = 1e-9
 FLOOR = 1e-3  # x each feature's mean square: what the jobs seen leave open stays at the scaled prior
-EAGER_SAMPLES = 64  # refit after every one of a task's first jobs
-REFIT_SECONDS = 0.1  # then at most this often (a solve per job costs more than the rest of the bookkeeping)
 
 
 def features(steps: int, megapixels: float, n: int, refs: int) -> np.ndarray:
@@ -68,85 +65,105 @@ def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
     return vec
 
 
+# a task's statistics as one flat vector, so that a broker can keep them (and add a
+# job's contribution atomically, as Redis does in a script): the forgetting-weighted
+# sums first, then the plain counters
+DECAYED = NF * NF + NF + NF + 2  # A = sum f f^T, b = sum f y, s = sum f, sum y, weight (jobs)
+ADDED = 2  # samples, sum of |predicted - seconds| / seconds
+STATS = DECAYED + ADDED
+
+
+def observation(feats: np.ndarray, seconds: float, predicted: float | None) -> tuple[list[float], list[float]]:
+    """One finished job's contribution to its task's statistics: (decayed, added)."""
+    decayed = np.concatenate([np.outer(feats, feats).ravel(), feats * seconds, feats, [seconds, 1.0]])
+    error = abs(predicted - seconds) / seconds if predicted is not None and seconds > 0 else 0.0
+    return decayed.tolist(), [1.0, error]
+
+
+def apply(stats: np.ndarray, decayed: list[float], added: list[float], forget: float) -> np.ndarray:
+    """``stats`` after one observation (what the brokers' ``observe_cost`` computes)."""
+    out = stats.copy()
+    out[:DECAYED] = forget * out[:DECAYED] + np.asarray(decayed)
+    out[DECAYED:] += np.asarray(added)
+    return out
+
+
 @dataclass
 class _Fit:
     prior: np.ndarray
-    a: np.ndarray
-    b: np.ndarray
+    stats: np.ndarray
     coef: np.ndarray
-    s: np.ndarray  # the forgetting-weighted sum of the feature vectors
-    y_sum: float = 0.0  # and of the seconds
-    samples: int = 0
-    weight: float = 0.0  # the forgetting-weighted number of jobs in ``a`` and ``b``
-    abs_pct_error_sum: float = 0.0
+
+    @property
+    def samples(self) -> int:
+        return int(self.stats[DECAYED])
+
+    def solve(self, ridge: float) -> None:
+        st = self.stats
+        a = st[: NF * NF].reshape(NF, NF)
+        b = st[NF * NF : NF * NF + NF]
+        s = st[NF * NF + NF : NF * NF + 2 * NF]
+        y_sum, weight = st[DECAYED - 2], st[DECAYED - 1]
+        if weight <= 0:
+            self.coef = self.prior.copy()
+            return
+        forecast = float(s @ self.prior)
+        scaled = self.prior * (y_sum / forecast) if forecast > 0 and y_sum > 0 else self.prior
+        gram = a / weight  # the jobs' mean outer product
+        penalty = ridge * (gram + FLOOR * np.diag(np.diag(gram))) + MIN_PENALTY * np.eye(NF)
+        self.coef = np.linalg.solve(a + penalty, b + penalty @ scaled)
 
 
 class CostModel:
-    """Per-model forecaster: one ridge fit per task."""
+    """Per-model forecaster: one ridge fit per task, over statistics that a broker
+    keeps (``load``) or that it gathers itself (``observe``)."""
 
-    def __init__(self, priors: Mapping[str, Sequence[float]], *, ridge: float = 0.1, forget: float = 0.98) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, priors: Mapping[str, Sequence[float]], *, ridge: float = 0.1, forget: float = FORGET) -> None:
         self.ridge = ridge
         self.forget = forget
         self._fits: dict[str, _Fit] = {}
         for task in TASKS:
             prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
-            self._fits[task] = _Fit(prior=prior, a=np.zeros((NF, NF)), b=np.zeros(NF), coef=prior.copy(), s=np.zeros(NF))
-        self._stacked = np.concatenate([*(self._fits[t].coef for t in TASKS), [0.0]])  # 0: the count
-        self._dirty: set[str] = set()
-        self._fitted_at = 0.0
+            self._fits[task] = _Fit(prior=prior, stats=np.zeros(STATS), coef=prior.copy())
+        self._stacked = np.zeros(WIDTH)
+        self._restack()
 
     def predict(self, vec: np.ndarray) -> float:
         """Seconds for a job vector, or for a sum of them (everything ahead of a job)."""
-        if self._dirty:
-            self._refit(force=False)
         return max(0.0, float(self._stacked @ vec))
 
     def observe(self, task: str, feats: np.ndarray, seconds: float, predicted: float | None = None) -> None:
         """Learn from a finished job that took ``seconds`` of worker time."""
-        with self._lock:
-            fit = self._fits[task]
-            fit.a = self.forget * fit.a + np.outer(feats, feats)
-            fit.b = self.forget * fit.b + feats * seconds
-            fit.s = self.forget * fit.s + feats
-            fit.y_sum = self.forget * fit.y_sum + seconds
-            fit.weight = self.forget * fit.weight + 1.0
-            fit.samples += 1
-            if predicted is not None and seconds > 0:
-                fit.abs_pct_error_sum += abs(predicted - seconds) / seconds
-            self._dirty.add(task)
-        # while it learns, refit after every job; later at most every REFIT_SECONDS
-        self._refit(force=fit.samples <= EAGER_SAMPLES)
+        fit = self._fits[task]
+        fit.stats = apply(fit.stats, *observation(feats, seconds, predicted), self.forget)
+        fit.solve(self.ridge)
+        self._restack()
 
-    def _refit(self, force: bool) -> None:
-        now = time.monotonic()
-        if not force and now - self._fitted_at < REFIT_SECONDS:
-            return
-        with self._lock:
-            stacked = self._stacked.copy()  # readers on other threads keep a consistent vector
-            for task in self._dirty:
-                fit = self._fits[task]
-                forecast = float(fit.s @ fit.prior)
-                scaled = fit.prior * (fit.y_sum / forecast) if forecast > 0 and fit.y_sum > 0 else fit.prior
-                gram = fit.a / fit.weight  # the jobs' mean outer product
-                penalty = self.ridge * (gram + FLOOR * np.diag(np.diag(gram))) + MIN_PENALTY * np.eye(NF)
-                fit.coef = np.linalg.solve(fit.a + penalty, fit.b + penalty @ scaled)
-                t = TASKS.index(task)
-                stacked[t * NF : (t + 1) * NF] = fit.coef
-            self._dirty.clear()
-            self._stacked = stacked
-            self._fitted_at = now
+    def load(self, stats: Mapping[str, Sequence[float]]) -> None:
+        """Take the statistics a broker keeps (``Broker.cost_stats``) and refit."""
+        for task, values in stats.items():
+            fit = self._fits.get(task)
+            if fit is not None and len(values) == STATS:
+                fit.stats = np.asarray(values, dtype=np.float64)
+                fit.solve(self.ridge)
+        self._restack()
+
+    def _restack(self) -> None:
+        stacked = np.zeros(WIDTH)  # the last entry (the count) gets no weight
+        for t, task in enumerate(TASKS):
+            stacked[t * NF : (t + 1) * NF] = self._fits[task].coef
+        self._stacked = stacked  # one store: readers see the old vector or the new one
 
     def report(self) -> dict[str, dict[str, object]]:
         """What the model has learned, for /api/ps and /health."""
-        self._refit(force=True)
         out: dict[str, dict[str, object]] = {}
         for task, fit in self._fits.items():
+            samples = fit.samples
             out[task] = {
                 "coefficients": dict(zip(FEATURES, (round(float(c), 6) for c in fit.coef), strict=True)),
                 "prior": dict(zip(FEATURES, (float(c) for c in fit.prior), strict=True)),
-                "samples": fit.samples,
-                "mean_abs_pct_error": round(fit.abs_pct_error_sum / fit.samples, 4) if fit.samples else None,
+                "samples": samples,
+                "mean_abs_pct_error": round(float(fit.stats[DECAYED + 1]) / samples, 4) if samples else None,
             }
         return out
 

@@ -1,19 +1,23 @@
-"""Jobs: what was asked, where it stands, and what it produced."""
+"""The job record: what a job is and where it stands, as one serialisable Struct.
+
+A ``JobRecord`` can leave the process: the broker stores it (in memory, or as a
+Redis hash of JSON fields, one per Struct field) and every API node and worker
+reads the same record.  It holds no live objects: reference images, masks and
+results are blob keys and metadata; the bytes sit in the broker's blob store.
+Futures, events and threads belong to the process that owns them (the broker's
+change waiters, the runner's cancel flags), never to the record.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import secrets
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+import msgspec
+from msgspec import Struct
 
-from .backends.base import WorkItem
+from .training.plan import TrainPlan
 
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -21,8 +25,8 @@ PENDING = "pending"  # a delivery (upload, webhook) not yet attempted or in flig
 
 
 class JobStatus(str, enum.Enum):
-    WAITING = "waiting"  # queued on its model's worker
-    RUNNING = "running"  # on the worker (or its results being encoded)
+    WAITING = "waiting"  # queued on its model
+    RUNNING = "running"  # claimed by a worker (or its results being encoded)
     DONE = "done"  # results available
     ERROR = "error"  # failed; ``message`` says why
     CANCELLED = "cancelled"  # cancelled by a client or at shutdown
@@ -32,17 +36,48 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED)
 
 
-@dataclass
-class ImageResult:
+class Lora(Struct, frozen=True):
+    name: str
+    scale: float = 1.0
+
+
+class Item(Struct, kw_only=True):
+    """One pipeline call of a job: ``n`` images for one prompt; image ``k`` uses
+    seed ``seed + k``.  Images are blob keys (``images``, ``init_image``, ``mask``)."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    n: int = 1
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    images: list[str] = []
+    init_image: str | None = None
+    strength: float | None = None
+    mask: str | None = None
+    loras: list[Lora] = []
+    scale: int | None = None  # upscale jobs: the factor
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1_000_000
+
+
+class ImageResult(Struct, kw_only=True):
+    """A result image's metadata; its bytes are the blob ``result_key(job_id, index)``."""
+
     index: int
     seed: int
     width: int
     height: int
     format: str
     prompt: str
-    data: bytes | None  # None once deleted by the client or evicted
-    upload: str | None = None  # pending / ok / failed: reason (with upload_urls)
+    bytes: int
     seconds: float | None = None  # generation time: its pipeline call's seconds / n
+    upload: str | None = None  # pending / ok / failed: reason (with upload_urls)
+    gone: str | None = None  # why the bytes are no longer there (fetched with delete=true, evicted)
 
     @property
     def media_type(self) -> str:
@@ -57,50 +92,59 @@ def new_id() -> str:
     return secrets.token_hex(8)
 
 
-@dataclass(eq=False)
-class Job:
+def result_key(job_id: str, index: int) -> str:
+    return f"img:{job_id}:{index}"
+
+
+def preview_key(job_id: str, index: int) -> str:
+    return f"prev:{job_id}:{index}"
+
+
+def input_key(job_id: str, name: str) -> str:
+    return f"in:{job_id}:{name}"
+
+
+class JobRecord(Struct, kw_only=True):
+    # --- what was asked (set at submission) ---
     model: str
-    task: str
-    items: list[WorkItem]
+    task: str  # generate, edit, train, upscale
+    items: list[Item] = []
+    id: str = msgspec.field(default_factory=new_id)
     priority: int = 0
     format: str = "PNG"
     quality: int = 85
     metadata: dict[str, Any] | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # upscale, upload_urls, webhook_url...
-    id: str = field(default_factory=new_id)
-    seq: int = 0
-    status: JobStatus = JobStatus.WAITING
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    # monotonic clock twins for the forecaster
-    started_mono: float | None = None
-    last_step_mono: float | None = None
-    worker_seconds: float | None = None  # time on the worker, encoding excluded: what forecasts learn
-    step: int = 0
-    total_steps: int = 0
-    message: str | None = None
-    results: list[ImageResult] = field(default_factory=list)
-    item_seconds: list[float] = field(default_factory=list)  # per pipeline call (worker thread)
+    upscale: int | None = None  # generate/edit: upscale the results by 2 or 4
+    upload_urls: list[str] | None = None
+    webhook_url: str | None = None
+    train: TrainPlan | None = None
+    owner: str | None = None  # id of the API key that submitted it (never the key)
     base_url: str = ""  # the server's URL as the submitter saw it (webhook payloads)
-    webhook: str | None = None  # pending / ok / failed: reason (with webhook_url)
-    extra: dict[str, Any] = field(default_factory=dict)  # backend/training status (loss...)
-    # forecasting
-    vector: np.ndarray | None = None  # features in its task's block, then a count of one (forecast.job_vector)
-    features: np.ndarray | None = None
+    inputs: list[str] = []  # blob keys of the uploaded images, deleted with the job
+    partial_images: int = 0  # previews asked for (OpenAI stream): blobs preview_key(id, k)
+    # --- forecast at submission ---
+    features: list[float] = []  # forecast.FEATURES summed over the pipeline calls
     predicted: float = 0.0
     expected_at_submit: float = 0.0
     pos_at_submit: int = 0
-    # queue bookkeeping
-    level: Any = None
-    slot: int = -1
-    # change notification (event-loop side)
-    _waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)  # any change
-    _status_waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)  # not progress
-    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
-    # called on the worker thread with each preview image (OpenAI partial images)
-    preview_sink: Callable[[Any], None] | None = field(default=None, repr=False)
-    preview_steps: frozenset[int] = frozenset()
+    # --- where it stands (broker clock: wall seconds as the broker tells them) ---
+    status: JobStatus = JobStatus.WAITING
+    seq: int = 0  # arrival order, set by the broker
+    attempt: int = 0  # bumped by every claim: the fencing token of the running attempt
+    lost: int = 0  # times a worker lost it (its lease expired)
+    worker: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    last_step_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    message: str | None = None
+    worker_seconds: float | None = None  # time on the worker, encoding excluded: what forecasts learn
+    previews: int = 0  # partial images stored so far
+    results: list[ImageResult] = []
+    webhook: str | None = None  # pending / ok / failed: reason (with webhook_url)
+    extra: dict[str, Any] = {}  # backend/training status (loss...)
 
     @property
     def task_length(self) -> int:
@@ -116,68 +160,15 @@ class Job:
 
     @property
     def seed(self) -> int | None:
-        return self.items[0].seed if self.items else None
+        if self.items:
+            return self.items[0].seed
+        return self.train.seed if self.train is not None else None
 
     @property
     def delivering(self) -> bool:
         """True while uploads or the webhook of a finished job are still under way."""
         return self.webhook == PENDING or any(r.upload == PENDING for r in self.results)
 
-    def touch(self) -> None:
-        """Wake everyone waiting for a change (event loop only)."""
-        _wake(self._waiters)
-        _wake(self._status_waiters)
 
-    def progressed(self) -> None:
-        """A step finished: wake only the waiters that follow progress (event loop only)."""
-        _wake(self._waiters)
-
-    @property
-    def followed(self) -> bool:
-        """Whether someone waits for progress (read from the worker thread)."""
-        return bool(self._waiters)
-
-    async def wait_change(self, timeout: float | None, *, progress: bool = True) -> bool:
-        """Wait for the next change (with ``progress=False``: not a mere step); False on timeout."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        waiters = self._waiters if progress else self._status_waiters
-        waiters.append(fut)
-        # a timer on the future itself, not asyncio.wait_for: one loop pass less per wake-up
-        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
-        try:
-            await fut
-            return True
-        except _Expired:
-            return False
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if fut in waiters:
-                waiters.remove(fut)
-
-    async def wait_while(self, busy: Callable[[Job], bool], deadline: float) -> None:
-        """Wait through status changes while ``busy(self)`` holds, until ``deadline``
-        (``time.monotonic()``)."""
-        while busy(self) and (left := deadline - time.monotonic()) > 0:
-            await self.wait_change(left, progress=False)
-
-    def result_bytes(self) -> int:
-        return sum(len(r.data) for r in self.results if r.data is not None)
-
-
-class _Expired(Exception):
-    pass
-
-
-def _expire(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(_Expired())
-
-
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
-    pending = list(waiters)
-    waiters.clear()
-    for fut in pending:
-        if not fut.done():
-            fut.set_result(None)
+# the record's fields, for brokers that store one field per key (Redis hashes)
+FIELDS: tuple[str, ...] = JobRecord.__struct_fields__

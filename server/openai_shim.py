@@ -7,17 +7,15 @@ Routes live in ``routes/openai.py``; this module knows nothing about HTTP.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .build import DEFAULT_STEPS, UrlFetcher, load_image, parse_format
 from .errors import ApiError, BadRequest, Conflict, JobFailed, Unavailable, validation_message
-from .jobs import Job, JobStatus
+from .jobs import JobRecord, JobStatus
 from .routes.common import decode
 from .schemas import GenerateRequest, ImageRef
 from .schemas_openai import (
@@ -31,11 +29,9 @@ from .schemas_openai import (
 )
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
-
     from .config import Settings
-    from .engine import Engine
     from .registry import ModelState
+    from .service import Service
 
 # quality -> fraction of the model's recommended_steps (an explicit steps wins)
 QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.0, "xhigh": 1.0, "max": 1.0}
@@ -117,7 +113,7 @@ def to_generate_request(req: OpenAIImageRequest, ms: ModelState) -> GenerateRequ
 
 async def load_mask(
     req: OpenAIImageRequest, upload: bytes | None, ms: ModelState, settings: Settings, fetch: UrlFetcher | None
-) -> Image | None:
+) -> bytes | None:
     """The edit mask (a multipart file or JSON ``mask``), refused by models without mask support."""
     if upload is None and req.mask is None:
         return None
@@ -128,49 +124,21 @@ async def load_mask(
             param="mask",
         )
     if upload is not None:
-        return await load_image(upload, "mask", settings, fetch)
+        return (await load_image(upload, "mask", settings, fetch))[0]
     assert req.mask is not None
     ref = image_input(req.mask, "mask")
-    return await load_image(ref if isinstance(ref, str) else ImageRef(**ref), "mask", settings, fetch)
+    return (await load_image(ref if isinstance(ref, str) else ImageRef(**ref), "mask", settings, fetch))[0]
 
 
-def raise_for_outcome(engine: Engine, job: Job) -> None:
+def raise_for_outcome(service: Service, job: JobRecord) -> None:
     """A finished job that did not produce images -> the error the caller gets."""
     if job.status is JobStatus.DONE:
         return
     if job.status is JobStatus.ERROR:
         raise JobFailed(f"the job ran and failed: {job.message}")
-    if not engine.accepting:
+    if not service.accepting:
         raise Unavailable(f"the server is shutting down ({job.message}); retry against a running server")
     raise Conflict(f"job {job.id} was cancelled ({job.message}); send the request again", code="job_cancelled")
-
-
-# ----- previews (partial images) -------------------------------------------------------
-
-def preview_steps(total_steps: int, count: int) -> frozenset[int]:
-    """``count`` steps spread evenly over the job, before its last step."""
-    return frozenset(s for i in range(count) if 0 < (s := total_steps * (i + 1) // (count + 1)) < total_steps)
-
-
-class Previews:
-    """Collects a job's partial images.  The backend calls ``sink`` on the worker
-    thread; the image hops to the loop, where ``pending`` fills and the job's
-    waiters wake."""
-
-    def __init__(self, job: Job, count: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.job = job
-        self.loop = loop
-        self.pending: deque[Image] = deque()
-        job.total_steps = job.total_steps or sum(item.steps for item in job.items)
-        job.preview_steps = preview_steps(job.total_steps, count)
-        job.preview_sink = self.sink
-
-    def sink(self, image: Image) -> None:  # worker thread
-        self.loop.call_soon_threadsafe(self._push, image)
-
-    def _push(self, image: Image) -> None:
-        self.pending.append(image)
-        self.job.touch()
 
 
 # ----- responses ---------------------------------------------------------------------
@@ -185,7 +153,7 @@ class Echo(msgspec.Struct, kw_only=True):
     background: str = BACKGROUND
 
     @classmethod
-    def of(cls, req: OpenAIImageRequest, job: Job) -> Echo:
+    def of(cls, req: OpenAIImageRequest, job: JobRecord) -> Echo:
         item = job.items[0]
         return cls(
             prefix=EVENT_PREFIX[job.task],
@@ -195,7 +163,7 @@ class Echo(msgspec.Struct, kw_only=True):
         )
 
 
-def usage(job: Job) -> OpenAIUsage:
+def usage(job: JobRecord) -> OpenAIUsage:
     words = sum(len(item.prompt.split()) for item in job.items)
     refs = sum(len(item.images) for item in job.items)
     out = len(job.results)
@@ -214,7 +182,7 @@ def partial_event(echo: Echo, data: bytes, index: int) -> PartialImageEvent:
     )
 
 
-def completed_event(echo: Echo, job: Job, data: bytes) -> CompletedEvent:
+def completed_event(echo: Echo, job: JobRecord, data: bytes) -> CompletedEvent:
     return CompletedEvent(
         type=f"{echo.prefix}.completed", b64_json=data, created_at=int(time.time()), size=echo.size,
         quality=echo.quality, background=echo.background, output_format=echo.output_format, usage=usage(job),

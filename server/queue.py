@@ -1,4 +1,4 @@
-"""Per-model priority queue with O(log n) positions and forecast sums.
+"""Per-model priority queue with O(log n) positions and forecast sums (the memory broker's).
 
 Jobs are ordered by ``(priority, seq)``: lower priority first, FIFO within a
 priority.  Each distinct priority is a *level* holding its jobs in arrival order.
@@ -21,9 +21,22 @@ import numpy as np
 from sortedcontainers import SortedDict
 
 from .forecast import WIDTH
-from .jobs import Job
 
 MIN_SLOTS = 64
+
+
+class Job:
+    """A queue entry: a waiting job's id, order and forecast vector."""
+
+    __slots__ = ("id", "level", "priority", "seq", "slot", "vector")
+
+    def __init__(self, job_id: str, priority: int, seq: int, vector: np.ndarray) -> None:
+        self.id = job_id
+        self.priority = priority
+        self.seq = seq
+        self.vector = vector
+        self.level: _Level | None = None
+        self.slot = -1
 
 
 class _Fenwick:
@@ -132,6 +145,7 @@ class ModelQueue:
         self._ready = asyncio.Event()
         self._closed = False
         self._spare: _Level | None = None  # an emptied level, reused (a queue often runs empty)
+        self.entries: dict[str, Job] = {}  # waiting jobs by id
 
     def __len__(self) -> int:
         return self._size
@@ -147,8 +161,19 @@ class ModelQueue:
             level.priority = job.priority
             self._levels[job.priority] = level
         level.push(job)
+        self.entries[job.id] = job
         self._size += 1
         self._ready.set()
+
+    def push_front(self, job: Job) -> None:
+        """Queue ``job`` ahead of every job of its priority (a re-run; O(n) in its level)."""
+        level = self._levels.get(job.priority)
+        behind = [j for j in level.jobs if j.level is level] if level is not None else []
+        for j in behind:
+            self.remove(j)
+        self.push(job)
+        for j in behind:
+            self.push(j)
 
     def remove(self, job: Job) -> bool:
         """Take a waiting job out (cancel). False if it is not in this queue."""
@@ -156,6 +181,7 @@ class ModelQueue:
         if level is None or self._levels.get(level.priority) is not level:
             return False
         level.remove(job)
+        del self.entries[job.id]
         self._size -= 1
         if level.live == 0:
             self._retire(level)
@@ -168,6 +194,7 @@ class ModelQueue:
             if level.live == 0:
                 self._retire(level)
             if job is not None:
+                del self.entries[job.id]
                 self._size -= 1
                 return job
         return None
@@ -176,8 +203,11 @@ class ModelQueue:
         del self._levels[level.priority]
         self._spare = level
 
-    async def get(self) -> Job | None:
-        """Next job, waiting for one; None once the queue is closed."""
+    async def get(self, timeout: float | None = None) -> Job | None:
+        """Next job, waiting up to ``timeout`` seconds for one; None once the queue is
+        closed or when none came."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             if self._closed:
                 return None
@@ -185,7 +215,11 @@ class ModelQueue:
             if job is not None:
                 return job
             self._ready.clear()
-            await self._ready.wait()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
 
     def close(self) -> None:
         self._closed = True
@@ -207,9 +241,16 @@ class ModelQueue:
             out += level.total
         return out
 
-    def jobs(self) -> list[Job]:
-        """Waiting jobs in run order (O(n), for listings)."""
-        return [j for level in self._levels.values() for j in level.jobs if j.level is level]
+    def jobs(self, limit: int | None = None) -> list[Job]:
+        """Waiting jobs in run order (O(limit), for listings)."""
+        out: list[Job] = []
+        for level in self._levels.values():
+            for j in level.jobs:
+                if j.level is level:
+                    out.append(j)
+                    if limit is not None and len(out) >= limit:
+                        return out
+        return out
 
     def drain(self) -> list[Job]:
         out = self.jobs()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -18,14 +17,10 @@ from . import hostmem
 from .backends import create_backend
 from .backends.base import Backend, Capabilities, free_memory, model_capabilities
 from .errors import Conflict, NotFound
-from .forecast import TASKS, CostModel
-from .queue import ModelQueue
-from .threads import LoopThreads
 from .training import TRAINABLE_BACKENDS
 
 if TYPE_CHECKING:
     from .config import ModelConfig, Settings
-    from .jobs import Job
 
 log = logging.getLogger("easel")
 State = Literal["unloaded", "loading", "loaded", "error"]
@@ -33,16 +28,14 @@ State = Literal["unloaded", "loading", "loaded", "error"]
 
 @dataclass(eq=False)
 class ModelState:
+    """A configured model and, on a worker, its loaded backend."""
+
     name: str
     cfg: ModelConfig
-    queue: ModelQueue
-    cost: CostModel
     state: State = "unloaded"
     backend: Backend | None = None
     load_error: str | None = None
-    running: set[Job] = field(default_factory=set)
-    workers: list[asyncio.Task[None]] = field(default_factory=list)
-    executor: LoopThreads | None = None  # the model's GPU thread(s)
+    limiter: anyio.CapacityLimiter | None = None  # the model's GPU threads: target_inflight at once
 
     @property
     def capabilities(self) -> Capabilities:
@@ -56,26 +49,12 @@ class ModelState:
         return caps
 
 
-def _default_prior(cfg: ModelConfig) -> dict[str, list[float]]:
-    if cfg.forecast_prior is not None:
-        return {task: list(cfg.forecast_prior) for task in TASKS}
-    return {}
-
-
 class Registry:
-    """Owns every configured model; the engine asks it for loaded backends."""
+    """Every configured model; on a worker, loads and unloads their backends."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models: dict[str, ModelState] = {
-            name: ModelState(
-                name=name,
-                cfg=cfg,
-                queue=ModelQueue(settings.queue.capacity),
-                cost=CostModel(_default_prior(cfg)),
-            )
-            for name, cfg in settings.models.items()
-        }
+        self.models: dict[str, ModelState] = {name: ModelState(name=name, cfg=cfg) for name, cfg in settings.models.items()}
 
     def get(self, name: str | None) -> ModelState:
         key = name or self.settings.default_model
@@ -100,11 +79,7 @@ class Registry:
             log.warning("model %s: load failed: %s", name, ms.load_error)
             return ms
         ms.backend = backend
-        if not self.settings.models[name].forecast_prior:
-            priors = {t: p for t in TASKS if (p := backend.cost_prior(t)) is not None}
-            if priors:
-                ms.cost = CostModel(priors)
-        ms.executor = LoopThreads(ms.cfg.target_inflight, f"easel-{name}")
+        ms.limiter = anyio.CapacityLimiter(ms.cfg.target_inflight)
         ms.state = "loaded"
         log.info("model %s: loaded", name)
         return ms
@@ -120,9 +95,7 @@ class Registry:
             raise Conflict(f"model {name!r} is still loading; unload it once it has loaded", param="model")
         backend, ms.backend = ms.backend, None
         ms.state = "unloaded"
-        if ms.executor is not None:
-            ms.executor.shutdown()
-            ms.executor = None
+        ms.limiter = None
         if backend is not None:
             await anyio.to_thread.run_sync(_release, backend)
         log.info("model %s: unloaded", name)

@@ -209,7 +209,7 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     model: str
     task: str
     pos: int
-    wait_remaining: Annotated[float, Meta(description="Forecast seconds until the job is done.")]
+    wait_remaining: Annotated[float | None, Meta(description="Forecast seconds until the job is done; null when no worker serves the model (message says so).")]
     expected_time_seconds: float
     progress: Annotated[float, Meta(ge=0, le=1)]
     step: int
@@ -224,6 +224,8 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     metadata: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
     webhook: Annotated[str, Meta(description="With webhook_url: pending, ok, or failed: <reason>.")] | None = None
+    attempt: Annotated[int, Meta(description="How many times a worker has started the job (a worker lost mid-job: it runs again).")] = 0
+    worker: Annotated[str, Meta(description="The worker running (or that ran) the job.")] | None = None
 
 
 class TasksResponse(Struct, kw_only=True):
@@ -245,6 +247,15 @@ class CancelResponse(Struct, kw_only=True):
     status: str
 
 
+class WorkerView(Struct, kw_only=True):
+    worker: str
+    host: str
+    state: str
+    slots: int
+    running: int
+    load_error: str | None = None
+
+
 class ModelInfo(Struct, kw_only=True):
     name: str
     backend: str
@@ -262,6 +273,7 @@ class ModelInfo(Struct, kw_only=True):
     load_error: str | None = None
     vram_estimate_mib: int | None = None
     forecast: dict[str, Any] | None = None
+    workers: Annotated[list[WorkerView], Meta(description="The live workers that serve this model, as they last reported.")] = []
 
 
 class ModelsResponse(Struct, kw_only=True):
@@ -274,6 +286,8 @@ class HealthResponse(Struct, kw_only=True):
     models: list[ModelInfo]
     devices: list[dict[str, Any]]
     uptime_seconds: float
+    broker: Annotated[str, Meta(description="memory (one process) or redis (shared by API nodes and workers).")] = "memory"
+    role: Annotated[str, Meta(description="all, api or worker.")] = "all"
 
 
 class Healthz(Struct):

@@ -46,6 +46,19 @@ class BackendError(Exception):
     """
 
 
+def failure_message(exc: BaseException) -> str:
+    """A sentence for the client; tracebacks stay in the log."""
+    if isinstance(exc, BackendError):
+        return str(exc)
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return (
+            "the GPU ran out of memory for this job; try a smaller size, fewer images or "
+            "reference images, or set offload to 'model' for this model"
+        )
+    return f"the model failed on this job ({name}: {str(exc)[:300]}); the server log has the details"
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     name: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+import zlib
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -12,7 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..build import build_job
 from ..errors import BadRequest, Gone, NotFound
-from ..jobs import Job, JobStatus
+from ..jobs import JobRecord, JobStatus
 from ..openapi import Doc, Param, route
 from ..schemas import (
     CancelResponse,
@@ -26,7 +27,8 @@ from ..schemas import (
     TasksResponse,
     UpscaleRequest,
 )
-from .common import base_url, decode_form, decode_json, engine_of, job_status, json_response, status_of, upscaler_of
+from ..views import job_status, submitted
+from .common import base_url, decode_form, decode_json, json_response, service_of, upscaler_of
 from .models import models_response
 
 TASK_ID = Param("task_id", description="The id returned at submission.", required=True)
@@ -34,38 +36,27 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def submit(request: Request, task: str) -> Response:
-    engine = engine_of(request)
+    service = service_of(request)
     uploads: list[bytes] = []
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         req, uploads, _ = await decode_form(request, GenerateRequest)
     else:
         req = await decode_json(request, GenerateRequest)
-    ms = engine.loaded_model(req.model)
-    job = await build_job(req, ms, engine.settings, task, uploads=uploads, fetch=engine.fetch_url)
+    ms = await service.served_model(req.model)
+    job, inputs = await build_job(req, ms, service.settings, task, uploads=uploads, fetch=service.fetch_url)
     job.base_url = base_url(request)
-    await engine.run_submit_checks(job)
-    engine.submit(ms, job)
+    await service.submit(job, inputs.blobs)
     return accepted(job)
 
 
 async def upscale(request: Request) -> Response:
     req = await decode_json(request, UpscaleRequest)
-    job = await upscaler_of(request).submit(req)
+    job = await upscaler_of(request).submit(service_of(request), req)
     return accepted(job)
 
 
-def accepted(job: Job) -> Response:
-    return json_response(
-        SubmitResponse(
-            task_id=job.id,
-            task_length=job.task_length,
-            expected_time_seconds=round(job.expected_at_submit, 3),
-            pos=job.pos_at_submit,
-            status=job.status.value,
-            seed=job.seed,
-        ),
-        status_code=202,
-    )
+def accepted(job: JobRecord) -> Response:
+    return json_response(submitted(job), status_code=202)
 
 
 async def generate(request: Request) -> Response:
@@ -76,11 +67,11 @@ async def edit(request: Request) -> Response:
     return await submit(request, "edit")
 
 
-def _job(request: Request) -> Job:
+async def _job(request: Request) -> JobRecord:
     task_id = request.query_params.get("task_id") or request.path_params.get("task_id")
     if not task_id:
         raise BadRequest("task_id is required (?task_id=...)", param="task_id")
-    return engine_of(request).get(task_id)
+    return await service_of(request).get(task_id)
 
 
 def _float_param(request: Request, name: str, default: float, maximum: float) -> float:
@@ -94,42 +85,59 @@ def _float_param(request: Request, name: str, default: float, maximum: float) ->
     return min(max(value, 0.0), maximum)
 
 
+async def status_of(request: Request, job: JobRecord) -> JobStatusResponse:
+    return job_status(job, base_url(request), await service_of(request).where(job))
+
+
 async def status(request: Request) -> Response:
-    job = _job(request)
+    service = service_of(request)
+    job = await _job(request)
     wait = _float_param(request, "wait", 0.0, 300.0)
     if wait > 0 and (not job.status.finished or job.delivering):
         first = (job.status, job.delivering)  # a done job also waits for its uploads and webhook
         since = request.query_params.get("since")
         if since is not None and since != job.status.value:
-            return json_response(status_of(request, job))
-        await job.wait_while(lambda j: (j.status, j.delivering) == first, time.monotonic() + wait)
-    return json_response(status_of(request, job))
+            return json_response(await status_of(request, job))
+        job = await service.wait_while(job, lambda j: (j.status, j.delivering) == first, time.monotonic() + wait)
+    return json_response(await status_of(request, job))
+
+
+def event_id(body: bytes) -> str:
+    """An SSE event id: a client that reconnects with it as Last-Event-ID is not sent
+    the same status again (the next event it gets is a change)."""
+    return format(zlib.crc32(body), "08x")
 
 
 async def events(request: Request) -> Response:
-    """Server-Sent Events: one ``status`` event per change until the job ends."""
-    job = _job(request)
+    """Server-Sent Events: one ``status`` event per change until the job ends.
+    Whichever node the job was submitted to, the broker's events reach this one."""
+    service = service_of(request)
+    job = await _job(request)
     heartbeat = _float_param(request, "heartbeat", 15.0, 60.0) or 15.0
+    seen = request.headers.get("last-event-id")
 
     async def stream() -> AsyncIterator[bytes]:
+        nonlocal job
         last = None
         while True:
-            body = msgspec.json.encode(status_of(request, job))
-            if body != last:
-                yield b"event: status\ndata: " + body + b"\n\n"
-                last = body
+            body = msgspec.json.encode(await status_of(request, job))
+            ident = event_id(body)
+            if body != last and ident != seen:
+                yield b"id: " + ident.encode() + b"\nevent: status\ndata: " + body + b"\n\n"
+            last = body
             if job.status.finished:
                 yield b"event: end\ndata: " + msgspec.json.encode({"status": job.status.value}) + b"\n\n"
                 return
-            if not await job.wait_change(heartbeat):
+            job, changed = await service.wait_change(job, heartbeat)
+            if not changed:
                 yield b": keep-alive\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def image(request: Request) -> Response:
-    engine = engine_of(request)
-    job = _job(request)
+    service = service_of(request)
+    job = await _job(request)
     q = request.query_params
     try:
         index = int(q.get("index", "0"))
@@ -139,67 +147,52 @@ async def image(request: Request) -> Response:
     delete = q.get("delete", "false").lower() in ("1", "true", "yes")
     wait = _float_param(request, "wait", 0.0, 300.0)
     # submit, then one request for the image
-    await job.wait_while(lambda j: not j.status.finished, time.monotonic() + wait)
+    job = await service.wait_while(job, lambda j: not j.status.finished, time.monotonic() + wait)
     if job.status is not JobStatus.DONE:
         if job.status in (JobStatus.ERROR, JobStatus.CANCELLED):
             raise Gone(f"task {job.id} ended as {job.status.value}: {job.message}", param="task_id")
         raise NotFound(f"task {job.id} is {job.status.value}; poll /api/status until it is done", param="task_id", code="not_ready")
-    if not 0 <= index < len(job.results):
-        raise NotFound(f"index {index} is out of range; task {job.id} has {len(job.results)} image(s)", param="index")
-    result = job.results[index]
-    if result.data is None:
-        raise Gone(f"image {index} of task {job.id} was already fetched with delete=true or expired", param="index")
-    data = result.data
-    if delete:
-        engine.store.drop_image(job, index)
+    result, data = await service.image(job, index, delete=delete)
     if as_b64:
         return json_response(ImageBase64(image=base64.b64encode(data).decode(), format=result.format))
     return Response(data, media_type=result.media_type, headers={"X-Seed": str(result.seed)})
 
 
 async def tasks(request: Request) -> Response:
-    engine = engine_of(request)
+    service = service_of(request)
     limit = int(_float_param(request, "limit", 50, 1000))
-    queue: list[Job] = []
-    for ms in engine.registry.models.values():
-        queue.extend(sorted(ms.running, key=lambda j: j.seq))
-        queue.extend(ms.queue.jobs()[:limit])
     base = base_url(request)
-    return json_response(
-        TasksResponse(
-            queue=[job_status(engine, j, base) for j in queue],
-            recent=[job_status(engine, j, base) for j in engine.store.recent(limit)],
-        )
-    )
+    queue = [job_status(j, base, await service.where(j)) for j in await service.queue(limit)]
+    recent = [job_status(j, base) for j in await service.recent(limit)]
+    return json_response(TasksResponse(queue=queue, recent=recent))
 
 
 async def cancel(request: Request) -> Response:
-    engine = engine_of(request)
-    job = _job(request)
-    engine.cancel(job)
+    service = service_of(request)
+    job = await service.cancel(await _job(request))
     if job.status is JobStatus.RUNNING and request.query_params.get("wait", "1") != "0":
         # wait (briefly) for the backend to stop at its next step
-        await job.wait_while(lambda j: j.status is JobStatus.RUNNING, time.monotonic() + 10)
+        job = await service.wait_while(job, lambda j: j.status is JobStatus.RUNNING, time.monotonic() + 10)
     return json_response(CancelResponse(task_id=job.id, status=job.status.value))
 
 
 async def clear(request: Request) -> Response:
-    return json_response(ClearResponse(cancelled=engine_of(request).clear()))
+    return json_response(ClearResponse(cancelled=await service_of(request).clear()))
 
 
 async def ls(request: Request) -> Response:
-    return json_response(models_response(engine_of(request), forecasts=False))
+    return json_response(await models_response(service_of(request), forecasts=False))
 
 
 async def ps(request: Request) -> Response:
-    return json_response(models_response(engine_of(request), forecasts=True))
+    return json_response(await models_response(service_of(request), forecasts=True))
 
 
 async def load(request: Request) -> Response:
-    engine = engine_of(request)
+    service = service_of(request)
     req = await decode_json(request, LoadRequest)
-    await engine.load(req.model)
-    return json_response(models_response(engine, forecasts=False))
+    await service.load(req.model)
+    return json_response(await models_response(service, forecasts=False))
 
 
 ROUTES = [

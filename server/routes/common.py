@@ -1,5 +1,5 @@
 """Helpers shared by the route modules: body decoding with a size cap, JSON
-responses from msgspec Structs, and job -> status rendering."""
+responses from msgspec Structs, the request's base URL."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import BadRequest, PayloadTooLarge, validation_message
-from ..jobs import Job
-from ..schemas import ImageInfo, JobStatusResponse
 
 if TYPE_CHECKING:
-    from ..engine import Engine
+    from ..service import Service
     from ..upscaling import Upscaler
 
 T = TypeVar("T")
@@ -23,8 +21,8 @@ _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
-def engine_of(request: Request) -> Engine:
-    return request.app.state.engine  # type: ignore[no-any-return]
+def service_of(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
 
 
 def upscaler_of(request: Request) -> Upscaler:
@@ -44,7 +42,7 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
 
 def body_limit(request: Request) -> int:
     """The body size limit in bytes; a declared Content-Length over it is a 413 at once."""
-    limit = engine_of(request).settings.limits.max_body_mib * 2**20
+    limit = service_of(request).settings.limits.max_body_mib * 2**20
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit} bytes (limits.max_body_mib)")
@@ -130,71 +128,6 @@ def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
     target[leaf] = value
 
 
-_base_urls: dict[tuple[Any, ...], str] = {}
-
-
 def base_url(request: Request) -> str:
-    """``str(request.base_url)``, remembered per scheme, Host header, server address
-    and root path (Starlette builds and parses a URL for it on every call)."""
-    scope = request.scope
-    host = next((value for name, value in scope["headers"] if name == b"host"), None)
-    key = (scope.get("scheme"), host, scope.get("server"), scope.get("root_path"), scope.get("app_root_path"))
-    url = _base_urls.get(key)
-    if url is None:
-        if len(_base_urls) >= 256:  # Host headers are the client's to choose: keep it bounded
-            _base_urls.clear()
-        url = _base_urls[key] = str(request.base_url)
-    return url
-
-
-def image_url(request: Request, job: Job, index: int) -> str:
-    return absolute_image_url(base_url(request), job, index)
-
-
-def absolute_image_url(base_url: str, job: Job, index: int) -> str:
-    return f"{base_url}api/image?task_id={job.id}&index={index}"
-
-
-def status_of(request: Request, job: Job) -> JobStatusResponse:
-    return job_status(engine_of(request), job, base_url(request))
-
-
-def job_status(engine: Engine, job: Job, base_url: str) -> JobStatusResponse:
-    """``job`` as the status API shows it; image URLs are absolute under ``base_url``."""
-    pos, wait = engine.standing(engine.registry.models[job.model], job)
-    return JobStatusResponse(
-        task_id=job.id,
-        status=job.status.value,  # type: ignore[arg-type]
-        model=job.model,
-        task=job.task,
-        pos=pos,
-        wait_remaining=round(wait, 3),
-        expected_time_seconds=round(job.expected_at_submit, 3),
-        progress=round(job.progress, 4),
-        step=job.step,
-        total_steps=job.total_steps,
-        task_length=job.task_length,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        seed=job.seed,
-        message=job.message,
-        images=[
-            ImageInfo(
-                index=r.index,
-                seed=r.seed,
-                width=r.width,
-                height=r.height,
-                format=r.format,
-                prompt=r.prompt,
-                bytes=len(r.data) if r.data is not None else 0,
-                url=absolute_image_url(base_url, job, r.index),
-                upload=r.upload,
-                seconds=r.seconds,
-            )
-            for r in job.results
-        ],
-        metadata=job.metadata,
-        extra=job.extra or None,
-        webhook=job.webhook,
-    )
+    """The server's URL as the client sees it (image links, webhook payloads)."""
+    return str(request.base_url)

@@ -11,7 +11,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from ..openapi import Doc, route
 from ..registry import device_report
 from ..schemas import HealthResponse, Healthz
-from .common import engine_of, json_response
+from .common import json_response, service_of
 from .models import models_response
 
 SWAGGER_HTML = """<!doctype html>
@@ -29,22 +29,26 @@ async def healthz(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    engine = engine_of(request)
+    service = service_of(request)
     devices = await anyio.to_thread.run_sync(device_report)
-    models = models_response(engine, forecasts=True).models
-    ok = engine.accepting and not any(m.state == "error" for m in models)
+    models = (await models_response(service, forecasts=True)).models
+    ok = service.accepting and not any(m.state == "error" for m in models)
     return json_response(
         HealthResponse(
-            status="ok" if ok else ("shutting_down" if not engine.accepting else "degraded"),
+            status="ok" if ok else ("shutting_down" if not service.accepting else "degraded"),
             models=models,
             devices=devices,
-            uptime_seconds=round(time.time() - engine.started_at, 1),
+            uptime_seconds=round(time.time() - service.started_at, 1),
+            broker=service.broker.name,
+            role=service.settings.broker.role,
         )
     )
 
 
 async def metrics(request: Request) -> Response:
-    return Response(engine_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    service = service_of(request)
+    body = service.metrics.render(await service.depths())
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def openapi_json(request: Request) -> Response:
@@ -67,3 +71,5 @@ ROUTES = [
     route("/swagger", swagger, ["GET"], Doc("Swagger UI", content="text/html", tags=("meta",), statuses=())),
     route("/docs", docs, ["GET"], Doc("Redirect to /swagger", content="text/html", tags=("meta",), statuses=())),
 ]
+# a worker node (role worker) serves no job API: liveness, health and metrics only
+WORKER_ROUTES = ROUTES[:3]

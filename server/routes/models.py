@@ -9,22 +9,25 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..engine import Engine
 from ..openapi import Doc, Param, route
 from ..registry import ModelState, device_report
-from ..schemas import ModelInfo, ModelsResponse
-from .common import engine_of, json_response
+from ..schemas import ModelInfo, ModelsResponse, WorkerView
+from ..service import Service
+from .common import json_response, service_of
 
 NAME = Param("name", description="Model name from the configuration.", required=True, location="path")
 
 
-def model_info(ms: ModelState, forecasts: bool) -> ModelInfo:
+async def model_info(service: Service, ms: ModelState, forecasts: bool) -> ModelInfo:
     caps = ms.capabilities
     cfg = ms.cfg
+    state, load_error, _ = await service.model_state(ms)
+    waiting, running = await service.broker.depth(ms.name)
+    workers = await service.forecasts.workers(ms.name)
     return ModelInfo(
         name=ms.name,
         backend=cfg.backend,
-        state=ms.state,
+        state=state,  # type: ignore[arg-type]
         tasks=list(caps.tasks),
         max_images=caps.max_images,
         max_output_images=caps.max_output_images,
@@ -33,30 +36,34 @@ def model_info(ms: ModelState, forecasts: bool) -> ModelInfo:
         default_height=cfg.default_height,
         recommended_steps=cfg.recommended_steps,
         recommended_guidance=cfg.recommended_guidance,
-        queue_depth=len(ms.queue),
-        running=len(ms.running),
-        load_error=ms.load_error,
+        queue_depth=waiting,
+        running=running,
+        load_error=load_error,
         vram_estimate_mib=cfg.vram_estimate_mib,
-        forecast=ms.cost.report() if forecasts else None,
+        forecast=(await service.forecasts.cost(ms.name)).report() if forecasts else None,
+        workers=[
+            WorkerView(worker=w.worker, host=w.host, state=w.state, slots=w.slots, running=w.running, load_error=w.load_error)
+            for w in workers
+        ],
     )
 
 
-def models_response(engine: Engine, forecasts: bool) -> ModelsResponse:
+async def models_response(service: Service, forecasts: bool) -> ModelsResponse:
     return ModelsResponse(
-        default_model=engine.settings.default_model,
-        models=[model_info(ms, forecasts) for ms in engine.registry.models.values()],
+        default_model=service.settings.default_model,
+        models=[await model_info(service, ms, forecasts) for ms in service.registry.models.values()],
     )
 
 
-def openai_model(engine: Engine, ms: ModelState) -> dict[str, Any]:
+def openai_model(service: Service, ms: ModelState) -> dict[str, Any]:
     caps = ms.capabilities
     return {
         "id": ms.name,
         "object": "model",
-        "created": int(engine.started_at),
+        "created": int(service.started_at),
         "owned_by": "easel",
         "backend": ms.cfg.backend,
-        "default": ms.name == engine.settings.default_model,
+        "default": ms.name == service.settings.default_model,
         "capabilities": {
             "tasks": list(caps.tasks),
             "max_images": caps.max_images,
@@ -73,41 +80,42 @@ def openai_model(engine: Engine, ms: ModelState) -> dict[str, Any]:
 
 
 async def v1_models(request: Request) -> Response:
-    engine = engine_of(request)
-    data = [openai_model(engine, ms) for ms in engine.registry.models.values() if ms.state == "loaded"]
+    service = service_of(request)
+    data = [
+        openai_model(service, ms) for ms in service.registry.models.values() if (await service.model_state(ms))[0] == "loaded"
+    ]
     return json_response({"object": "list", "data": data})
 
 
 async def admin_models(request: Request) -> Response:
-    return json_response(models_response(engine_of(request), forecasts=True))
+    return json_response(await models_response(service_of(request), forecasts=True))
 
 
 async def admin_load(request: Request) -> Response:
-    engine = engine_of(request)
-    name = request.path_params["name"]
-    engine.registry.get(name)  # 404 before anything starts
-    if request.query_params.get("wait", "true").lower() in ("0", "false", "no"):
-        engine.spawn(engine.load(name))
+    service = service_of(request)
+    ms = service.model(request.path_params["name"])  # 404 before anything starts
+    if request.query_params.get("wait", "true").lower() in ("0", "false", "no") and service.runner is not None:
+        service.runner.spawn(service.load(ms.name))
         await anyio.sleep(0)
     else:
-        await engine.load(name)
-    ms = engine.registry.get(name)
-    return json_response(model_info(ms, forecasts=False), status_code=200 if ms.state != "error" else 500)
+        await service.load(ms.name)
+    info = await model_info(service, ms, forecasts=False)
+    return json_response(info, status_code=200 if info.state != "error" else 500)
 
 
 async def admin_unload(request: Request) -> Response:
-    engine = engine_of(request)
-    ms = await engine.unload(request.path_params["name"])
-    return json_response(model_info(ms, forecasts=False))
+    service = service_of(request)
+    ms = service.model(request.path_params["name"])
+    await service.unload(ms.name)
+    return json_response(await model_info(service, ms, forecasts=False))
 
 
 async def gpu_memory(request: Request) -> Response:
-    engine = engine_of(request)
+    service = service_of(request)
     devices = await anyio.to_thread.run_sync(device_report)
-    estimates = {
-        ms.name: {"state": ms.state, "vram_estimate_mib": ms.cfg.vram_estimate_mib}
-        for ms in engine.registry.models.values()
-    }
+    estimates = {}
+    for ms in service.registry.models.values():
+        estimates[ms.name] = {"state": (await service.model_state(ms))[0], "vram_estimate_mib": ms.cfg.vram_estimate_mib}
     return json_response({"devices": devices, "models": estimates, "time": time.time()})
 
 

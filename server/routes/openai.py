@@ -18,10 +18,9 @@ from starlette.responses import Response, StreamingResponse
 
 from ..build import build_job
 from ..errors import ApiError, BadRequest
-from ..jobs import Job
+from ..jobs import JobRecord, preview_key
 from ..openai_shim import (
     Echo,
-    Previews,
     completed_event,
     load_mask,
     partial_event,
@@ -33,12 +32,12 @@ from ..openai_shim import (
 )
 from ..openapi import Doc, route
 from ..schemas_openai import OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
-from ..worker import encode
+from ..views import image_url
 from .api import SSE_HEADERS
-from .common import decode_form, decode_json, engine_of, image_url, json_response
+from .common import base_url, decode_form, decode_json, json_response, service_of
 
 if TYPE_CHECKING:
-    from ..engine import Engine
+    from ..service import Service
 
 log = logging.getLogger("easel")
 HEARTBEAT_SECONDS = 15.0
@@ -54,20 +53,20 @@ async def edits(request: Request) -> Response:
 
 
 async def answer(request: Request, task: str) -> Response:
-    engine = engine_of(request)
-    req, job, previews = await submit(request, task)
+    service = service_of(request)
+    req, job = await submit(request, task)
     echo = Echo.of(req, job)
-    if previews is not None:
-        body = stream(engine, job, previews, echo, req.partial_images or 0)
+    if req.stream:
+        body = stream(service, job, echo, req.partial_images or 0)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-    await wait_for(request, engine, job)
-    raise_for_outcome(engine, job)
-    return json_response(images_response(request, req, job, echo))
+    job = await wait_for(request, service, job)
+    raise_for_outcome(service, job)
+    return json_response(await images_response(request, service, req, job, echo))
 
 
-async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, Job, Previews | None]:
+async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, JobRecord]:
     """Decode (JSON, or multipart as the SDK sends edits), validate and queue."""
-    engine = engine_of(request)
+    service = service_of(request)
     mask_upload: bytes | None = None
     uploads: list[bytes] = []
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -75,24 +74,30 @@ async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, Job, 
         mask_upload = named.get("mask")
     else:
         req = await decode_json(request, OpenAIImageRequest)
-    ms = engine.loaded_model(req.model)
+    ms = await service.served_model(req.model)
     if task == "edit" and not (uploads or req.images):
         raise BadRequest(
             "an edit needs at least one image: send image (a multipart file; image[] for several) "
             "or JSON images: [{name, data_url}]",
             param="image",
         )
-    mask = await load_mask(req, mask_upload, ms, engine.settings, engine.fetch_url)
-    job = await build_job(to_generate_request(req, ms), ms, engine.settings, task, uploads=uploads, fetch=engine.fetch_url)
-    for item in job.items:
-        item.mask = mask
-    await engine.run_submit_checks(job)
-    previews = Previews(job, req.partial_images or 0, asyncio.get_running_loop()) if req.stream else None
-    engine.submit(ms, job)
-    return req, job, previews
+    mask = await load_mask(req, mask_upload, ms, service.settings, service.fetch_url)
+    job, inputs = await build_job(
+        to_generate_request(req, ms), ms, service.settings, task, uploads=uploads, fetch=service.fetch_url
+    )
+    if mask is not None:
+        key = inputs.add("mask", mask)
+        job.inputs.append(key)
+        for item in job.items:
+            item.mask = key
+    if req.stream:
+        job.partial_images = req.partial_images or 0
+    job.base_url = base_url(request)
+    await service.submit(job, inputs.blobs)
+    return req, job
 
 
-async def wait_for(request: Request, engine: Engine, job: Job) -> None:
+async def wait_for(request: Request, service: Service, job: JobRecord) -> JobRecord:
     """Wait until ``job`` ends; if the caller disconnects first, cancel the job so no
     GPU time goes to an answer nobody reads."""
 
@@ -100,21 +105,25 @@ async def wait_for(request: Request, engine: Engine, job: Job) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         log.info("job %s: the caller disconnected; cancelling", job.id)
-        engine.cancel(job)
+        await service.cancel(job)
 
     watcher = asyncio.create_task(watch())
     try:
         while not job.status.finished:
-            await job.wait_change(None, progress=False)
+            job, _ = await service.wait_change(job, None, progress=False)
     finally:
         watcher.cancel()
+    return job
 
 
-def images_response(request: Request, req: OpenAIImageRequest, job: Job, echo: Echo) -> OpenAIImagesResponse:
+async def images_response(
+    request: Request, service: Service, req: OpenAIImageRequest, job: JobRecord, echo: Echo
+) -> OpenAIImagesResponse:
+    base = base_url(request)
     if req.response_format == "url":
-        data = [OpenAIImage(url=image_url(request, job, r.index), revised_prompt=r.prompt) for r in job.results]
+        data = [OpenAIImage(url=image_url(base, job, r.index), revised_prompt=r.prompt) for r in job.results]
     else:
-        data = [OpenAIImage(b64_json=r.data or b"", revised_prompt=r.prompt) for r in job.results]
+        data = [OpenAIImage(b64_json=(await service.image(job, r.index, delete=False))[1], revised_prompt=r.prompt) for r in job.results]
     return OpenAIImagesResponse(
         created=int(job.finished_at or time.time()),
         data=data,
@@ -126,32 +135,34 @@ def images_response(request: Request, req: OpenAIImageRequest, job: Job, echo: E
     )
 
 
-async def stream(engine: Engine, job: Job, previews: Previews, echo: Echo, limit: int) -> AsyncIterator[bytes]:
+async def stream(service: Service, job: JobRecord, echo: Echo, limit: int) -> AsyncIterator[bytes]:
     """Partial images as they come, then one ``completed`` event per image.  The
     response is cancelled when the caller disconnects; ``finally`` then cancels
     the job (a no-op once it has finished)."""
     sent = 0
     try:
         while True:
-            while previews.pending:
-                image = previews.pending.popleft()
-                if sent < limit:
-                    data = await engine.encoder.run(encode, image, job.format, job.quality)
+            while sent < min(job.previews, limit):
+                data = await service.broker.get_blob(preview_key(job.id, sent))
+                if data is not None:
                     yield sse(f"{echo.prefix}.partial_image", partial_event(echo, data, sent))
-                    sent += 1
+                sent += 1
             if job.status.finished:
                 break
-            if not await job.wait_change(HEARTBEAT_SECONDS):
+            job, changed = await service.wait_change(job, HEARTBEAT_SECONDS)
+            if not changed:
                 yield b": keep-alive\n\n"
         try:
-            raise_for_outcome(engine, job)
+            raise_for_outcome(service, job)
         except ApiError as exc:
             yield sse_error(exc)
             return
         for r in job.results:
-            yield sse(f"{echo.prefix}.completed", completed_event(echo, job, r.data or b""))
+            _, data = await service.image(job, r.index, delete=False)
+            yield sse(f"{echo.prefix}.completed", completed_event(echo, job, data))
     finally:
-        engine.cancel(job)
+        if not job.status.finished:
+            await service.cancel(job)
 
 
 def _doc(summary: str, multipart: bool = False) -> Doc:

@@ -11,9 +11,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..engine import Engine
 from ..errors import BadRequest, NotFound
-from ..jobs import Job, JobStatus
+from ..jobs import JobRecord, JobStatus
 from ..openapi import Doc, Param, route
 from ..schemas import (
     LoraInfo,
@@ -25,22 +24,24 @@ from ..schemas import (
     TrainingRunsResponse,
     TrainRequest,
 )
+from ..service import Service
+from ..standing import standing
 from ..training.adapters import list_adapters
 from ..training.submit import build_train_job, training_jobs
-from .common import decode, engine_of, json_response, read_body
+from .common import decode, json_response, read_body, service_of
 
 STOP_WAIT_SECONDS = 60.0  # a stopped run saves its checkpoint before it ends
 ENDPOINT_BACKENDS = {"flux-lora": "flux2_klein", "z-image-lora": "z_image"}
 
 
-async def queue_training(engine: Engine, req: TrainRequest) -> Job:
-    job = await build_train_job(engine, req)
-    return engine.submit(engine.registry.models[job.model], job)
+async def queue_training(service: Service, req: TrainRequest) -> JobRecord:
+    job = await build_train_job(service, req)
+    return await service.submit(job, {})
 
 
 async def train(request: Request) -> Response:
-    engine = engine_of(request)
-    job = await queue_training(engine, decode(await read_body(request), TrainRequest))
+    service = service_of(request)
+    job = await queue_training(service, decode(await read_body(request), TrainRequest))
     return json_response(
         SubmitResponse(
             task_id=job.id,
@@ -55,8 +56,7 @@ async def train(request: Request) -> Response:
 
 
 async def loras(request: Request) -> Response:
-    engine = engine_of(request)
-    ms = engine.registry.get(request.query_params.get("model"))
+    ms = service_of(request).model(request.query_params.get("model"))
     lora_dir = ms.cfg.lora_dir
     found = list_adapters(lora_dir) if lora_dir else []
     return json_response(
@@ -71,9 +71,10 @@ async def loras(request: Request) -> Response:
 # ----------------------------------------------------------------- image-pool shape
 
 
-def run_of(engine: Engine, job: Job) -> TrainingRun:
-    plan = job.options["train"]
-    _, wait = engine.standing(engine.registry.models[job.model], job)
+async def run_of(service: Service, job: JobRecord) -> TrainingRun:
+    plan = job.train
+    assert plan is not None
+    wait = (await standing(service.forecasts, job)).wait
     return TrainingRun(
         task_id=job.id,
         model=job.model,
@@ -86,7 +87,7 @@ def run_of(engine: Engine, job: Job) -> TrainingRun:
         loss=job.extra.get("loss"),
         loss_avg=job.extra.get("loss_avg"),
         checkpoint_step=job.extra.get("checkpoint_step"),
-        wait_remaining=round(wait, 3),
+        wait_remaining=round(wait, 3) if wait is not None else 0.0,
         message=job.message,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -94,28 +95,28 @@ def run_of(engine: Engine, job: Job) -> TrainingRun:
     )
 
 
-def _runs(engine: Engine, backend: str) -> TrainingRunsResponse:
-    jobs = training_jobs(engine, backend)
+async def _runs(service: Service, backend: str) -> TrainingRunsResponse:
+    jobs = await training_jobs(service, backend)
     active = next((j for j in jobs if j.status is JobStatus.RUNNING), None)
     return TrainingRunsResponse(
-        runs=[run_of(engine, j) for j in jobs],
-        active=run_of(engine, active) if active is not None else None,
+        runs=[await run_of(service, j) for j in jobs],
+        active=await run_of(service, active) if active is not None else None,
     )
 
 
-def _default_model(engine: Engine, backend: str) -> str:
-    for ms in engine.registry.models.values():
-        if ms.cfg.backend == backend and ms.state == "loaded":
+async def _default_model(service: Service, backend: str) -> str:
+    for ms in service.registry.models.values():
+        if ms.cfg.backend == backend and (await service.model_state(ms))[0] == "loaded":
             return ms.name
     raise NotFound(f"no {backend} model is loaded; load one or name it in model", param="model")
 
 
-def _adapter_name(engine: Engine, model: str, output_dir: str) -> str:
+def _adapter_name(service: Service, model: str, output_dir: str) -> str:
     """``output_dir`` as an adapter name: a bare name, or a folder directly inside
     the model's lora_dir."""
     if "/" not in output_dir and "\\" not in output_dir:
         return output_dir
-    lora_dir = engine.registry.get(model).cfg.lora_dir
+    lora_dir = service.model(model).cfg.lora_dir
     path = Path(output_dir).expanduser().resolve()
     if lora_dir is None or path.parent != Path(lora_dir).expanduser().resolve():
         raise BadRequest(
@@ -126,15 +127,15 @@ def _adapter_name(engine: Engine, model: str, output_dir: str) -> str:
     return path.name
 
 
-def seed_request(engine: Engine, backend: str, req: SeedTrainRequest) -> TrainRequest:
-    model = req.model or _default_model(engine, backend)
-    if engine.registry.get(model).cfg.backend != backend:
+async def seed_request(service: Service, backend: str, req: SeedTrainRequest) -> TrainRequest:
+    model = req.model or await _default_model(service, backend)
+    if service.model(model).cfg.backend != backend:
         raise BadRequest(f"model {model!r} is not a {backend} model; use the matching /v1/training endpoint", param="model")
     return decode(
         {
             "model": model,
             "dataset_dir": req.dataset_dir,
-            "adapter_name": _adapter_name(engine, model, req.output_dir),
+            "adapter_name": _adapter_name(service, model, req.output_dir),
             "steps": req.max_train_steps,
             "rank": req.rank,
             "alpha": req.lora_alpha,
@@ -158,28 +159,28 @@ def training_endpoints(endpoint: str) -> tuple[Handler, Handler, Handler]:
     backend = ENDPOINT_BACKENDS[endpoint]
 
     async def runs(request: Request) -> Response:
-        return json_response(_runs(engine_of(request), backend))
+        return json_response(await _runs(service_of(request), backend))
 
     async def start(request: Request) -> Response:
-        engine = engine_of(request)
+        service = service_of(request)
         req = decode(await read_body(request), SeedTrainRequest)
-        job = await queue_training(engine, seed_request(engine, backend, req))
-        return json_response(run_of(engine, job), status_code=202)
+        job = await queue_training(service, await seed_request(service, backend, req))
+        return json_response(await run_of(service, job), status_code=202)
 
     async def stop(request: Request) -> Response:
-        engine = engine_of(request)
+        service = service_of(request)
         body = await read_body(request)
         task_id = decode(body, StopTrainingRequest).task_id if body.strip() else None
         task_id = task_id or request.query_params.get("task_id")
-        jobs = [j for j in training_jobs(engine, backend) if not j.status.finished and task_id in (None, j.id)]
+        jobs = [j for j in await training_jobs(service, backend) if not j.status.finished and task_id in (None, j.id)]
         if task_id is not None and not jobs:
             raise NotFound(f"no unfinished {endpoint} run has task_id {task_id!r}", param="task_id")
         for job in jobs:
-            engine.cancel(job)
+            await service.cancel(job)
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         for job in jobs:
-            await job.wait_while(lambda j: not j.status.finished, deadline)
-        return json_response(_runs(engine, backend))
+            await service.wait_while(job, lambda j: not j.status.finished, deadline)
+        return json_response(await _runs(service, backend))
 
     return runs, start, stop
 

@@ -11,22 +11,17 @@ to multiples of 16.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import BadRequest, Forbidden
+from .plan import Sample
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MULTIPLE = 16
 MAX_NAMED = 10  # files named in one refusal
 
-
-@dataclass(frozen=True)
-class Sample:
-    image: Path
-    caption: str
 
 
 def _names(paths: list[Path], root: Path) -> str:
@@ -87,8 +82,8 @@ def validate_dataset(dataset_dir: str, roots: list[str]) -> tuple[Path, list[Sam
             "same name beside each (e.g. cat.png -> cat.txt)",
             param="dataset_dir",
         )
-    samples = [Sample(p, p.with_suffix(".txt").read_text(errors="replace").strip()) for p in images]
-    empty = [s.image.with_suffix(".txt") for s in samples if not s.caption]
+    samples = [Sample(image=str(p), caption=p.with_suffix(".txt").read_text(errors="replace").strip()) for p in images]
+    empty = [Path(s.image).with_suffix(".txt") for s in samples if not s.caption]
     if empty:
         raise BadRequest(f"these caption files are empty: {_names(empty, folder)}; describe each image", param="dataset_dir")
     unreadable = [p for p in images if not _readable(p)]
@@ -119,7 +114,7 @@ def training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     )
 
 
-def prepare_image(path: Path, resolution: int) -> Image.Image:
+def prepare_image(path: str | Path, resolution: int) -> Image.Image:
     """Aspect-preserving resize and center crop to the training size."""
     from ..backends.diffusers_common import fit_image  # imports torch: only on the worker
 

@@ -1,4 +1,4 @@
-"""The LoRA training run: a job runner (``job.options["runner"]``) executed on the
+"""The LoRA training run: the runner's training step (``runner.execute``), on the
 model's worker thread, on the loaded pipeline's own components.
 
 1. Cache: every image is resized/cropped to its training size and encoded to
@@ -25,43 +25,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..backends.base import BackendError, JobCancelled, free_memory
-from ..worker import failure_message
+from ..backends.base import BackendError, JobCancelled, failure_message, free_memory
 from .adapters import save_checkpoint
-from .dataset import Sample, prepare_image
+from .dataset import prepare_image
 from .families import Conditioning, Family, family_for, logit_normal
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from ..jobs import Job
-    from ..worker import JobContext
+    from ..runner import JobContext
+    from .plan import TrainPlan
 
 log = logging.getLogger("easel")
 ADAPTER = "easel_training"
 LOSS_WINDOW = 20  # steps averaged for the reported loss_avg
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """A validated training request (built before queueing)."""
-
-    model: str
-    backend: str
-    base_model: str | None
-    dataset: Path
-    samples: list[Sample]
-    adapter_name: str
-    output: Path  # lora_dir / adapter_name
-    steps: int
-    rank: int
-    alpha: float
-    learning_rate: float
-    batch_size: int
-    resolution: int
-    seed: int
-    save_every: int | None
-    gradient_checkpointing: bool
 
 
 @dataclass
@@ -86,12 +63,12 @@ class _Progress:
 
 
 class LoraTrainer:
-    """Callable as ``runner(backend, job, ctx)`` by the worker."""
+    """``LoraTrainer(plan).run(backend, ctx)``: called by the runner for a train job."""
 
     def __init__(self, plan: TrainPlan) -> None:
         self.plan = plan
 
-    def __call__(self, backend: Any, job: Job, ctx: JobContext) -> list[Image]:
+    def run(self, backend: Any, ctx: JobContext) -> list[Image]:
         pipe = getattr(backend, "pipe", None)
         family_cls = family_for(self.plan.backend)
         if pipe is None or family_cls is None:
@@ -244,10 +221,10 @@ class LoraTrainer:
             "final_loss": progress.loss,
             "final_loss_avg": progress.loss_avg,
             "target_modules": list(family.target_modules),
-            "task_id": ctx.job.id,
+            "task_id": ctx.job_id,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        save_checkpoint(type(family.pipe), layers, config, plan.output, metadata)
+        save_checkpoint(type(family.pipe), layers, config, Path(plan.output), metadata)
         progress.saved_step = progress.done
         ctx.set_extra(checkpoint_step=progress.done)
         log.info(

@@ -2,7 +2,7 @@
 it runs: the model can train and has a lora_dir, the adapter name is free, and the
 dataset is inside the allowed roots, captioned and readable.
 
-Nothing here imports torch until a job is actually built for a trainable model.
+Nothing here imports torch: the worker does, when it runs the job.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import anyio
 from ..build import parse_priority, parse_seed
 from ..errors import BadRequest, Conflict
 from ..forecast import features
-from ..jobs import Job
+from ..jobs import JobRecord
 from . import TRAINABLE_BACKENDS
 from .adapters import adapter_dir, has_weights
 from .dataset import validate_dataset
+from .plan import TrainPlan
 
 if TYPE_CHECKING:
-    from ..engine import Engine
     from ..registry import ModelState
     from ..schemas import TrainRequest
+    from ..service import Service
 
 
 def check_trainable(ms: ModelState) -> str:
@@ -54,16 +55,16 @@ def check_trainable(ms: ModelState) -> str:
     return cfg.lora_dir
 
 
-def training_jobs(engine: Engine, backend: str | None = None) -> list[Job]:
+async def training_jobs(service: Service, backend: str | None = None) -> list[JobRecord]:
     """Train jobs (queued, running and recent), oldest first, optionally of one backend."""
-    jobs = {j.id: j for j in engine.store.all() if j.task == "train"}
-    out = [j for j in jobs.values() if backend is None or engine.registry.models[j.model].cfg.backend == backend]
+    jobs = await service.broker.jobs_of_task("train")
+    out = [j for j in jobs if backend is None or (j.train is not None and j.train.backend == backend)]
     return sorted(out, key=lambda j: j.created_at)
 
 
-async def build_train_job(engine: Engine, req: TrainRequest) -> Job:
+async def build_train_job(service: Service, req: TrainRequest) -> JobRecord:
     """Validate ``req`` and build its job (not yet queued)."""
-    ms = engine.loaded_model(req.model)
+    ms = await service.served_model(req.model)
     lora_dir = check_trainable(ms)
     output = adapter_dir(lora_dir, req.adapter_name)
     if req.resolution * req.resolution > ms.cfg.max_pixels:
@@ -73,8 +74,8 @@ async def build_train_job(engine: Engine, req: TrainRequest) -> Job:
             param="resolution",
         )
     busy = [
-        j for j in training_jobs(engine)
-        if not j.status.finished and j.options["train"].output == output
+        j for j in await training_jobs(service)
+        if not j.status.finished and j.train is not None and j.train.output == str(output)
     ]  # fmt: skip
     if busy:
         raise Conflict(
@@ -87,22 +88,20 @@ async def build_train_job(engine: Engine, req: TrainRequest) -> Job:
             f"adapter {req.adapter_name!r} already exists in {lora_dir}; choose another adapter_name or send overwrite: true",
             param="adapter_name",
         )
-    folder, samples = await anyio.to_thread.run_sync(validate_dataset, req.dataset_dir, engine.settings.training.dataset_roots)
+    folder, samples = await anyio.to_thread.run_sync(validate_dataset, req.dataset_dir, service.settings.training.dataset_roots)
     if req.batch_size > len(samples):
         raise BadRequest(
             f"batch_size {req.batch_size} is larger than the dataset ({len(samples)} images); lower it",
             param="batch_size",
         )
-    from .lora_trainer import LoraTrainer, TrainPlan  # imports torch
-
     plan = TrainPlan(
         model=ms.name,
         backend=ms.cfg.backend,
         base_model=ms.cfg.model_path or ms.cfg.base_model_path,
-        dataset=folder,
+        dataset=str(folder),
         samples=samples,
         adapter_name=req.adapter_name,
-        output=output,
+        output=str(output),
         steps=req.steps,
         rank=req.rank,
         alpha=req.alpha if req.alpha is not None else float(req.rank),
@@ -113,14 +112,13 @@ async def build_train_job(engine: Engine, req: TrainRequest) -> Job:
         save_every=req.save_every,
         gradient_checkpointing=req.gradient_checkpointing,
     )
-    return Job(
+    return JobRecord(
         model=ms.name,
         task="train",
-        items=[],
         priority=parse_priority(req.priority),
-        options={"runner": LoraTrainer(plan), "train": plan},
+        train=plan,
         total_steps=plan.steps,
         # forecast: like generating batch_size images of resolution² for `steps` steps
-        features=features(plan.steps, plan.resolution**2 / 1e6, plan.batch_size, 0),
+        features=features(plan.steps, plan.resolution**2 / 1e6, plan.batch_size, 0).tolist(),
         extra={"adapter_name": plan.adapter_name, "seed": plan.seed, "images": len(samples)},
     )

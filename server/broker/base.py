@@ -1,0 +1,189 @@
+"""The broker seam: the queue, the job store, events, cancel requests, worker
+presence and forecast statistics behind one Protocol.
+
+Two implementations: ``memory`` (one process: the embedded default) and ``redis``
+(any number of API nodes and worker hosts on one Redis).  The service layer
+(``server.service``) and the runner (``server.runner``) talk to a ``Broker`` and to
+nothing below it; ``tests/test_broker_contract.py`` runs one contract over both.
+
+Times are the broker's clock (``now()``): wall seconds as the broker tells them.
+The memory broker's clock is ``time.time()``; the Redis broker's is Redis's own
+``TIME`` (leases and ``started_at`` are set inside its scripts), so API nodes and
+workers on hosts whose clocks disagree still agree on every deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+from msgspec import Struct
+
+from ..jobs import JobRecord, JobStatus
+
+
+class Standing(Struct):
+    """What is ahead of a waiting job (or of a new one at the back of the queue)."""
+
+    running: list[JobRecord]  # jobs now running on the model: their remaining time counts
+    ahead: np.ndarray  # summed forecast vectors (forecast.WIDTH) of the waiting jobs ahead; [DIM] = their count
+
+
+class WorkerInfo(Struct, kw_only=True):
+    """One worker process's view of one model it serves (presence, per model)."""
+
+    worker: str  # worker id (unique per process)
+    model: str
+    host: str = ""
+    state: str = "unloaded"  # unloaded / loading / loaded / error
+    load_error: str | None = None
+    slots: int = 1  # target_inflight: jobs it runs at once
+    running: int = 0
+    seen_at: float = 0.0  # broker clock of its last heartbeat
+
+
+class QueueFullError(Exception):
+    """``submit`` refused: the model's queue holds ``capacity`` waiting jobs."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"{depth} jobs waiting")
+        self.depth = depth
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached (Redis down); routes answer 503."""
+
+
+CancelCallback = Callable[[str], None]  # job id: stop it if it runs here
+CommandCallback = Callable[[str, str], None]  # (model, action): load / unload
+
+
+class Broker(Protocol):
+    name: str  # "memory" or "redis"
+    distributed: bool  # True when other processes share the queue (then SIGTERM releases, never cancels)
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def now(self) -> float:
+        """The broker's clock (see the module docstring)."""
+
+    # ----- queue ---------------------------------------------------------------------
+
+    async def submit(self, job: JobRecord, blobs: dict[str, bytes], capacity: int) -> None:
+        """Store ``job`` and its input blobs and queue it: sets ``seq`` and
+        ``created_at``; raises ``QueueFullError`` when ``capacity`` jobs already wait."""
+
+    async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
+        """The next waiting job of ``model`` (priority, then arrival), now running on
+        ``worker`` with a lease of ``lease`` seconds: ``attempt`` bumped, ``started_at``
+        set.  Waits up to ``timeout`` seconds for one; None if none came."""
+
+    async def standing(self, job: JobRecord | None, model: str) -> Standing:
+        """What is ahead of waiting ``job`` (O(log n)); ``job`` None: everything queued."""
+
+    async def depth(self, model: str) -> tuple[int, int]:
+        """(waiting, running) of ``model``."""
+
+    async def waiting(self, model: str, limit: int) -> list[JobRecord]:
+        """The first ``limit`` waiting jobs of ``model`` in run order."""
+
+    async def running(self, model: str) -> list[JobRecord]: ...
+
+    # ----- store ---------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def recent(self, limit: int) -> list[JobRecord]:
+        """Finished jobs, the most recently finished first."""
+
+    async def jobs_of_task(self, task: str) -> list[JobRecord]:
+        """Every kept job of ``task`` (waiting, running and finished), oldest first."""
+
+    async def update(self, job: JobRecord, fields: dict[str, Any], *, attempt: int | None = None) -> bool:
+        """Set ``fields`` on the job (and on ``job``).  With ``attempt``: only while
+        that attempt is still the job's current one and it is not finished (fencing);
+        False when refused.  Wakes the job's followers."""
+
+    def progress_threadsafe(self, job: JobRecord) -> None:
+        """From a worker thread, after setting ``job.step`` / ``job.last_step_at`` on
+        the runner's copy: make the progress visible (coalesced, never blocking)."""
+
+    async def finish(
+        self, job: JobRecord, status: JobStatus, fields: dict[str, Any], *, attempt: int | None, blobs: dict[str, bytes]
+    ) -> bool:
+        """End the job: result blobs first (with the result TTL), then the record's
+        ``fields``, ``status`` and ``finished_at``, out of the running set, then the
+        event.  With ``attempt``: refused (False) unless it is the job's current attempt
+        and the job has not finished (a late result of a lost lease)."""
+
+    async def release(self, job: JobRecord, attempt: int) -> bool:
+        """Put a running job back at the head of its priority, without using up its
+        retry (a worker stopping within its grace period)."""
+
+    async def cancel(self, job_id: str, message: str) -> JobRecord | None:
+        """Waiting: out of the queue, ``cancelled`` now.  Running: the cancel flag is
+        set and the worker running it told (it stops at its next step).  Returns the
+        record as it now stands; None for an unknown id."""
+
+    async def clear(self, message: str) -> int:
+        """Cancel every waiting job of every model; returns how many."""
+
+    async def put_blob(self, key: str, data: bytes) -> None:
+        """Store bytes kept for the result TTL (partial images)."""
+
+    async def get_blob(self, key: str) -> bytes | None: ...
+
+    async def delete_blob(self, key: str) -> None: ...
+
+    # ----- events --------------------------------------------------------------------
+
+    async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
+        """Wait for the job's next change (``progress=False``: not a mere step); False
+        on timeout.  Waiters re-read the record: the event is only a wake-up."""
+
+    def on_cancel(self, callback: CancelCallback) -> None:
+        """Called (on the event loop) with the id of every job whose cancel was asked."""
+
+    def on_command(self, callback: CommandCallback) -> None:
+        """Called (on the event loop) with model admin commands: (model, "load"|"unload")."""
+
+    async def command(self, model: str, action: str) -> None:
+        """Send a model admin command to every worker (those configured for ``model`` act)."""
+
+    # ----- workers -------------------------------------------------------------------
+
+    async def heartbeat(self, infos: list[WorkerInfo], running: list[tuple[str, int]], lease: float) -> set[str]:
+        """A worker is alive: its presence per model, and the leases of its running
+        ``(job_id, attempt)`` extended by ``lease`` seconds.  Returns the ids of those
+        it must stop (cancel asked, or the attempt is no longer the job's)."""
+
+    async def leave(self, worker: str) -> None:
+        """A worker stops: its presence goes at once."""
+
+    async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        """Live workers (of ``model``), as they last reported."""
+
+    async def reap(self) -> int:
+        """Jobs whose lease expired: back at the head of their priority once; lost a
+        second time: ``error``.  Idempotent; every node runs it.  Returns jobs handled."""
+
+    # ----- forecast statistics ---------------------------------------------------------
+
+    async def observe_cost(self, model: str, task: str, decayed: list[float], added: list[float], forget: float) -> None:
+        """stats = forget * stats + decayed (first part), + added (second part): one
+        finished job's contribution to the model's forecast fit (``forecast.CostModel``)."""
+
+    async def cost_stats(self, model: str) -> dict[str, list[float]]:
+        """The forecast statistics per task of ``model`` (as ``observe_cost`` made them)."""
+
+    async def set_priors(self, model: str, priors: dict[str, list[float]]) -> None:
+        """The loaded backend's own forecast prior, for API nodes that never load it."""
+
+    async def priors(self, model: str) -> dict[str, list[float]]: ...
+
+    def stats_version(self, model: str) -> int | None:
+        """A number that changes when ``model``'s statistics change, where the broker
+        can tell cheaply (memory); None where callers must refresh by time (redis)."""

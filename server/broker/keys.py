@@ -1,0 +1,88 @@
+"""Every Redis key the Redis broker uses, one function each (arq-style).
+
+The Lua scripts (``redis_scripts``) build the keys they reach at run time (a
+job's hash, a level's Fenwick tree) from the same prefix with the same names;
+``redis_scripts.LUA_KEYS`` mirrors this module, keep the two in step.
+
+======================  ===========  ==================================================
+key                     type         holds
+======================  ===========  ==================================================
+``job:{id}``            hash         one JSON value per ``JobRecord`` field, plus
+                                     ``cancel`` (1: cancel asked) and ``vec`` (the
+                                     job's forecast vector, ``entry=value;...``)
+``q:{m}``               sorted set   waiting job -> ``level * 2**32 + position``
+``lv:{m}``              sorted set   levels of ``q:{m}`` that hold jobs (score = level)
+``seq:{m}``             hash         per level: ``h{level}`` / ``t{level}`` head and
+                                     tail counters of the positions
+``fen:{m}:{level}``     hash         the level's sparse Fenwick tree over positions
+                                     (``node:entry``) and its totals (``t:entry``)
+``run:{m}``             sorted set   running job -> lease deadline (Redis TIME)
+``wk:{m}``              sorted set   live worker -> presence deadline (Redis TIME)
+``wki:{m}``             hash         worker -> its ``WorkerInfo`` JSON
+``models``              set          every model that ever had a job or a worker
+``seq``                 string       the arrival counter (``JobRecord.seq``)
+``done``                sorted set   finished job -> finished_at
+``task:{task}``         set          ids of the jobs of a task (dropped lazily)
+``cost:{m}``            hash         task -> JSON list: forecast statistics
+``prior:{m}``           hash         task -> JSON list: the backend's prior
+``ev``                  stream       ``{job, model, kind[, action]}`` wake-up hints
+``<blob key>``          string       blob bytes (``img:...``, ``in:...``)
+======================  ===========  ==================================================
+"""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "easel:"
+
+
+class Keys:
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def queue(self, model: str) -> str:
+        return f"{self.prefix}q:{model}"
+
+    def levels(self, model: str) -> str:
+        return f"{self.prefix}lv:{model}"
+
+    def counters(self, model: str) -> str:
+        return f"{self.prefix}seq:{model}"
+
+    def fenwick(self, model: str, level: int) -> str:
+        return f"{self.prefix}fen:{model}:{level}"
+
+    def running(self, model: str) -> str:
+        return f"{self.prefix}run:{model}"
+
+    def presence(self, model: str) -> str:
+        return f"{self.prefix}wk:{model}"
+
+    def worker_info(self, model: str) -> str:
+        return f"{self.prefix}wki:{model}"
+
+    def models(self) -> str:
+        return f"{self.prefix}models"
+
+    def seq(self) -> str:
+        return f"{self.prefix}seq"
+
+    def done(self) -> str:
+        return f"{self.prefix}done"
+
+    def task(self, task: str) -> str:
+        return f"{self.prefix}task:{task}"
+
+    def cost(self, model: str) -> str:
+        return f"{self.prefix}cost:{model}"
+
+    def priors(self, model: str) -> str:
+        return f"{self.prefix}prior:{model}"
+
+    def events(self) -> str:
+        return f"{self.prefix}ev"
+
+    def blob(self, key: str) -> str:
+        return f"{self.prefix}{key}"

@@ -1,0 +1,322 @@
+"""The memory broker: everything in this process (the embedded default).
+
+Jobs are records in a dict, each model's waiting jobs a ``queue.ModelQueue``
+(O(log n) position and cost ahead), result bytes a dict capped at
+``result_memory_bytes`` (the oldest finished jobs' images go first).  Nothing
+survives a restart; no other process shares it, so leases, presence deadlines and
+the reaper have nothing to do.  The runner's record is the stored object itself:
+``update`` and ``finish`` set its fields and wake its waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from ..forecast import STATS, WIDTH, apply, job_vector
+from ..jobs import JobRecord, JobStatus, preview_key, result_key
+from ..queue import Job as Entry
+from ..queue import ModelQueue
+from .base import CancelCallback, CommandCallback, QueueFullError, Standing, WorkerInfo
+from .notify import Notifier
+
+PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra"))
+
+
+class MemoryBroker:
+    name = "memory"
+    distributed = False
+
+    def __init__(self, *, result_ttl: float, result_memory_bytes: int) -> None:
+        self.ttl = result_ttl
+        self.memory_cap = result_memory_bytes
+        self.notifier = Notifier()
+        self._jobs: dict[str, JobRecord] = {}
+        self._queues: dict[str, ModelQueue] = {}
+        self._running: dict[str, dict[str, JobRecord]] = {}  # model -> id -> record
+        self._finished: OrderedDict[str, JobRecord] = OrderedDict()  # by finish time
+        self._blobs: dict[str, bytes] = {}
+        self._result_bytes = 0
+        self._seq = 0
+        self._cancel_asked: set[str] = set()  # running jobs whose cancel was asked
+        self._cancel_callbacks: list[CancelCallback] = []
+        self._command_callbacks: list[CommandCallback] = []
+        self._workers: dict[tuple[str, str], WorkerInfo] = {}
+        self._stats: dict[str, dict[str, np.ndarray]] = {}
+        self._stats_version: dict[str, int] = {}
+        self._priors: dict[str, dict[str, list[float]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._janitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._janitor = asyncio.create_task(self._expire_loop())
+
+    async def close(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+        for q in self._queues.values():
+            q.close()
+
+    def now(self) -> float:
+        return time.time()
+
+    def _queue(self, model: str) -> ModelQueue:
+        q = self._queues.get(model)
+        if q is None:
+            q = self._queues[model] = ModelQueue(capacity=2**62)  # capacity is checked per submit
+            self._running[model] = {}
+        return q
+
+    # ----- queue ---------------------------------------------------------------------
+
+    async def submit(self, job: JobRecord, blobs: dict[str, bytes], capacity: int) -> None:
+        q = self._queue(job.model)
+        if len(q) >= capacity:
+            raise QueueFullError(len(q))
+        self._seq += 1
+        job.seq = self._seq
+        job.created_at = job.created_at or self.now()
+        job.status = JobStatus.WAITING
+        self._blobs.update(blobs)
+        self._jobs[job.id] = job
+        q.push(_entry(job))
+
+    async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
+        entry = await self._queue(model).get(timeout)
+        if entry is None:
+            return None
+        job = self._jobs[entry.id]
+        job.status = JobStatus.RUNNING
+        job.attempt += 1
+        job.worker = worker
+        job.started_at = self.now()
+        self._running[model][job.id] = job
+        self.notifier.changed(job.id)
+        return job
+
+    async def standing(self, job: JobRecord | None, model: str) -> Standing:
+        q = self._queue(model)
+        running = list(self._running[model].values())
+        if job is None:
+            return Standing(running=running, ahead=q.total())
+        entry = q.entries.get(job.id)
+        ahead = q.ahead(entry) if entry is not None else np.zeros(WIDTH)
+        return Standing(running=running, ahead=ahead)
+
+    async def depth(self, model: str) -> tuple[int, int]:
+        return len(self._queue(model)), len(self._running[model])
+
+    async def waiting(self, model: str, limit: int) -> list[JobRecord]:
+        return [self._jobs[e.id] for e in self._queue(model).jobs(limit)]
+
+    async def running(self, model: str) -> list[JobRecord]:
+        self._queue(model)
+        return sorted(self._running[model].values(), key=lambda j: j.seq)
+
+    # ----- store ---------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return self._jobs.get(job_id)
+
+    async def recent(self, limit: int) -> list[JobRecord]:
+        out: list[JobRecord] = []
+        for job_id in reversed(self._finished):
+            out.append(self._finished[job_id])
+            if len(out) >= limit:
+                break
+        return out
+
+    async def jobs_of_task(self, task: str) -> list[JobRecord]:
+        return sorted((j for j in self._jobs.values() if j.task == task), key=lambda j: j.seq)
+
+    def _current(self, job: JobRecord, attempt: int | None) -> JobRecord | None:
+        stored = self._jobs.get(job.id)
+        if stored is None:
+            return None
+        if attempt is not None and (stored.attempt != attempt or stored.status.finished):
+            return None
+        return stored
+
+    async def update(self, job: JobRecord, fields: dict[str, Any], *, attempt: int | None = None) -> bool:
+        stored = self._current(job, attempt)
+        if stored is None:
+            return False
+        for key, value in fields.items():
+            setattr(stored, key, value)
+            if job is not stored:
+                setattr(job, key, value)
+        self.notifier.changed(job.id, progress_only=PROGRESS_FIELDS.issuperset(fields))
+        return True
+
+    def progress_threadsafe(self, job: JobRecord) -> None:
+        # the runner's record is the stored one: only followers need waking, and only
+        # they cost the pipeline thread a hand-off to the loop
+        if self._loop is not None and self.notifier.followed(job.id):
+            self._loop.call_soon_threadsafe(self.notifier.changed_progress, job.id)
+
+    async def finish(
+        self, job: JobRecord, status: JobStatus, fields: dict[str, Any], *, attempt: int | None, blobs: dict[str, bytes]
+    ) -> bool:
+        stored = self._current(job, attempt)
+        if stored is None or stored.status.finished:
+            return False
+        self._blobs.update(blobs)
+        self._result_bytes += sum(len(b) for b in blobs.values())
+        for key, value in fields.items():
+            setattr(stored, key, value)
+        stored.status = status
+        stored.finished_at = self.now()
+        q = self._queue(stored.model)
+        entry = q.entries.get(stored.id)
+        if entry is not None:
+            q.remove(entry)
+        self._running[stored.model].pop(stored.id, None)
+        self._cancel_asked.discard(stored.id)
+        self._finished[stored.id] = stored
+        self._evict()
+        self.notifier.changed(stored.id)
+        return True
+
+    async def release(self, job: JobRecord, attempt: int) -> bool:
+        stored = self._current(job, attempt)
+        if stored is None or stored.status is not JobStatus.RUNNING:
+            return False
+        self._running[stored.model].pop(stored.id, None)
+        stored.status = JobStatus.WAITING
+        stored.worker = None
+        stored.step = 0
+        self._queue(stored.model).push_front(_entry(stored))
+        self.notifier.changed(stored.id)
+        return True
+
+    async def cancel(self, job_id: str, message: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.status.finished:
+            return job
+        if job.status is JobStatus.WAITING:
+            await self.finish(job, JobStatus.CANCELLED, {"message": message}, attempt=None, blobs={})
+        else:
+            self._cancel_asked.add(job_id)
+            for callback in self._cancel_callbacks:
+                callback(job_id)
+        return job
+
+    async def clear(self, message: str) -> int:
+        count = 0
+        for q in self._queues.values():
+            for entry in q.jobs():
+                await self.cancel(entry.id, message)
+                count += 1
+        return count
+
+    async def put_blob(self, key: str, data: bytes) -> None:
+        self._blobs[key] = data  # partial images: forgotten with their job
+
+    async def get_blob(self, key: str) -> bytes | None:
+        return self._blobs.get(key)
+
+    async def delete_blob(self, key: str) -> None:
+        data = self._blobs.pop(key, None)
+        if data is not None and key.startswith("img:"):
+            self._result_bytes -= len(data)
+
+    def _evict(self, now: float | None = None) -> None:
+        """Forget expired jobs; trim result bytes over the memory cap, oldest first."""
+        now = self.now() if now is None else now
+        while self._finished:
+            job_id, job = next(iter(self._finished.items()))
+            if job.finished_at is not None and now - job.finished_at < self.ttl:
+                break
+            self._finished.popitem(last=False)
+            self._jobs.pop(job_id, None)
+            previews = (preview_key(job_id, k) for k in range(job.previews))
+            for key in (*job.inputs, *previews, *(result_key(job_id, r.index) for r in job.results)):
+                self._drop(key)
+        if self._result_bytes > self.memory_cap:
+            for job in self._finished.values():
+                for r in job.results:
+                    if self._drop(result_key(job.id, r.index)):
+                        r.gone = "evicted: the server's result memory (queue.result_memory_mib) was full"
+                if self._result_bytes <= self.memory_cap:
+                    break
+
+    def _drop(self, key: str) -> bool:
+        data = self._blobs.pop(key, None)
+        if data is not None and key.startswith("img:"):
+            self._result_bytes -= len(data)
+        return data is not None
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.ttl / 4))
+            self._evict()
+
+    # ----- events --------------------------------------------------------------------
+
+    async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
+        return await self.notifier.wait(job_id, timeout, progress=progress)
+
+    def on_cancel(self, callback: CancelCallback) -> None:
+        self._cancel_callbacks.append(callback)
+
+    def on_command(self, callback: CommandCallback) -> None:
+        self._command_callbacks.append(callback)
+
+    async def command(self, model: str, action: str) -> None:
+        for callback in self._command_callbacks:
+            callback(model, action)
+
+    # ----- workers -------------------------------------------------------------------
+
+    async def heartbeat(self, infos: list[WorkerInfo], running: list[tuple[str, int]], lease: float) -> set[str]:
+        now = self.now()
+        for info in infos:
+            info.seen_at = now
+            self._workers[(info.worker, info.model)] = info
+        return {
+            job_id for job_id, attempt in running
+            if job_id in self._cancel_asked or self._current(_probe(job_id), attempt) is None
+        }  # fmt: skip
+
+    async def leave(self, worker: str) -> None:
+        for key in [k for k in self._workers if k[0] == worker]:
+            del self._workers[key]
+
+    async def workers(self, model: str | None = None) -> list[WorkerInfo]:
+        return [w for w in self._workers.values() if model is None or w.model == model]
+
+    async def reap(self) -> int:
+        return 0  # one process: no lease can outlive its worker
+
+    # ----- forecast statistics ---------------------------------------------------------
+
+    async def observe_cost(self, model: str, task: str, decayed: list[float], added: list[float], forget: float) -> None:
+        stats = self._stats.setdefault(model, {})
+        stats[task] = apply(stats.get(task, np.zeros(STATS)), decayed, added, forget)
+        self._stats_version[model] = self._stats_version.get(model, 0) + 1
+
+    async def cost_stats(self, model: str) -> dict[str, list[float]]:
+        return {task: v.tolist() for task, v in self._stats.get(model, {}).items()}
+
+    async def set_priors(self, model: str, priors: dict[str, list[float]]) -> None:
+        self._priors[model] = priors
+        self._stats_version[model] = self._stats_version.get(model, 0) + 1
+
+    async def priors(self, model: str) -> dict[str, list[float]]:
+        return self._priors.get(model, {})
+
+    def stats_version(self, model: str) -> int | None:
+        return self._stats_version.get(model, 0)
+
+
+def _entry(job: JobRecord) -> Entry:
+    return Entry(job.id, job.priority, job.seq, job_vector(job.task, np.asarray(job.features)))
+
+
+def _probe(job_id: str) -> JobRecord:
+    return JobRecord(model="", task="", id=job_id)

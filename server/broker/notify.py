@@ -1,0 +1,76 @@
+"""Change waiters of one process, by job id (event-loop side).
+
+Both brokers wake them: the memory broker when it changes a record, the Redis
+broker when its event reader sees the job in the events stream.  A waiter is
+only woken; it then re-reads the record, which is the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
+def _wake(waiters: list[asyncio.Future[None]] | None) -> None:
+    if not waiters:
+        return
+    pending = list(waiters)
+    waiters.clear()
+    for fut in pending:
+        if not fut.done():
+            fut.set_result(None)
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self._any: dict[str, list[asyncio.Future[None]]] = {}  # woken by every change
+        self._status: dict[str, list[asyncio.Future[None]]] = {}  # woken by all but a mere step
+
+    def followed(self, job_id: str) -> bool:
+        """Whether anyone waits for the job's progress (safe to read from any thread)."""
+        return bool(self._any.get(job_id))
+
+    def changed(self, job_id: str, *, progress_only: bool = False) -> None:
+        """Wake the job's waiters (event loop only); a step wakes only progress followers."""
+        _wake(self._any.get(job_id))
+        if not progress_only:
+            _wake(self._status.get(job_id))
+
+    def changed_progress(self, job_id: str) -> None:
+        self.changed(job_id, progress_only=True)
+
+    def changed_all(self) -> None:
+        """Wake everyone (events may have been missed: re-read every followed job)."""
+        for waiters in (*self._any.values(), *self._status.values()):
+            _wake(waiters)
+
+    async def wait(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        table = self._any if progress else self._status
+        waiters = table.setdefault(job_id, [])
+        waiters.append(fut)
+        # a timer on the future itself, not asyncio.wait_for: one loop pass less per wake-up
+        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+        try:
+            await fut
+            return True
+        except _Expired:
+            return False
+        finally:
+            if timer is not None:
+                timer.cancel()
+            left = table.get(job_id)
+            if left is not None:
+                if fut in left:
+                    left.remove(fut)
+                if not left:
+                    del table[job_id]

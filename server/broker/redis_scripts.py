@@ -1,0 +1,413 @@
+"""The Redis broker's Lua scripts: every change that touches more than one key.
+
+Each script starts with ``PRELUDE`` and takes ``ARGV[1]`` = key prefix and
+``ARGV[2]`` = the events stream's ``MAXLEN ~``; its own arguments follow from
+``ARGV[3]``.  Keys are built inside the scripts from the prefix (one primary, no
+cluster: see SCALEOUT.md), with the names of ``keys.py``.
+
+Record values are JSON (one per ``JobRecord`` field); the scripts write JSON
+texts (``'"running"'``, ``'null'``, numbers as their text) and decode at most a
+single field (``model``, ``inputs``), never the whole record.
+
+Queue: ``q:{m}`` scores are ``level * 2^32 + position``; within a level new jobs
+take tail positions counting up from 2^31 and re-runs head positions counting
+down from 2^31 - 1.  Each level keeps a sparse Fenwick tree over the 2^32
+positions (``fen:{m}:{level}``, fields ``node:entry`` for the non-zero entries of
+the job vectors) and its totals (``t:entry``): a push or a removal is 32 node
+updates, a prefix 32 node reads.  A level that empties is deleted (which also
+drops float drift), like the in-memory queue's.
+"""
+
+from __future__ import annotations
+
+# Shared helpers.  ``vec`` is a job's forecast vector as ``entry=value;...`` (its
+# non-zero entries, values as Python's repr): values go to HINCRBYFLOAT as text,
+# negated as text, so nothing is rounded by Lua.
+PRELUDE = r"""
+local P = ARGV[1]
+local MAXLEN = ARGV[2]
+local TWO32 = 4294967296
+local HALF = 2147483648
+local SHIFT = 1048576
+local FINISHED = {['"done"'] = true, ['"error"'] = true, ['"cancelled"'] = true}
+
+local function int(x) return string.format('%.0f', x) end
+local function k_job(id) return P .. 'job:' .. id end
+local function k_q(m) return P .. 'q:' .. m end
+local function k_lv(m) return P .. 'lv:' .. m end
+local function k_seq(m) return P .. 'seq:' .. m end
+local function k_fen(m, l) return P .. 'fen:' .. m .. ':' .. int(l) end
+local function k_run(m) return P .. 'run:' .. m end
+local function k_wk(m) return P .. 'wk:' .. m end
+local function k_wki(m) return P .. 'wki:' .. m end
+local K_MODELS = P .. 'models'
+local K_DONE = P .. 'done'
+local K_EV = P .. 'ev'
+
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function ts(x) return string.format('%.6f', x) end
+
+local function event(id, m, kind)
+  redis.call('XADD', K_EV, 'MAXLEN', '~', MAXLEN, '*', 'job', id, 'model', m, 'kind', kind)
+end
+
+local function lowbit(i)
+  local p = 1
+  while i % (p * 2) == 0 do p = p * 2 end
+  return p
+end
+
+local function neg(v)
+  if string.sub(v, 1, 1) == '-' then return string.sub(v, 2) end
+  return '-' .. v
+end
+
+-- add (sign 1) or subtract (sign -1) vec at position pos of a level's tree
+local function fen_add(key, pos, vec, sign)
+  for e, v in string.gmatch(vec, '(%d+)=([^;]+)') do
+    if sign < 0 then v = neg(v) end
+    redis.call('HINCRBYFLOAT', key, 't:' .. e, v)
+    local i = pos + 1
+    while i <= TWO32 do
+      redis.call('HINCRBYFLOAT', key, int(i) .. ':' .. e, v)
+      i = i + lowbit(i)
+    end
+  end
+end
+
+local function model_of(jk)
+  return cjson.decode(redis.call('HGET', jk, 'model'))
+end
+
+local function level_of(jk)
+  return tonumber(redis.call('HGET', jk, 'priority')) + SHIFT
+end
+
+-- queue a job at the tail (arrival) or the head (re-run) of its level
+local function q_push(m, id, level, head, vec)
+  local pos
+  if head then
+    pos = HALF - redis.call('HINCRBY', k_seq(m), 'h' .. int(level), 1)
+  else
+    pos = HALF + redis.call('HINCRBY', k_seq(m), 't' .. int(level), 1) - 1
+  end
+  redis.call('ZADD', k_q(m), int(level * TWO32 + pos), id)
+  redis.call('ZADD', k_lv(m), int(level), int(level))
+  fen_add(k_fen(m, level), pos, vec, 1)
+end
+
+-- take a waiting job (its score known) out of the queue and the sums
+local function q_take(m, id, score, vec)
+  local level = math.floor(score / TWO32)
+  local pos = score - level * TWO32
+  redis.call('ZREM', k_q(m), id)
+  local lo = int(level * TWO32)
+  local hi = '(' .. int((level + 1) * TWO32)
+  if redis.call('ZCOUNT', k_q(m), lo, hi) == 0 then
+    redis.call('DEL', k_fen(m, level))
+    redis.call('ZREM', k_lv(m), int(level))
+    redis.call('HDEL', k_seq(m), 'h' .. int(level), 't' .. int(level))
+  else
+    fen_add(k_fen(m, level), pos, vec, -1)
+  end
+end
+
+-- take a job out of the queue if it waits there; true if it did
+local function q_remove(m, id, vec)
+  local s = redis.call('ZSCORE', k_q(m), id)
+  if not s then return false end
+  q_take(m, id, tonumber(s), vec)
+  return true
+end
+
+-- the job's inputs and the record itself expire with the result TTL
+local function expire_job(jk, ttl)
+  redis.call('EXPIRE', jk, ttl)
+  local inputs = redis.call('HGET', jk, 'inputs')
+  if inputs then
+    for _, key in ipairs(cjson.decode(inputs)) do redis.call('EXPIRE', P .. key, ttl) end
+  end
+end
+
+local function set_pairs(jk, first)
+  for i = first, #ARGV, 2 do redis.call('HSET', jk, ARGV[i], ARGV[i + 1]) end
+end
+"""
+
+# submit: ARGV[3] id, [4] model, [5] level, [6] vec, [7] capacity, [8] task,
+# [9] created_at ('' = Redis TIME), then field/JSON pairs of the record.  Refuses (returns {-1, depth}) when the
+# queue is full; else stores the record with ``seq`` and ``created_at`` (Redis
+# TIME), queues it at the tail of its level, and returns {seq, created_at}.
+SUBMIT = PRELUDE + r"""
+local id, m, level, vec, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local depth = redis.call('ZCARD', k_q(m))
+if depth >= cap then return {-1, depth} end
+local jk = k_job(id)
+if redis.call('ZSCORE', k_q(m), id) then  -- a retried submit: already queued
+  return {tonumber(redis.call('HGET', jk, 'seq')), redis.call('HGET', jk, 'created_at')}
+end
+local seq = redis.call('INCR', P .. 'seq')
+local t = ARGV[9]
+if t == '' then t = ts(now()) end
+redis.call('DEL', jk)
+set_pairs(jk, 10)
+redis.call('HSET', jk, 'seq', seq, 'created_at', t, 'status', '"waiting"', 'vec', vec, 'cancel', '0')
+redis.call('SADD', P .. 'task:' .. ARGV[8], id)
+redis.call('SADD', K_MODELS, m)
+q_push(m, id, level, false, vec)
+event(id, m, 'submit')
+return {seq, t}
+"""
+
+# claim: ARGV[3] model, [4] worker (JSON), [5] lease seconds.  Pops the head of
+# the queue: attempt + 1, running on the worker from Redis TIME, into run:{m}
+# with the lease deadline.  Returns the record's HGETALL, or false.
+CLAIM = PRELUDE + r"""
+local m, worker, lease = ARGV[3], ARGV[4], tonumber(ARGV[5])
+for _ = 1, 16 do
+  local top = redis.call('ZRANGE', k_q(m), 0, 0, 'WITHSCORES')
+  if #top == 0 then return false end
+  local id = top[1]
+  local jk = k_job(id)
+  local vec = redis.call('HGET', jk, 'vec') or ''
+  q_take(m, id, tonumber(top[2]), vec)
+  if redis.call('EXISTS', jk) == 1 then
+    local t = now()
+    redis.call('HINCRBY', jk, 'attempt', 1)
+    redis.call('HSET', jk, 'status', '"running"', 'worker', worker, 'started_at', ts(t))
+    redis.call('ZADD', k_run(m), ts(t + lease), id)
+    event(id, m, 'change')
+    return redis.call('HGETALL', jk)
+  end
+end
+return false
+"""
+
+# standing (read only): ARGV[3] model, [4] job id or '', [5] WIDTH.  Returns
+# {running records (HGETALL each), totals of the levels ahead (HMGET t:0..),
+# the Fenwick prefix nodes of the job's own level (HMGET, summed by the caller),
+# 1 if the job waits (or no job was named) else 0}.
+STANDING = PRELUDE + r"""
+local m, id, width = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local running = {}
+for _, rid in ipairs(redis.call('ZRANGE', k_run(m), 0, -1)) do
+  running[#running + 1] = redis.call('HGETALL', k_job(rid))
+end
+local level, pos
+if id ~= '' then
+  local s = redis.call('ZSCORE', k_q(m), id)
+  if not s then return {running, {}, {}, 0} end
+  s = tonumber(s)
+  level = math.floor(s / TWO32)
+  pos = s - level * TWO32
+end
+local levels
+if level then
+  levels = redis.call('ZRANGEBYSCORE', k_lv(m), '-inf', '(' .. int(level))
+else
+  levels = redis.call('ZRANGE', k_lv(m), 0, -1)
+end
+local tf = {}
+for e = 0, width - 1 do tf[#tf + 1] = 't:' .. e end
+local totals = {}
+for _, l in ipairs(levels) do totals[#totals + 1] = redis.call('HMGET', k_fen(m, tonumber(l)), unpack(tf)) end
+local prefix = {}
+if pos and pos > 0 then
+  local f = {}
+  local i = pos
+  while i > 0 do
+    for e = 0, width - 1 do f[#f + 1] = int(i) .. ':' .. e end
+    i = i - lowbit(i)
+  end
+  prefix = redis.call('HMGET', k_fen(m, level), unpack(f))
+end
+return {running, totals, prefix, 1}
+"""
+
+# update: ARGV[3] id, [4] attempt or '', [5] event kind (change/progress), then
+# field/JSON pairs.  Refused (0) for an unknown job, or with an attempt that is
+# not the current one or a job that no longer runs (stricter than "not finished":
+# a lease that expired put it back in the queue).  Returns 1 when applied.
+UPDATE = PRELUDE + r"""
+local id, attempt, kind = ARGV[3], ARGV[4], ARGV[5]
+local jk = k_job(id)
+if redis.call('EXISTS', jk) == 0 then return 0 end
+if attempt ~= '' then
+  if redis.call('HGET', jk, 'attempt') ~= attempt then return 0 end
+  if redis.call('HGET', jk, 'status') ~= '"running"' then return 0 end
+end
+set_pairs(jk, 6)
+event(id, model_of(jk), kind)
+return 1
+"""
+
+# finish: ARGV[3] id, [4] attempt or '', [5] status JSON, [6] result TTL (whole
+# seconds), then field/JSON pairs.  Refused (false) for an unknown or finished job,
+# or with an attempt that is stale or whose job no longer runs (requeued).  Else sets the fields, status and finished_at (Redis TIME),
+# takes the job out of run:{m} and q:{m} (and the sums), into ``done``, sets the
+# TTL of the record and its inputs; returns finished_at.
+FINISH = PRELUDE + r"""
+local id, attempt, status, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local jk = k_job(id)
+if redis.call('EXISTS', jk) == 0 then return false end
+local current = redis.call('HGET', jk, 'status')
+if FINISHED[current] then return false end
+if attempt ~= '' and (redis.call('HGET', jk, 'attempt') ~= attempt or current ~= '"running"') then return false end
+local m = model_of(jk)
+local t = now()
+set_pairs(jk, 7)
+redis.call('HSET', jk, 'status', status, 'finished_at', ts(t))
+redis.call('ZREM', k_run(m), id)
+q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
+redis.call('ZADD', K_DONE, ts(t), id)
+expire_job(jk, ttl)
+event(id, m, 'change')
+return ts(t)
+"""
+
+# release: ARGV[3] id, [4] attempt.  A running job of that attempt goes back to
+# the head of its priority, its ``lost`` count untouched.  Returns 1 or 0.
+RELEASE = PRELUDE + r"""
+local id, attempt = ARGV[3], ARGV[4]
+local jk = k_job(id)
+if redis.call('EXISTS', jk) == 0 then return 0 end
+if redis.call('HGET', jk, 'attempt') ~= attempt then return 0 end
+if redis.call('HGET', jk, 'status') ~= '"running"' then return 0 end
+local m = model_of(jk)
+redis.call('ZREM', k_run(m), id)
+redis.call('HSET', jk, 'status', '"waiting"', 'worker', 'null', 'step', '0', 'last_step_at', 'null')
+q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
+event(id, m, 'change')
+return 1
+"""
+
+# cancel: ARGV[3] id, [4] message JSON, [5] result TTL.  Waiting: out of the
+# queue and the sums, ``cancelled`` now, into ``done``.  Running: the cancel flag
+# and a ``cancel`` event.  Returns {status before (JSON), HGETALL} or false.
+CANCEL = PRELUDE + r"""
+local id, message, ttl = ARGV[3], ARGV[4], ARGV[5]
+local jk = k_job(id)
+if redis.call('EXISTS', jk) == 0 then return false end
+local status = redis.call('HGET', jk, 'status')
+local m = model_of(jk)
+if status == '"waiting"' then
+  local t = now()
+  q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
+  redis.call('HSET', jk, 'status', '"cancelled"', 'message', message, 'finished_at', ts(t))
+  redis.call('ZADD', K_DONE, ts(t), id)
+  expire_job(jk, ttl)
+  event(id, m, 'change')
+elseif status == '"running"' then
+  redis.call('HSET', jk, 'cancel', '1')
+  event(id, m, 'cancel')
+end
+return {status, redis.call('HGETALL', jk)}
+"""
+
+# heartbeat: ARGV[3] lease, [4] number of infos, then (model, worker, info JSON)
+# per info, then (job id, attempt) per running job.  Presence deadlines from Redis
+# TIME; leases of current attempts extended.  Returns {Redis TIME, ids to stop}.
+HEARTBEAT = PRELUDE + r"""
+local lease, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = now()
+local i = 5
+for _ = 1, n do
+  local m, w, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  redis.call('ZADD', k_wk(m), ts(t + lease), w)
+  redis.call('HSET', k_wki(m), w, info)
+  redis.call('SADD', K_MODELS, m)
+  i = i + 3
+end
+local stop = {}
+while i <= #ARGV do
+  local id, attempt = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local jk = k_job(id)
+  local ok = false
+  if redis.call('EXISTS', jk) == 1 and redis.call('HGET', jk, 'status') == '"running"'
+      and redis.call('HGET', jk, 'attempt') == attempt then
+    local m = model_of(jk)
+    if redis.call('ZSCORE', k_run(m), id) then
+      redis.call('ZADD', k_run(m), 'XX', ts(t + lease), id)
+      ok = redis.call('HGET', jk, 'cancel') ~= '1'
+    end
+  end
+  if not ok then stop[#stop + 1] = id end
+end
+return {ts(t), stop}
+"""
+
+# reap: ARGV[3] result TTL, [4] the "lost twice" message JSON, [5] batch size.
+# Expired leases of every model: lost once -> back at the head of the priority,
+# twice -> ``error``.  Expired presence goes.  Returns {Redis TIME, jobs handled}.
+REAP = PRELUDE + r"""
+local ttl, message, batch = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local t = now()
+local handled = 0
+for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k_run(m), '-inf', ts(t), 'LIMIT', 0, batch)) do
+    redis.call('ZREM', k_run(m), id)
+    local jk = k_job(id)
+    if redis.call('EXISTS', jk) == 1 and redis.call('HGET', jk, 'status') == '"running"' then
+      handled = handled + 1
+      if tonumber(redis.call('HGET', jk, 'lost') or '0') == 0 then
+        redis.call('HSET', jk, 'lost', '1', 'status', '"waiting"', 'worker', 'null', 'step', '0',
+          'last_step_at', 'null')
+        q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
+      else
+        redis.call('HINCRBY', jk, 'lost', 1)
+        redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))
+        redis.call('ZADD', K_DONE, ts(t), id)
+        expire_job(jk, ttl)
+      end
+      event(id, m, 'change')
+    end
+  end
+  local gone = redis.call('ZRANGEBYSCORE', k_wk(m), '-inf', ts(t), 'LIMIT', 0, batch)
+  for _, w in ipairs(gone) do
+    redis.call('ZREM', k_wk(m), w)
+    redis.call('HDEL', k_wki(m), w)
+  end
+end
+return {ts(t), handled}
+"""
+
+# observe_cost: ARGV[3] model, [4] task, [5] forget, [6] len(decayed), then the
+# decayed values, then the added ones.  cost:{m}[task] (a JSON list, missing =
+# zeros) becomes forget*old + decayed for the first part, old + added for the
+# rest; written with 17 significant digits (exact doubles).
+OBSERVE_COST = PRELUDE + r"""
+local key = P .. 'cost:' .. ARGV[3]
+local task, forget, nd = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local raw = redis.call('HGET', key, task)
+local old = {}
+if raw then old = cjson.decode(raw) end
+local out = {}
+local j = 0
+for i = 7, #ARGV do
+  j = j + 1
+  local o = tonumber(old[j]) or 0
+  local v = tonumber(ARGV[i])
+  local x
+  if j <= nd then x = forget * o + v else x = o + v end
+  out[j] = string.format('%.17g', x)
+end
+redis.call('HSET', key, task, '[' .. table.concat(out, ',') .. ']')
+return 1
+"""
+
+SCRIPTS: dict[str, str] = {
+    "submit": SUBMIT,
+    "claim": CLAIM,
+    "standing": STANDING,
+    "update": UPDATE,
+    "finish": FINISH,
+    "release": RELEASE,
+    "cancel": CANCEL,
+    "heartbeat": HEARTBEAT,
+    "reap": REAP,
+    "observe_cost": OBSERVE_COST,
+}

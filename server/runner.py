@@ -1,0 +1,490 @@
+"""The runner: the workers of one process.
+
+For every model loaded here, ``target_inflight`` loops each do, one job at a time::
+
+    claim -> run (the model's thread) -> [upscale] -> encode -> store -> finish -> [deliver]
+
+Only ``run`` holds the model: as soon as its pipeline calls return, the loop claims
+the next job while this one is upscaled, encoded and stored, so the GPU never waits
+for PNG encoding.  ``run_job`` is the one place where a job's outcome is decided:
+done, cancelled, failed, or (a worker stopping with jobs of a shared queue)
+released back to the queue.
+
+A heartbeat task keeps the leases of the running jobs and the worker's presence
+per model in the broker, and stops the jobs the broker says to stop (cancelled on
+another node, or lost to another worker).  Every node also runs the broker's
+reaper, which puts the jobs of dead workers back in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, failure_message
+from .broker.base import Broker, BrokerUnavailable, WorkerInfo
+from .build import decode_image
+from .forecast import FORGET, TASKS, observation
+from .jobs import PENDING, ImageResult, JobRecord, JobStatus, preview_key, result_key
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .config import Settings
+    from .delivery.hooks import Delivery
+    from .metrics import Metrics
+    from .registry import ModelState, Registry
+    from .upscaling import Upscaler
+
+log = logging.getLogger("easel")
+CLAIM_WAIT_SECONDS = 1.0  # a claim waits this long for work before the loop checks whether to stop
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class JobContext:
+    """``StepContext`` for one job (worker thread): maps item-local steps onto the
+    job's total and makes progress visible through the broker."""
+
+    def __init__(self, job: JobRecord, broker: Broker, cancel: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
+        self.job = job
+        self.job_id = job.id
+        self.broker = broker
+        self.cancel = cancel
+        self.loop = loop
+        self.offset = 0
+        self.started = time.monotonic()
+        self.started_at = job.started_at or broker.now()  # the broker's clock, as the claim set it
+        self.preview_steps = preview_steps(job.total_steps, job.partial_images)
+        self._previews = 0
+        self._flushing = False  # an update of ``extra`` / ``previews`` is in flight
+        self._dirty: dict[str, Any] = {}
+        self._blobs: list[tuple[str, bytes]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+    def step(self, i: int, total: int) -> None:
+        if self.cancel.is_set():
+            raise JobCancelled()
+        job = self.job
+        job.step = self.offset + i
+        job.last_step_at = self.started_at + (time.monotonic() - self.started)
+        self.broker.progress_threadsafe(job)
+
+    def wants_preview(self, i: int) -> bool:
+        return (self.offset + i) in self.preview_steps
+
+    def preview(self, image: Image) -> None:
+        """A partial image (OpenAI ``partial_images``): stored as the blob
+        ``preview_key(job, k)``; the record's ``previews`` counts them."""
+        data = encode(image, self.job.format, self.job.quality)
+        self.loop.call_soon_threadsafe(self._preview_ready, data)
+
+    def set_extra(self, **values: Any) -> None:
+        """Publish backend-specific status (training loss...)."""
+        self.loop.call_soon_threadsafe(self._extra_ready, values)
+
+    # event-loop side: one update in flight at a time, the newest values win
+
+    def _preview_ready(self, data: bytes) -> None:
+        key = preview_key(self.job_id, self._previews)
+        self._previews += 1
+        self._push({"previews": self._previews}, (key, data))
+
+    def _extra_ready(self, values: dict[str, Any]) -> None:
+        self.job.extra = {**self.job.extra, **values}
+        self._push({"extra": dict(self.job.extra)})
+
+    def _push(self, fields: dict[str, Any], blob: tuple[str, bytes] | None = None) -> None:
+        self._dirty.update(fields)
+        if blob is not None:  # blobs are written in order, before the count that names them
+            self._blobs.append(blob)
+        if not self._flushing:
+            self._flushing = True
+            self.loop.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._dirty or self._blobs:
+                blobs, self._blobs = self._blobs, []
+                fields, self._dirty = self._dirty, {}
+                for key, data in blobs:
+                    await self.broker.put_blob(key, data)
+                if fields:
+                    await self.broker.update(self.job, fields, attempt=self.job.attempt)
+        except BrokerUnavailable as exc:
+            log.warning("job %s: progress not stored (%s)", self.job_id, exc)
+        finally:
+            self._flushing = False
+
+
+def preview_steps(total_steps: int, count: int) -> frozenset[int]:
+    """``count`` steps spread evenly over the job, before its last step."""
+    return frozenset(s for i in range(count) if 0 < (s := total_steps * (i + 1) // (count + 1)) < total_steps)
+
+
+def execute(
+    backend: Any, job: JobRecord, ctx: JobContext, blobs: dict[str, bytes], max_pixels: int
+) -> tuple[list[Image], list[float]]:
+    """Run every pipeline call of ``job`` (the model's thread): the images, and the
+    seconds of each call."""
+    if job.task == "train":
+        from .training.lora_trainer import LoraTrainer  # imports torch
+
+        assert job.train is not None
+        return LoraTrainer(job.train).run(backend, ctx), []
+    decoded: dict[str, Image] = {}
+
+    def image(key: str, param: str) -> Image:
+        if key not in decoded:
+            data = blobs.get(key)
+            if data is None:
+                raise BackendError(f"{param}: the job's input image is no longer stored (it expired); submit the job again")
+            decoded[key] = decode_image(data, param, max_pixels)
+        return decoded[key]
+
+    images: list[Image] = []
+    seconds: list[float] = []
+    for item in job.items:
+        work = WorkItem(
+            task=job.task,  # type: ignore[arg-type]
+            prompt=item.prompt,
+            width=item.width,
+            height=item.height,
+            steps=item.steps,
+            seed=item.seed,
+            n=item.n,
+            negative_prompt=item.negative_prompt,
+            guidance=item.guidance,
+            images=[image(k, f"images[{i}]") for i, k in enumerate(item.images)],
+            init_image=image(item.init_image, "init_image") if item.init_image else None,
+            strength=item.strength,
+            mask=image(item.mask, "mask") if item.mask else None,
+            loras=[LoraSpec(lr.name, lr.scale) for lr in item.loras],
+            extra={"scale": item.scale} if item.scale else {},
+        )
+        start = time.monotonic()
+        images.extend(backend.run(work, ctx))
+        seconds.append(time.monotonic() - start)
+        ctx.offset += item.steps
+    return images, seconds
+
+
+def encode(img: Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if fmt == "PNG":
+        img.save(buf, format="PNG", compress_level=1)
+    else:
+        img.save(buf, format=fmt, quality=quality)
+    return buf.getvalue()
+
+
+def encode_all(job: JobRecord, images: list[Image], item_seconds: list[float], output_dir: str | None) -> tuple[list[ImageResult], dict[str, bytes]]:
+    """Encode every image (a thread); with ``storage.output_dir`` set, also write each
+    to ``<output_dir>/<task_id>-<index>.<ext>``."""
+    prompts = [item.prompt for item in job.items for _ in range(item.n)] or [""]
+    seeds = [item.seed + k for item in job.items for k in range(item.n)] or [0]
+    seconds = [round(item_seconds[i] / it.n, 4) if i < len(item_seconds) else None for i, it in enumerate(job.items) for _ in range(it.n)] or [None]
+    upload = PENDING if job.upload_urls else None  # delivered after the job is done
+    results: list[ImageResult] = []
+    blobs: dict[str, bytes] = {}
+    for i, img in enumerate(images):
+        last = min(i, len(seeds) - 1)  # an upscale or training job may differ from its items
+        data = encode(img, job.format, job.quality)
+        blobs[result_key(job.id, i)] = data
+        results.append(
+            ImageResult(
+                index=i, seed=seeds[last], width=img.width, height=img.height, format=job.format,
+                prompt=prompts[last], bytes=len(data), upload=upload, seconds=seconds[last],
+            )
+        )  # fmt: skip
+    if output_dir is not None:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            (folder / f"{job.id}-{r.index}.{r.extension}").write_bytes(blobs[result_key(job.id, r.index)])
+    return results, blobs
+
+
+@dataclass(eq=False)
+class Running:
+    job: JobRecord
+    attempt: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    release: bool = False  # stopped to be released back to the queue, not cancelled
+
+
+class Runner:
+    def __init__(self, settings: Settings, broker: Broker, registry: Registry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.registry = registry
+        self.metrics = metrics
+        self.id = settings.broker.worker_id or worker_id()
+        self.lease = settings.broker.lease_seconds
+        self.upscaler: Upscaler | None = None
+        self.delivery: Delivery | None = None
+        self.on_presence: list[Any] = []  # called with a model name when its presence here changes
+        self.running: dict[str, Running] = {}
+        self.claiming = True
+        self._loops: dict[str, list[asyncio.Task[None]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._beat: asyncio.Task[None] | None = None
+
+    # ----- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.broker.on_cancel(self._cancel_asked)
+        self.broker.on_command(self._command)
+        for name, cfg in self.settings.models.items():
+            if cfg.enabled:
+                await self.load(name)
+        self._beat = asyncio.create_task(self._heartbeat_loop())
+
+    async def load(self, name: str) -> ModelState:
+        ms = self.registry.get(name)
+        if ms.state in ("loaded", "loading"):
+            return ms
+        loading = asyncio.create_task(self.registry.load(name))
+        await asyncio.sleep(0)  # the registry marks it loading before it goes to its thread
+        await self._announce(ms.name)
+        ms = await loading
+        if ms.state == "loaded" and ms.backend is not None:
+            priors = {t: p for t in TASKS if (p := ms.backend.cost_prior(t)) is not None}
+            if priors and not ms.cfg.forecast_prior:
+                await self.broker.set_priors(name, priors)
+            self._loops[name] = [
+                asyncio.create_task(self._claim_loop(ms), name=f"easel-{name}-{i}") for i in range(ms.cfg.target_inflight)
+            ]
+            self.metrics.loaded.labels(name).set(1)
+        await self._announce(ms.name)
+        return ms
+
+    async def unload(self, name: str) -> ModelState:
+        ms = self.registry.get(name)
+        loops = self._loops.pop(name, [])
+        for r in list(self.running.values()):
+            if r.job.model == name:
+                r.release = self.broker.distributed
+                r.cancel.set()
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        if not self.broker.distributed:  # nobody else will serve them
+            for job in await self.broker.waiting(name, 2**31):
+                await self.broker.cancel(job.id, f"model {name!r} was unloaded before the job ran")
+        self.metrics.loaded.labels(name).set(0)
+        ms = await self.registry.unload(name)
+        await self._announce(name)
+        return ms
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let running jobs finish within ``grace`` seconds; then stop
+        them: released back to a shared queue (distributed), cancelled otherwise."""
+        self.claiming = False
+        if not self.broker.distributed:
+            for name in self.registry.models:
+                for job in await self.broker.waiting(name, 2**31):
+                    await self.broker.cancel(job.id, "the server shut down before the job ran")
+        loops = [t for tasks in self._loops.values() for t in tasks]
+        if loops:
+            _, pending = await asyncio.wait(loops, timeout=grace)
+            if pending:
+                log.warning("shutdown: grace period over, stopping %d running job(s)", len(self.running))
+                for r in list(self.running.values()):
+                    r.release = self.broker.distributed
+                    r.cancel.set()
+                await asyncio.wait(pending, timeout=30)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        if self._beat is not None:
+            self._beat.cancel()
+        try:
+            await self.broker.leave(self.id)
+        except BrokerUnavailable:
+            pass
+        for ms in self.registry.models.values():
+            if ms.backend is not None:
+                await self.registry.unload(ms.name)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----- presence, leases, cancel ----------------------------------------------------------
+
+    def infos(self) -> list[WorkerInfo]:
+        counts: dict[str, int] = {}
+        for r in self.running.values():
+            counts[r.job.model] = counts.get(r.job.model, 0) + 1
+        return [
+            WorkerInfo(
+                worker=self.id, model=ms.name, host=socket.gethostname(), state=ms.state, load_error=ms.load_error,
+                slots=ms.cfg.target_inflight, running=counts.get(ms.name, 0),
+            )
+            for ms in self.registry.models.values()
+        ]  # fmt: skip
+
+    async def _announce(self, model: str) -> None:
+        try:
+            await self._beat_once()
+        except BrokerUnavailable:
+            log.warning("the broker is unreachable; the presence of model %s will be sent with the next heartbeat", model)
+        for callback in self.on_presence:
+            callback(model)
+
+    async def _beat_once(self) -> None:
+        running = [(r.job.id, r.attempt) for r in self.running.values()]
+        stop = await self.broker.heartbeat(self.infos(), running, self.lease)
+        for job_id in stop:
+            self._cancel_asked(job_id)
+
+    async def _heartbeat_loop(self) -> None:
+        beat = self.settings.broker.heartbeat_seconds
+        while True:
+            await asyncio.sleep(beat)
+            try:
+                await self._beat_once()
+                await self.broker.reap()
+            except BrokerUnavailable as exc:
+                log.warning("heartbeat: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def _cancel_asked(self, job_id: str) -> None:
+        r = self.running.get(job_id)
+        if r is not None:
+            r.cancel.set()
+
+    def _command(self, model: str, action: str) -> None:
+        if model not in self.registry.models:
+            return
+        if action == "load":
+            self.spawn(self.load(model))
+        elif action == "unload":
+            self.spawn(self.unload(model))
+
+    # ----- the job path ------------------------------------------------------------------------
+
+    async def _claim_loop(self, ms: ModelState) -> None:
+        while self.claiming and ms.state == "loaded":
+            try:
+                job = await self.broker.claim(ms.name, self.id, self.lease, CLAIM_WAIT_SECONDS)
+            except BrokerUnavailable as exc:
+                log.warning("claim on %s: %s", ms.name, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if job is None:
+                continue
+            if not self.claiming:  # stopped while the claim was under way: give it back at once
+                await self.broker.release(job, job.attempt)
+                return
+            await self.run_job(ms, job)
+
+    async def run_job(self, ms: ModelState, job: JobRecord) -> None:
+        """Run ``job``'s pipeline calls; hand the rest to ``_finish_job`` (a task)."""
+        r = self.running[job.id] = Running(job, job.attempt)
+        self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
+        log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
+        ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop())
+        start = time.monotonic()
+        try:
+            blobs = {key: data for key in job.inputs if (data := await self.broker.get_blob(key)) is not None}
+            images, item_seconds = await anyio.to_thread.run_sync(
+                execute, ms.backend, job, ctx, blobs, self.settings.limits.max_image_pixels, limiter=ms.limiter
+            )
+            worker_s = time.monotonic() - start  # the next job starts now: this is what a job ahead costs
+        except JobCancelled as exc:  # a training run may say how far it got
+            self.running.pop(job.id, None)
+            if r.release:
+                await self._release(job, r)
+            else:
+                await self._end(job, r, JobStatus.CANCELLED, {"message": str(exc) or "cancelled while running"})
+            return
+        except Exception as exc:  # the job fails, the worker goes on
+            self.running.pop(job.id, None)
+            if not isinstance(exc, BackendError):
+                log.exception("job %s on %s failed", job.id, ms.name)
+            await self._end(job, r, JobStatus.ERROR, {"message": failure_message(exc)})
+            return
+        self.running.pop(job.id, None)
+        self.spawn(self._finish_job(job, r, images, item_seconds, worker_s))
+
+    async def _finish_job(self, job: JobRecord, r: Running, images: list[Image], item_seconds: list[float], worker_s: float) -> None:
+        """Upscale, encode and store off the model's critical path, then mark done."""
+        try:
+            if job.upscale and self.upscaler is not None:
+                images = await self.upscaler.upscale(images, job.upscale, r.cancel)
+            results, blobs = await anyio.to_thread.run_sync(
+                encode_all, job, images, item_seconds, self.settings.storage.output_dir
+            )
+        except Exception as exc:
+            if isinstance(exc, JobCancelled):
+                await self._end(job, r, JobStatus.CANCELLED, {"message": "cancelled while post-processing"})
+                return
+            if not isinstance(exc, BackendError):
+                log.exception("finishing job %s failed", job.id)
+            await self._end(job, r, JobStatus.ERROR, {"message": failure_message(exc)})
+            return
+        fields = {"results": results, "step": job.total_steps, "worker_seconds": round(worker_s, 4), "extra": job.extra}
+        if not await self._end(job, r, JobStatus.DONE, fields, blobs):
+            return
+        decayed, added = observation(_features(job), worker_s, job.predicted)
+        await self.broker.observe_cost(job.model, job.task, decayed, added, FORGET)
+        self.metrics.duration.labels(job.model, job.task).observe(worker_s)
+        if self.delivery is not None and (job.upload_urls or job.webhook_url):
+            await self.delivery.deliver(job)
+
+    async def _end(
+        self, job: JobRecord, r: Running, status: JobStatus, fields: dict[str, Any], blobs: dict[str, bytes] | None = None
+    ) -> bool:
+        """Finish the attempt in the broker; False when it was refused (the lease was lost)."""
+        if "extra" not in fields and job.extra:
+            fields["extra"] = job.extra
+        try:
+            ok = await self.broker.finish(job, status, fields, attempt=r.attempt, blobs=blobs or {})
+        except BrokerUnavailable as exc:
+            log.error("job %s: could not store its outcome (%s); its lease will expire and it runs again", job.id, exc)
+            return False
+        if not ok:
+            log.warning("job %s: result of attempt %d rejected: the job was lost to another worker or cancelled", job.id, r.attempt)
+            return False
+        self.metrics.jobs.labels(job.model, job.task, status.value).inc()
+        took = f" in {time.time() - (job.started_at or time.time()):.2f}s" if job.started_at else ""
+        message = fields.get("message")
+        log.info("job %s on %s: %s%s%s", job.id, job.model, status.value, took, f" ({message})" if message else "")
+        if self.upscaler is not None:
+            await self.upscaler.job_done(job)
+        return True
+
+    async def _release(self, job: JobRecord, r: Running) -> None:
+        try:
+            if await self.broker.release(job, r.attempt):
+                log.info("job %s on %s: released back to the queue (the worker is stopping)", job.id, job.model)
+        except BrokerUnavailable as exc:
+            log.error("job %s: could not be released (%s); its lease will expire and it runs again", job.id, exc)
+
+
+def _features(job: JobRecord) -> Any:
+    import numpy as np
+
+    return np.asarray(job.features)

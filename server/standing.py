@@ -1,0 +1,128 @@
+"""Where a job stands: its position and forecast, from the broker's queue sums, the
+running jobs' progress, the model's learned costs and its live workers.
+
+    wait = (remaining of the running jobs + cost of the jobs ahead) / live slots
+           + the job's own cost
+
+``pos`` counts the unfinished jobs ahead on the same model (running ones included),
+so 0 means running, or next with a worker free.  With no live worker for the model
+there is no honest forecast: ``wait`` is None and ``note`` says why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .broker.base import Broker, WorkerInfo
+from .config import Settings
+from .forecast import DIM, GENERIC_PRIOR, TASKS, CostModel, job_vector, running_remaining
+from .jobs import JobRecord, JobStatus
+
+REFRESH_SECONDS = 0.5  # how stale learned costs and worker presence may be where the broker cannot say (redis)
+
+
+@dataclass
+class _Cached:
+    value: object
+    version: int | None
+    at: float
+
+
+class Forecasts:
+    """Per-model cost models over the broker's statistics, and live worker slots."""
+
+    def __init__(self, settings: Settings, broker: Broker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self._costs: dict[str, _Cached] = {}
+        self._workers: dict[str, _Cached] = {}
+
+    async def cost(self, model: str) -> CostModel:
+        version = self.broker.stats_version(model)
+        cached = self._costs.get(model)
+        now = time.monotonic()
+        if cached is not None and (cached.version == version if version is not None else now - cached.at < REFRESH_SECONDS):
+            return cached.value  # type: ignore[return-value]
+        cfg = self.settings.models.get(model)
+        if cfg is not None and cfg.forecast_prior is not None:
+            priors: dict[str, list[float]] = {task: list(cfg.forecast_prior) for task in TASKS}
+        else:
+            priors = await self.broker.priors(model)
+        cost = CostModel(priors)
+        cost.load(await self.broker.cost_stats(model))
+        self._costs[model] = _Cached(cost, version, now)
+        return cost
+
+    def forget(self, model: str) -> None:
+        """Drop what is cached for ``model`` (a job of it just finished here)."""
+        self._costs.pop(model, None)
+        self._workers.pop(model, None)
+
+    async def workers(self, model: str) -> list[WorkerInfo]:
+        cached = self._workers.get(model)
+        now = time.monotonic()
+        if cached is not None and (not self.broker.distributed or now - cached.at < REFRESH_SECONDS):
+            return cached.value  # type: ignore[return-value]
+        infos = await self.broker.workers(model)
+        if self.broker.distributed:
+            self._workers[model] = _Cached(infos, None, now)
+        return infos
+
+    def presence_changed(self, model: str) -> None:
+        self._workers.pop(model, None)
+
+    async def slots(self, model: str) -> int:
+        return sum(w.slots for w in await self.workers(model) if w.state == "loaded")
+
+
+@dataclass
+class Where:
+    pos: int
+    wait: float | None  # forecast seconds until done; None: no live worker to forecast with
+    note: str | None = None  # why there is no forecast
+
+
+def no_worker_note(model: str) -> str:
+    return f"no worker is serving model {model!r} right now; the job waits in the queue until one is"
+
+
+async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
+    """(position, forecast seconds until done) of ``job``: O(log n) in the queue."""
+    if job.status.finished:
+        return Where(0, 0.0)
+    broker = forecasts.broker
+    cost = await forecasts.cost(job.model)
+    now = broker.now()
+    if job.status is JobStatus.RUNNING:
+        return Where(0, running_seconds(job, now))
+    slots = await forecasts.slots(job.model)
+    st = await broker.standing(job, job.model)
+    pos = len(st.running) + int(st.ahead[DIM])
+    if slots == 0:
+        return Where(pos, None, no_worker_note(job.model))
+    before = (sum(running_seconds(r, now) for r in st.running) + cost.predict(st.ahead)) / slots
+    return Where(pos, before + job.predicted)
+
+
+async def queue_seconds(forecasts: Forecasts, model: str) -> float:
+    """Forecast seconds until the model's queue is empty (for Retry-After)."""
+    cost = await forecasts.cost(model)
+    st = await forecasts.broker.standing(None, model)
+    now = forecasts.broker.now()
+    slots = max(1, await forecasts.slots(model))
+    return (sum(running_seconds(r, now) for r in st.running) + cost.predict(st.ahead)) / slots
+
+
+def running_seconds(job: JobRecord, now: float) -> float:
+    started = job.started_at or now
+    return running_remaining(now, started, job.predicted, job.step, job.total_steps, job.last_step_at)
+
+
+def predict(cost: CostModel, job: JobRecord) -> float:
+    return cost.predict(job_vector(job.task, np.asarray(job.features)))
+
+
+__all__ = ["GENERIC_PRIOR", "Forecasts", "Where", "predict", "queue_seconds", "standing"]

@@ -1,0 +1,66 @@
+"""Job records -> the wire types the API answers with (``schemas``)."""
+
+from __future__ import annotations
+
+from .jobs import JobRecord
+from .schemas import ImageInfo, JobStatusResponse, SubmitResponse
+from .standing import Where
+
+FINISHED = Where(0, 0.0)
+
+
+def image_url(base_url: str, job: JobRecord, index: int) -> str:
+    return f"{base_url}api/image?task_id={job.id}&index={index}"
+
+
+def job_status(job: JobRecord, base_url: str, where: Where = FINISHED) -> JobStatusResponse:
+    """``job`` as the status API shows it; image URLs are absolute under ``base_url``."""
+    return JobStatusResponse(
+        task_id=job.id,
+        status=job.status.value,  # type: ignore[arg-type]
+        model=job.model,
+        task=job.task,
+        pos=where.pos,
+        wait_remaining=round(where.wait, 3) if where.wait is not None else None,
+        expected_time_seconds=round(job.expected_at_submit, 3),
+        progress=round(job.progress, 4),
+        step=job.step,
+        total_steps=job.total_steps,
+        task_length=job.task_length,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        seed=job.seed,
+        message=job.message or where.note,
+        images=[
+            ImageInfo(
+                index=r.index,
+                seed=r.seed,
+                width=r.width,
+                height=r.height,
+                format=r.format,
+                prompt=r.prompt,
+                bytes=0 if r.gone else r.bytes,
+                url=image_url(base_url, job, r.index),
+                upload=r.upload,
+                seconds=r.seconds,
+            )
+            for r in job.results
+        ],
+        metadata=job.metadata,
+        extra=({**job.extra, "evicted": True} if any(r.gone and r.gone.startswith("evicted") for r in job.results) else job.extra) or None,
+        webhook=job.webhook,
+        attempt=job.attempt,
+        worker=job.worker,
+    )
+
+
+def submitted(job: JobRecord) -> SubmitResponse:
+    return SubmitResponse(
+        task_id=job.id,
+        task_length=job.task_length,
+        expected_time_seconds=round(job.expected_at_submit, 3),
+        pos=job.pos_at_submit,
+        status=job.status.value,
+        seed=job.seed,
+    )
