@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Installs everything the tests need, then runs them: `bash scripts/test.sh [pytest args]`.
+# Debian packages: chromium (browser tests) and redis-server (the Redis broker's tests
+# start their own redis-server processes on loopback ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v chromium >/dev/null 2>&1; then
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ "${#missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "installing Debian chromium for the browser tests..." >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    echo "installing Debian ${missing[*]} for the tests..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "chromium is missing and cannot be installed here: the browser tests will be skipped" >&2
+    echo "${missing[*]} missing and cannot be installed here: the tests that need them will be skipped" >&2
   fi
 fi
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt

@@ -64,9 +64,10 @@ class Registry:
         return self.models[key]
 
     async def load(self, name: str) -> ModelState:
-        """Load a model off the event loop; its state reads 'loading' meanwhile."""
+        """Load a model off the event loop; its state reads 'loading' meanwhile (the
+        runner guards against loading one twice)."""
         ms = self.get(name)
-        if ms.state in ("loaded", "loading"):
+        if ms.state == "loaded":
             return ms
         ms.state = "loading"
         ms.load_error = None

@@ -262,10 +262,9 @@ class Runner:
         ms = self.registry.get(name)
         if ms.state in ("loaded", "loading"):
             return ms
-        loading = asyncio.create_task(self.registry.load(name))
-        await asyncio.sleep(0)  # the registry marks it loading before it goes to its thread
+        ms.state = "loading"  # at once: a caller that does not wait sees it
         await self._announce(ms.name)
-        ms = await loading
+        ms = await self.registry.load(name)
         if ms.state == "loaded" and ms.backend is not None:
             priors = {t: p for t in TASKS if (p := ms.backend.cost_prior(t)) is not None}
             if priors and not ms.cfg.forecast_prior:
@@ -288,8 +287,7 @@ class Runner:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         if not self.broker.distributed:  # nobody else will serve them
-            for job in await self.broker.waiting(name, 2**31):
-                await self.broker.cancel(job.id, f"model {name!r} was unloaded before the job ran")
+            await self._cancel_waiting(name, f"model {name!r} was unloaded before the job ran")
         self.metrics.loaded.labels(name).set(0)
         ms = await self.registry.unload(name)
         await self._announce(name)
@@ -301,8 +299,7 @@ class Runner:
         self.claiming = False
         if not self.broker.distributed:
             for name in self.registry.models:
-                for job in await self.broker.waiting(name, 2**31):
-                    await self.broker.cancel(job.id, "the server shut down before the job ran")
+                await self._cancel_waiting(name, "the server shut down before the job ran")
         loops = [t for tasks in self._loops.values() for t in tasks]
         if loops:
             _, pending = await asyncio.wait(loops, timeout=grace)
@@ -323,6 +320,11 @@ class Runner:
         for ms in self.registry.models.values():
             if ms.backend is not None:
                 await self.registry.unload(ms.name)
+
+    async def _cancel_waiting(self, model: str, message: str) -> None:
+        for job in await self.broker.waiting(model, 2**31):
+            await self.broker.cancel(job.id, message)
+            log.info("job %s on %s: cancelled (%s)", job.id, model, message)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -451,6 +453,9 @@ class Runner:
         decayed, added = observation(_features(job), worker_s, job.predicted)
         await self.broker.observe_cost(job.model, job.task, decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
+        total = (job.finished_at or time.time()) - job.created_at
+        if total > 0:
+            self.metrics.forecast_error.labels(job.model).observe(abs(job.expected_at_submit - total) / total)
         if self.delivery is not None and (job.upload_urls or job.webhook_url):
             await self.delivery.deliver(job)
 

@@ -15,7 +15,7 @@ from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .forecast import features, sum_features
 from .jobs import ImageResult, JobRecord, JobStatus, result_key
 from .registry import ModelState, Registry
-from .standing import Forecasts, Where, no_worker_note, predict, queue_seconds, standing
+from .standing import Forecasts, Where, predict, queue_seconds, standing
 
 if TYPE_CHECKING:
     from .build import UrlFetcher
@@ -48,6 +48,8 @@ class Service:
 
     async def model_state(self, ms: ModelState) -> tuple[str, str | None, int]:
         """(state, load error, live slots) of a model across the workers serving it."""
+        if self.runner is not None and not self.broker.distributed:  # one process: its registry is the truth
+            return ms.state, ms.load_error, ms.cfg.target_inflight if ms.state == "loaded" else 0
         infos = await self.forecasts.workers(ms.name)
         if not infos:
             return "unloaded", None, 0
@@ -136,10 +138,7 @@ class Service:
         return job
 
     async def where(self, job: JobRecord) -> Where:
-        where = await standing(self.forecasts, job)
-        if where.note is None and job.status is JobStatus.WAITING and job.model not in self.registry.models:
-            where.note = no_worker_note(job.model)
-        return where
+        return await standing(self.forecasts, job)
 
     async def wait_while(self, job: JobRecord, busy: Callable[[JobRecord], bool], deadline: float) -> JobRecord:
         """Wait through status changes while ``busy(job)`` holds, until ``deadline``
@@ -182,8 +181,10 @@ class Service:
     # ----- cancel --------------------------------------------------------------------------
 
     async def cancel(self, job: JobRecord) -> JobRecord:
-        out = await self.broker.cancel(job.id, "cancelled before it ran")
-        return out or job
+        out = await self.broker.cancel(job.id, "cancelled before it ran") or job
+        if job.status is JobStatus.WAITING and out.status is JobStatus.CANCELLED:
+            log.info("job %s on %s: cancelled (%s)", job.id, job.model, out.message)
+        return out
 
     async def clear(self) -> int:
         return await self.broker.clear("cancelled by /api/clear")

@@ -100,6 +100,9 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
         return Where(0, running_seconds(job, now))
     slots = await forecasts.slots(job.model)
     st = await broker.standing(job, job.model)
+    claimed = next((r for r in st.running if r.id == job.id), None)
+    if claimed is not None:  # a worker took it since ``job`` was read
+        return Where(0, running_seconds(claimed, now))
     pos = len(st.running) + int(st.ahead[DIM])
     if slots == 0:
         return Where(pos, None, no_worker_note(job.model))

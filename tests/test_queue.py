@@ -8,18 +8,12 @@ import random
 import numpy as np
 import pytest
 
-from server.backends.base import WorkItem
 from server.forecast import DIM, WIDTH, features, job_vector
-from server.jobs import Job
-from server.queue import ModelQueue
+from server.queue import Job, ModelQueue
 
 
 def make_job(priority: int = 0, steps: int = 4, seq: int = 0) -> Job:
-    item = WorkItem(task="generate", prompt="p", width=64, height=64, steps=steps, seed=0)
-    job = Job(model="m", task="generate", items=[item], priority=priority, seq=seq)
-    job.features = features(steps, item.megapixels, 1, 0)
-    job.vector = job_vector("generate", job.features)
-    return job
+    return Job(f"j{seq}", priority, seq, job_vector("generate", features(steps, 64 * 64 / 1e6, 1, 0)))
 
 
 def brute_ahead(jobs: list[Job], job: Job) -> tuple[int, np.ndarray]:
@@ -80,9 +74,20 @@ def test_removed_job_is_not_in_the_queue_twice() -> None:
     assert q.pop_nowait() is b
 
 
+def test_push_front_goes_ahead_of_its_priority_only() -> None:
+    q = ModelQueue(10)
+    urgent, a, b, rerun = make_job(-1, seq=1), make_job(0, seq=2), make_job(0, seq=3), make_job(0, seq=4)
+    for j in (urgent, a, b):
+        q.push(j)
+    q.push_front(rerun)
+    assert int(q.ahead(rerun)[DIM]) == 1  # behind the priority job only
+    assert [q.pop_nowait() for _ in range(4)] == [urgent, rerun, a, b]
+
+
 def test_get_waits_for_a_push_and_close_releases_waiters() -> None:
     async def scenario() -> None:
         q = ModelQueue(10)
+        assert await q.get(0.01) is None  # nothing came
         waiter = asyncio.create_task(q.get())
         await asyncio.sleep(0)
         assert not waiter.done()

@@ -236,7 +236,8 @@ def test_error_mid_run_keeps_earlier_checkpoints_and_removes_the_adapter(
     from server.config import build_settings
     from server.training.dataset import validate_dataset
     from server.training.families import ZImageFamily
-    from server.training.lora_trainer import ADAPTER, LoraTrainer, TrainPlan
+    from server.training.lora_trainer import ADAPTER, LoraTrainer
+    from server.training.plan import TrainPlan
 
     settings = build_settings({"models": {"z": {"backend": "z_image", "model_path": str(env["zimg"]), "device": "cpu"}}})
     backend: Any = create_backend("z", settings.models["z"], settings)
@@ -253,13 +254,13 @@ def test_error_mid_run_keeps_earlier_checkpoints_and_removes_the_adapter(
 
     monkeypatch.setattr(ZImageFamily, "predict", failing_predict)
     plan = TrainPlan(
-        model="z", backend="z_image", base_model=None, dataset=folder, samples=samples, adapter_name="fails",
-        output=tmp_path / "fails", steps=10, rank=4, alpha=4.0, learning_rate=0.01, batch_size=1, resolution=32,
+        model="z", backend="z_image", base_model=None, dataset=str(folder), samples=samples, adapter_name="fails",
+        output=str(tmp_path / "fails"), steps=10, rank=4, alpha=4.0, learning_rate=0.01, batch_size=1, resolution=32,
         seed=0, save_every=2, gradient_checkpointing=False,
     )  # fmt: skip
 
     class Ctx:
-        job = type("J", (), {"id": "t"})()
+        job_id = "t"
         cancelled = False
 
         def step(self, i: int, total: int) -> None:
@@ -269,7 +270,7 @@ def test_error_mid_run_keeps_earlier_checkpoints_and_removes_the_adapter(
             pass
 
     with pytest.raises(BackendError, match=r"failed at step 4: .*simulated failure.*checkpoint of step 2 is kept"):
-        LoraTrainer(plan)(backend, Ctx.job, Ctx())  # type: ignore[arg-type]
+        LoraTrainer(plan).run(backend, Ctx())  # type: ignore[arg-type]
     assert json.loads((tmp_path / "fails" / "easel_lora.json").read_text())["steps_done"] == 2
     assert ADAPTER not in getattr(backend.pipe.transformer, "peft_config", {})
     assert not backend.pipe.transformer.training

@@ -379,10 +379,12 @@ class RedisBroker:
                 for key, data in blobs.items():
                     pipe.set(self.keys.blob(key), data, ex=ttl)
                 await pipe.execute()
+        fields = {k: v for k, v in fields.items() if k not in ("status", "finished_at")}  # the broker sets those
+        unknown = set(fields) - _FIELD_SET
+        if unknown:
+            raise ValueError(f"not job record fields: {sorted(unknown)}")
         pairs: list[Any] = []
         for name, value in fields.items():
-            if name not in _FIELD_SET or name in ("status", "finished_at"):
-                raise ValueError(f"finish cannot set {name!r}")
             pairs += [name, _json(value)]
         res = await self._script("finish", job.id, "" if attempt is None else str(attempt), _json(JobStatus(status)), ttl, *pairs)
         if not res:
