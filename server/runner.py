@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+import numpy as np
 
 from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, failure_message
 from .broker.base import Broker, BrokerUnavailable, WorkerInfo
@@ -450,7 +451,7 @@ class Runner:
         fields = {"results": results, "step": job.total_steps, "worker_seconds": round(worker_s, 4), "extra": job.extra}
         if not await self._end(job, r, JobStatus.DONE, fields, blobs):
             return
-        decayed, added = observation(_features(job), worker_s, job.predicted)
+        decayed, added = observation(np.asarray(job.features), worker_s, job.predicted)
         await self.broker.observe_cost(job.model, job.task, decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
         total = (job.finished_at or time.time()) - job.created_at
@@ -488,8 +489,3 @@ class Runner:
         except BrokerUnavailable as exc:
             log.error("job %s: could not be released (%s); its lease will expire and it runs again", job.id, exc)
 
-
-def _features(job: JobRecord) -> Any:
-    import numpy as np
-
-    return np.asarray(job.features)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, UnsetType
 
 from .schemas_openai import OPENAI_WIRE_TYPES
 
@@ -209,7 +209,8 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     model: str
     task: str
     pos: int
-    wait_remaining: Annotated[float | None, Meta(description="Forecast seconds until the job is done; null when no worker serves the model (message says so).")]
+    # absent (not null) when no worker serves the model: seed 003's polling client reads .get("wait_remaining", 1)
+    wait_remaining: Annotated[float | UnsetType, Meta(description="Forecast seconds until the job is done; absent when no live worker serves the model (message says so).")]
     expected_time_seconds: float
     progress: Annotated[float, Meta(ge=0, le=1)]
     step: int

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from .broker.base import Broker, BrokerUnavailable, QueueFullError
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .forecast import features, sum_features
@@ -163,7 +165,7 @@ class Service:
         if delete:
             await self.broker.delete_blob(result_key(job.id, index))
             results = list(job.results)
-            results[index] = _replace(result, gone="fetched with delete=true")
+            results[index] = msgspec.structs.replace(result, gone="fetched with delete=true")
             await self.broker.update(job, {"results": results})
         return result, data
 
@@ -198,8 +200,3 @@ class Service:
                 out[name] = (0, 0)
         return out
 
-
-def _replace(result: ImageResult, **changes: Any) -> ImageResult:
-    import msgspec
-
-    return msgspec.structs.replace(result, **changes)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .broker.base import Broker, WorkerInfo
 from .config import Settings
-from .forecast import DIM, GENERIC_PRIOR, TASKS, CostModel, job_vector, running_remaining
+from .forecast import DIM, TASKS, CostModel, job_vector, running_remaining
 from .jobs import JobRecord, JobStatus
 
 REFRESH_SECONDS = 0.5  # how stale learned costs and worker presence may be where the broker cannot say (redis)
@@ -127,5 +127,3 @@ def running_seconds(job: JobRecord, now: float) -> float:
 def predict(cost: CostModel, job: JobRecord) -> float:
     return cost.predict(job_vector(job.task, np.asarray(job.features)))
 
-
-__all__ = ["GENERIC_PRIOR", "Forecasts", "Where", "predict", "queue_seconds", "standing"]

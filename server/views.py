@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from msgspec import UNSET
+
 from .jobs import JobRecord
 from .schemas import ImageInfo, JobStatusResponse, SubmitResponse
 from .standing import Where
@@ -21,7 +23,7 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED) -> JobSta
         model=job.model,
         task=job.task,
         pos=where.pos,
-        wait_remaining=round(where.wait, 3) if where.wait is not None else None,
+        wait_remaining=round(where.wait, 3) if where.wait is not None else UNSET,
         expected_time_seconds=round(job.expected_at_submit, 3),
         progress=round(job.progress, 4),
         step=job.step,

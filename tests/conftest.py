@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from .redis_fixtures import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -106,12 +109,43 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 
 
 @pytest.fixture(scope="session")
-def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
-    """A fast stub server shared by the API tests (no simulated delay)."""
-    return server_factory()
+def shared_redis() -> Iterator[RedisServer]:
+    """One redis-server for the servers of the whole session (each its own key prefix)."""
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="easel-redis-shared-")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def slow_server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+def broker_args(request: pytest.FixtureRequest) -> Callable[[dict[str, Any]], tuple[dict[str, Any], tuple[str, ...]]]:
+    """For a fixture parametrised over ``BROKERS``: (settings, extra args) that put a
+    server on that broker (``redis``: role all on the shared redis-server)."""
+
+    def on(settings: dict[str, Any], broker: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+        if broker == "memory":
+            return settings, ()
+        redis = request.getfixturevalue("shared_redis")
+        prefix = f"t{free_port()}:"  # servers of one session never share keys
+        return {**settings, "broker": {**settings.get("broker", {}), "prefix": prefix}}, ("--broker", redis.url)
+
+    return on  # type: ignore[return-value]
+
+
+BROKERS = ["memory", "redis"]
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def server(request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], broker_args: Any) -> RunningServer:
+    """A fast stub server shared by the API tests (no simulated delay), once per broker."""
+    settings, args = broker_args(stub_settings(), request.param)
+    return server_factory(settings, *args)
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def slow_server(request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], broker_args: Any) -> RunningServer:
     """A stub whose steps take real time: 0.05 s per step at 64x64 -> 12 s/step/MP."""
-    return server_factory(stub_settings(simulate_step_seconds=12.0))
+    settings, args = broker_args(stub_settings(simulate_step_seconds=12.0), request.param)
+    return server_factory(settings, *args)

@@ -20,7 +20,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from clients import Client
-from tests.conftest import ROOT, RunningServer, stub_settings
+from tests.conftest import BROKERS, ROOT, RunningServer, stub_settings
 from tests.loopback_http import LoopbackServer, Reply
 from tests.moto_s3 import BUCKET, moto_s3, presigned_put
 from tests.tiny_upscaler import write_tiny_esrgan
@@ -43,8 +43,8 @@ class World:
     images: LoopbackServer  # serves a PNG for {url} references
 
 
-@pytest.fixture(scope="module")
-def world(server_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=BROKERS)
+def world(request: pytest.FixtureRequest, server_factory: Any, broker_args: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     checkpoint = write_tiny_esrgan(tmp_path_factory.mktemp("esrgan") / "RealESRGAN_x4_tiny.pth")
     error_body = b"<Error><Code>InvalidRequest</Code><Message>no uploads here</Message></Error>"
     with (
@@ -63,7 +63,8 @@ def world(server_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "allowed_hosts": [s3_host, hooks.host_port, refusing.host_port, images.host_port],
             "retries": 1, "backoff_seconds": 0.05, "timeout_seconds": 10,
         }
-        yield World(server_factory(settings), s3, hooks, refusing, images)
+        settings, args = broker_args(settings, request.param)
+        yield World(server_factory(settings, *args), s3, hooks, refusing, images)
 
 
 def settled(srv: RunningServer, task_id: str) -> dict[str, Any]:

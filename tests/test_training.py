@@ -309,3 +309,29 @@ def test_models_that_can_train_say_so_in_their_capabilities(srv: RunningServer) 
 def test_v1_models_marks_the_default_model(srv: RunningServer) -> None:
     defaults = [m["id"] for m in srv.client.get("/v1/models").json()["data"] if m["default"]]
     assert defaults == ["zimg"]
+
+
+# --- on the Redis broker ------------------------------------------------------------------
+
+
+def test_training_runs_on_the_redis_broker_with_progress_and_loss(
+    server_factory: Callable[..., RunningServer], broker_args: Any, env: dict[str, Path]
+) -> None:
+    """An API node and a worker on one Redis: the train job crosses processes as a record."""
+    cfg = {
+        "models": {"zimg": {"backend": "z_image", "enabled": True, "model_path": str(env["zimg"]), "device": "cpu",
+                            "default_width": 64, "default_height": 64, "recommended_steps": 2,
+                            "lora_dir": str(env["tmp"] / "loras-redis")}},  # fmt: skip
+        "default_model": "zimg",
+        "training": {"dataset_roots": [str(env["root"])]},
+    }
+    settings, args = broker_args(cfg, "redis")
+    worker = server_factory(settings, *args, "--role", "worker")
+    api = server_factory(settings, *args, "--role", "api")
+    task_id = train(api.client, model="zimg", adapter_name="over-redis", steps=3)["task_id"]
+    assert wait_for_step(api.client, task_id, 1)["step"] >= 1  # progress crosses from the worker
+    final = wait_done(api.client, task_id, timeout=120)
+    assert final["status"] == "done" and final["step"] == 3, final
+    assert "loss" in final["extra"]
+    assert metadata(api.client, "zimg", "over-redis")["steps"] == 3
+    assert f"job {task_id} on zimg: done" in worker.log()

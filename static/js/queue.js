@@ -45,7 +45,10 @@ function render(job) {
   $(".bar span", el).style.width = `${pct}%`;
   const training = st.task === "train";
   const parts = [];
-  if (st.status === "waiting") parts.push(st.pos === 0 ? "next" : `${st.pos} job${st.pos === 1 ? "" : "s"} ahead`);
+  if (st.status === "waiting") {
+    parts.push(st.pos === 0 ? "next" : `${st.pos} job${st.pos === 1 ? "" : "s"} ahead`);
+    if (st.message) parts.push(st.message); // e.g. no worker serves the model right now
+  }
   else if (st.status === "running") {
     if (!st.total_steps) parts.push(training ? PHASE_TEXT[st.extra?.phase] ?? "preparing" : "starting");
     else parts.push(`step ${st.step}/${st.total_steps}`);
@@ -65,6 +68,11 @@ function tickOne(job) {
   const eta = $(".eta", job.el);
   if (finished(job.status.status)) {
     eta.textContent = "";
+    delete eta.dataset.seconds;
+    return;
+  }
+  if (typeof job.status.wait_remaining !== "number") { // no live worker: no honest forecast
+    eta.textContent = "ETA unknown";
     delete eta.dataset.seconds;
     return;
   }

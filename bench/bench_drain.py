@@ -1,0 +1,225 @@
+"""Saturated drain (run by hand: ``python bench/bench_drain.py --mode memory|redis``).
+
+N tiny-SDXL jobs (default 40; 128x128, 4 steps, PNG) are submitted at once; the
+server's drain time is the last job's ``finished_at`` minus the first job's
+``started_at`` (from ``/api/status``: both on the broker's clock).  It is compared
+with N back-to-back calls of the same backend in this process: the backend is built
+by ``server.backends.create_backend`` from the same settings, loaded, and called
+with ``backend.run(WorkItem(...), ctx)`` and a no-op ``StepContext``, which is the
+call the server's worker makes on the model's thread (``server.runner.execute``);
+this process also gets the server's malloc settings (``server.hostmem.tune``, as
+``server.cli.main`` does at start-up) and the same torch thread count
+(``torch.set_num_threads`` here, ``OMP_NUM_THREADS`` for the server).  Rounds
+alternate direct and server drains (the order flips each round); medians and their
+ratio are printed (target <= 1.05: the model must never wait for the server).
+
+Per job, the gap before job k+1 is its ``started_at`` minus the end of job k's
+pipeline call (job k's ``started_at`` + its image's ``seconds``): the time the model
+sat idle between two queued jobs.
+
+Modes: ``memory`` (one ``server.py`` process, role all) and ``redis`` (a
+redis-server in a temp dir, one ``--role api`` node taking the submissions and
+status calls, one ``--role worker`` node running the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from bench.bench_backends_api import PROMPT, sdxl_settings  # noqa: E402
+from server import hostmem  # noqa: E402
+from server.backends import create_backend  # noqa: E402
+from server.backends.base import WorkItem  # noqa: E402
+from server.config import build_settings  # noqa: E402
+from server.runner import encode  # noqa: E402
+from tests import tiny_pipelines as tp  # noqa: E402
+from tests.conftest import RunningServer, start_server  # noqa: E402
+from tests.redis_fixtures import RedisServer  # noqa: E402
+
+
+class NoopContext:
+    """A ``StepContext`` that reports nowhere and is never cancelled."""
+
+    cancelled = False
+
+    def step(self, i: int, total: int) -> None:
+        pass
+
+    def wants_preview(self, i: int) -> bool:
+        return False
+
+    def preview(self, image: Any) -> None:
+        pass
+
+
+@contextmanager
+def cluster(tmp: Path, mode: str, settings: dict[str, Any], env: dict[str, str]) -> Iterator[tuple[RunningServer, dict[str, int]]]:
+    """The node that takes submissions: memory (role all) or Redis (api + worker),
+    and the pids of the processes (for their CPU time)."""
+    if mode == "memory":
+        srv = start_server(tmp, settings, env=env)
+        try:
+            yield srv, {"server": srv.proc.pid}
+        finally:
+            srv.stop()
+        return
+    redis = RedisServer(tmp / "redis")
+    redis.start()
+    nodes: list[RunningServer] = []
+    try:
+        api = start_server(tmp, settings, ("--broker", redis.url, "--role", "api"), env=env)
+        nodes.append(api)
+        worker = start_server(tmp, settings, ("--broker", redis.url, "--role", "worker"), env=env)
+        nodes.append(worker)
+        deadline = time.monotonic() + 60
+        while not api.client.get("/v1/models").json()["data"]:  # the worker's presence
+            if time.monotonic() > deadline:
+                raise RuntimeError("the worker never announced its model")
+            time.sleep(0.1)
+        assert redis.proc is not None
+        yield api, {"api": api.proc.pid, "worker": worker.proc.pid, "redis": redis.proc.pid}
+    finally:
+        for node in nodes:
+            node.stop(signal.SIGTERM)
+        redis.stop()
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in {**pids, "bench": os.getpid()}.items():
+        t = psutil.Process(pid).cpu_times()
+        out[name] = t.user + t.system + (t.children_user + t.children_system if name != "bench" else 0.0)
+    return out
+
+
+def server_drain(c: httpx.Client, n: int, size: int, steps: int, timeout: float, pids: dict[str, int]) -> dict[str, Any]:
+    cpu0 = cpu_seconds(pids)
+    bodies = [{"prompt": PROMPT, "width": size, "height": size, "steps": steps, "seed": i, "format": "PNG"} for i in range(n)]
+    t0 = time.perf_counter()
+    ids = []
+    for body in bodies:
+        r = c.post("/api/generate", json=body)
+        r.raise_for_status()
+        ids.append(r.json()["task_id"])
+    submit_s = time.perf_counter() - t0
+    deadline = time.monotonic() + timeout
+    finals = []
+    for tid in ids:
+        while (st := c.get("/api/status", params={"task_id": tid, "wait": 10}).json())["status"] not in ("done", "error", "cancelled"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"drain not over in {timeout}s: {st}")
+        if st["status"] != "done":
+            raise RuntimeError(f"job {tid} ended {st['status']}: {st.get('message')}")
+        finals.append(st)
+    cpu1 = cpu_seconds(pids)
+    for tid in ids:  # free the results
+        c.get("/api/image", params={"task_id": tid, "delete": "true"})
+    finals.sort(key=lambda s: s["started_at"])
+    starts = [float(s["started_at"]) for s in finals]
+    call_end = [float(s["started_at"]) + sum(float(im["seconds"]) for im in s["images"]) for s in finals]
+    gaps = [b - a for a, b in zip(call_end, starts[1:], strict=False)]
+    return {
+        "drain": max(float(s["finished_at"]) for s in finals) - min(starts),
+        "submit": submit_s,
+        "calls": sum(float(im["seconds"]) for s in finals for im in s["images"]),
+        "gaps": gaps,
+        "tail": float(finals[-1]["finished_at"]) - call_end[-1],
+        "first_wait": starts[0] - float(finals[0]["created_at"]),
+        "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0},
+    }
+
+
+def direct_drain(backend: Any, n: int, size: int, steps: int) -> dict[str, float]:
+    ctx = NoopContext()
+    t0 = time.perf_counter()
+    image = None
+    for i in range(n):
+        image = backend.run(WorkItem(task="generate", prompt=PROMPT, width=size, height=size, steps=steps, seed=i), ctx)[0]
+    calls = time.perf_counter() - t0
+    encode(image, "PNG", 85)  # the server's last job is encoded before its finished_at
+    return {"calls": calls, "with_last_encode": time.perf_counter() - t0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=["memory", "redis"], default="memory")
+    p.add_argument("--jobs", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server (OMP_NUM_THREADS)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one drain may take")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory(prefix="easel-drain-") as d:
+        tmp = Path(d)
+        folder = tp.build_sdxl(tmp / "sdxl")
+        raw = sdxl_settings(folder)
+        settings = build_settings(raw)
+        hostmem.tune(settings.host_memory.retain_mib)  # what the server does at start-up
+        backend = create_backend("sdxl", settings.models["sdxl"], settings)
+        backend.load()
+        print(f"drain of {args.jobs} tiny-SDXL jobs ({args.size}x{args.size}, {args.steps} steps, PNG), mode {args.mode}, "
+              f"{args.threads} torch thread(s), {args.rounds} alternated rounds")  # fmt: skip
+        with cluster(tmp, args.mode, raw, env) as (srv, pids):
+            c = srv.client
+            server_drain(c, 4, args.size, args.steps, args.timeout, pids)  # warm-up both
+            direct_drain(backend, 4, args.size, args.steps)
+            rows = []
+            for r in range(args.rounds):
+                order = ("direct", "server") if r % 2 == 0 else ("server", "direct")
+                row: dict[str, Any] = {}
+                for which in order:
+                    if which == "direct":
+                        row["direct"] = direct_drain(backend, args.jobs, args.size, args.steps)
+                    else:
+                        row["server"] = server_drain(c, args.jobs, args.size, args.steps, args.timeout, pids)
+                rows.append(row)
+                s, dd = row["server"], row["direct"]
+                print(
+                    f"  round {r + 1}: server drain {s['drain']:.3f}s (pipeline calls {s['calls']:.3f}s, gaps sum {sum(s['gaps']):.3f}s "
+                    f"median {1000 * statistics.median(s['gaps']):.1f} ms max {1000 * max(s['gaps']):.1f} ms, last encode+store "
+                    f"{1000 * s['tail']:.1f} ms, submit {s['submit']:.3f}s); direct {dd['calls']:.3f}s (+ last encode "
+                    f"{dd['with_last_encode']:.3f}s); ratio {s['drain'] / dd['calls']:.3f}; CPU s during the drain: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu"].items())
+                )  # fmt: skip
+        m_server = statistics.median(r["server"]["drain"] for r in rows)
+        m_direct = statistics.median(r["direct"]["calls"] for r in rows)
+        m_calls = statistics.median(r["server"]["calls"] for r in rows)
+        m_gaps = statistics.median(sum(r["server"]["gaps"]) for r in rows)
+        all_gaps = [g for r in rows for g in r["server"]["gaps"]]
+        print(f"  {'measure':44s} {'median s':>9s}")
+        print(f"  {'server drain (last finished - first started)':44s} {m_server:9.3f}")
+        print(f"  {'  of which pipeline calls in the server':44s} {m_calls:9.3f}")
+        print(f"  {'  of which gaps between jobs':44s} {m_gaps:9.3f}")
+        print(f"  {'direct: N back-to-back backend.run calls':44s} {m_direct:9.3f}")
+        print(f"  per-job gap over all rounds: median {1000 * statistics.median(all_gaps):.2f} ms, "
+              f"p90 {1000 * sorted(all_gaps)[int(0.9 * len(all_gaps))]:.2f} ms, max {1000 * max(all_gaps):.2f} ms")  # fmt: skip
+        cpu = {k: statistics.median(r["server"]["cpu"][k] for r in rows) for k in rows[0]["server"]["cpu"]}
+        print("  CPU seconds per drain (median): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        print(f"  ratio server drain / direct: {m_server / m_direct:.3f}x (target <= 1.05x); "
+              f"server pipeline calls / direct: {m_calls / m_direct:.3f}x")  # fmt: skip
+        backend.unload()
+
+
+if __name__ == "__main__":
+    main()
