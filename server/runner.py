@@ -466,6 +466,8 @@ class Runner:
         """Finish the attempt in the broker; False when it was refused (the lease was lost)."""
         if "extra" not in fields and job.extra:
             fields["extra"] = job.extra
+        if self.upscaler is not None:  # an /api/upscale job gives the upscaler back before it reads as done
+            await self.upscaler.job_done(job)
         try:
             ok = await self.broker.finish(job, status, fields, attempt=r.attempt, blobs=blobs or {})
         except BrokerUnavailable as exc:
@@ -478,8 +480,6 @@ class Runner:
         took = f" in {time.time() - (job.started_at or time.time()):.2f}s" if job.started_at else ""
         message = fields.get("message")
         log.info("job %s on %s: %s%s%s", job.id, job.model, status.value, took, f" ({message})" if message else "")
-        if self.upscaler is not None:
-            await self.upscaler.job_done(job)
         return True
 
     async def _release(self, job: JobRecord, r: Running) -> None:

@@ -91,6 +91,7 @@ class Delivery:
         urls = job.upload_urls or []
         uploads = list(zip(job.results, urls, strict=False)) if job.status is JobStatus.DONE else []
         results = list(job.results)
+        webhook = job.webhook
         try:
             async with make_client(self.cfg) as http:
                 outcomes = await asyncio.gather(*(self._upload(http, job, result, url) for result, url in uploads))
@@ -99,14 +100,14 @@ class Delivery:
                 if uploads:
                     await self.broker.update(job, {"results": results})
                 if job.webhook_url is not None:
-                    await self._webhook(http, job, job.webhook_url)
+                    webhook = await self._webhook(http, job, job.webhook_url)
         except Exception:
             log.exception("delivery of job %s failed", job.id)
         finally:  # never leave a state at pending
             fields: dict[str, object] = {}
             if any(r.upload == PENDING for r in results):
                 fields["results"] = [msgspec.structs.replace(r, upload=UNFINISHED) if r.upload == PENDING else r for r in results]
-            if job.webhook == PENDING:
+            if webhook == PENDING:
                 fields["webhook"] = UNFINISHED
             if fields:
                 try:
@@ -124,7 +125,7 @@ class Delivery:
         log.info("job %s image %d upload: %s", job.id, result.index, outcome)
         return outcome
 
-    async def _webhook(self, http: httpx.AsyncClient, job: JobRecord, url: str) -> None:
+    async def _webhook(self, http: httpx.AsyncClient, job: JobRecord, url: str) -> str:
         job = await self.broker.get(job.id) or job  # with the upload outcomes
         base_url = job.base_url or f"http://{self.settings.host}:{self.settings.port}/"
         payload = msgspec.structs.replace(job_status(job, base_url), webhook=None)
@@ -132,3 +133,4 @@ class Delivery:
         webhook = "ok" if outcome.ok else f"failed: {outcome.error}"
         await self.broker.update(job, {"webhook": webhook})
         log.info("job %s webhook: %s", job.id, webhook)
+        return webhook
