@@ -8,14 +8,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .broker.base import Broker, BrokerUnavailable, QueueFullError
+from .broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .forecast import features, sum_features
-from .jobs import ImageResult, JobRecord, JobStatus, result_key
+from .jobs import ImageResult, JobRecord, JobStatus, preview_key, result_key
 from .registry import ModelState, Registry
 from .standing import Forecasts, Where, predict, queue_seconds, standing
 
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("easel")
 SubmitCheck = Callable[[JobRecord], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class ModelStatus:
+    state: str  # across the workers that serve the model
+    load_error: str | None
+    waiting: int
+    running: int
+    workers: list[WorkerInfo]
 
 
 class Service:
@@ -48,6 +58,14 @@ class Service:
         """A configured model (404 for an unknown name)."""
         return self.registry.get(name)
 
+    def models(self) -> list[ModelState]:
+        """Every configured model."""
+        return list(self.registry.models.values())
+
+    async def forecast_report(self, ms: ModelState) -> dict[str, dict[str, object]]:
+        """What the model's forecast has learned, per task (for /api/ps and /health)."""
+        return (await self.forecasts.cost(ms.name)).report()
+
     async def model_state(self, ms: ModelState) -> tuple[str, str | None, int]:
         """(state, load error, live slots) of a model across the workers serving it."""
         if self.runner is not None and not self.broker.distributed:  # one process: its registry is the truth
@@ -62,6 +80,11 @@ class Service:
                 error = next((w.load_error for w in infos if w.load_error), None)
                 return state, error if state == "error" else None, slots
         return "unloaded", None, 0
+
+    async def model_status(self, ms: ModelState) -> ModelStatus:
+        state, error, _ = await self.model_state(ms)
+        waiting, running = await self.broker.depth(ms.name)
+        return ModelStatus(state, error, waiting, running, await self.forecasts.workers(ms.name))
 
     async def served_model(self, name: str | None) -> ModelState:
         """A model jobs may be queued for: loaded here, or (distributed) configured;
@@ -168,6 +191,10 @@ class Service:
             results[index] = msgspec.structs.replace(result, gone="fetched with delete=true")
             await self.broker.update(job, {"results": results})
         return result, data
+
+    async def preview(self, job: JobRecord, index: int) -> bytes | None:
+        """Partial image ``index`` of a running job (OpenAI ``partial_images``)."""
+        return await self.broker.get_blob(preview_key(job.id, index))
 
     async def queue(self, limit: int) -> list[JobRecord]:
         """Running then waiting jobs of every model, in run order."""

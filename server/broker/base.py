@@ -14,13 +14,13 @@ workers on hosts whose clocks disagree still agree on every deadline.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 from msgspec import Struct
 
 from ..jobs import JobRecord, JobStatus
+from .notify import CancelCallback, CommandCallback
 
 
 class Standing(Struct):
@@ -55,8 +55,6 @@ class BrokerUnavailable(Exception):
     """The broker cannot be reached (Redis down); routes answer 503."""
 
 
-CancelCallback = Callable[[str], None]  # job id: stop it if it runs here
-CommandCallback = Callable[[str, str], None]  # (model, action): load / unload
 
 
 class Broker(Protocol):

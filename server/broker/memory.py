@@ -21,20 +21,20 @@ from ..forecast import STATS, WIDTH, apply, job_vector
 from ..jobs import JobRecord, JobStatus, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
-from .base import CancelCallback, CommandCallback, QueueFullError, Standing, WorkerInfo
-from .notify import Notifier
+from .base import QueueFullError, Standing, WorkerInfo
+from .notify import LocalEvents
 
 PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra"))
 
 
-class MemoryBroker:
+class MemoryBroker(LocalEvents):
     name = "memory"
     distributed = False
 
     def __init__(self, *, result_ttl: float, result_memory_bytes: int) -> None:
         self.ttl = result_ttl
         self.memory_cap = result_memory_bytes
-        self.notifier = Notifier()
+        LocalEvents.__init__(self)
         self._jobs: dict[str, JobRecord] = {}
         self._queues: dict[str, ModelQueue] = {}
         self._running: dict[str, dict[str, JobRecord]] = {}  # model -> id -> record
@@ -43,8 +43,6 @@ class MemoryBroker:
         self._result_bytes = 0
         self._seq = 0
         self._cancel_asked: set[str] = set()  # running jobs whose cancel was asked
-        self._cancel_callbacks: list[CancelCallback] = []
-        self._command_callbacks: list[CommandCallback] = []
         self._workers: dict[tuple[str, str], WorkerInfo] = {}
         self._stats: dict[str, dict[str, np.ndarray]] = {}
         self._stats_version: dict[str, int] = {}
@@ -202,7 +200,7 @@ class MemoryBroker:
             await self.finish(job, JobStatus.CANCELLED, {"message": message}, attempt=None, blobs={})
         else:
             self._cancel_asked.add(job_id)
-            for callback in self._cancel_callbacks:
+            for callback in self.cancel_callbacks:
                 callback(job_id)
         return job
 
@@ -258,17 +256,8 @@ class MemoryBroker:
 
     # ----- events --------------------------------------------------------------------
 
-    async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
-        return await self.notifier.wait(job_id, timeout, progress=progress)
-
-    def on_cancel(self, callback: CancelCallback) -> None:
-        self._cancel_callbacks.append(callback)
-
-    def on_command(self, callback: CommandCallback) -> None:
-        self._command_callbacks.append(callback)
-
     async def command(self, model: str, action: str) -> None:
-        for callback in self._command_callbacks:
+        for callback in self.command_callbacks:
             callback(model, action)
 
     # ----- workers -------------------------------------------------------------------

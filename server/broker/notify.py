@@ -8,6 +8,10 @@ only woken; it then re-reads the record, which is the truth.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+
+CancelCallback = Callable[[str], None]  # job id: stop it if it runs here
+CommandCallback = Callable[[str, str], None]  # (model, action): load / unload
 
 
 class _Expired(Exception):
@@ -74,3 +78,22 @@ class Notifier:
                     left.remove(fut)
                 if not left:
                     del table[job_id]
+
+
+class LocalEvents:
+    """What both brokers do alike with the events that reach this process: change
+    waiters, and the callbacks of this process's runner (cancel, model commands)."""
+
+    def __init__(self) -> None:
+        self.notifier = Notifier()
+        self.cancel_callbacks: list[CancelCallback] = []
+        self.command_callbacks: list[CommandCallback] = []
+
+    async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
+        return await self.notifier.wait(job_id, timeout, progress=progress)
+
+    def on_cancel(self, callback: CancelCallback) -> None:
+        self.cancel_callbacks.append(callback)
+
+    def on_command(self, callback: CommandCallback) -> None:
+        self.command_callbacks.append(callback)

@@ -31,9 +31,9 @@ from redis.backoff import ExponentialBackoff
 from ..forecast import WIDTH, job_vector
 from ..jobs import FIELDS, JobRecord, JobStatus
 from . import redis_scripts
-from .base import BrokerUnavailable, CancelCallback, CommandCallback, QueueFullError, Standing, WorkerInfo
+from .base import BrokerUnavailable, QueueFullError, Standing, WorkerInfo
 from .keys import Keys
-from .notify import Notifier
+from .notify import LocalEvents
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _floats(values: list[Any]) -> np.ndarray:
     return np.array([float(v) if v is not None else 0.0 for v in values], dtype=np.float64)
 
 
-class RedisBroker:
+class RedisBroker(LocalEvents):
     name = "redis"
     distributed = True
 
@@ -115,7 +115,7 @@ class RedisBroker:
         self.keys = Keys(prefix)
         self.prefix = prefix
         self.events_maxlen = events_maxlen
-        self.notifier = Notifier()
+        LocalEvents.__init__(self)
         self._redis: Any = aioredis.Redis.from_url(url, **_client_options(socket_timeout=10))  # redis-py types are loose
         kw = self._redis.connection_pool.connection_kwargs
         self.address = f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
@@ -124,8 +124,6 @@ class RedisBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
         self._reader_redis: Any = None
-        self._cancel_callbacks: list[CancelCallback] = []
-        self._command_callbacks: list[CommandCallback] = []
         self._claim_waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_jobs: dict[str, JobRecord] = {}  # job id -> the newest record to write
         self._progress_tasks: dict[str, asyncio.Task[None]] = {}
@@ -451,15 +449,6 @@ class RedisBroker:
 
     # ----- events --------------------------------------------------------------------
 
-    async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
-        return await self.notifier.wait(job_id, timeout, progress=progress)
-
-    def on_cancel(self, callback: CancelCallback) -> None:
-        self._cancel_callbacks.append(callback)
-
-    def on_command(self, callback: CommandCallback) -> None:
-        self._command_callbacks.append(callback)
-
     @_guarded
     async def command(self, model: str, action: str) -> None:
         await self._redis.xadd(
@@ -522,14 +511,14 @@ class RedisBroker:
             for ev in self._claim_waiters.get(model, ()):
                 ev.set()
         elif kind == "cancel":
-            for cb in list(self._cancel_callbacks):
+            for cb in list(self.cancel_callbacks):
                 try:
                     cb(job_id)
                 except Exception:
                     log.exception("cancel callback")
         elif kind == "command":
             action = data.get(b"action", b"").decode()
-            for cmd in list(self._command_callbacks):
+            for cmd in list(self.command_callbacks):
                 try:
                     cmd(model, action)
                 except Exception:

@@ -21,13 +21,11 @@ NAME = Param("name", description="Model name from the configuration.", required=
 async def model_info(service: Service, ms: ModelState, forecasts: bool) -> ModelInfo:
     caps = ms.capabilities
     cfg = ms.cfg
-    state, load_error, _ = await service.model_state(ms)
-    waiting, running = await service.broker.depth(ms.name)
-    workers = await service.forecasts.workers(ms.name)
+    status = await service.model_status(ms)
     return ModelInfo(
         name=ms.name,
         backend=cfg.backend,
-        state=state,  # type: ignore[arg-type]
+        state=status.state,  # type: ignore[arg-type]
         tasks=list(caps.tasks),
         max_images=caps.max_images,
         max_output_images=caps.max_output_images,
@@ -36,14 +34,14 @@ async def model_info(service: Service, ms: ModelState, forecasts: bool) -> Model
         default_height=cfg.default_height,
         recommended_steps=cfg.recommended_steps,
         recommended_guidance=cfg.recommended_guidance,
-        queue_depth=waiting,
-        running=running,
-        load_error=load_error,
+        queue_depth=status.waiting,
+        running=status.running,
+        load_error=status.load_error,
         vram_estimate_mib=cfg.vram_estimate_mib,
-        forecast=(await service.forecasts.cost(ms.name)).report() if forecasts else None,
+        forecast=await service.forecast_report(ms) if forecasts else None,
         workers=[
             WorkerView(worker=w.worker, host=w.host, state=w.state, slots=w.slots, running=w.running, load_error=w.load_error)
-            for w in workers
+            for w in status.workers
         ],
     )
 
@@ -51,7 +49,7 @@ async def model_info(service: Service, ms: ModelState, forecasts: bool) -> Model
 async def models_response(service: Service, forecasts: bool) -> ModelsResponse:
     return ModelsResponse(
         default_model=service.settings.default_model,
-        models=[await model_info(service, ms, forecasts) for ms in service.registry.models.values()],
+        models=[await model_info(service, ms, forecasts) for ms in service.models()],
     )
 
 
@@ -82,7 +80,7 @@ def openai_model(service: Service, ms: ModelState) -> dict[str, Any]:
 async def v1_models(request: Request) -> Response:
     service = service_of(request)
     data = [
-        openai_model(service, ms) for ms in service.registry.models.values() if (await service.model_state(ms))[0] == "loaded"
+        openai_model(service, ms) for ms in service.models() if (await service.model_state(ms))[0] == "loaded"
     ]
     return json_response({"object": "list", "data": data})
 
@@ -114,7 +112,7 @@ async def gpu_memory(request: Request) -> Response:
     service = service_of(request)
     devices = await anyio.to_thread.run_sync(device_report)
     estimates = {}
-    for ms in service.registry.models.values():
+    for ms in service.models():
         estimates[ms.name] = {"state": (await service.model_state(ms))[0], "vram_estimate_mib": ms.cfg.vram_estimate_mib}
     return json_response({"devices": devices, "models": estimates, "time": time.time()})
 

@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..build import build_job
 from ..errors import ApiError, BadRequest
-from ..jobs import JobRecord, preview_key
+from ..jobs import JobRecord
 from ..openai_shim import (
     Echo,
     completed_event,
@@ -143,7 +143,7 @@ async def stream(service: Service, job: JobRecord, echo: Echo, limit: int) -> As
     try:
         while True:
             while sent < min(job.previews, limit):
-                data = await service.broker.get_blob(preview_key(job.id, sent))
+                data = await service.preview(job, sent)
                 if data is not None:
                     yield sse(f"{echo.prefix}.partial_image", partial_event(echo, data, sent))
                 sent += 1

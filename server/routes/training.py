@@ -105,7 +105,7 @@ async def _runs(service: Service, backend: str) -> TrainingRunsResponse:
 
 
 async def _default_model(service: Service, backend: str) -> str:
-    for ms in service.registry.models.values():
+    for ms in service.models():
         if ms.cfg.backend == backend and (await service.model_state(ms))[0] == "loaded":
             return ms.name
     raise NotFound(f"no {backend} model is loaded; load one or name it in model", param="model")
