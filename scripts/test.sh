@@ -16,5 +16,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt
+python3 -m pip install -q --disable-pip-version-check -r requirements-gradio.txt
 export HF_HUB_OFFLINE=1
 exec python3 -m pytest "$@"

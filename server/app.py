@@ -11,7 +11,6 @@ shared broker leaves the queue to the others."""
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,25 +18,25 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .auth import AuthMiddleware, Keys
+from .bodylimit import BodyLimitMiddleware
 from .broker import create_broker
 from .broker.base import BrokerUnavailable
 from .config import Settings
+from .csp import WithCsp
 from .delivery.hooks import Delivery
 from .errors import (
     ApiError,
-    Forbidden,
     NotFound,
-    Unauthorized,
     api_error_handler,
     broker_unavailable_handler,
     http_exception_handler,
-    render,
     unhandled_error_handler,
 )
 from .metrics import Metrics
@@ -50,45 +49,6 @@ from .upscaling import Upscaler
 
 log = logging.getLogger("easel")
 STATIC = Path(__file__).resolve().parent.parent / "static"
-ADMIN_PREFIXES = ("/v1/admin", "/api/load", "/api/train", "/v1/training")
-OPEN_PATHS = ("/healthz",)
-
-
-class AuthMiddleware:
-    """Bearer keys: when any key is configured, /api and /v1 need one; admin
-    routes need an admin key."""
-
-    def __init__(self, app: ASGIApp, api_keys: list[str], admin_keys: list[str]) -> None:
-        self.app = app
-        self.api_keys = [k.encode() for k in api_keys]
-        self.admin_keys = [k.encode() for k in admin_keys]
-
-    @staticmethod
-    def _match(token: bytes, keys: list[bytes]) -> bool:
-        return any(hmac.compare_digest(token, k) for k in keys)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path: str = scope["path"]
-        admin = path.startswith(ADMIN_PREFIXES)
-        guarded = path.startswith(("/api/", "/v1/")) and path not in OPEN_PATHS
-        if guarded and (self.api_keys or (admin and self.admin_keys)):
-            token = b""
-            for name, value in scope["headers"]:
-                if name == b"authorization" and value[:7].lower() == b"bearer ":
-                    token = value[7:].strip()
-            error: ApiError | None = None
-            if admin and self.admin_keys:
-                if not self._match(token, self.admin_keys):
-                    error = (Forbidden if self._match(token, self.api_keys) else Unauthorized)(
-                        "this endpoint needs an admin key: send Authorization: Bearer <admin key>"
-                    )
-            elif not (self._match(token, self.api_keys) or self._match(token, self.admin_keys)):
-                error = Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
-            if error is not None:
-                return await render(error)(scope, receive, send)
-        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Starlette:
@@ -96,11 +56,12 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     broker = create_broker(settings)
     registry = Registry(settings)
     metrics = Metrics()
-    service = Service(settings, broker, registry, metrics)
+    keys = Keys(settings)
+    service = Service(settings, broker, registry, metrics, keys)
     runner = Runner(settings, broker, registry, metrics) if role in ("all", "worker") else None
     service.runner = runner
     upscaler = Upscaler(settings, registry, runner)
-    delivery = Delivery(settings, broker)
+    delivery = Delivery(settings, broker, service.sign)
     service.fetch_url = delivery.fetch_url
     service.submit_checks += [upscaler.check, delivery.check]  # upscale checks before the delivery checks
     if runner is not None:
@@ -130,7 +91,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     # unknown API paths answer a JSON 404, not the static files' 405
     routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1")]
     if STATIC.is_dir() and role != "worker":
-        routes.append(Mount("/", app=StaticFiles(directory=STATIC, html=True), name="static"))
+        routes.append(Mount("/", app=WithCsp(StaticFiles(directory=STATIC, html=True)), name="static"))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -144,12 +105,28 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     app.state.service = service
     app.state.upscaler = upscaler
     app.state.openapi = build_document(routes)
-    if settings.auth.api_keys or settings.auth.admin_keys:
-        app.add_middleware(AuthMiddleware, api_keys=settings.auth.api_keys, admin_keys=settings.auth.admin_keys)
+    # first added, so innermost: auth (and CORS) answer before a body is read
+    app.add_middleware(BodyLimitMiddleware, limit=settings.limits.max_body_mib * 2**20)
+    if keys.enabled:
+        app.add_middleware(AuthMiddleware, keys=keys)
+    if settings.http.cors_origins:
+        # added last, so it wraps the auth middleware: preflights need no key, and a 401 still
+        # carries the CORS headers a page needs to read it
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.http.cors_origins,
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_HEADERS,
+            expose_headers=CORS_EXPOSE,
+            allow_private_network=True,
+        )
     return app
 
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+CORS_METHODS = ["GET", "HEAD", "POST", "DELETE"]
+CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "X-Request-ID"]
+CORS_EXPOSE = ["X-Request-ID", "Retry-After", "Content-Disposition"]
 
 
 async def _no_route(request: Request) -> Response:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
+from .backends.base import BackendError
+from .backends.lora import resolve_lora
 from .errors import BadRequest
 from .jobs import Item, JobRecord, Lora, input_key, new_id
 from .schemas import GenerateRequest, ImageRef
@@ -200,6 +202,11 @@ async def build_job(
     loras = [Lora(lr.name, lr.scale) for lr in req.loras or []]
     if loras and not caps.supports_lora:
         raise BadRequest(f"model {ms.name!r} has no lora_dir configured, so loras cannot be used", param="loras")
+    for i, lora in enumerate(loras):
+        try:
+            resolve_lora(lora.name, cfg.lora_dir, ms.name)
+        except BackendError as exc:
+            raise BadRequest(f"loras[{i}]: {exc}", param="loras") from None
     items = []
     seed_i = seed
     for prompt in prompts:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -60,6 +61,9 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     simulate_step_seconds: NonNegFloat = 0.0
     # forecast prior: seconds = c0 + c1*steps*MP*n + c2*refs*n + c3*steps*MP*n*refs
     forecast_prior: list[float] | None = None
+    # time limits of this model's jobs (server/watchdog.py): null = limits' value, 0 = none
+    job_timeout_seconds: NonNegFloat | None = None
+    stall_seconds: NonNegFloat | None = None
 
 
 class QueueConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -74,11 +78,40 @@ class LimitsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_steps: PositiveInt = 200
     max_prompts: PositiveInt = 64
     max_image_pixels: PositiveInt = 40_000_000  # decoded reference images
+    # a running job past this many seconds stops at its next step, as an error (null = no limit)
+    job_timeout_seconds: Annotated[float, Meta(gt=0)] | None = None
+    # a running job that reports no step for this long ends as an error; its model is
+    # restarted (isolate) or marked error until the hung call returns (null = off)
+    stall_seconds: Annotated[float, Meta(gt=0)] | None = None
+
+
+class QuotaConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    max_queued: PositiveInt | None = None  # unfinished jobs (waiting or running) a key may have at once
+    gpu_seconds_per_hour: Annotated[float, Meta(gt=0)] | None = None  # worker time a key's jobs may use per hour
+
+
+class KeyConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """An API key with a name (shown as its key id) and its own quota."""
+
+    key: Annotated[str, Meta(min_length=1)]
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    max_queued: PositiveInt | None = None
+    gpu_seconds_per_hour: Annotated[float, Meta(gt=0)] | None = None
 
 
 class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    api_keys: list[str] = []
-    admin_keys: list[str] = []
+    api_keys: list[str | KeyConfig] = []
+    admin_keys: list[str | KeyConfig] = []
+    quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)  # for every key without its own
+    # signs the image links handed out (OpenAI url responses, webhooks, status); default:
+    # derived from the configured keys, so every node with the same keys agrees
+    url_secret: str | None = None
+
+
+class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # origins (scheme://host[:port]) whose pages may call the API from a browser; "*" = any,
+    # "null" = pages opened from file://. Empty (the default): same origin only, no CORS headers
+    cors_origins: list[str] = []
 
 
 class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -125,6 +158,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
@@ -214,6 +248,12 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
         raise ConfigError(
             f"{source}: broker.role {broker.role!r} needs a shared broker: set broker.url (or --broker) to a redis:// URL"
         )
+    for origin in settings.http.cors_origins:
+        if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"{source}: http.cors_origins entry {origin!r} must be an origin such as "
+                "'http://localhost:8080' (scheme and host, no path or trailing slash), '*' or 'null'"
+            )
     if broker.heartbeat_seconds >= broker.lease_seconds:
         raise ConfigError(f"{source}: broker.heartbeat_seconds must be shorter than broker.lease_seconds")
     if settings.upscaler is not None and settings.upscaler not in settings.models:
@@ -242,6 +282,9 @@ def load_settings(
     if overrides:
         data = deep_merge(data, overrides)
         sources.append("command line")
+    if secret := os.environ.get("EASEL_URL_SECRET"):
+        data = deep_merge(data, {"auth": {"url_secret": secret}})
+        sources.append("EASEL_URL_SECRET")
     if secret := os.environ.get("EASEL_WEBHOOK_SECRET"):
         data = deep_merge(data, {"delivery": {"webhook_secret": secret}})
         sources.append("EASEL_WEBHOOK_SECRET")

@@ -86,6 +86,25 @@ class QueueFull(ApiError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class QuotaExceeded(ApiError):
+    """A key over its quota (``auth.quota``): retry after ``retry_after`` seconds, or
+    never (None: the job alone is over the budget)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message, param="quota")
+        self.retry_after = None if retry_after is None else max(1, int(retry_after + 0.999))
+        self.retryable = retry_after is not None
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {"x-should-retry": "false"}
+        return {"Retry-After": str(self.retry_after)}
+
+
 class Unavailable(ApiError):
     status = 503
     type = "server_error"

@@ -30,6 +30,9 @@ class Metrics:
             "Absolute error of expected_time_seconds at submission, as a fraction of the real time",
             ["model"], registry=r, buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )  # fmt: skip
+        self.gpu_seconds = Counter(
+            "easel_gpu_seconds", "Worker time of finished jobs, by the key id that submitted them", ["key", "model"], registry=r
+        )
         self.loaded = Gauge("easel_model_loaded", "1 when the model is loaded on this node", ["model"], registry=r)
         self.queue_depth = Gauge("easel_queue_depth", "Jobs waiting per model (the broker's shared queue)", ["model"], registry=r)
         self.running = Gauge("easel_jobs_running", "Jobs running per model (on every worker)", ["model"], registry=r)

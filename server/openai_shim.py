@@ -16,6 +16,7 @@ import msgspec
 from .build import DEFAULT_STEPS, UrlFetcher, load_image, parse_format
 from .errors import ApiError, BadRequest, Conflict, JobFailed, Unavailable, validation_message
 from .jobs import JobRecord, JobStatus
+from .quotas import gpu_seconds
 from .routes.common import decode
 from .schemas import GenerateRequest, ImageRef
 from .schemas_openai import (
@@ -172,6 +173,7 @@ def usage(job: JobRecord) -> OpenAIUsage:
         output_tokens=out,
         total_tokens=words + refs + out,
         input_tokens_details=InputTokensDetails(text_tokens=words, image_tokens=refs),
+        gpu_seconds=round(gpu_seconds(job), 4) if job.status.finished else None,
     )
 
 

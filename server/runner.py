@@ -34,10 +34,13 @@ import anyio.to_thread
 import numpy as np
 
 from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, failure_message
+from .backends.isolated import IsolatedBackend
 from .broker.base import Broker, BrokerUnavailable, WorkerInfo
 from .build import decode_image
+from .errors import Conflict
 from .forecast import FORGET, TASKS, observation
 from .jobs import PENDING, ImageResult, JobRecord, JobStatus, preview_key, result_key
+from .watchdog import job_limit, stall_message, timeout_message, watch
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -50,6 +53,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("easel")
 CLAIM_WAIT_SECONDS = 1.0  # a claim waits this long for work before the loop checks whether to stop
+KILLED_CALL_WAIT = 30.0  # seconds a killed model process's blocked call gets to return
+
+
+class Stalled(Exception):
+    """The job reported no step for its stall limit; ``work`` is its pipeline call, still under way."""
+
+    def __init__(self, message: str, work: asyncio.Future[Any]) -> None:
+        super().__init__(message)
+        self.work = work
+
+
+def _consume(work: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome (its job already ended), so nothing warns of it."""
+    if not work.cancelled():
+        work.exception()
 
 
 def worker_id() -> str:
@@ -68,6 +86,8 @@ class JobContext:
         self.loop = loop
         self.offset = 0
         self.started = time.monotonic()
+        self.last_step = self.started  # when the job last reported a step (the watchdog reads it)
+        self.abandoned = False  # its record was ended without it (stalled): stop at the next step
         self.started_at = job.started_at or broker.now()  # the broker's clock, as the claim set it
         self.preview_steps = preview_steps(job.total_steps, job.partial_images)
         self._previews = 0
@@ -80,7 +100,8 @@ class JobContext:
         return self.cancel.is_set()
 
     def step(self, i: int, total: int) -> None:
-        if self.cancel.is_set():
+        self.last_step = time.monotonic()
+        if self.cancel.is_set() or self.abandoned:
             raise JobCancelled()
         job = self.job
         job.step = self.offset + i
@@ -230,6 +251,7 @@ class Running:
     attempt: int
     cancel: threading.Event = field(default_factory=threading.Event)
     release: bool = False  # stopped to be released back to the queue, not cancelled
+    error: str | None = None  # stopped for this reason (a time limit): ends as error, not cancelled
 
 
 class Runner:
@@ -244,6 +266,7 @@ class Runner:
         self.delivery: Delivery | None = None
         self.on_presence: list[Any] = []  # called with a model name when its presence here changes
         self.running: dict[str, Running] = {}
+        self.hung: dict[str, Running] = {}  # stalled jobs whose in-process call has not returned
         self.claiming = True
         self._loops: dict[str, list[asyncio.Task[None]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -263,6 +286,12 @@ class Runner:
         ms = self.registry.get(name)
         if ms.state in ("loaded", "loading"):
             return ms
+        if any(h.job.model == name for h in self.hung.values()):
+            raise Conflict(
+                f"model {name!r} is still in a hung pipeline call ({ms.load_error}); "
+                "it is unloaded, then loaded again if enabled, when that call returns — or restart the server",
+                param="model",
+            )
         ms.state = "loading"  # at once: a caller that does not wait sees it
         await self._announce(ms.name)
         ms = await self.registry.load(name)
@@ -298,6 +327,8 @@ class Runner:
         """Stop claiming; let running jobs finish within ``grace`` seconds; then stop
         them: released back to a shared queue (distributed), cancelled otherwise."""
         self.claiming = False
+        for h in self.hung.values():  # a hung call that heeds cancel may end now
+            h.cancel.set()
         if not self.broker.distributed:
             for name in self.registry.models:
                 await self._cancel_waiting(name, "the server shut down before the job ran")
@@ -398,7 +429,7 @@ class Runner:
                 continue
             if job is None:
                 continue
-            if not self.claiming:  # stopped while the claim was under way: give it back at once
+            if not self.claiming or ms.state != "loaded":  # stopped (or stalled) during the claim: give it back
                 await self.broker.release(job, job.attempt)
                 return
             await self.run_job(ms, job)
@@ -412,13 +443,18 @@ class Runner:
         start = time.monotonic()
         try:
             blobs = {key: data for key in job.inputs if (data := await self.broker.get_blob(key)) is not None}
-            images, item_seconds = await anyio.to_thread.run_sync(
-                execute, ms.backend, job, ctx, blobs, self.settings.limits.max_image_pixels, limiter=ms.limiter
-            )
+            images, item_seconds = await self._execute(ms, job, r, ctx, blobs)
             worker_s = time.monotonic() - start  # the next job starts now: this is what a job ahead costs
+        except Stalled as exc:  # ended now, without waiting for the hung call
+            self.running.pop(job.id, None)
+            await self._end(job, r, JobStatus.ERROR, {"message": str(exc)})
+            await self._after_stall(ms, r, exc.work)
+            return
         except JobCancelled as exc:  # a training run may say how far it got
             self.running.pop(job.id, None)
-            if r.release:
+            if r.error is not None:  # stopped by a time limit
+                await self._end(job, r, JobStatus.ERROR, {"message": r.error})
+            elif r.release:
                 await self._release(job, r)
             else:
                 await self._end(job, r, JobStatus.CANCELLED, {"message": str(exc) or "cancelled while running"})
@@ -431,6 +467,87 @@ class Runner:
             return
         self.running.pop(job.id, None)
         self.spawn(self._finish_job(job, r, images, item_seconds, worker_s))
+
+    async def _execute(
+        self, ms: ModelState, job: JobRecord, r: Running, ctx: JobContext, blobs: dict[str, bytes]
+    ) -> tuple[list[Image], list[float]]:
+        """The job's pipeline calls on the model's thread, under its time limits
+        (server/watchdog.py): past the job timeout it is stopped at its next step
+        (``r.error``); stalled, this raises ``Stalled`` at once."""
+        call = anyio.to_thread.run_sync(
+            execute, ms.backend, job, ctx, blobs, self.settings.limits.max_image_pixels, limiter=ms.limiter
+        )
+        timeout = job_limit(self.settings, ms.name, "job_timeout_seconds") if job.task != "train" else None
+        stall = job_limit(self.settings, ms.name, "stall_seconds")
+        if timeout is None and stall is None:
+            return await call
+        work = asyncio.ensure_future(call)
+
+        def timed_out() -> None:
+            assert timeout is not None
+            r.error = timeout_message(timeout)
+            r.cancel.set()
+            log.warning("job %s on %s: over its time limit of %g s (%s); stopping it", job.id, ms.name, timeout.seconds, timeout.key)
+
+        ctx.last_step = started = time.monotonic()
+        guard = asyncio.create_task(watch(started, lambda: ctx.last_step, timeout, stall, timed_out))
+        try:
+            await asyncio.wait((work, guard), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            guard.cancel()
+        if work.done():
+            return work.result()  # type: ignore[no-any-return]
+        assert stall is not None
+        ctx.abandoned = True  # should the call come back, it stops at its next step
+        work.add_done_callback(_consume)
+        log.error("job %s on %s: no step for %g s (%s): stalled", job.id, ms.name, stall.seconds, stall.key)
+        raise Stalled(stall_message(stall, ms.name, isinstance(ms.backend, IsolatedBackend)), work)
+
+    async def _after_stall(self, ms: ModelState, r: Running, work: asyncio.Future[Any]) -> None:
+        """A job of ``ms`` stalled (its record is already ended). An isolated model's
+        process is killed and started again; an in-process model is marked error, and
+        unloaded (then loaded again if enabled) once the hung call returns."""
+        backend = ms.backend
+        if isinstance(backend, IsolatedBackend):
+            log.warning("model %s: killing its process (pid %s) after a stalled job, then starting it again", ms.name, backend.pid)
+            backend.kill()
+            await asyncio.wait((work,), timeout=KILLED_CALL_WAIT)
+            try:
+                if not work.done():
+                    raise BackendError(f"its blocked call did not return within {KILLED_CALL_WAIT:g} s of the kill")
+                await anyio.to_thread.run_sync(backend.load)
+                log.info("model %s: process restarted (pid %s)", ms.name, backend.pid)
+                return
+            except Exception as exc:
+                ms.load_error = f"model {ms.name!r} could not be restarted after a stalled job: {failure_message(exc)}; load it again"
+        else:
+            self.hung[r.job.id] = r
+            ms.load_error = (
+                f"model {ms.name!r} stalled: job {r.job.id} reported no step in time and its pipeline call is still hung; "
+                "the model is unloaded when that call returns"
+                + (", then loaded again (enabled)" if ms.cfg.enabled else "")
+                + " — or restart the server"
+            )
+            self.spawn(self._recover(ms, r, work))
+        ms.state = "error"
+        self.metrics.loaded.labels(ms.name).set(0)
+        log.error("%s", ms.load_error)
+        await self._announce(ms.name)
+
+    async def _recover(self, ms: ModelState, r: Running, work: asyncio.Future[Any]) -> None:
+        """Wait for a stalled in-process call to return; then unload the model and,
+        if it is enabled, load it again."""
+        await asyncio.wait((work,))
+        self.hung.pop(r.job.id, None)
+        if ms.state != "error" or any(h.job.model == ms.name for h in self.hung.values()):
+            return  # changed meanwhile, or another call of the model still hangs
+        log.info("model %s: the hung call of job %s returned; unloading the model", ms.name, r.job.id)
+        await asyncio.gather(*self._loops.pop(ms.name, []), return_exceptions=True)
+        await self.registry.unload(ms.name)
+        if ms.cfg.enabled and self.claiming:
+            await self.load(ms.name)
+        else:
+            await self._announce(ms.name)
 
     async def _finish_job(self, job: JobRecord, r: Running, images: list[Image], item_seconds: list[float], worker_s: float) -> None:
         """Upscale, encode and store off the model's critical path, then mark done."""
@@ -477,6 +594,8 @@ class Runner:
             log.warning("job %s: result of attempt %d rejected: the job was lost to another worker or cancelled", job.id, r.attempt)
             return False
         self.metrics.jobs.labels(job.model, job.task, status.value).inc()
+        used = fields.get("worker_seconds", time.time() - job.started_at if job.started_at else 0.0)
+        self.metrics.gpu_seconds.labels(job.owner or "anonymous", job.model).inc(max(0.0, used))
         took = f" in {time.time() - (job.started_at or time.time()):.2f}s" if job.started_at else ""
         message = fields.get("message")
         log.info("job %s on %s: %s%s%s", job.id, job.model, status.value, took, f" ({message})" if message else "")

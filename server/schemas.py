@@ -227,6 +227,7 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     webhook: Annotated[str, Meta(description="With webhook_url: pending, ok, or failed: <reason>.")] | None = None
     attempt: Annotated[int, Meta(description="How many times a worker has started the job (a worker lost mid-job: it runs again).")] = 0
     worker: Annotated[str, Meta(description="The worker running (or that ran) the job.")] | None = None
+    gpu_seconds: Annotated[float, Meta(description="Worker time the finished job used: what its key's quota is charged.")] | None = None
 
 
 class TasksResponse(Struct, kw_only=True):

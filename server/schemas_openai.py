@@ -91,6 +91,7 @@ class OpenAIUsage(Struct, kw_only=True):
     output_tokens: int
     total_tokens: int
     input_tokens_details: InputTokensDetails
+    gpu_seconds: Annotated[float, Meta(description="easel: worker time the job used (what quotas count).")] | None = None
 
 
 class OpenAIImagesResponse(Struct, kw_only=True):

@@ -5,6 +5,8 @@ workers (role ``all``) it asks the local runner to load models on demand.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -13,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .auth import OPEN, Caller, Keys
 from .broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .forecast import features, sum_features
 from .jobs import ImageResult, JobRecord, JobStatus, preview_key, result_key
+from .quotas import check_and_charge
 from .registry import ModelState, Registry
 from .standing import Forecasts, Where, predict, queue_seconds, standing
 
@@ -30,6 +34,27 @@ log = logging.getLogger("easel")
 SubmitCheck = Callable[[JobRecord], Coroutine[Any, Any, None]]
 
 
+@dataclass(frozen=True)
+class Idempotency:
+    """An ``Idempotency-Key`` header and what the request asked for."""
+
+    key: str
+    fingerprint: str  # a hash of the decoded request (and its uploads)
+
+    def scope(self, caller: Caller) -> str:
+        """Keys are per owner: two keys may use the same Idempotency-Key."""
+        return f"{caller.key_id or '-'}:{hashlib.sha256(self.key.encode()).hexdigest()[:32]}"
+
+    @classmethod
+    def of(cls, header: str | None, *parts: bytes) -> Idempotency | None:
+        if not header:
+            return None
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(hashlib.sha256(part).digest())
+        return cls(header, digest.hexdigest())
+
+
 @dataclass
 class ModelStatus:
     state: str  # across the workers that serve the model
@@ -40,8 +65,9 @@ class ModelStatus:
 
 
 class Service:
-    def __init__(self, settings: Settings, broker: Broker, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, broker: Broker, registry: Registry, metrics: Metrics, keys: Keys) -> None:
         self.settings = settings
+        self.keys = keys
         self.broker = broker
         self.registry = registry  # configured models (loaded only where a runner is)
         self.metrics = metrics
@@ -120,10 +146,44 @@ class Service:
 
     # ----- submit ----------------------------------------------------------------------
 
-    async def submit(self, job: JobRecord, blobs: dict[str, bytes]) -> JobRecord:
-        """Checks, forecast, then into the broker's queue; ``job`` gets its standing."""
+    async def submit(
+        self, job: JobRecord, blobs: dict[str, bytes], caller: Caller, idempotency: Idempotency | None = None
+    ) -> JobRecord:
+        """Checks, forecast, quota, then into the broker's queue; ``job`` gets its
+        standing.  With an idempotency key seen before: the job it made (nothing new)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and accepts no new jobs")
+        job.owner = caller.key_id
+        if idempotency is not None:
+            kept = await self.broker.remember_submit(
+                idempotency.scope(caller), job.id, idempotency.fingerprint, self.settings.queue.result_ttl_seconds
+            )
+            if kept is not None:
+                return await self._same_submit(caller, idempotency, *kept)
+        try:
+            return await self._submit(job, blobs, caller)
+        except BaseException:
+            if idempotency is not None:  # refused: the key may be used again
+                await self.broker.forget_submit(idempotency.scope(caller))
+            raise
+
+    async def _same_submit(self, caller: Caller, idempotency: Idempotency, job_id: str, fingerprint: str) -> JobRecord:
+        if fingerprint != idempotency.fingerprint:
+            raise Conflict(
+                f"Idempotency-Key {idempotency.key!r} was already used for a different request (task {job_id}); "
+                "send a new key for a new request",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        deadline = time.monotonic() + 10
+        while (job := await self.broker.get(job_id)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the first request is still queueing it (no event exists yet)
+        if job is None:
+            raise Conflict(f"the request with Idempotency-Key {idempotency.key!r} is still being queued; retry", param="Idempotency-Key")
+        log.info("job %s: the same request again (Idempotency-Key); nothing new queued", job.id)
+        return job
+
+    async def _submit(self, job: JobRecord, blobs: dict[str, bytes], caller: Caller) -> JobRecord:
         for check in self.submit_checks:
             await check(job)
         if not job.features:  # training jobs bring their own
@@ -134,6 +194,7 @@ class Service:
             job.total_steps = sum(it.steps for it in job.items)
         cost = await self.forecasts.cost(job.model)
         job.predicted = predict(cost, job)
+        await check_and_charge(self.forecasts, caller, job)
         try:
             await self.broker.submit(job, blobs, self.settings.queue.capacity)
         except QueueFullError:
@@ -153,9 +214,10 @@ class Service:
 
     # ----- reading -----------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str, caller: Caller = OPEN) -> JobRecord:
+        """The job, if ``caller`` may see it (another key's job is a 404, as if unknown)."""
         job = await self.broker.get(job_id)
-        if job is None:
+        if job is None or not caller.sees(job.owner, job.id):
             raise NotFound(
                 f"unknown task_id {job_id!r} (finished jobs are kept for {self.settings.queue.result_ttl_seconds:.0f}s)",
                 param="task_id",
@@ -196,16 +258,18 @@ class Service:
         """Partial image ``index`` of a running job (OpenAI ``partial_images``)."""
         return await self.broker.get_blob(preview_key(job.id, index))
 
-    async def queue(self, limit: int) -> list[JobRecord]:
-        """Running then waiting jobs of every model, in run order."""
+    async def queue(self, limit: int, caller: Caller = OPEN) -> list[JobRecord]:
+        """Running then waiting jobs of every model, in run order (``caller``'s own;
+        the others still count in its positions and forecasts)."""
         out: list[JobRecord] = []
         for name in self.registry.models:
             out.extend(await self.broker.running(name))
             out.extend(await self.broker.waiting(name, limit))
-        return out
+        return [j for j in out if caller.sees(j.owner, j.id)]
 
-    async def recent(self, limit: int) -> list[JobRecord]:
-        return await self.broker.recent(limit)
+    async def recent(self, limit: int, caller: Caller = OPEN) -> list[JobRecord]:
+        jobs = await self.broker.recent(limit if caller.admin else 4 * limit)
+        return [j for j in jobs if caller.sees(j.owner, j.id)][:limit]
 
     # ----- cancel --------------------------------------------------------------------------
 
@@ -215,8 +279,20 @@ class Service:
             log.info("job %s on %s: cancelled (%s)", job.id, job.model, out.message)
         return out
 
-    async def clear(self) -> int:
-        return await self.broker.clear("cancelled by /api/clear")
+    async def clear(self, caller: Caller = OPEN) -> int:
+        """Cancel every waiting job (an admin or an open server), or the caller's own."""
+        if caller.admin:
+            return await self.broker.clear("cancelled by /api/clear")
+        count = 0
+        for name in self.registry.models:
+            for job in await self.broker.waiting(name, 2**31):
+                if job.owner == caller.key_id and await self.broker.cancel(job.id, "cancelled by /api/clear"):
+                    count += 1
+        return count
+
+    def sign(self, url: str, job: JobRecord) -> str:
+        """An image link of ``job`` that works without the key until the result expires."""
+        return self.keys.sign(url, job.id)
 
     async def depths(self) -> dict[str, tuple[int, int]]:
         out = {}

@@ -36,12 +36,13 @@ from .jobs import Item, JobRecord
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from .auth import Caller
     from .backends.upscale import UpscaleBackend
     from .config import Settings
     from .registry import ModelState, Registry
     from .runner import Runner
     from .schemas import UpscaleRequest
-    from .service import Service
+    from .service import Idempotency, Service
 
 log = logging.getLogger("easel")
 BACKEND = "upscale_esrgan"
@@ -136,7 +137,7 @@ class Upscaler:
 
     # ----- /api/upscale --------------------------------------------------------------
 
-    async def submit(self, service: Service, req: UpscaleRequest) -> JobRecord:
+    async def submit(self, service: Service, req: UpscaleRequest, caller: Caller, idempotency: Idempotency | None) -> JobRecord:
         """Validate, load the upscaler (on demand, where this node runs workers) and
         queue an upscale job."""
         ms = self.model(req.model, "model")
@@ -162,13 +163,16 @@ class Upscaler:
                 raise Conflict(str(exc), param="model", code="model_not_loaded") from None
             self._leased_jobs.add(job.id)
         try:
-            await service.submit(job, inputs.blobs)
+            submitted = await service.submit(job, inputs.blobs, caller, idempotency)
         except BaseException:
             if leased:
                 self._leased_jobs.discard(job.id)
                 await self.release(ms)
             raise
-        return job
+        if submitted is not job and leased:  # the same request again: the first one holds the lease
+            self._leased_jobs.discard(job.id)
+            await self.release(ms)
+        return submitted
 
 
 def _upscale_all(backend: UpscaleBackend, images: list[Image], scale: int, cancel: threading.Event) -> list[Image]:

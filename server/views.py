@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from msgspec import UNSET
 
 from .jobs import JobRecord
+from .quotas import gpu_seconds
 from .schemas import ImageInfo, JobStatusResponse, SubmitResponse
 from .standing import Where
 
 FINISHED = Where(0, 0.0)
+Signer = Callable[[str, JobRecord], str]  # (url, job) -> the url with a signature
+
+
+def _unsigned(url: str, job: JobRecord) -> str:
+    return url
 
 
 def image_url(base_url: str, job: JobRecord, index: int) -> str:
     return f"{base_url}api/image?task_id={job.id}&index={index}"
 
 
-def job_status(job: JobRecord, base_url: str, where: Where = FINISHED) -> JobStatusResponse:
-    """``job`` as the status API shows it; image URLs are absolute under ``base_url``."""
+def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Signer | None = None) -> JobStatusResponse:
+    """``job`` as the status API shows it; image URLs are absolute under ``base_url``
+    (and signed with ``sign``, so they work without the key)."""
+    sign = sign or _unsigned
     return JobStatusResponse(
         task_id=job.id,
         status=job.status.value,  # type: ignore[arg-type]
@@ -43,7 +53,7 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED) -> JobSta
                 format=r.format,
                 prompt=r.prompt,
                 bytes=0 if r.gone else r.bytes,
-                url=image_url(base_url, job, r.index),
+                url=sign(image_url(base_url, job, r.index), job),
                 upload=r.upload,
                 seconds=r.seconds,
             )
@@ -53,6 +63,7 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED) -> JobSta
         extra=({**job.extra, "evicted": True} if any(r.gone and r.gone.startswith("evicted") for r in job.results) else job.extra) or None,
         webhook=job.webhook,
         attempt=job.attempt,
+        gpu_seconds=round(gpu_seconds(job), 4) if job.status.finished else None,
         worker=job.worker,
     )
 

@@ -115,10 +115,10 @@ def test_seed_003_client_functions_work_unchanged(server_factory: Any) -> None:
 
 # --- submit, status, image -------------------------------------------------------------
 
-def test_generate_returns_202_with_forecast_and_the_image_is_fetchable(server: RunningServer) -> None:
+def test_generate_returns_200_with_forecast_and_the_image_is_fetchable(server: RunningServer) -> None:
     c = server.client
     r = c.post("/api/generate", json={"prompt": "a red fox", "width": 128, "height": 64, "steps": 3, "seed": 7})
-    assert r.status_code == 202
+    assert r.status_code == 200
     body = r.json()
     assert body["task_length"] == 1 and body["expected_time_seconds"] >= 0 and body["seed"] == 7
     st = wait_done(c, body["task_id"])
@@ -178,7 +178,7 @@ def test_edit_accepts_data_urls_bare_base64_and_objects(server: RunningServer) -
     b64 = base64.b64encode(png()).decode()
     images = [f"data:image/png;base64,{b64}", b64, {"data_url": f"data:image/png;base64,{b64}"}]
     r = c.post("/api/edit", json={"prompt": "make it blue", "images": images})
-    assert r.status_code == 202, r.text
+    assert r.status_code == 200, r.text
     assert wait_done(c, r.json()["task_id"])["status"] == "done"
 
 
@@ -186,7 +186,7 @@ def test_edit_accepts_multipart_files(server: RunningServer) -> None:
     c = server.client
     files = [("images", ("a.png", png(), "image/png")), ("images", ("b.png", png(color=(0, 0, 255)), "image/png"))]
     r = c.post("/api/edit", data={"prompt": "merge", "steps": "2", "seed": "9"}, files=files)
-    assert r.status_code == 202, r.text
+    assert r.status_code == 200, r.text
     assert wait_done(c, r.json()["task_id"])["seed"] == 9
 
 
@@ -351,7 +351,7 @@ def test_500_concurrent_submissions_all_complete_once(server: RunningServer) -> 
     def submit(i: int) -> str:
         with httpx.Client(base_url=server.url, timeout=60) as c:
             r = c.post("/api/generate", json={"prompt": f"job {i}", "width": 16, "height": 16, "steps": 1, "seed": i})
-            assert r.status_code == 202, r.text
+            assert r.status_code == 200, r.text
             return str(r.json()["task_id"])
 
     c = server.client
@@ -420,7 +420,7 @@ def test_api_keys_guard_the_api_and_admin_routes(server_factory: Any) -> None:
     assert c.post("/api/generate", json={"prompt": "x"}).status_code == 401
     user = {"Authorization": "Bearer user-key"}
     admin = {"Authorization": "Bearer admin-key"}
-    assert c.post("/api/generate", json={"prompt": "x"}, headers=user).status_code == 202
+    assert c.post("/api/generate", json={"prompt": "x"}, headers=user).status_code == 200
     assert c.get("/v1/admin/models", headers=user).status_code == 403
     assert c.get("/v1/admin/models", headers=admin).status_code == 200
     assert c.get("/api/tasks", headers={"Authorization": "Bearer wrong"}).status_code == 401

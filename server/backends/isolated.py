@@ -144,6 +144,13 @@ class IsolatedBackend:
     def cost_prior(self, task: str) -> list[float] | None:
         return None
 
+    def kill(self) -> None:
+        """Kill the model's process now (a hung job, any thread): the ``run`` blocked on
+        it raises ``BackendError`` and cleans up; ``load`` then starts a new process."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+
     def _call(self, command: str, payload: Any, ctx: StepContext | None) -> Any:
         assert self._conn is not None
         conn = self._conn

@@ -24,12 +24,29 @@ DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 def resolve_lora(name: str, lora_dir: str | None, model: str) -> Path:
     """The weight file for LoRA ``name``: ``lora_dir/name`` as a file, as
     ``name.safetensors``, or a folder holding one weight file (as written by training
-    or ``save_lora_weights``)."""
+    or ``save_lora_weights``).  Checked at submit (``build.build_job``) and again
+    when the job runs."""
     if not lora_dir:
         raise BackendError(f"model {model!r} has no lora_dir configured, so it cannot use LoRA {name!r}")
-    root = Path(lora_dir).expanduser().resolve()
+    if not is_plain_name(name):
+        raise BackendError(
+            f"LoRA name {name!r} is not a name inside the model's lora_dir; "
+            "use an adapter's plain name (a file or folder name there, without any path)"
+        )
+    try:
+        return _find_weights(name, Path(lora_dir).expanduser().resolve(), lora_dir, model)
+    except (OSError, ValueError) as exc:  # e.g. a name too long for the file system
+        raise BackendError(f"LoRA {name!r} cannot be read in {lora_dir} for model {model!r} ({exc})") from None
+
+
+def is_plain_name(name: str) -> bool:
+    """A file or folder name: no path separators, not '.' or '..', no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _find_weights(name: str, root: Path, lora_dir: str, model: str) -> Path:
     target = (root / name).resolve()
-    if not name or target == root or not target.is_relative_to(root):
+    if target == root or not target.is_relative_to(root):  # a link out of lora_dir
         raise BackendError(f"LoRA name {name!r} is not a name inside the model's lora_dir; use a plain name")
     candidates = [target, target.with_name(target.name + ".safetensors")]
     for path in candidates:

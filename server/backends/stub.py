@@ -3,6 +3,10 @@
 It needs no GPU and no weights.  ``simulate_step_seconds`` (seconds per denoising
 step at one megapixel, per image; edits cost 25% more per reference image) makes
 it behave like a real model for queueing, progress, cancel and forecasts.
+
+Prompts for tests: ``fail`` fails the job; ``hang`` (or ``hang N``: N seconds) blocks
+without reporting a step, until the job is cancelled or for at most ``MAX_HANG``
+seconds (in an isolated model's process, until the process is killed).
 """
 
 from __future__ import annotations
@@ -10,17 +14,20 @@ from __future__ import annotations
 import functools
 import textwrap
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .base import BackendError, Capabilities, StepContext, WorkItem, model_capabilities
+from .base import BackendError, Capabilities, JobCancelled, StepContext, WorkItem, model_capabilities
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
 
 REF_COST = 0.25  # extra cost per reference image, as a fraction
 MIN_TEXT_WIDTH, MIN_TEXT_HEIGHT = 48, 32  # smaller images get no caption: no line of it would show
+MAX_HANG = 600.0  # seconds the prompt 'hang' blocks at most
+HANG_POLL = 0.05  # how often a hang looks whether its job was cancelled
 _RAMP = Image.linear_gradient("L")
 
 
@@ -62,6 +69,8 @@ class StubBackend:
     def run(self, item: WorkItem, ctx: StepContext) -> list[Image.Image]:
         if item.prompt.strip().lower() == "fail":  # lets tests exercise a failing job
             raise BackendError("the stub backend was asked to fail (prompt 'fail')")
+        if (hang := _hang_seconds(item.prompt)) is not None:
+            self._hang(hang, ctx)
         per_step = self.step_seconds(item)
         for i in range(1, item.steps + 1):
             if per_step > 0:
@@ -70,6 +79,14 @@ class StubBackend:
             if ctx.wants_preview(i):
                 ctx.preview(self._draw(item, item.seed, blur_to=i / item.steps))
         return [self._draw(item, item.seed + k) for k in range(item.n)]
+
+    def _hang(self, seconds: float, ctx: StepContext) -> None:
+        """Block without reporting a step: a hung pipeline call, for tests."""
+        deadline = time.monotonic() + seconds
+        while not ctx.cancelled and (left := deadline - time.monotonic()) > 0:
+            self._sleeper.wait(min(left, HANG_POLL))
+        if ctx.cancelled:
+            raise JobCancelled()
 
     def _draw(self, item: WorkItem, seed: int, blur_to: float = 1.0) -> Image.Image:
         c1, c2 = _colours(seed)
@@ -93,6 +110,17 @@ class StubBackend:
         size = getattr(font, "size", 11)
         text = "\n".join(textwrap.wrap(prompt, width=max(8, int(w / (0.6 * size)) - 2))[:8])
         draw.multiline_text((8, 8), f"{text}\nseed {seed}", fill=(255, 255, 255), font=font)
+
+
+def _hang_seconds(prompt: str) -> float | None:
+    """Seconds the prompt ``hang`` / ``hang N`` asks to block; None for any other prompt."""
+    words = prompt.strip().lower().split()
+    if not words or words[0] != "hang" or len(words) > 2:
+        return None
+    try:
+        return min(float(words[1]), MAX_HANG) if len(words) == 2 else MAX_HANG
+    except ValueError:
+        return None
 
 
 def _colours(seed: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

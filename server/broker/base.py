@@ -168,6 +168,26 @@ class Broker(Protocol):
         """Jobs whose lease expired: back at the head of their priority once; lost a
         second time: ``error``.  Idempotent; every node runs it.  Returns jobs handled."""
 
+    # ----- idempotent submits and quotas ------------------------------------------------
+
+    async def remember_submit(self, key: str, job_id: str, fingerprint: str, ttl: float) -> tuple[str, str] | None:
+        """Keep ``key`` -> (job id, request fingerprint) for ``ttl`` seconds, unless the
+        key is already kept: then return what it holds (nothing is changed)."""
+
+    async def forget_submit(self, key: str) -> None:
+        """Drop ``key`` (its submission was refused)."""
+
+    async def charge(self, owner: str, job_id: str, seconds: float) -> None:
+        """Book ``seconds`` of GPU time for ``owner``'s job, now (broker clock)."""
+
+    async def settle(self, owner: str, job_id: str, seconds: float) -> None:
+        """The job ended: its booking becomes what it really cost (0: refunded)."""
+
+    async def ledger(self, owner: str, since: float) -> list[tuple[str, float, float, bool]]:
+        """``owner``'s bookings made after ``since`` and every still-open one:
+        (job id, booked at, seconds, open), oldest first.  Settled ones older than
+        ``since`` are forgotten."""
+
     # ----- forecast statistics ---------------------------------------------------------
 
     async def observe_cost(self, model: str, task: str, decayed: list[float], added: list[float], forget: float) -> None:

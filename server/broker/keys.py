@@ -25,6 +25,8 @@ key                     type         holds
 ``task:{task}``         set          ids of the jobs of a task (dropped lazily)
 ``cost:{m}``            hash         task -> JSON list: forecast statistics
 ``prior:{m}``           hash         task -> JSON list: the backend's prior
+``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX)
+``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
 ``ev``                  stream       ``{job, model, kind[, action]}`` wake-up hints
 ``<blob key>``          string       blob bytes (``img:...``, ``in:...``)
 ======================  ===========  ==================================================
@@ -80,6 +82,12 @@ class Keys:
 
     def priors(self, model: str) -> str:
         return f"{self.prefix}prior:{model}"
+
+    def submit(self, key: str) -> str:
+        return f"{self.prefix}idem:{key}"
+
+    def ledger(self, owner: str) -> str:
+        return f"{self.prefix}use:{owner}"
 
     def events(self) -> str:
         return f"{self.prefix}ev"

@@ -47,6 +47,8 @@ class MemoryBroker(LocalEvents):
         self._stats: dict[str, dict[str, np.ndarray]] = {}
         self._stats_version: dict[str, int] = {}
         self._priors: dict[str, dict[str, list[float]]] = {}
+        self._submits: dict[str, tuple[str, str, float]] = {}  # idempotency key -> (job, fingerprint, expiry)
+        self._ledgers: dict[str, dict[str, tuple[float, float, bool]]] = {}  # owner -> job -> (at, seconds, open)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._janitor: asyncio.Task[None] | None = None
 
@@ -281,6 +283,35 @@ class MemoryBroker(LocalEvents):
 
     async def reap(self) -> int:
         return 0  # one process: no lease can outlive its worker
+
+    # ----- idempotent submits and quotas ------------------------------------------------
+
+    async def remember_submit(self, key: str, job_id: str, fingerprint: str, ttl: float) -> tuple[str, str] | None:
+        now = self.now()
+        kept = self._submits.get(key)
+        if kept is not None and kept[2] > now:
+            return kept[0], kept[1]
+        self._submits[key] = (job_id, fingerprint, now + ttl)
+        if len(self._submits) > 2 * len(self._jobs) + 1024:  # forget expired keys now and then
+            self._submits = {k: v for k, v in self._submits.items() if v[2] > now}
+        return None
+
+    async def forget_submit(self, key: str) -> None:
+        self._submits.pop(key, None)
+
+    async def charge(self, owner: str, job_id: str, seconds: float) -> None:
+        self._ledgers.setdefault(owner, {})[job_id] = (self.now(), seconds, True)
+
+    async def settle(self, owner: str, job_id: str, seconds: float) -> None:
+        book = self._ledgers.get(owner, {})
+        if job_id in book:
+            book[job_id] = (book[job_id][0], seconds, False)
+
+    async def ledger(self, owner: str, since: float) -> list[tuple[str, float, float, bool]]:
+        book = self._ledgers.get(owner, {})
+        for job_id in [j for j, (at, _, open_) in book.items() if at <= since and not open_]:
+            del book[job_id]
+        return sorted(((j, at, sec, open_) for j, (at, sec, open_) in book.items()), key=lambda e: e[1])
 
     # ----- forecast statistics ---------------------------------------------------------
 

@@ -37,6 +37,7 @@ from .notify import LocalEvents
 
 log = logging.getLogger(__name__)
 
+PROGRESS_INTERVAL = 0.2  # seconds between two progress writes of one job
 LEVEL_SHIFT = 2**20  # priority + shift = level (priorities in [-2^20, 2^20))
 PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra"))
 LOST_TWICE = "the worker running this job was lost twice (its lease expired); it was not retried again"
@@ -334,19 +335,25 @@ class RedisBroker(LocalEvents):
         return False
 
     def progress_threadsafe(self, job: JobRecord) -> None:
+        """Steps are written at once, then at most every ``PROGRESS_INTERVAL`` per job
+        (the newest step wins): a write wakes this process's loop and takes the GIL
+        from the pipeline thread, which on a fast model costs the GPU more than the
+        write itself."""
         loop = self._loop
         if loop is None or self._closed:
             return
+        self._progress_jobs[job.id] = job  # the newest progress (a dict store: safe from this thread)
+        if job.id in self._progress_tasks:
+            return  # a writer is on it
         with contextlib.suppress(RuntimeError):  # the loop closed under us
-            loop.call_soon_threadsafe(self._progress_kick, job)
+            loop.call_soon_threadsafe(self._progress_kick, job.id)
 
-    def _progress_kick(self, job: JobRecord) -> None:
-        self._progress_jobs[job.id] = job
-        if job.id not in self._progress_tasks and not self._closed:
-            self._progress_tasks[job.id] = asyncio.create_task(self._progress_writer(job.id))
+    def _progress_kick(self, job_id: str) -> None:
+        if job_id not in self._progress_tasks and job_id in self._progress_jobs and not self._closed:
+            self._progress_tasks[job_id] = asyncio.create_task(self._progress_writer(job_id))
 
     async def _progress_writer(self, job_id: str) -> None:
-        """One write in flight per job: the newest step wins."""
+        """One write in flight per job, then a pause that gathers the next steps."""
         backoff = 0.1
         try:
             while job_id in self._progress_jobs:
@@ -357,6 +364,7 @@ class RedisBroker(LocalEvents):
                         "update", job.id, str(job.attempt), "progress", *(x for k, v in fields.items() for x in (k, _json(v)))
                     )
                     backoff = 0.1
+                    await asyncio.sleep(PROGRESS_INTERVAL)
                 except _ERRORS as exc:
                     log.warning("progress of job %s not written (Redis at %s): %s", job_id, self.address, exc)
                     self._progress_jobs.setdefault(job_id, job)
@@ -366,6 +374,8 @@ class RedisBroker(LocalEvents):
                     log.exception("progress of job %s not written", job_id)
         finally:
             self._progress_tasks.pop(job_id, None)
+            if job_id in self._progress_jobs:  # a step came as this writer was leaving
+                self._progress_kick(job_id)
 
     @_guarded
     async def finish(
@@ -601,6 +611,52 @@ class RedisBroker(LocalEvents):
 
     def stats_version(self, model: str) -> int | None:
         return None
+
+    # ----- idempotent submits and quotas ------------------------------------------------
+
+    @_guarded
+    async def remember_submit(self, key: str, job_id: str, fingerprint: str, ttl: float) -> tuple[str, str] | None:
+        name = self.keys.submit(key)
+        if await self._redis.set(name, f"{job_id} {fingerprint}", nx=True, ex=max(1, math.ceil(ttl))):
+            return None
+        kept = await self._redis.get(name)
+        if kept is None:  # expired in between: take it
+            return await self.remember_submit(key, job_id, fingerprint, ttl)
+        held_id, _, held_fp = kept.decode().partition(" ")
+        return held_id, held_fp
+
+    @_guarded
+    async def forget_submit(self, key: str) -> None:
+        await self._redis.delete(self.keys.submit(key))
+
+    @_guarded
+    async def charge(self, owner: str, job_id: str, seconds: float) -> None:
+        # several API nodes may book for one owner at once: each booking is one HSET;
+        # a check against the quota just before it may let one job too many through
+        await self._redis.hset(self.keys.ledger(owner), job_id, _json([self.now(), seconds, True]))
+
+    @_guarded
+    async def settle(self, owner: str, job_id: str, seconds: float) -> None:
+        key = self.keys.ledger(owner)
+        raw = await self._redis.hget(key, job_id)
+        if raw is not None:
+            at = msgspec.json.decode(raw)[0]
+            await self._redis.hset(key, job_id, _json([at, seconds, False]))
+
+    @_guarded
+    async def ledger(self, owner: str, since: float) -> list[tuple[str, float, float, bool]]:
+        key = self.keys.ledger(owner)
+        out: list[tuple[str, float, float, bool]] = []
+        stale: list[bytes] = []
+        for job_id, raw in (await self._redis.hgetall(key)).items():
+            at, seconds, open_ = msgspec.json.decode(raw)
+            if at <= since and not open_:
+                stale.append(job_id)
+            else:
+                out.append((job_id.decode(), float(at), float(seconds), bool(open_)))
+        if stale:
+            await self._redis.hdel(key, *stale)
+        return sorted(out, key=lambda e: e[1])
 
 
 def _client_options(socket_timeout: float) -> dict[str, Any]:

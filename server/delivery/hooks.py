@@ -28,7 +28,7 @@ import msgspec
 
 from ..errors import BadRequest
 from ..jobs import PENDING, ImageResult, JobRecord, JobStatus, result_key
-from ..views import job_status
+from ..views import Signer, job_status
 from .client import make_client
 from .ssrf import UnsafeURL, validate_url
 from .transfer import FetchError, fetch_image, post_webhook, put_upload
@@ -54,9 +54,10 @@ def _first_unsafe(targets: Iterable[tuple[str, str]], allowed_hosts: list[str]) 
 
 
 class Delivery:
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(self, settings: Settings, broker: Broker, sign: Signer | None = None) -> None:
         self.settings = settings
         self.broker = broker
+        self.sign = sign  # image links in webhook payloads work without the key
         self.cfg = settings.delivery
 
     async def fetch_url(self, url: str, field: str) -> bytes:
@@ -128,7 +129,7 @@ class Delivery:
     async def _webhook(self, http: httpx.AsyncClient, job: JobRecord, url: str) -> str:
         job = await self.broker.get(job.id) or job  # with the upload outcomes
         base_url = job.base_url or f"http://{self.settings.host}:{self.settings.port}/"
-        payload = msgspec.structs.replace(job_status(job, base_url), webhook=None)
+        payload = msgspec.structs.replace(job_status(job, base_url, sign=self.sign), webhook=None)
         outcome = await post_webhook(url, msgspec.to_builtins(payload), self.cfg, client=http, msg_id=f"msg_{job.id}")
         webhook = "ok" if outcome.ok else f"failed: {outcome.error}"
         await self.broker.update(job, {"webhook": webhook})

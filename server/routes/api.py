@@ -11,6 +11,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ..auth import caller_of
 from ..build import build_job
 from ..errors import BadRequest, Gone, NotFound
 from ..jobs import JobRecord, JobStatus
@@ -27,6 +28,7 @@ from ..schemas import (
     TasksResponse,
     UpscaleRequest,
 )
+from ..service import Idempotency
 from ..views import job_status, submitted
 from .common import base_url, decode_form, decode_json, json_response, service_of, upscaler_of
 from .models import models_response
@@ -45,18 +47,20 @@ async def submit(request: Request, task: str) -> Response:
     ms = await service.served_model(req.model)
     job, inputs = await build_job(req, ms, service.settings, task, uploads=uploads, fetch=service.fetch_url)
     job.base_url = base_url(request)
-    await service.submit(job, inputs.blobs)
+    idempotency = Idempotency.of(request.headers.get("idempotency-key"), task.encode(), msgspec.json.encode(req), *uploads)
+    job = await service.submit(job, inputs.blobs, caller_of(request.scope), idempotency)
     return accepted(job)
 
 
 async def upscale(request: Request) -> Response:
     req = await decode_json(request, UpscaleRequest)
-    job = await upscaler_of(request).submit(service_of(request), req)
+    idempotency = Idempotency.of(request.headers.get("idempotency-key"), b"upscale", msgspec.json.encode(req))
+    job = await upscaler_of(request).submit(service_of(request), req, caller_of(request.scope), idempotency)
     return accepted(job)
 
 
 def accepted(job: JobRecord) -> Response:
-    return json_response(submitted(job), status_code=202)
+    return json_response(submitted(job))
 
 
 async def generate(request: Request) -> Response:
@@ -71,7 +75,7 @@ async def _job(request: Request) -> JobRecord:
     task_id = request.query_params.get("task_id") or request.path_params.get("task_id")
     if not task_id:
         raise BadRequest("task_id is required (?task_id=...)", param="task_id")
-    return await service_of(request).get(task_id)
+    return await service_of(request).get(task_id, caller_of(request.scope))
 
 
 def _float_param(request: Request, name: str, default: float, maximum: float) -> float:
@@ -86,7 +90,8 @@ def _float_param(request: Request, name: str, default: float, maximum: float) ->
 
 
 async def status_of(request: Request, job: JobRecord) -> JobStatusResponse:
-    return job_status(job, base_url(request), await service_of(request).where(job))
+    service = service_of(request)
+    return job_status(job, base_url(request), await service.where(job), service.sign)
 
 
 async def status(request: Request) -> Response:
@@ -162,8 +167,9 @@ async def tasks(request: Request) -> Response:
     service = service_of(request)
     limit = int(_float_param(request, "limit", 50, 1000))
     base = base_url(request)
-    queue = [job_status(j, base, await service.where(j)) for j in await service.queue(limit)]
-    recent = [job_status(j, base) for j in await service.recent(limit)]
+    caller = caller_of(request.scope)
+    queue = [job_status(j, base, await service.where(j), service.sign) for j in await service.queue(limit, caller)]
+    recent = [job_status(j, base, sign=service.sign) for j in await service.recent(limit, caller)]
     return json_response(TasksResponse(queue=queue, recent=recent))
 
 
@@ -177,7 +183,7 @@ async def cancel(request: Request) -> Response:
 
 
 async def clear(request: Request) -> Response:
-    return json_response(ClearResponse(cancelled=await service_of(request).clear()))
+    return json_response(ClearResponse(cancelled=await service_of(request).clear(caller_of(request.scope))))
 
 
 async def ls(request: Request) -> Response:

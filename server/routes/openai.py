@@ -13,9 +13,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ..auth import caller_of
 from ..build import build_job
 from ..errors import ApiError, BadRequest
 from ..jobs import JobRecord
@@ -32,6 +34,7 @@ from ..openai_shim import (
 )
 from ..openapi import Doc, route
 from ..schemas_openai import OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
+from ..service import Idempotency
 from ..views import image_url
 from .api import SSE_HEADERS
 from .common import base_url, decode_form, decode_json, json_response, service_of
@@ -57,7 +60,7 @@ async def answer(request: Request, task: str) -> Response:
     req, job = await submit(request, task)
     echo = Echo.of(req, job)
     if req.stream:
-        body = stream(service, job, echo, req.partial_images or 0)
+        body = stream(service, job, echo, req.partial_images or 0, keep=bool(request.headers.get("idempotency-key")))
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     job = await wait_for(request, service, job)
     raise_for_outcome(service, job)
@@ -93,17 +96,26 @@ async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, JobRe
     if req.stream:
         job.partial_images = req.partial_images or 0
     job.base_url = base_url(request)
-    await service.submit(job, inputs.blobs)
+    idempotency = Idempotency.of(
+        request.headers.get("idempotency-key"), task.encode(), msgspec.json.encode(req), *uploads, mask or b""
+    )
+    job = await service.submit(job, inputs.blobs, caller_of(request.scope), idempotency)
     return req, job
 
 
 async def wait_for(request: Request, service: Service, job: JobRecord) -> JobRecord:
-    """Wait until ``job`` ends; if the caller disconnects first, cancel the job so no
-    GPU time goes to an answer nobody reads."""
+    """Wait until ``job`` ends.  If the caller disconnects first, cancel the job so no
+    GPU time goes to an answer nobody reads, unless it sent an ``Idempotency-Key``:
+    then it said it will come back for the answer (a retry with the key waits on the
+    same job)."""
+    keep = bool(request.headers.get("idempotency-key"))
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        if keep:
+            log.info("job %s: the caller disconnected; its Idempotency-Key keeps the job", job.id)
+            return
         log.info("job %s: the caller disconnected; cancelling", job.id)
         await service.cancel(job)
 
@@ -121,7 +133,7 @@ async def images_response(
 ) -> OpenAIImagesResponse:
     base = base_url(request)
     if req.response_format == "url":
-        data = [OpenAIImage(url=image_url(base, job, r.index), revised_prompt=r.prompt) for r in job.results]
+        data = [OpenAIImage(url=service.sign(image_url(base, job, r.index), job), revised_prompt=r.prompt) for r in job.results]
     else:
         data = [OpenAIImage(b64_json=(await service.image(job, r.index, delete=False))[1], revised_prompt=r.prompt) for r in job.results]
     return OpenAIImagesResponse(
@@ -135,7 +147,7 @@ async def images_response(
     )
 
 
-async def stream(service: Service, job: JobRecord, echo: Echo, limit: int) -> AsyncIterator[bytes]:
+async def stream(service: Service, job: JobRecord, echo: Echo, limit: int, keep: bool) -> AsyncIterator[bytes]:
     """Partial images as they come, then one ``completed`` event per image.  The
     response is cancelled when the caller disconnects; ``finally`` then cancels
     the job (a no-op once it has finished)."""
@@ -161,7 +173,7 @@ async def stream(service: Service, job: JobRecord, echo: Echo, limit: int) -> As
             _, data = await service.image(job, r.index, delete=False)
             yield sse(f"{echo.prefix}.completed", completed_event(echo, job, data))
     finally:
-        if not job.status.finished:
+        if not job.status.finished and not keep:
             await service.cancel(job)
 
 

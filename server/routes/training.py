@@ -11,6 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..auth import Caller, caller_of
 from ..errors import BadRequest, NotFound
 from ..jobs import JobRecord, JobStatus
 from ..openapi import Doc, Param, route
@@ -34,14 +35,14 @@ STOP_WAIT_SECONDS = 60.0  # a stopped run saves its checkpoint before it ends
 ENDPOINT_BACKENDS = {"flux-lora": "flux2_klein", "z-image-lora": "z_image"}
 
 
-async def queue_training(service: Service, req: TrainRequest) -> JobRecord:
+async def queue_training(service: Service, req: TrainRequest, caller: Caller) -> JobRecord:
     job = await build_train_job(service, req)
-    return await service.submit(job, {})
+    return await service.submit(job, {}, caller)
 
 
 async def train(request: Request) -> Response:
     service = service_of(request)
-    job = await queue_training(service, decode(await read_body(request), TrainRequest))
+    job = await queue_training(service, decode(await read_body(request), TrainRequest), caller_of(request.scope))
     return json_response(
         SubmitResponse(
             task_id=job.id,
@@ -50,8 +51,7 @@ async def train(request: Request) -> Response:
             pos=job.pos_at_submit,
             status=job.status.value,
             seed=job.extra.get("seed"),
-        ),
-        status_code=202,
+        )
     )
 
 
@@ -164,8 +164,8 @@ def training_endpoints(endpoint: str) -> tuple[Handler, Handler, Handler]:
     async def start(request: Request) -> Response:
         service = service_of(request)
         req = decode(await read_body(request), SeedTrainRequest)
-        job = await queue_training(service, await seed_request(service, backend, req))
-        return json_response(await run_of(service, job), status_code=202)
+        job = await queue_training(service, await seed_request(service, backend, req), caller_of(request.scope))
+        return json_response(await run_of(service, job))
 
     async def stop(request: Request) -> Response:
         service = service_of(request)
