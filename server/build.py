@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -199,6 +200,9 @@ async def build_job(
         if not caps.supports_init_image:
             raise BadRequest(f"model {ms.name!r} does not do img2img; drop init_image", param="init_image")
         init = inputs.add("init", data)
+    if req.deadline_seconds is not None and req.deadline_at is not None:
+        raise BadRequest("give either deadline_seconds or deadline_at, not both", param="deadline_seconds")
+    deadline = time.time() + req.deadline_seconds if req.deadline_seconds is not None else req.deadline_at
     loras = [Lora(lr.name, lr.scale) for lr in req.loras or []]
     if loras and not caps.supports_lora:
         raise BadRequest(f"model {ms.name!r} has no lora_dir configured, so loras cannot be used", param="loras")
@@ -240,5 +244,6 @@ async def build_job(
         upload_urls=req.upload_urls,
         webhook_url=req.webhook_url,
         inputs=list(inputs.blobs),
+        deadline_at=deadline,
     )
     return job, inputs

@@ -34,6 +34,10 @@ class ApiError(Exception):
     def headers(self) -> dict[str, str]:
         return {} if self.retryable else {"x-should-retry": "false"}
 
+    def details(self) -> dict[str, float]:
+        """Extra fields of the error body (``ErrorDetail``)."""
+        return {}
+
 
 class BadRequest(ApiError):
     status = 400
@@ -105,6 +109,26 @@ class QuotaExceeded(ApiError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class DeadlineUnreachable(ApiError):
+    """The job is forecast to finish after its deadline: refused before it exists."""
+
+    status = 422
+    code = "deadline_unreachable"
+
+    def __init__(self, message: str, *, forecast_finish_at: float, earliest_deadline_at: float, now: float) -> None:
+        super().__init__(message, param="deadline_seconds")
+        self.finish = forecast_finish_at
+        self.earliest = earliest_deadline_at
+        self.now = now
+
+    def details(self) -> dict[str, float]:
+        return {
+            "forecast_finish_at": round(self.finish, 3),
+            "earliest_deadline_at": round(self.earliest, 3),
+            "earliest_deadline_seconds": round(self.earliest - self.now, 3),
+        }
+
+
 class Unavailable(ApiError):
     status = 503
     type = "server_error"
@@ -123,13 +147,13 @@ class JobFailed(ApiError):
 _encoder = msgspec.json.Encoder()
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
-    return _encoder.encode(ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)))
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None, **details: float) -> bytes:
+    return _encoder.encode(ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code, **details)))
 
 
 def render(exc: ApiError) -> Response:
     return Response(
-        error_body(exc.message, exc.type, exc.param, exc.code),
+        error_body(exc.message, exc.type, exc.param, exc.code, **exc.details()),
         status_code=exc.status,
         media_type="application/json",
         headers=exc.headers(),

@@ -121,6 +121,7 @@ class JobRecord(Struct, kw_only=True):
     owner: str | None = None  # id of the API key that submitted it (never the key)
     base_url: str = ""  # the server's URL as the submitter saw it (webhook payloads)
     inputs: list[str] = []  # blob keys of the uploaded images, deleted with the job
+    deadline_at: float | None = None  # done by then, or refused / ended as error before it runs
     partial_images: int = 0  # previews asked for (OpenAI stream): blobs preview_key(id, k)
     # --- forecast at submission ---
     features: list[float] = []  # forecast.FEATURES summed over the pipeline calls
@@ -140,6 +141,7 @@ class JobRecord(Struct, kw_only=True):
     step: int = 0
     total_steps: int = 0
     message: str | None = None
+    code: str | None = None  # why it failed, for programs (deadline_missed...)
     worker_seconds: float | None = None  # time on the worker, encoding excluded: what forecasts learn
     previews: int = 0  # partial images stored so far
     results: list[ImageResult] = []

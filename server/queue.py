@@ -235,10 +235,12 @@ class ModelQueue:
             out = out + self._levels[priority].total
         return out
 
-    def total(self) -> np.ndarray:
+    def total(self, priority: int | None = None) -> np.ndarray:
+        """Summed vectors of every waiting job (of priority <= ``priority``: what a new
+        job of that priority would queue behind)."""
         out = np.zeros(WIDTH, dtype=np.float64)
-        for level in self._levels.values():
-            out += level.total
+        for p in self._levels.irange(maximum=priority):
+            out += self._levels[p].total
         return out
 
     def jobs(self, limit: int | None = None) -> list[Job]:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import numpy as np
 
+from . import deadlines
 from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, failure_message
 from .backends.isolated import IsolatedBackend
 from .broker.base import Broker, BrokerUnavailable, WorkerInfo
@@ -437,6 +438,10 @@ class Runner:
     async def run_job(self, ms: ModelState, job: JobRecord) -> None:
         """Run ``job``'s pipeline calls; hand the rest to ``_finish_job`` (a task)."""
         r = self.running[job.id] = Running(job, job.attempt)
+        if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
+            self.running.pop(job.id, None)  # it cannot make it any more: not on the GPU
+            await self._end(job, r, JobStatus.ERROR, missed)
+            return
         self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
         log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
         ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop())

@@ -69,6 +69,8 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True, omit_def
     upload_urls: list[str] | None = None
     webhook_url: str | None = None
     metadata: dict[str, Any] | None = None
+    deadline_seconds: Annotated[float, Meta(gt=0, description="Refuse the job (422) unless it is forecast to be done within this many seconds; a queued job that can no longer make it ends as error (deadline_missed) before it runs.")] | None = None
+    deadline_at: Annotated[float, Meta(gt=0, description="The same as an absolute unix time.")] | None = None
 
 
 AdapterName = Annotated[
@@ -228,6 +230,8 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     attempt: Annotated[int, Meta(description="How many times a worker has started the job (a worker lost mid-job: it runs again).")] = 0
     worker: Annotated[str, Meta(description="The worker running (or that ran) the job.")] | None = None
     gpu_seconds: Annotated[float, Meta(description="Worker time the finished job used: what its key's quota is charged.")] | None = None
+    deadline_at: Annotated[float, Meta(description="The job's deadline (unix time), if it has one.")] | None = None
+    code: Annotated[str, Meta(description="Why an error job failed, for programs: e.g. deadline_missed.")] | None = None
 
 
 class TasksResponse(Struct, kw_only=True):
@@ -296,11 +300,15 @@ class Healthz(Struct):
     status: str
 
 
-class ErrorDetail(Struct, kw_only=True):
+class ErrorDetail(Struct, kw_only=True, omit_defaults=True):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
+    # deadline_unreachable: when the job is forecast to finish, and the earliest deadline that would do
+    forecast_finish_at: float | None = None
+    earliest_deadline_at: float | None = None
+    earliest_deadline_seconds: float | None = None
 
 
 class ErrorResponse(Struct, kw_only=True):

@@ -49,6 +49,7 @@ class EaselKnobs(Struct, kw_only=True):
     strength: Annotated[float, Meta(ge=0, le=1, description="Edit strength (img2img-style models).")] | None = None
     loras: Annotated[list[dict[str, Any]], Meta(description="[{name, scale}] as in /api/generate.")] | None = None
     priority: Annotated[Union[bool, int], Meta(description="As in /api/generate.")] | None = None
+    deadline_seconds: Annotated[float, Meta(gt=0, description="As in /api/generate: refused (422) if it cannot be met.")] | None = None
 
 
 class OpenAIImageRequest(EaselKnobs, kw_only=True):

@@ -17,6 +17,7 @@ import msgspec
 
 from .auth import OPEN, Caller, Keys
 from .broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
+from .deadlines import end_if_missed, refuse_unreachable
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .forecast import features, sum_features
 from .jobs import ImageResult, JobRecord, JobStatus, preview_key, result_key
@@ -194,6 +195,7 @@ class Service:
             job.total_steps = sum(it.steps for it in job.items)
         cost = await self.forecasts.cost(job.model)
         job.predicted = predict(cost, job)
+        await refuse_unreachable(self.forecasts, job)
         await check_and_charge(self.forecasts, caller, job)
         try:
             await self.broker.submit(job, blobs, self.settings.queue.capacity)
@@ -224,8 +226,14 @@ class Service:
             )
         return job
 
-    async def where(self, job: JobRecord) -> Where:
-        return await standing(self.forecasts, job)
+    async def where(self, job: JobRecord) -> tuple[JobRecord, Where]:
+        """Where ``job`` stands (a waiting job past hope of its deadline ends here)."""
+        where = await standing(self.forecasts, job)
+        if job.deadline_at is not None and job.status is JobStatus.WAITING:
+            job = await end_if_missed(self.forecasts, job, where)
+            if job.status.finished:
+                where = await standing(self.forecasts, job)
+        return job, where
 
     async def wait_while(self, job: JobRecord, busy: Callable[[JobRecord], bool], deadline: float) -> JobRecord:
         """Wait through status changes while ``busy(job)`` holds, until ``deadline``

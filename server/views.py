@@ -64,6 +64,8 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Sig
         webhook=job.webhook,
         attempt=job.attempt,
         gpu_seconds=round(gpu_seconds(job), 4) if job.status.finished else None,
+        deadline_at=job.deadline_at,
+        code=job.code,
         worker=job.worker,
     )
 

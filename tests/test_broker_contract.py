@@ -168,6 +168,16 @@ async def test_standing_counts_running_jobs(broker: Broker) -> None:
     assert empty.running == [] and not empty.ahead.any()
 
 
+async def test_a_job_not_queued_stands_behind_what_it_would_queue_behind_at_its_priority(broker: Broker) -> None:
+    queued = [make_job(priority=p, steps=s) for p, s in [(0, 4), (-1, 8), (0, 2), (3, 16)]]
+    for j in queued:
+        await broker.submit(j, {}, capacity=10)
+    for priority, behind in [(0, queued[:3]), (-1, queued[1:2]), (-5, []), (3, queued)]:
+        st = await broker.standing(make_job(priority=priority), "m")
+        assert int(st.ahead[DIM]) == len(behind), priority
+        np.testing.assert_allclose(st.ahead, sum((vector(j) for j in behind), np.zeros(WIDTH)), atol=1e-9)
+
+
 async def test_capacity_refuses_a_full_queue(broker: Broker) -> None:
     for _ in range(3):
         await broker.submit(make_job(), {}, capacity=3)
@@ -352,6 +362,30 @@ async def test_cost_stats_and_priors(broker: Broker) -> None:
     await broker.set_priors("m", priors)
     assert await broker.priors("m") == priors
     assert await broker.priors("other") == {}
+
+
+async def test_an_idempotency_key_is_kept_once_and_can_be_forgotten(broker: Broker) -> None:
+    assert await broker.remember_submit("alice:k1", "job1", "fp1", ttl=60) is None
+    assert await broker.remember_submit("alice:k1", "job2", "fp2", ttl=60) == ("job1", "fp1")  # nothing changed
+    assert await broker.remember_submit("bob:k1", "job3", "fp1", ttl=60) is None  # another owner's key
+    await broker.forget_submit("alice:k1")
+    assert await broker.remember_submit("alice:k1", "job4", "fp4", ttl=60) is None
+
+
+async def test_the_ledger_books_settles_and_forgets_old_settled_entries(broker: Broker) -> None:
+    now = broker.now()
+    await broker.charge("alice", "a", 1.5)
+    await broker.charge("alice", "b", 2.0)
+    await broker.charge("bob", "c", 9.0)
+    entries = await broker.ledger("alice", now - 3600)
+    assert [(e[0], e[2], e[3]) for e in entries] == [("a", 1.5, True), ("b", 2.0, True)]
+    assert all(now - 5 <= e[1] <= broker.now() + 5 for e in entries)
+    await broker.settle("alice", "a", 0.25)
+    await broker.settle("alice", "unknown", 1.0)  # never booked: nothing happens
+    assert [(e[0], e[2], e[3]) for e in await broker.ledger("alice", now - 3600)] == [("a", 0.25, False), ("b", 2.0, True)]
+    # settled entries booked before ``since`` are forgotten; open ones are kept
+    assert [e[0] for e in await broker.ledger("alice", broker.now() + 1)] == ["b"]
+    assert [e[0] for e in await broker.ledger("alice", now - 3600)] == ["b"]
 
 
 async def test_workers_presence(broker: Broker) -> None:

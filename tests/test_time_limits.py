@@ -52,7 +52,9 @@ def test_job_over_its_timeout_ends_as_error_naming_the_limit(server_factory: Cal
     assert st["status"] == "done", st
 
 
-def test_isolated_model_that_hangs_is_killed_restarted_and_serves_the_next_job(server_factory: Callable[..., RunningServer]) -> None:
+def test_isolated_model_that_hangs_is_killed_restarted_and_serves_the_next_job(
+    server_factory: Callable[..., RunningServer],
+) -> None:
     srv = server_factory(stub_settings(isolate=True, stall_seconds=1))
     c = srv.client
     st, took = run_until_finished(c, submit(c, "hang"))

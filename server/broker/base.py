@@ -80,7 +80,8 @@ class Broker(Protocol):
         set.  Waits up to ``timeout`` seconds for one; None if none came."""
 
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
-        """What is ahead of waiting ``job`` (O(log n)); ``job`` None: everything queued."""
+        """What is ahead of waiting ``job`` (O(log n)); of a job not in the queue (yet):
+        what it would queue behind at its priority now; ``job`` None: everything queued."""
 
     async def depth(self, model: str) -> tuple[int, int]:
         """(waiting, running) of ``model``."""
@@ -110,12 +111,20 @@ class Broker(Protocol):
         the runner's copy: make the progress visible (coalesced, never blocking)."""
 
     async def finish(
-        self, job: JobRecord, status: JobStatus, fields: dict[str, Any], *, attempt: int | None, blobs: dict[str, bytes]
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        fields: dict[str, Any],
+        *,
+        attempt: int | None,
+        blobs: dict[str, bytes],
+        only_waiting: bool = False,
     ) -> bool:
         """End the job: result blobs first (with the result TTL), then the record's
         ``fields``, ``status`` and ``finished_at``, out of the running set, then the
         event.  With ``attempt``: refused (False) unless it is the job's current attempt
-        and the job has not finished (a late result of a lost lease)."""
+        and the job runs (a late result of a lost lease is refused).  With
+        ``only_waiting``: refused unless the job is still waiting (it never ran)."""
 
     async def release(self, job: JobRecord, attempt: int) -> bool:
         """Put a running job back at the head of its priority, without using up its

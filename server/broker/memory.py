@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..forecast import STATS, WIDTH, apply, job_vector
+from ..forecast import STATS, apply, job_vector
 from ..jobs import JobRecord, JobStatus, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
@@ -105,7 +105,7 @@ class MemoryBroker(LocalEvents):
         if job is None:
             return Standing(running=running, ahead=q.total())
         entry = q.entries.get(job.id)
-        ahead = q.ahead(entry) if entry is not None else np.zeros(WIDTH)
+        ahead = q.ahead(entry) if entry is not None else q.total(job.priority)  # not queued: as if it were now
         return Standing(running=running, ahead=ahead)
 
     async def depth(self, model: str) -> tuple[int, int]:
@@ -160,10 +160,17 @@ class MemoryBroker(LocalEvents):
             self._loop.call_soon_threadsafe(self.notifier.changed_progress, job.id)
 
     async def finish(
-        self, job: JobRecord, status: JobStatus, fields: dict[str, Any], *, attempt: int | None, blobs: dict[str, bytes]
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        fields: dict[str, Any],
+        *,
+        attempt: int | None,
+        blobs: dict[str, bytes],
+        only_waiting: bool = False,
     ) -> bool:
         stored = self._current(job, attempt)
-        if stored is None or stored.status.finished:
+        if stored is None or stored.status.finished or (only_waiting and stored.status is not JobStatus.WAITING):
             return False
         self._blobs.update(blobs)
         self._result_bytes += sum(len(b) for b in blobs.values())

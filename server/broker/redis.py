@@ -237,7 +237,8 @@ class RedisBroker(LocalEvents):
 
     @_guarded
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
-        running_raw, totals, prefix, waits = await self._script("standing", model, job.id if job is not None else "", WIDTH)
+        level = str(job.priority + LEVEL_SHIFT) if job is not None else ""
+        running_raw, totals, prefix, waits = await self._script("standing", model, job.id if job is not None else "", WIDTH, level)
         running = [r for r in (decode_record(raw) for raw in running_raw) if r is not None]
         running.sort(key=lambda j: j.seq)
         ahead = np.zeros(WIDTH, dtype=np.float64)
@@ -379,7 +380,14 @@ class RedisBroker(LocalEvents):
 
     @_guarded
     async def finish(
-        self, job: JobRecord, status: JobStatus, fields: dict[str, Any], *, attempt: int | None, blobs: dict[str, bytes]
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        fields: dict[str, Any],
+        *,
+        attempt: int | None,
+        blobs: dict[str, bytes],
+        only_waiting: bool = False,
     ) -> bool:
         ttl = self._ttl_seconds()
         if blobs:
@@ -394,7 +402,8 @@ class RedisBroker(LocalEvents):
         pairs: list[Any] = []
         for name, value in fields.items():
             pairs += [name, _json(value)]
-        res = await self._script("finish", job.id, "" if attempt is None else str(attempt), _json(JobStatus(status)), ttl, *pairs)
+        fence = "waiting" if only_waiting else "" if attempt is None else str(attempt)
+        res = await self._script("finish", job.id, fence, _json(JobStatus(status)), ttl, *pairs)
         if not res:
             return False
         for name, value in fields.items():

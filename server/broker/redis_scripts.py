@@ -191,7 +191,7 @@ return false
 # the Fenwick prefix nodes of the job's own level (HMGET, summed by the caller),
 # 1 if the job waits (or no job was named) else 0}.
 STANDING = PRELUDE + r"""
-local m, id, width = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local m, id, width, newlevel = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local running = {}
 for _, rid in ipairs(redis.call('ZRANGE', k_run(m), 0, -1)) do
   running[#running + 1] = redis.call('HGETALL', k_job(rid))
@@ -199,14 +199,19 @@ end
 local level, pos
 if id ~= '' then
   local s = redis.call('ZSCORE', k_q(m), id)
-  if not s then return {running, {}, {}, 0} end
-  s = tonumber(s)
-  level = math.floor(s / TWO32)
-  pos = s - level * TWO32
+  if s then
+    s = tonumber(s)
+    level = math.floor(s / TWO32)
+    pos = s - level * TWO32
+  elseif not newlevel or newlevel == '' then
+    return {running, {}, {}, 0}
+  end
 end
 local levels
 if level then
   levels = redis.call('ZRANGEBYSCORE', k_lv(m), '-inf', '(' .. int(level))
+elseif newlevel and newlevel ~= '' then  -- a job not queued: what it would queue behind
+  levels = redis.call('ZRANGEBYSCORE', k_lv(m), '-inf', newlevel)
 else
   levels = redis.call('ZRANGE', k_lv(m), 0, -1)
 end
@@ -255,7 +260,11 @@ local jk = k_job(id)
 if redis.call('EXISTS', jk) == 0 then return false end
 local current = redis.call('HGET', jk, 'status')
 if FINISHED[current] then return false end
-if attempt ~= '' and (redis.call('HGET', jk, 'attempt') ~= attempt or current ~= '"running"') then return false end
+if attempt == 'waiting' then  -- only a job that has not started (a missed deadline)
+  if current ~= '"waiting"' then return false end
+elseif attempt ~= '' and (redis.call('HGET', jk, 'attempt') ~= attempt or current ~= '"running"') then
+  return false
+end
 local m = model_of(jk)
 local t = now()
 set_pairs(jk, 7)

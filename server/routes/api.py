@@ -91,7 +91,8 @@ def _float_param(request: Request, name: str, default: float, maximum: float) ->
 
 async def status_of(request: Request, job: JobRecord) -> JobStatusResponse:
     service = service_of(request)
-    return job_status(job, base_url(request), await service.where(job), service.sign)
+    job, where = await service.where(job)
+    return job_status(job, base_url(request), where, service.sign)
 
 
 async def status(request: Request) -> Response:
@@ -168,7 +169,10 @@ async def tasks(request: Request) -> Response:
     limit = int(_float_param(request, "limit", 50, 1000))
     base = base_url(request)
     caller = caller_of(request.scope)
-    queue = [job_status(j, base, await service.where(j), service.sign) for j in await service.queue(limit, caller)]
+    queue = []
+    for job in await service.queue(limit, caller):
+        job, where = await service.where(job)
+        queue.append(job_status(job, base, where, service.sign))
     recent = [job_status(j, base, sign=service.sign) for j in await service.recent(limit, caller)]
     return json_response(TasksResponse(queue=queue, recent=recent))
 
