@@ -116,6 +116,8 @@ class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     output_dir: str | None = None  # also write every result to disk when set
+    # results carry their parameters (A1111 infotext: PNG text chunk, JPEG/WEBP EXIF); false for privacy
+    embed_metadata: bool = True
 
 
 class TrainingConfig(Struct, forbid_unknown_fields=True, kw_only=True):

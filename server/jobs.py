@@ -88,6 +88,15 @@ class ImageResult(Struct, kw_only=True):
         return EXTENSIONS[self.format]
 
 
+IMAGE_TOKEN_BASE, IMAGE_TOKEN_TILE, TILE = 85, 170, 512
+
+
+def image_tokens(width: int, height: int) -> int:
+    """The tokens an image counts in OpenAI usage: 85 + 170 per started 512x512 tile
+    at its own size (OpenAI's vision tile rule, without its resizing)."""
+    return IMAGE_TOKEN_BASE + IMAGE_TOKEN_TILE * (-(-width // TILE)) * (-(-height // TILE))
+
+
 def new_id() -> str:
     return secrets.token_hex(8)
 
@@ -98,6 +107,11 @@ def result_key(job_id: str, index: int) -> str:
 
 def preview_key(job_id: str, index: int) -> str:
     return f"prev:{job_id}:{index}"
+
+
+def live_preview_key(job_id: str) -> str:
+    """The latest live preview of a running job (``/api/events?previews=true``), overwritten."""
+    return f"prev:{job_id}:live"
 
 
 def input_key(job_id: str, name: str) -> str:
@@ -144,9 +158,17 @@ class JobRecord(Struct, kw_only=True):
     code: str | None = None  # why it failed, for programs (deadline_missed...)
     worker_seconds: float | None = None  # time on the worker, encoding excluded: what forecasts learn
     previews: int = 0  # partial images stored so far
+    followed_until: float | None = None  # someone streams its progress (SSE) until then: steps are written at once
+    preview_wanted_until: float = 0.0  # someone follows the job with previews=true until then
+    preview_seq: int = 0  # live previews stored so far (the latest is the blob live_preview_key(id))
+    preview_step: int = 0  # the step the latest live preview shows
     results: list[ImageResult] = []
     webhook: str | None = None  # pending / ok / failed: reason (with webhook_url)
     extra: dict[str, Any] = {}  # backend/training status (loss...)
+    # --- counted by the worker (the model's tokenizer; OpenAI usage) ---
+    text_tokens: int | None = None  # prompt tokens as the text encoder sees them, over all items
+    image_tokens: int | None = None  # tokens of the reference images (openai_shim.image_tokens)
+    warnings: list[str] = []  # e.g. a prompt cut to the text encoder's length
 
     @property
     def task_length(self) -> int:

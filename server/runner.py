@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import numpy as np
 
-from . import deadlines
+from . import deadlines, infotext
 from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, failure_message
 from .backends.isolated import IsolatedBackend
 from .broker.base import Broker, BrokerUnavailable, WorkerInfo
 from .build import decode_image
 from .errors import Conflict
 from .forecast import FORGET, TASKS, observation
-from .jobs import PENDING, ImageResult, JobRecord, JobStatus, preview_key, result_key
+from .jobs import PENDING, ImageResult, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from .watchdog import job_limit, stall_message, timeout_message, watch
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("easel")
 CLAIM_WAIT_SECONDS = 1.0  # a claim waits this long for work before the loop checks whether to stop
 KILLED_CALL_WAIT = 30.0  # seconds a killed model process's blocked call gets to return
+LIVE_PREVIEW_INTERVAL = 0.25  # seconds between live previews of one job (at most 4 a second)
+LIVE_PREVIEW_REFRESH = 0.5  # how often a running job re-reads whether someone follows its previews
+LIVE_PREVIEW_QUALITY = 70  # JPEG quality of live previews
 
 
 class Stalled(Exception):
@@ -77,7 +80,15 @@ def worker_id() -> str:
 
 class JobContext:
     """``StepContext`` for one job (worker thread): maps item-local steps onto the
-    job's total and makes progress visible through the broker."""
+    job's total and makes progress visible through the broker.
+
+    Previews, one mechanism for two askers: the OpenAI stream's ``partial_images``
+    (exactly that many, spread over the steps: blobs ``preview_key(job, k)``, counted
+    by the record's ``previews``), and live previews while someone follows the job with
+    ``/api/events?previews=true`` (the record's ``preview_wanted_until``, renewed by the
+    follower and re-read here every ``LIVE_PREVIEW_REFRESH`` s on the loop): at most one
+    every ``LIVE_PREVIEW_INTERVAL`` s, the latest only (blob ``live_preview_key(job)``,
+    overwritten; the record's ``preview_seq`` / ``preview_step`` say which)."""
 
     def __init__(self, job: JobRecord, broker: Broker, cancel: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
         self.job = job
@@ -92,6 +103,10 @@ class JobContext:
         self.started_at = job.started_at or broker.now()  # the broker's clock, as the claim set it
         self.preview_steps = preview_steps(job.total_steps, job.partial_images)
         self._previews = 0
+        self.live_until = job.preview_wanted_until  # broker clock
+        self._live_seq = job.preview_seq
+        self._last_live = -LIVE_PREVIEW_INTERVAL  # time.monotonic() of the last live preview
+        self._wanted: tuple[int, bool, bool] | None = None  # (step, partial, live) of the preview asked for
         self._flushing = False  # an update of ``extra`` / ``previews`` is in flight
         self._dirty: dict[str, Any] = {}
         self._blobs: list[tuple[str, bytes]] = []
@@ -110,13 +125,43 @@ class JobContext:
         self.broker.progress_threadsafe(job)
 
     def wants_preview(self, i: int) -> bool:
-        return (self.offset + i) in self.preview_steps
+        step = self.offset + i
+        partial = step in self.preview_steps
+        now = time.monotonic()
+        live = (
+            step < self.job.total_steps  # the last step's image is the result
+            and now - self._last_live >= LIVE_PREVIEW_INTERVAL
+            and self.live_until > self.started_at + (now - self.started)
+        )
+        if live:
+            self._last_live = now
+        self._wanted = (step, partial, live) if partial or live else None
+        return self._wanted is not None
 
     def preview(self, image: Image) -> None:
-        """A partial image (OpenAI ``partial_images``): stored as the blob
-        ``preview_key(job, k)``; the record's ``previews`` counts them."""
-        data = encode(image, self.job.format, self.job.quality)
-        self.loop.call_soon_threadsafe(self._preview_ready, data)
+        """The preview asked for by the last ``wants_preview``: a partial image
+        (OpenAI ``partial_images``: the blob ``preview_key(job, k)``, counted by the
+        record's ``previews``) and/or the live preview (a JPEG, ``live_preview_key``)."""
+        wanted, self._wanted = self._wanted, None
+        if wanted is None:
+            return
+        step, partial, live = wanted
+        if partial:
+            self.loop.call_soon_threadsafe(self._preview_ready, encode(image, self.job.format, self.job.quality))
+        if live:
+            self.loop.call_soon_threadsafe(self._live_ready, step, encode(image, "JPEG", LIVE_PREVIEW_QUALITY))
+
+    async def follow_previews(self) -> None:
+        """Re-read (on the loop) whether someone follows the job's live previews,
+        until cancelled: the follower may be another process (an API node)."""
+        while True:
+            await asyncio.sleep(LIVE_PREVIEW_REFRESH)
+            try:
+                record = await self.broker.get(self.job_id)
+            except BrokerUnavailable:
+                continue
+            if record is not None:
+                self.live_until = record.preview_wanted_until
 
     def set_extra(self, **values: Any) -> None:
         """Publish backend-specific status (training loss...)."""
@@ -128,6 +173,10 @@ class JobContext:
         key = preview_key(self.job_id, self._previews)
         self._previews += 1
         self._push({"previews": self._previews}, (key, data))
+
+    def _live_ready(self, step: int, data: bytes) -> None:
+        self._live_seq += 1
+        self._push({"preview_seq": self._live_seq, "preview_step": step}, (live_preview_key(self.job_id), data))
 
     def _extra_ready(self, values: dict[str, Any]) -> None:
         self.job.extra = {**self.job.extra, **values}
@@ -208,20 +257,35 @@ def execute(
     return images, seconds
 
 
-def encode(img: Image, fmt: str, quality: int) -> bytes:
+def encode(img: Image, fmt: str, quality: int, parameters: str | None = None) -> bytes:
+    """``img`` as ``fmt`` bytes; ``parameters`` (an A1111 infotext, server/infotext.py)
+    goes into a PNG's ``parameters`` text chunk, or a JPEG's / WEBP's EXIF UserComment."""
     buf = io.BytesIO()
     if fmt == "JPEG" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     if fmt == "PNG":
-        img.save(buf, format="PNG", compress_level=1)
+        info = None
+        if parameters is not None:
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text("parameters", parameters)  # tEXt, or iTXt when not latin-1
+        img.save(buf, format="PNG", compress_level=1, pnginfo=info)
+    elif parameters is not None:
+        img.save(buf, format=fmt, quality=quality, exif=infotext.exif_with(parameters))
     else:
         img.save(buf, format=fmt, quality=quality)
     return buf.getvalue()
 
 
-def encode_all(job: JobRecord, images: list[Image], item_seconds: list[float], output_dir: str | None) -> tuple[list[ImageResult], dict[str, bytes]]:
+def encode_all(
+    job: JobRecord, images: list[Image], item_seconds: list[float], output_dir: str | None, embed: bool = True
+) -> tuple[list[ImageResult], dict[str, bytes]]:
     """Encode every image (a thread); with ``storage.output_dir`` set, also write each
-    to ``<output_dir>/<task_id>-<index>.<ext>``."""
+    to ``<output_dir>/<task_id>-<index>.<ext>``.  With ``embed`` (``storage.embed_metadata``)
+    a generate/edit result carries its parameters (server/infotext.py)."""
+    owners = [(item, item.seed + k) for item in job.items for k in range(item.n)]
+    embed = embed and job.task in ("generate", "edit") and bool(owners)
     prompts = [item.prompt for item in job.items for _ in range(item.n)] or [""]
     seeds = [item.seed + k for item in job.items for k in range(item.n)] or [0]
     seconds = [round(item_seconds[i] / it.n, 4) if i < len(item_seconds) else None for i, it in enumerate(job.items) for _ in range(it.n)] or [None]
@@ -230,7 +294,8 @@ def encode_all(job: JobRecord, images: list[Image], item_seconds: list[float], o
     blobs: dict[str, bytes] = {}
     for i, img in enumerate(images):
         last = min(i, len(seeds) - 1)  # an upscale or training job may differ from its items
-        data = encode(img, job.format, job.quality)
+        text = infotext.build(job, *owners[min(i, len(owners) - 1)]) if embed else None
+        data = encode(img, job.format, job.quality, text)
         blobs[result_key(job.id, i)] = data
         results.append(
             ImageResult(
@@ -446,6 +511,7 @@ class Runner:
         log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
         ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop())
         start = time.monotonic()
+        follow = asyncio.create_task(ctx.follow_previews())
         try:
             blobs = {key: data for key in job.inputs if (data := await self.broker.get_blob(key)) is not None}
             images, item_seconds = await self._execute(ms, job, r, ctx, blobs)
@@ -470,6 +536,8 @@ class Runner:
                 log.exception("job %s on %s failed", job.id, ms.name)
             await self._end(job, r, JobStatus.ERROR, {"message": failure_message(exc)})
             return
+        finally:
+            follow.cancel()
         self.running.pop(job.id, None)
         self.spawn(self._finish_job(job, r, images, item_seconds, worker_s))
 
@@ -560,7 +628,7 @@ class Runner:
             if job.upscale and self.upscaler is not None:
                 images = await self.upscaler.upscale(images, job.upscale, r.cancel)
             results, blobs = await anyio.to_thread.run_sync(
-                encode_all, job, images, item_seconds, self.settings.storage.output_dir
+                encode_all, job, images, item_seconds, self.settings.storage.output_dir, self.settings.storage.embed_metadata
             )
         except Exception as exc:
             if isinstance(exc, JobCancelled):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .runner import Runner
 
 log = logging.getLogger("easel")
+FOLLOW_SECONDS = 30.0  # a follow lasts this long unless renewed
 SubmitCheck = Callable[[JobRecord], Coroutine[Any, Any, None]]
 
 
@@ -242,6 +243,12 @@ class Service:
             await self.broker.wait_change(job.id, left, progress=False)
             job = await self.get(job.id)
         return job
+
+    async def follow(self, job: JobRecord, seconds: float = FOLLOW_SECONDS) -> None:
+        """Someone streams ``job``'s progress: its worker writes every step for
+        ``seconds`` (renew while the stream lasts)."""
+        if self.broker.distributed and not job.status.finished:
+            await self.broker.update(job, {"followed_until": self.broker.now() + seconds})
 
     async def wait_change(self, job: JobRecord, timeout: float | None, *, progress: bool = True) -> tuple[JobRecord, bool]:
         changed = await self.broker.wait_change(job.id, timeout, progress=progress)

@@ -34,6 +34,16 @@ def free_memory() -> None:
         torch.mps.empty_cache()
 
 
+PREVIEW_SIDE = 256  # previews (live and partial images) are at most this many pixels a side
+
+
+def preview_size(width: int, height: int) -> tuple[int, int]:
+    """The size of a preview of a width x height image: the same aspect, the longest
+    side at most ``PREVIEW_SIDE``."""
+    scale = min(1.0, PREVIEW_SIDE / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 class JobCancelled(Exception):
     """Raised inside a backend (by ``StepContext.step``) when the job was cancelled."""
 
@@ -111,7 +121,8 @@ class StepContext(Protocol):
         """True when the caller asked for a partial image after step ``i``."""
 
     def preview(self, image: Image) -> None:
-        """Hand over a partial (preview) image decoded from intermediate latents."""
+        """Hand over the preview asked for: a cheap projection of the intermediate
+        latents (never a VAE decode), at most ``preview_size`` of the output."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,18 @@ class Backend(Protocol):
     def cost_prior(self, task: str) -> list[float] | None:
         """Prior forecast coefficients for ``task`` (see ``forecast.FEATURES``), or
         None to use the configured/default prior."""
+
+
+def count_words(prompt: str) -> tuple[int, int | None]:
+    """The default token count of a backend without a tokenizer: the prompt's words, no limit."""
+    return len(prompt.split()), None
+
+
+def count_tokens(backend: Any, prompt: str) -> tuple[int, int | None]:
+    """``backend.count_tokens(prompt)``: (tokens of the prompt as the model's text encoder
+    sees it, the most tokens it takes or None); words for a backend that has no such method."""
+    method = getattr(backend, "count_tokens", None)
+    return method(prompt) if method is not None else count_words(prompt)  # type: ignore[no-any-return]
 
 
 def model_capabilities(cfg: ModelConfig, default_tasks: tuple[str, ...]) -> Capabilities:

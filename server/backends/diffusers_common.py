@@ -248,6 +248,32 @@ class DiffusersBackend:
     def cost_prior(self, task: str) -> list[float] | None:
         return None
 
+    # ----------------------------------------------------------------- tokens
+
+    def _prompt_text(self, tokenizer: Any, prompt: str) -> str:
+        """The text the pipeline tokenizes for ``prompt`` (a chat template for Qwen-based encoders)."""
+        return prompt
+
+    def _token_limit(self, tokenizer: Any) -> int | None:
+        """The most tokens the pipeline keeps: its ``max_sequence_length`` default, else
+        the tokenizer's ``model_max_length`` (CLIP: 77); None when it cuts nothing."""
+        import inspect
+
+        param = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
+        if param is not None and isinstance(param.default, int):
+            return param.default
+        limit = getattr(tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and limit < 1_000_000 else None
+
+    def count_tokens(self, prompt: str) -> tuple[int, int | None]:
+        """(tokens, limit): the prompt as the pipeline's tokenizer encodes it (special and
+        template tokens included), and the most tokens its text encoder takes."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return len(prompt.split()), None
+        ids = tokenizer(self._prompt_text(tokenizer, prompt), truncation=False, verbose=False)["input_ids"]
+        return len(ids), self._token_limit(tokenizer)
+
     # ----------------------------------------------------------------- running
 
     def generators(self, item: WorkItem) -> list[torch.Generator]:

@@ -58,6 +58,11 @@ class Flux2KleinBackend(DiffusersBackend):
                 kwargs["negative_prompt_embeds"] = self.pipe.encode_prompt(prompt=item.negative_prompt)[0]
         return self.pipe, kwargs
 
+    def _prompt_text(self, tokenizer: Any, prompt: str) -> str:
+        # as the pipeline's encode_prompt builds it
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)  # type: ignore[no-any-return]
+
     def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
         # latents: (B, h*w, C) tokens in row-major order over the packed (2x2-patchified) grid
         f = pipe.vae_scale_factor * 2

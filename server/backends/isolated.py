@@ -24,7 +24,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from .. import hostmem
-from .base import BackendError, Capabilities, JobCancelled, WorkItem, model_capabilities
+from .base import BackendError, Capabilities, JobCancelled, WorkItem, count_tokens, model_capabilities
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -79,6 +79,8 @@ def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Setting
                 conn.send(("done", None))
             elif command == "run":
                 conn.send(("done", backend.run(payload, _ChildContext(conn))))
+            elif command == "tokens":
+                conn.send(("done", count_tokens(backend, payload)))
             elif command == "stop":
                 backend.unload()
                 conn.send(("done", None))
@@ -143,6 +145,13 @@ class IsolatedBackend:
 
     def cost_prior(self, task: str) -> list[float] | None:
         return None
+
+    def count_tokens(self, prompt: str) -> tuple[int, int | None]:
+        """The model's tokenizer lives in its process: ask it."""
+        if self._conn is None:
+            raise BackendError(f"model {self.name!r} is not loaded; load it first")
+        tokens, limit = self._call("tokens", prompt, None)
+        return int(tokens), limit
 
     def kill(self) -> None:
         """Kill the model's process now (a hung job, any thread): the ``run`` blocked on

@@ -50,6 +50,10 @@ class QwenEditGGUFBackend(DiffusersBackend):
             "negative_prompt": item.negative_prompt or " ",
         }
 
+    def _token_limit(self, tokenizer: Any) -> int | None:
+        # QwenImageEditPlusPipeline (diffusers 0.42) encodes the whole templated prompt: nothing is cut
+        return None
+
     def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
         vae = pipe.vae
         x = pipe._unpack_latents(latents, item.height, item.width, pipe.vae_scale_factor).to(vae.dtype)

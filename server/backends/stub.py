@@ -11,6 +11,7 @@ seconds (in an isolated model's process, until the process is killed).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import textwrap
 import threading
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .base import BackendError, Capabilities, JobCancelled, StepContext, WorkItem, model_capabilities
+from .base import BackendError, Capabilities, JobCancelled, StepContext, WorkItem, count_words, model_capabilities, preview_size
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
@@ -63,6 +64,9 @@ class StubBackend:
         s = self.cfg.simulate_step_seconds
         return [0.002, s, 0.0, s * REF_COST]
 
+    def count_tokens(self, prompt: str) -> tuple[int, int | None]:
+        return count_words(prompt)  # no tokenizer: words
+
     def step_seconds(self, item: WorkItem) -> float:
         return self.cfg.simulate_step_seconds * item.megapixels * item.n * (1 + REF_COST * len(item.images))
 
@@ -76,8 +80,10 @@ class StubBackend:
             if per_step > 0:
                 self._sleeper.wait(per_step)
             ctx.step(i, item.steps)
-            if ctx.wants_preview(i):
-                ctx.preview(self._draw(item, item.seed, blur_to=i / item.steps))
+            if ctx.wants_preview(i):  # drawn at preview size: cheap
+                w, h = preview_size(item.width, item.height)
+                small = dataclasses.replace(item, width=w, height=h)
+                ctx.preview(self._draw(small, item.seed, blur_to=i / item.steps))
         return [self._draw(item, item.seed + k) for k in range(item.n)]
 
     def _hang(self, seconds: float, ctx: StepContext) -> None:

@@ -39,6 +39,11 @@ class ZImageBackend(DiffusersBackend):
         # before the noise, so image k of a batch would differ from seed + k alone
         return item.init_image is None and not item.images
 
+    def _prompt_text(self, tokenizer: Any, prompt: str) -> str:
+        # as the pipeline's encode_prompt builds it
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)  # type: ignore[no-any-return]
+
     def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
         vae = pipe.vae
         x = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from ..forecast import STATS, apply, job_vector
-from ..jobs import JobRecord, JobStatus, preview_key, result_key
+from ..jobs import JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
 from .base import QueueFullError, Standing, WorkerInfo
 from .notify import LocalEvents
 
-PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra"))
+PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 
 
 class MemoryBroker(LocalEvents):
@@ -241,7 +241,7 @@ class MemoryBroker(LocalEvents):
                 break
             self._finished.popitem(last=False)
             self._jobs.pop(job_id, None)
-            previews = (preview_key(job_id, k) for k in range(job.previews))
+            previews = (*(preview_key(job_id, k) for k in range(job.previews)), live_preview_key(job_id))
             for key in (*job.inputs, *previews, *(result_key(job_id, r.index) for r in job.results)):
                 self._drop(key)
         if self._result_bytes > self.memory_cap:

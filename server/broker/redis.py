@@ -37,9 +37,9 @@ from .notify import LocalEvents
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL = 0.2  # seconds between two progress writes of one job
+PROGRESS_INTERVAL = 0.5  # seconds between two progress writes of a job nobody follows (followed: every step)
 LEVEL_SHIFT = 2**20  # priority + shift = level (priorities in [-2^20, 2^20))
-PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra"))
+PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 LOST_TWICE = "the worker running this job was lost twice (its lease expired); it was not retried again"
 CLAIM_POLL = 0.5  # claim retries at least this often (a missed wake-up costs no more)
 READ_BLOCK_MS = 1000
@@ -336,10 +336,11 @@ class RedisBroker(LocalEvents):
         return False
 
     def progress_threadsafe(self, job: JobRecord) -> None:
-        """Steps are written at once, then at most every ``PROGRESS_INTERVAL`` per job
-        (the newest step wins): a write wakes this process's loop and takes the GIL
-        from the pipeline thread, which on a fast model costs the GPU more than the
-        write itself."""
+        """A job someone follows (its ``followed_until``, set by the API node that
+        streams its events) gets every step written; any other job a step at once,
+        then at most one every ``PROGRESS_INTERVAL`` (the newest wins): a write wakes
+        this process's loop and takes the GIL from the pipeline thread, which on a fast
+        model costs the GPU more than the write itself."""
         loop = self._loop
         if loop is None or self._closed:
             return
@@ -361,11 +362,12 @@ class RedisBroker(LocalEvents):
                 job = self._progress_jobs.pop(job_id)
                 fields = {"step": job.step, "last_step_at": job.last_step_at}
                 try:
-                    await self._script(
+                    followed = await self._script(
                         "update", job.id, str(job.attempt), "progress", *(x for k, v in fields.items() for x in (k, _json(v)))
                     )
                     backoff = 0.1
-                    await asyncio.sleep(PROGRESS_INTERVAL)
+                    if int(followed) != 2:  # nobody follows it step by step: gather the next steps
+                        await asyncio.sleep(PROGRESS_INTERVAL)
                 except _ERRORS as exc:
                     log.warning("progress of job %s not written (Redis at %s): %s", job_id, self.address, exc)
                     self._progress_jobs.setdefault(job_id, job)

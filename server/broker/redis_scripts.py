@@ -246,6 +246,10 @@ if attempt ~= '' then
 end
 set_pairs(jk, 6)
 event(id, model_of(jk), kind)
+if kind == 'progress' then  -- 2: someone follows the job's progress (write every step)
+  local f = redis.call('HGET', jk, 'followed_until')
+  if f and f ~= 'null' and tonumber(f) > now() then return 2 end
+end
 return 1
 """
 

@@ -28,7 +28,7 @@ from ..schemas import (
     TasksResponse,
     UpscaleRequest,
 )
-from ..service import Idempotency
+from ..service import FOLLOW_SECONDS, Idempotency
 from ..views import job_status, submitted
 from .common import base_url, decode_form, decode_json, json_response, service_of, upscaler_of
 from .models import models_response
@@ -125,7 +125,11 @@ async def events(request: Request) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         nonlocal job
         last = None
+        followed = 0.0  # when this stream last renewed its follow (worker writes every step)
         while True:
+            if time.monotonic() - followed > FOLLOW_SECONDS / 3:
+                await service.follow(job)
+                followed = time.monotonic()
             body = msgspec.json.encode(await status_of(request, job))
             ident = event_id(body)
             if body != last and ident != seen:

@@ -1,0 +1,158 @@
+"""Generation parameters inside result files, in AUTOMATIC1111's "infotext" format.
+
+A1111 (and civitai, InvokeAI's importer, most "PNG Info" readers) store one text::
+
+    a red fox in the snow <lora:style:0.8>
+    Negative prompt: blurry
+    Steps: 20, CFG scale: 5, Seed: 42, Size: 1024x1024, Model: sdxl
+
+PNG files carry it as the ``parameters`` text chunk; JPEG and WEBP as EXIF
+UserComment (tag 0x9286) with the 8-byte ``UNICODE\\0`` charset header and UTF-16BE
+text, as A1111 writes it with piexif.  LoRAs go into the prompt as
+``<lora:name:scale>``, A1111's own syntax.  ``parse`` reads the text back into
+``/api/generate`` fields (``POST /api/png-info``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .jobs import Item, JobRecord
+
+EXIF_IFD = 0x8769
+USER_COMMENT = 0x9286
+UNICODE = b"UNICODE\0"
+ASCII = b"ASCII\0\0\0"
+NEGATIVE = "Negative prompt:"
+# A1111's infotext_utils.re_param: "Key: value" pairs, a value quoted as JSON when it holds , : or a newline
+PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+SIZE = re.compile(r"^(\d+)x(\d+)$")
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?[^>]*>")
+
+
+def quote(value: str) -> str:
+    """A1111's ``quote``: JSON-quoted when the value would break the key: value list."""
+    if "," not in value and "\n" not in value and ":" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def build(job: JobRecord, item: Item, seed: int) -> str:
+    """The infotext of one image of ``item`` (image k of an item has seed item.seed + k)."""
+    prompt = item.prompt
+    tags = " ".join(f"<lora:{lr.name}:{_number(lr.scale)}>" for lr in item.loras)
+    if tags:
+        prompt = f"{prompt} {tags}" if prompt else tags
+    params: dict[str, str] = {"Steps": str(item.steps)}
+    if item.guidance is not None:
+        params["CFG scale"] = _number(item.guidance)
+    params["Seed"] = str(seed)
+    params["Size"] = f"{item.width}x{item.height}"
+    params["Model"] = job.model
+    if item.strength is not None and job.task == "edit":
+        params["Denoising strength"] = _number(item.strength)
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items())
+    negative = f"\n{NEGATIVE} {item.negative_prompt}" if item.negative_prompt else ""
+    return f"{prompt}{negative}\n{line}"
+
+
+def parse(text: str) -> dict[str, Any]:
+    """Infotext -> generate fields (``prompt``, ``negative_prompt``, ``steps``,
+    ``guidance``, ``seed``, ``width``, ``height``, ``model``, ``loras``, ``strength``);
+    a field the text does not have is absent."""
+    *lines, last = text.strip().split("\n")
+    if len(PARAM.findall(last)) < 3:  # A1111's rule: no parameter line
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    target = prompt
+    for line in lines:
+        if line.startswith(NEGATIVE):
+            target = negative
+            line = line[len(NEGATIVE):].strip()
+        target.append(line)
+    params: dict[str, str] = {}
+    for key, value in PARAM.findall(last):
+        if value[:1] == '"' and value[-1:] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        params[key.strip()] = value.strip() if isinstance(value, str) else str(value)
+    joined = "\n".join(prompt)
+    loras = []
+    for m in LORA_TAG.finditer(joined):
+        try:
+            scale = float(m[2]) if m[2] else 1.0
+        except ValueError:
+            scale = 1.0
+        loras.append({"name": m[1], "scale": scale})
+    out: dict[str, Any] = {"prompt": re.sub(r"[ \t]*,?[ \t]*$", "", LORA_TAG.sub("", joined)).strip()}
+    if negative:
+        out["negative_prompt"] = "\n".join(negative)
+    if loras:
+        out["loras"] = loras
+    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
+                            ("Denoising strength", "strength", float)):  # fmt: skip
+        if key in params:
+            try:
+                out[name] = kind(params[key])
+            except ValueError:
+                pass
+    if (m := SIZE.match(params.get("Size", ""))) is not None:
+        out["width"], out["height"] = int(m[1]), int(m[2])
+    if params.get("Model"):
+        out["model"] = params["Model"]
+    return out
+
+
+def exif_with(text: str) -> bytes:
+    """EXIF bytes holding ``text`` as UserComment (JPEG, WEBP)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE + text.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def user_comment(raw: bytes) -> str | None:
+    """EXIF UserComment bytes -> text (UNICODE: UTF-16, big-endian as A1111 writes it)."""
+    head, body = raw[:8], raw[8:]
+    if head == UNICODE:
+        # some writers use little-endian: ASCII text then has its zero bytes second
+        le = len(body) >= 2 and body[0] != 0 and body[1] == 0
+        return body.decode("utf-16-le" if le else "utf-16-be", errors="replace").rstrip("\0") or None
+    if head == ASCII or head == b"\0" * 8:
+        return body.decode("latin-1").rstrip("\0") or None
+    return raw.decode("utf-8", errors="replace").rstrip("\0") or None
+
+
+def read(image: Image) -> str | None:
+    """The infotext an opened image carries: a PNG ``parameters`` chunk, else EXIF UserComment."""
+    text = image.info.get("parameters")
+    if isinstance(text, str) and text.strip():
+        return text
+    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(raw, bytes):
+        return user_comment(raw)
+    if isinstance(raw, str):
+        return raw or None
+    return None
+
+
+def read_bytes(data: bytes) -> str | None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return read(img)
