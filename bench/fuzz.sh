@@ -31,9 +31,9 @@ fi
 status=0
 for seed in $SEEDS; do
   echo "== seed $seed, $EXAMPLES examples per operation, $URL"
-  schemathesis run "$URL/openapi.json" --checks not_a_server_error \
+  (cd "$WORKDIR" && schemathesis run "$URL/openapi.json" --checks not_a_server_error \
     --phases examples,coverage,fuzzing,stateful --max-examples "$EXAMPLES" --seed "$seed" \
-    --suppress-health-check all --request-timeout 30 --no-color ${EXTRA:-} || status=1
+    --suppress-health-check all --request-timeout 30 --no-color ${EXTRA:-}) || status=1  # its .schemathesis/ cache stays in WORKDIR
 done
 if [ -n "$server_pid" ] && grep -q "unhandled error" "$WORKDIR/server.log"; then
   echo "== the server logged unhandled errors:"; grep -A3 "unhandled error" "$WORKDIR/server.log" | head -40; status=1

@@ -10,6 +10,7 @@ shared broker leaves the queue to the others."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -73,12 +74,15 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await broker.start()
         if runner is not None:
-            await runner.start()
+            await runner.start()  # its heartbeat task also runs the reaper
+        reaper = asyncio.create_task(service.reap_forever()) if runner is None and broker.distributed else None
         log.info("easel: role %s, broker %s%s", role, broker.name, f", worker {runner.id}" if runner else "")
         try:
             yield
         finally:
             service.accepting = False
+            if reaper is not None:
+                reaper.cancel()
             if runner is not None:
                 await runner.stop(settings.queue.shutdown_grace_seconds)
             await broker.close()
@@ -120,6 +124,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
             expose_headers=CORS_EXPOSE,
             allow_private_network=True,
         )
+    app.add_middleware(openai.RequestIdMiddleware)  # outermost: a 401 or 413 of /v1 carries it too
     return app
 
 

@@ -22,6 +22,7 @@ from .backends.base import BackendError
 from .backends.lora import resolve_lora
 from .errors import BadRequest
 from .jobs import Item, JobRecord, Lora, input_key, new_id
+from .masking import DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
 from .schemas import GenerateRequest, ImageRef
 
 if TYPE_CHECKING:
@@ -135,6 +136,66 @@ def check_size(ms: ModelState, width: int, height: int) -> None:
         )
 
 
+async def masked_edit(
+    req: GenerateRequest,
+    ms: ModelState,
+    task: str,
+    decoded: list[Image.Image],
+    refs: list[str],
+    inputs: Inputs,
+    settings: Settings,
+    fetch: UrlFetcher | None,
+    upload: bytes | None,
+) -> tuple[int, int, str]:
+    """Check a masked edit or an outpaint (``expand``) and store its mask in the one
+    convention (``masking``: L, 255 = repaint, the size of images[0], which
+    ``expand`` replaces by the padded canvas).  The pipeline size: images[0]'s,
+    rounded to multiples of 16, whatever width / height say (the result comes back
+    at images[0]'s exact size)."""
+    given = upload is not None or req.mask is not None
+    param = "mask" if given else "expand"
+    if task != "edit":
+        raise BadRequest(f"{param} is for edits: send it to /api/edit (or /v1/images/edits) with images", param=param)
+    if not ms.capabilities.supports_mask:
+        raise BadRequest(
+            f"model {ms.name!r} does not support masks (capabilities.supports_mask is false); "
+            f"drop {param} to edit the whole image, or use a model that supports masks (see GET /api/models)",
+            param=param,
+        )
+    first = decoded[0]
+    mask: Image.Image | None = None
+    if given:
+        data = upload if upload is not None else await image_bytes(req.mask, "mask", fetch)  # type: ignore[arg-type]
+        mask = decode_mask(data, "mask", settings.limits.max_image_pixels)
+        if mask.size != first.size:
+            raise BadRequest(
+                f"mask is {mask.width}x{mask.height} but the first image is {first.width}x{first.height}; "
+                "send a mask of the same size as the first image",
+                param="mask",
+            )
+    e = req.expand
+    if e is not None and (e.left or e.right or e.top or e.bottom):
+        canvas, mask = expand_canvas(first, e.left, e.right, e.top, e.bottom, mask)
+        if canvas.width % 16 or canvas.height % 16:
+            raise BadRequest(
+                f"expand makes the image {canvas.width}x{canvas.height}; the result's width and height must be "
+                f"multiples of 16 (e.g. add {-first.width % 16} to left+right or {-first.height % 16} to top+bottom, "
+                "modulo 16)",
+                param="expand",
+            )
+        inputs.blobs[refs[0]] = encode_png(canvas)
+        first = canvas
+    if mask is None:
+        raise BadRequest("expand adds no pixels; give left, right, top or bottom (pixels to add)", param="expand")
+    if is_all_keep(mask):
+        raise BadRequest(
+            "mask keeps every pixel: mark the area to edit with fully transparent pixels (a mask without alpha: white)",
+            param="mask",
+        )
+    width, height = canvas_size(*first.size)  # width / height of the request do not apply
+    return width, height, inputs.add("mask", encode_mask(mask))
+
+
 async def build_job(
     req: GenerateRequest,
     ms: ModelState,
@@ -143,9 +204,10 @@ async def build_job(
     *,
     uploads: list[bytes] | None = None,
     fetch: UrlFetcher | None = None,
+    mask: bytes | None = None,
 ) -> tuple[JobRecord, Inputs]:
     """Validate ``req`` for model ``ms`` and build the job (not yet queued) with its
-    input images."""
+    input images.  ``mask``: the bytes of a mask uploaded as a file (else ``req.mask``)."""
     cfg = ms.cfg
     caps = ms.capabilities
     prompts = list(req.prompts) if req.prompts else ([req.prompt] if req.prompt is not None else [])
@@ -177,12 +239,14 @@ async def build_job(
     inputs = Inputs()
     max_pixels = settings.limits.max_image_pixels
     refs: list[str] = []
+    decoded: list[Image.Image] = []
     for i, value in enumerate(req.images or []):
-        data, _ = await load_image(value, f"images[{i}]", settings, fetch)
+        data, img = await load_image(value, f"images[{i}]", settings, fetch)
+        decoded.append(img)
         refs.append(inputs.add(f"ref{i}", data))
     for data in uploads or []:
         param = f"images[{len(refs)}]"
-        decode_image(data, param, max_pixels)
+        decoded.append(decode_image(data, param, max_pixels))
         refs.append(inputs.add(f"ref{len(refs)}", data))
     if task == "edit":
         if not refs:
@@ -194,6 +258,12 @@ async def build_job(
             )
     elif refs:
         raise BadRequest("images are for edits: send them to /api/edit, or use init_image for img2img", param="images")
+    mask_key: str | None = None
+    mask_blur = 0
+    if mask is not None or req.mask is not None or req.expand is not None:
+        width, height, mask_key = await masked_edit(req, ms, task, decoded, refs, inputs, settings, fetch, mask)
+        check_size(ms, width, height)
+        mask_blur = req.mask_blur if req.mask_blur is not None else DEFAULT_BLUR
     init: str | None = None
     if req.init_image is not None:
         data, _ = await load_image(req.init_image, "init_image", settings, fetch)
@@ -227,6 +297,8 @@ async def build_job(
                 images=refs,
                 init_image=init,
                 strength=req.strength,
+                mask=mask_key,
+                mask_blur=mask_blur,
                 loras=loras,
             )
         )

@@ -20,6 +20,8 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+from .errors import BadRequest
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -110,8 +112,8 @@ def parse(text: str) -> dict[str, Any]:
                 out[name] = kind(params[key])
             except ValueError:
                 pass
-    if (m := SIZE.match(params.get("Size", ""))) is not None:
-        out["width"], out["height"] = int(m[1]), int(m[2])
+    if (size := SIZE.match(params.get("Size", ""))) is not None:
+        out["width"], out["height"] = int(size[1]), int(size[2])
     if params.get("Model"):
         out["model"] = params["Model"]
     return out
@@ -151,8 +153,21 @@ def read(image: Image) -> str | None:
     return None
 
 
-def read_bytes(data: bytes) -> str | None:
+def read_bytes(data: bytes, param: str, max_pixels: int) -> str | None:
+    """The infotext of an image file's bytes (None: it has none); 400 for what is no image."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        return read(img)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise BadRequest(
+                    f"{param}: the image is {img.width}x{img.height}, over the limit of {max_pixels} pixels", param=param
+                )
+            img.load()  # text chunks after the image data are read with it
+            return read(img)
+    except BadRequest:
+        raise
+    except Exception as exc:  # Pillow raises many kinds on a broken file: all mean "not an image"
+        raise BadRequest(
+            f"{param}: could not read the image ({type(exc).__name__}); send a PNG, JPEG or WEBP file", param=param
+        ) from None

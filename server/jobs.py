@@ -56,7 +56,8 @@ class Item(Struct, kw_only=True):
     images: list[str] = []
     init_image: str | None = None
     strength: float | None = None
-    mask: str | None = None
+    mask: str | None = None  # L PNG, 255 = repaint (server/masking.py), the size of images[0]
+    mask_blur: int = 0  # feather (px) inside the mask's edge when compositing
     loras: list[Lora] = []
     scale: int | None = None  # upscale jobs: the factor
 

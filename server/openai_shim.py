@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .build import DEFAULT_STEPS, UrlFetcher, load_image, parse_format
+from .build import DEFAULT_STEPS, UrlFetcher, image_bytes, parse_format
 from .errors import ApiError, BadRequest, Conflict, JobFailed, Unavailable, validation_message
-from .jobs import JobRecord, JobStatus
+from .jobs import JobRecord, JobStatus, image_tokens
 from .quotas import gpu_seconds
 from .routes.common import decode
 from .schemas import GenerateRequest, ImageRef
@@ -30,7 +30,6 @@ from .schemas_openai import (
 )
 
 if TYPE_CHECKING:
-    from .config import Settings
     from .registry import ModelState
     from .service import Service
 
@@ -39,6 +38,7 @@ QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard
 SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 EVENT_PREFIX = {"generate": "image_generation", "edit": "image_edit"}
 BACKGROUND = "opaque"  # every easel backend draws opaque images
+BACKGROUNDS = ("opaque", "auto")  # accepted; both answer opaque
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
@@ -96,6 +96,7 @@ def image_input(value: OpenAIImageInput, param: str) -> str | dict[str, str]:
 
 def to_generate_request(req: OpenAIImageRequest, ms: ModelState) -> GenerateRequest:
     """Translate; ``decode`` re-validates every value against GenerateRequest's constraints."""
+    check_background(req.background)
     fields: dict[str, Any] = {"prompt": req.prompt, "model": ms.name, "n": req.n, **knobs(req)}
     if "steps" not in fields and (steps := quality_steps(req.quality, ms)) is not None:
         fields["steps"] = steps
@@ -112,23 +113,28 @@ def to_generate_request(req: OpenAIImageRequest, ms: ModelState) -> GenerateRequ
     return decode(fields, GenerateRequest)
 
 
-async def load_mask(
-    req: OpenAIImageRequest, upload: bytes | None, ms: ModelState, settings: Settings, fetch: UrlFetcher | None
-) -> bytes | None:
-    """The edit mask (a multipart file or JSON ``mask``), refused by models without mask support."""
-    if upload is None and req.mask is None:
-        return None
-    if not ms.capabilities.supports_mask:
+def check_background(background: str | None) -> None:
+    """``transparent`` needs a matte (an alpha channel cut around the subject): no easel
+    model draws one, so it is refused rather than answered opaque."""
+    if background is None or background.strip().lower() in BACKGROUNDS:
+        return
+    if background.strip().lower() == "transparent":
         raise BadRequest(
-            f"model {ms.name!r} does not support masks (capabilities.supports_mask is false); "
-            "drop mask to edit the whole image, or use a model that supports masks (see GET /v1/models)",
-            param="mask",
+            "background 'transparent' is not supported: easel's models draw opaque images and easel does not matte "
+            "(cut out) them; send background 'opaque' or 'auto' and remove the background afterwards",
+            param="background",
         )
+    raise BadRequest(f"background {background!r} is not supported; use opaque or auto", param="background")
+
+
+async def load_mask(req: OpenAIImageRequest, upload: bytes | None, fetch: UrlFetcher | None) -> bytes | None:
+    """The edit mask's bytes (a multipart file or JSON ``mask``); ``build_job`` checks it."""
     if upload is not None:
-        return (await load_image(upload, "mask", settings, fetch))[0]
-    assert req.mask is not None
+        return upload
+    if req.mask is None:
+        return None
     ref = image_input(req.mask, "mask")
-    return (await load_image(ref if isinstance(ref, str) else ImageRef(**ref), "mask", settings, fetch))[0]
+    return await image_bytes(ref if isinstance(ref, str) else ImageRef(**ref), "mask", fetch)
 
 
 def raise_for_outcome(service: Service, job: JobRecord) -> None:
@@ -165,14 +171,21 @@ class Echo(msgspec.Struct, kw_only=True):
 
 
 def usage(job: JobRecord) -> OpenAIUsage:
-    words = sum(len(item.prompt.split()) for item in job.items)
-    refs = sum(len(item.images) for item in job.items)
-    out = len(job.results)
+    """Token counts as the worker stored them (``text_tokens``: the model's tokenizer;
+    ``image_tokens``: the references at their sizes); a record without them (the job
+    ended before counting) falls back to words and references at the output size."""
+    text = job.text_tokens
+    if text is None:
+        text = sum(len(item.prompt.split()) for item in job.items)
+    refs = job.image_tokens
+    if refs is None:
+        refs = sum(image_tokens(item.width, item.height) * len(item.images) for item in job.items)
+    out = sum(image_tokens(r.width, r.height) for r in job.results)
     return OpenAIUsage(
-        input_tokens=words + refs,
+        input_tokens=text + refs,
         output_tokens=out,
-        total_tokens=words + refs + out,
-        input_tokens_details=InputTokensDetails(text_tokens=words, image_tokens=refs),
+        total_tokens=text + refs + out,
+        input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=refs),
         gpu_seconds=round(gpu_seconds(job), 4) if job.status.finished else None,
     )
 

@@ -34,13 +34,14 @@ import anyio.to_thread
 import numpy as np
 
 from . import deadlines, infotext
-from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, failure_message
+from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, count_tokens, failure_message
 from .backends.isolated import IsolatedBackend
 from .broker.base import Broker, BrokerUnavailable, WorkerInfo
 from .build import decode_image
 from .errors import Conflict
 from .forecast import FORGET, TASKS, observation
-from .jobs import PENDING, ImageResult, JobRecord, JobStatus, live_preview_key, preview_key, result_key
+from .jobs import PENDING, ImageResult, JobRecord, JobStatus, image_tokens, live_preview_key, preview_key, result_key
+from .masking import composite
 from .watchdog import job_limit, stall_message, timeout_message, watch
 
 if TYPE_CHECKING:
@@ -232,7 +233,9 @@ def execute(
 
     images: list[Image] = []
     seconds: list[float] = []
-    for item in job.items:
+    text_tokens = ref_tokens = 0
+    warnings: list[str] = []
+    for n, item in enumerate(job.items):
         work = WorkItem(
             task=job.task,  # type: ignore[arg-type]
             prompt=item.prompt,
@@ -246,15 +249,42 @@ def execute(
             images=[image(k, f"images[{i}]") for i, k in enumerate(item.images)],
             init_image=image(item.init_image, "init_image") if item.init_image else None,
             strength=item.strength,
-            mask=image(item.mask, "mask") if item.mask else None,
+            mask=image(item.mask, "mask").convert("L") if item.mask else None,
+            mask_blur=item.mask_blur,
             loras=[LoraSpec(lr.name, lr.scale) for lr in item.loras],
             extra={"scale": item.scale} if item.scale else {},
         )
+        tokens, limit = prompt_tokens(backend, job, item.prompt)
+        text_tokens += tokens
+        if limit is not None and tokens > limit:
+            which = "the prompt" if len(job.items) == 1 else f"prompt {n + 1}"
+            warnings.append(
+                f"{which} is {tokens} tokens but the text encoder of model {job.model!r} takes {limit}: "
+                f"the last {tokens - limit} tokens were cut; shorten the prompt"
+            )
+        refs = [*work.images, *([work.init_image] if work.init_image is not None else [])]
+        ref_tokens += sum(image_tokens(im.width, im.height) for im in refs)
+        if n == len(job.items) - 1:
+            job.text_tokens, job.image_tokens, job.warnings = text_tokens, ref_tokens, warnings
+            if warnings:  # shown by the status while the job runs (the finish stores them too)
+                ctx.loop.call_soon_threadsafe(ctx._push, {"warnings": list(warnings)})
         start = time.monotonic()
-        images.extend(backend.run(work, ctx))
+        out = backend.run(work, ctx)
+        if work.mask is not None and work.images:  # outside the mask, the original pixels
+            out = [composite(im, work.images[0], work.mask, work.mask_blur) for im in out]
+        images.extend(out)
         seconds.append(time.monotonic() - start)
         ctx.offset += item.steps
     return images, seconds
+
+
+def prompt_tokens(backend: Any, job: JobRecord, prompt: str) -> tuple[int, int | None]:
+    """(tokens, limit) from the model's tokenizer; words when it cannot say."""
+    try:
+        return count_tokens(backend, prompt)
+    except Exception as exc:  # counting must never fail a job
+        log.warning("job %s: could not count the prompt's tokens (%s); counting words", job.id, failure_message(exc))
+        return len(prompt.split()), None
 
 
 def encode(img: Image, fmt: str, quality: int, parameters: str | None = None) -> bytes:
@@ -638,7 +668,8 @@ class Runner:
                 log.exception("finishing job %s failed", job.id)
             await self._end(job, r, JobStatus.ERROR, {"message": failure_message(exc)})
             return
-        fields = {"results": results, "step": job.total_steps, "worker_seconds": round(worker_s, 4), "extra": job.extra}
+        fields = {"results": results, "step": job.total_steps, "worker_seconds": round(worker_s, 4), "extra": job.extra,
+                  "text_tokens": job.text_tokens, "image_tokens": job.image_tokens, "warnings": job.warnings}  # fmt: skip
         if not await self._end(job, r, JobStatus.DONE, fields, blobs):
             return
         decayed, added = observation(np.asarray(job.features), worker_s, job.predicted)

@@ -40,6 +40,19 @@ ImageInput = Annotated[
 ]
 
 
+Pad = Annotated[int, Meta(ge=0, le=4096, description="Pixels added on this side.")]
+
+
+class Expand(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Outpainting: pad the first reference image by these pixels and fill the new
+    area (the result's width and height must be multiples of 16)."""
+
+    left: Pad = 0
+    right: Pad = 0
+    top: Pad = 0
+    bottom: Pad = 0
+
+
 class LoraRef(Struct, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, Meta(description="Adapter name inside the model's lora_dir.")]
     scale: Annotated[float, Meta(ge=-4, le=4)] = 1.0
@@ -64,6 +77,13 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True, omit_def
     images: list[ImageInput] | None = None
     init_image: ImageInput | None = None
     strength: Annotated[float, Meta(ge=0, le=1)] | None = None
+    mask: Annotated[
+        ImageInput,
+        Meta(description="Edits: the area of images[0] to repaint, the same size as it: fully transparent pixels (a mask "
+             "without alpha: white) are repainted, the rest comes back unchanged. Or a multipart file field mask."),
+    ] | None = None
+    mask_blur: Annotated[int, Meta(ge=0, le=256, description="Feather (px) inside the mask's edge over which the result fades into the original; default 4.")] | None = None
+    expand: Annotated[Expand, Meta(description="Edits: outpaint, padding images[0] by these pixels; the original area comes back unchanged.")] | None = None
     loras: list[LoraRef] | None = None
     upscale: Literal[2, 4] | None = None
     upload_urls: list[str] | None = None
@@ -232,6 +252,30 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     gpu_seconds: Annotated[float, Meta(description="Worker time the finished job used: what its key's quota is charged.")] | None = None
     deadline_at: Annotated[float, Meta(description="The job's deadline (unix time), if it has one.")] | None = None
     code: Annotated[str, Meta(description="Why an error job failed, for programs: e.g. deadline_missed.")] | None = None
+    warnings: Annotated[list[str], Meta(description="What the job did differently from what was asked, e.g. a prompt cut to the text encoder's length (counted on the worker).")] = []
+
+
+class PngInfoRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST /api/png-info as JSON (or multipart with the file in the field ``image``)."""
+
+    image: Annotated[str, Meta(description="The image file as a data URL or base64.")] | None = None
+
+
+class PngInfoResponse(Struct, kw_only=True, omit_defaults=False):
+    """The parameters an image carries (A1111 infotext: PNG ``parameters`` chunk, or
+    JPEG/WEBP EXIF UserComment), as /api/generate fields; all null when it has none."""
+
+    parameters: Annotated[str, Meta(description="The raw text; null when the image carries no parameters.")] | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance: Annotated[float, Meta(description="A1111's CFG scale.")] | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    model: str | None = None
+    loras: Annotated[list[LoraRef], Meta(description="From <lora:name:scale> in the prompt.")] | None = None
+    strength: Annotated[float, Meta(description="A1111's Denoising strength (edits).")] | None = None
 
 
 class TasksResponse(Struct, kw_only=True):

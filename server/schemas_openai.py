@@ -47,6 +47,7 @@ class EaselKnobs(Struct, kw_only=True):
     seed: Annotated[Union[int, str], Meta(description="Integer seed; random when absent.")] | None = None
     negative_prompt: str | None = None
     strength: Annotated[float, Meta(ge=0, le=1, description="Edit strength (img2img-style models).")] | None = None
+    mask_blur: Annotated[int, Meta(ge=0, le=256, description="With mask: feather (px) inside the mask's edge; default 4.")] | None = None
     loras: Annotated[list[dict[str, Any]], Meta(description="[{name, scale}] as in /api/generate.")] | None = None
     priority: Annotated[Union[bool, int], Meta(description="As in /api/generate.")] | None = None
     deadline_seconds: Annotated[float, Meta(gt=0, description="As in /api/generate: refused (422) if it cannot be met.")] | None = None
@@ -63,7 +64,8 @@ class OpenAIImageRequest(EaselKnobs, kw_only=True):
     output_format: Annotated[str, Meta(description="png, jpeg or webp.")] | None = None
     output_compression: Annotated[int, Meta(ge=0, le=100, description="JPEG/WEBP quality.")] | None = None
     quality: OpenAIQuality | None = None
-    background: Annotated[str, Meta(description="Accepted; easel's images are opaque.")] | None = None
+    background: Annotated[str, Meta(description="opaque or auto (answered opaque); transparent is refused (400): easel does not matte.")] | None = None
+    input_fidelity: Annotated[Literal["low", "high"], Meta(description="Accepted; changes nothing (easel's edit models have no fidelity switch).")] | None = None
     moderation: Annotated[str, Meta(description="Accepted and ignored.")] | None = None
     user: Annotated[str, Meta(description="Accepted and ignored.")] | None = None
     stream: bool = False
@@ -85,8 +87,9 @@ class InputTokensDetails(Struct, kw_only=True):
 
 
 class OpenAIUsage(Struct, kw_only=True):
-    """easel does not tokenize: text_tokens counts prompt words, image_tokens
-    reference images, output_tokens images produced."""
+    """text_tokens: the prompt as the model's own tokenizer encodes it (on the worker;
+    the stub counts words); image_tokens (each reference) and output_tokens (each
+    image made): 85 + 170 per started 512x512 tile of the image."""
 
     input_tokens: int
     output_tokens: int

@@ -20,7 +20,7 @@ from .broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
 from .deadlines import end_if_missed, refuse_unreachable
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .forecast import features, sum_features
-from .jobs import ImageResult, JobRecord, JobStatus, preview_key, result_key
+from .jobs import ImageResult, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from .quotas import check_and_charge
 from .registry import ModelState, Registry
 from .standing import Forecasts, Where, predict, queue_seconds, standing
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("easel")
 FOLLOW_SECONDS = 30.0  # a follow lasts this long unless renewed
+PREVIEW_WANT_SECONDS = 5.0  # a previews=true follow lasts this long unless renewed
 SubmitCheck = Callable[[JobRecord], Coroutine[Any, Any, None]]
 
 
@@ -250,6 +251,16 @@ class Service:
         if self.broker.distributed and not job.status.finished:
             await self.broker.update(job, {"followed_until": self.broker.now() + seconds})
 
+    async def want_previews(self, job: JobRecord, seconds: float = PREVIEW_WANT_SECONDS) -> None:
+        """Someone follows ``job`` with previews=true: its worker (any process) makes
+        live previews for ``seconds`` (renew while the stream lasts)."""
+        if not job.status.finished:
+            await self.broker.update(job, {"preview_wanted_until": self.broker.now() + seconds})
+
+    async def live_preview(self, job: JobRecord) -> bytes | None:
+        """The latest live preview of a running job (JPEG), if any."""
+        return await self.broker.get_blob(live_preview_key(job.id)) if job.preview_seq else None
+
     async def wait_change(self, job: JobRecord, timeout: float | None, *, progress: bool = True) -> tuple[JobRecord, bool]:
         changed = await self.broker.wait_change(job.id, timeout, progress=progress)
         return (await self.get(job.id) if changed else job), changed
@@ -304,6 +315,18 @@ class Service:
                 if job.owner == caller.key_id and await self.broker.cancel(job.id, "cancelled by /api/clear"):
                     count += 1
         return count
+
+    async def reap_forever(self) -> None:
+        """An API node runs the broker's reaper too: the jobs of dead workers go back to
+        the queue (or end as error) even while no worker is alive to notice."""
+        while True:
+            await asyncio.sleep(self.settings.broker.heartbeat_seconds)
+            try:
+                await self.broker.reap()
+            except BrokerUnavailable as exc:
+                log.warning("reaper: %s", exc)
+            except Exception:
+                log.exception("reaper failed")
 
     def sign(self, url: str, job: JobRecord) -> str:
         """An image link of ``job`` that works without the key until the result expires."""

@@ -67,6 +67,7 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Sig
         deadline_at=job.deadline_at,
         code=job.code,
         worker=job.worker,
+        warnings=job.warnings,
     )
 
 

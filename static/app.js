@@ -5,6 +5,7 @@ import { $, toast } from "./js/dom.js";
 import { initForm, loadLoras, loadModels, reuseSeed, setMode } from "./js/form.js";
 import { addResults, initGallery } from "./js/gallery.js";
 import { initModels } from "./js/models.js";
+import { initPngInfo } from "./js/pnginfo.js";
 import { initQueue, refresh, track } from "./js/queue.js";
 import { addImages, initRefs } from "./js/refs.js";
 import { initTrain, updateTrainPanel } from "./js/train.js";
@@ -50,6 +51,7 @@ async function start() {
     reuseSeed,
   });
   initForm((status, params) => track(status, params));
+  initPngInfo();
   initTrain((status, params) => track(status, params));
   initModels(reloadModels);
 

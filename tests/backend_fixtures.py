@@ -83,14 +83,19 @@ def tiny_runtime() -> Iterator[None]:
     - one torch thread: tiny ops gain nothing from threads, and on an oversubscribed
       machine OpenMP spin-waiting made the suite ~7x slower;
     - QwenImageEditPlus resizes every reference to ~1 MP before VAE encoding (~8 s
-      per reference with the tiny VAE on CPU); tests use 64x64.
+      per reference with the tiny VAE on CPU), and QwenImageEditInpaint generates at
+      ~1 MP; tests use 64x64.
     """
     import torch
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as qwen_inpaint
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_plus
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    dimensions = qwen_inpaint.calculate_dimensions
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(qwen_plus, "VAE_IMAGE_SIZE", 64 * 64)
+        # QwenImageEditInpaint runs at ~1 MP whatever the size asked: 64x64 here
+        mp.setattr(qwen_inpaint, "calculate_dimensions", lambda _area, ratio: dimensions(64 * 64, ratio))
         yield
     torch.set_num_threads(threads)

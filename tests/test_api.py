@@ -334,6 +334,43 @@ def test_events_stream_reports_progress_until_done(slow_server: RunningServer) -
     assert eta[-1] < eta[0]
 
 
+def sse_events(c: httpx.Client, params: dict[str, Any]) -> list[tuple[str, dict[str, Any], float]]:
+    """(event, data, seconds since the stream opened) of every event until ``end``."""
+    out: list[tuple[str, dict[str, Any], float]] = []
+    start = time.monotonic()
+    with c.stream("GET", "/api/events", params=params) as r:
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event is not None:
+                out.append((event, json.loads(line[6:]), time.monotonic() - start))
+                if event == "end":
+                    break
+    return out
+
+
+def test_events_with_previews_send_rate_limited_preview_images(slow_server: RunningServer) -> None:
+    c = slow_server.client
+    tid = c.post("/api/generate", json={"prompt": "live", "steps": 40}).json()["task_id"]  # 0.05 s a step: 2 s
+    events = sse_events(c, {"task_id": tid, "previews": "true"})
+    previews = [(d, t) for e, d, t in events if e == "preview"]
+    assert events[-1][1] == {"status": "done"}
+    assert 2 <= len(previews) <= 12  # at most 4 a second over ~2 s of steps
+    steps = [d["step"] for d, _ in previews]
+    assert steps == sorted(set(steps)) and 0 < steps[0] and steps[-1] < 40
+    assert min(b - a for a, b in zip(steps, steps[1:])) >= 2  # a few steps apart at 0.05 s a step
+    for d, _ in previews:
+        assert set(d) == {"task_id", "step", "image"} and d["task_id"] == tid
+        head, b64 = d["image"].split(",", 1)
+        assert head == "data:image/jpeg;base64"
+        img = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert img.format == "JPEG" and img.size == (64, 64)
+    # without previews=true: no preview events, and the worker makes none
+    tid = c.post("/api/generate", json={"prompt": "quiet", "steps": 10}).json()["task_id"]
+    assert [e for e, _, _ in sse_events(c, {"task_id": tid})].count("preview") == 0
+
+
 def test_full_queue_answers_429_with_retry_after(server_factory: Any) -> None:
     srv = server_factory({**stub_settings(simulate_step_seconds=12.0), "queue": {"capacity": 2}})
     c = srv.client

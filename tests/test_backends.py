@@ -90,6 +90,27 @@ def test_previews_are_decoded_at_output_size(loaded: dict[str, Backend], name: s
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_previews_are_a_latent_projection_not_a_vae_decode(loaded: dict[str, Backend], name: str) -> None:
+    """Previews project the latents linearly (published factors where the VAE's latent
+    channels match them, fitted at load otherwise): no VAE decoder call, at most 256 px a side."""
+    backend = loaded[name]
+    rgb = backend.rgb  # type: ignore[attr-defined]
+    assert rgb is not None and rgb.fitted is (name in ("flux2_klein", "qwen_edit_gguf"))  # tiny VAEs: 4 channels
+    calls: list[int] = []
+    hook = backend.pipe.vae.decoder.register_forward_hook(lambda *_: calls.append(1))  # type: ignore[attr-defined]
+    try:
+        plain = RecordingContext()
+        run(backend, basic(name, width=288, height=160), plain)
+        decodes = len(calls)
+        ctx = RecordingContext(preview_every=1)
+        run(backend, basic(name, width=288, height=160), ctx)
+    finally:
+        hook.remove()
+    assert decodes >= 1 and len(calls) == 2 * decodes  # the final images only: previews add no decode
+    assert [p.size for p in ctx.previews] == [(256, 142), (256, 142)] and all(p.mode == "RGB" for p in ctx.previews)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_cancel_stops_the_pipeline_at_the_next_step(loaded: dict[str, Backend], name: str) -> None:
     ctx = RecordingContext(cancel_after=1)
     with pytest.raises(JobCancelled):

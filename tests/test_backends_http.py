@@ -253,3 +253,30 @@ def test_forecast_learns_the_cost_of_reference_images(srv: RunningServer) -> Non
     assert learned["coefficients"] != learned["prior"]
     assert forecast[8] > forecast[1], (forecast, learned)
     unload(c, "forecast")
+
+
+@pytest.mark.parametrize("backend", ["sdxl", "flux2_klein", "z_image", "qwen_edit_gguf"])
+def test_masked_edit_and_outpaint_over_http_change_only_the_mask(srv: RunningServer, backend: str) -> None:
+    """The family's inpaint pipeline, composited over the input: outside the mask (and
+    outside the feather band inside its edge) every pixel is the input's."""
+    import numpy as np
+    from PIL import Image
+
+    from server.masking import feather
+
+    c = srv.client
+    load(c, backend)
+    src = reference(64, 64, seed=5)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    out = Image.open(io.BytesIO(run(c, backend, "edit", images=[data_url(src)], mask=data_url(mask), mask_blur=4)))
+    alpha = np.asarray(feather(mask, 4))
+    diff = np.abs(np.asarray(out.convert("RGB"), np.int16) - np.asarray(src, np.int16)).max(axis=2)
+    assert out.size == (64, 64) and diff[alpha == 0].max() == 0 and diff[alpha == 255].mean() > 8, diff[alpha == 255].mean()
+
+    out = Image.open(io.BytesIO(run(c, backend, "edit", images=[data_url(src)], expand={"right": 16, "bottom": 16})))
+    grown = np.asarray(out.convert("RGB"), np.int16)
+    assert out.size == (80, 80)
+    assert (grown[:64, :64] == np.asarray(src, np.int16)).all()  # the original area, unchanged
+    assert grown[64:, :].std() > 1 and grown[:, 64:].std() > 1  # the new area is filled
+    unload(c, backend)

@@ -61,7 +61,8 @@ def test_generate_n2_b64_json_returns_decodable_images_of_the_size(client: OpenA
         assert img.size == (128, 64) and img.format == "PNG"
         assert d.revised_prompt == "a red fox"
     assert r.size == "128x64" and r.output_format == "png" and r.created > 0
-    assert r.usage is not None and r.usage.output_tokens == 2 and r.usage.input_tokens_details.text_tokens == 3
+    # the stub has no tokenizer: words; an image is 85 + 170 per started 512x512 tile
+    assert r.usage is not None and r.usage.output_tokens == 2 * 255 and r.usage.input_tokens_details.text_tokens == 3
 
 
 def test_generate_url_points_at_the_image(client: OpenAI, server: RunningServer) -> None:
@@ -113,7 +114,7 @@ def test_edit_with_two_images_multipart_as_the_sdk_sends_it(client: OpenAI, serv
     files = [("a.png", png(), "image/png"), ("b.png", png(color=(0, 0, 255)), "image/png")]
     r = client.images.edit(image=files, prompt="merge them", size="64x128", extra_body=meta)
     assert r.data is not None and decode(r.data[0].b64_json).size == (64, 128)
-    assert r.usage is not None and r.usage.input_tokens_details.image_tokens == 2
+    assert r.usage is not None and r.usage.input_tokens_details.image_tokens == 2 * 255
     (job,) = jobs_tagged(server, meta)
     assert job["task"] == "edit" and job["status"] == "done"
 
@@ -146,10 +147,11 @@ def test_json_file_ids_are_refused_with_what_to_send(server: RunningServer) -> N
     assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
 
 
-def test_mask_on_a_model_without_mask_support_is_a_400(client: OpenAI) -> None:
+def test_a_mask_that_keeps_every_pixel_is_a_400(client: OpenAI) -> None:
+    # an opaque mask without transparent pixels marks nothing to edit (masked edits: tests/test_masks.py)
     with pytest.raises(openai.BadRequestError) as exc:
-        client.images.edit(image=("a.png", png(), "image/png"), mask=("m.png", png(), "image/png"), prompt="x")
-    assert "does not support masks" in exc.value.message
+        client.images.edit(image=("a.png", png(), "image/png"), mask=("m.png", png(color=(0, 0, 0)), "image/png"), prompt="x")
+    assert "keeps every pixel" in exc.value.message
 
 
 # --- streaming ---------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def test_stream_yields_partial_images_then_completed(slow_client: OpenAI) -> Non
     assert types == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
     assert all(decode(e.b64_json).size == (64, 64) for e in events)
-    assert events[-1].usage.output_tokens == 1
+    assert events[-1].usage.output_tokens == 255
 
 
 def test_edit_stream_uses_image_edit_events(slow_client: OpenAI) -> None:
@@ -235,6 +237,69 @@ def test_a_stream_reader_that_hangs_up_cancels_its_job(slow_server: RunningServe
     (job,) = jobs_tagged(slow_server, meta)
     st = slow_server.client.get("/api/status", params={"task_id": job["task_id"], "wait": 20, "since": "running"}).json()
     assert st["status"] == "cancelled", st
+
+
+# --- honest answers: background, input_fidelity, usage, x-request-id -------------------------
+
+def test_transparent_background_is_refused_and_opaque_or_auto_accepted(client: OpenAI) -> None:
+    for call in (lambda: client.images.generate(prompt="x", background="transparent"),
+                 lambda: client.images.edit(image=("a.png", png(), "image/png"), prompt="x", background="transparent")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            call()
+        assert exc.value.param == "background" and "does not matte" in exc.value.message  # type: ignore[attr-defined]
+    for background in ("opaque", "auto"):
+        r = client.images.generate(prompt="x", background=background)  # type: ignore[arg-type]
+        assert r.background == "opaque"
+
+
+def test_input_fidelity_is_accepted_and_checked(client: OpenAI) -> None:
+    r = client.images.edit(image=("a.png", png(), "image/png"), prompt="x", input_fidelity="high")
+    assert r.data is not None
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.edit(image=("a.png", png(), "image/png"), prompt="x", extra_body={"input_fidelity": "max"})
+    assert "input_fidelity" in exc.value.message
+
+
+def test_usage_counts_reference_images_by_their_tiles(client: OpenAI) -> None:
+    r = client.images.edit(image=("wide.png", png(600, 100), "image/png"), prompt="two words", size="64x64")
+    assert r.usage is not None
+    details = r.usage.input_tokens_details
+    assert (details.text_tokens, details.image_tokens, r.usage.output_tokens) == (2, 85 + 2 * 170, 255)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+def test_every_openai_response_carries_x_request_id(client: OpenAI, server: RunningServer) -> None:
+    meta = tag()
+    raw = client.images.with_raw_response.generate(prompt="with an id", extra_body=meta)
+    (job,) = jobs_tagged(server, meta)
+    assert raw.headers["x-request-id"] == job["task_id"] == raw.parse()._request_id  # type: ignore[attr-defined]
+    # a job that failed: the error names its job
+    meta = tag()
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.images.generate(prompt="fail", extra_body=meta)
+    assert failed.value.request_id == jobs_tagged(server, meta)[0]["task_id"]
+    # refused before any job exists: a fresh id each time
+    ids = set()
+    for _ in range(2):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.images.generate(prompt="x", model="nope")
+        assert missing.value.request_id and missing.value.request_id.startswith("req_")
+        ids.add(missing.value.request_id)
+    assert len(ids) == 2
+    # the stream
+    meta = tag()
+    body = {"prompt": "streamed", "stream": True, **meta}
+    with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=30) as r:
+        rid = r.headers["x-request-id"]
+        r.read()
+    assert rid == jobs_tagged(server, meta)[0]["task_id"]
+
+
+def test_a_401_carries_x_request_id_too(server_factory: Callable[..., RunningServer]) -> None:
+    srv = server_factory({**stub_settings(), "auth": {"api_keys": ["secret"], "admin_keys": []}})
+    with pytest.raises(openai.AuthenticationError) as exc:
+        OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+    assert exc.value.request_id and exc.value.request_id.startswith("req_")
 
 
 def test_openapi_documents_the_shim(server: RunningServer) -> None:

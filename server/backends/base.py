@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from ..config import ModelConfig
 
 Task = Literal["generate", "edit", "train", "upscale"]
+# families with an inpaint pipeline (Diffusers 0.42 has all four) or, for the stub, a masked placeholder
+MASK_BACKENDS = frozenset({"stub", "sdxl", "flux2_klein", "z_image", "qwen_edit_gguf"})
 
 
 def free_memory() -> None:
@@ -95,7 +97,8 @@ class WorkItem:
     images: list[Image] = field(default_factory=list)  # edit references
     init_image: Image | None = None  # img2img source
     strength: float | None = None
-    mask: Image | None = None
+    mask: Image | None = None  # L, 255 = repaint, the size of images[0]; the runner composites the result
+    mask_blur: int = 0
     loras: list[LoraSpec] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
 
@@ -174,6 +177,7 @@ def model_capabilities(cfg: ModelConfig, default_tasks: tuple[str, ...]) -> Capa
         tasks=tasks,
         max_images=cfg.max_images if "edit" in tasks else 0,
         max_output_images=cfg.max_output_images,
+        supports_mask="edit" in tasks and cfg.backend in MASK_BACKENDS,
         supports_lora=bool(cfg.lora_dir),
         supports_init_image="edit" in tasks,
     )

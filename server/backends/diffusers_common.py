@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities
+from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import WEIGHT_SUFFIXES, applied_loras
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ class DiffusersBackend:
     default_tasks: ClassVar[tuple[str, ...]] = ("generate",)
     default_guidance: ClassVar[float] = 0.0
     supports_previews: ClassVar[bool] = True
+    latent_rgb: ClassVar[Factors | None] = None  # published latent -> RGB factors (latent_preview.py)
 
     def __init__(self, name: str, cfg: ModelConfig, settings: Settings) -> None:
         self.name = name
@@ -168,6 +170,7 @@ class DiffusersBackend:
         self.dtype = resolve_dtype(cfg.torch_dtype, self.device)
         self.pipe: Any = None
         self._variants: dict[str, Any] = {}  # e.g. "img2img" -> pipeline sharing components
+        self.rgb: LatentRGB | None = None  # the preview projection, set at load
 
     # ----------------------------------------------------------------- hooks
 
@@ -179,9 +182,20 @@ class DiffusersBackend:
         """The pipeline to call for ``item`` and its task-specific keyword arguments."""
         raise NotImplementedError
 
-    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
-        """Decode intermediate latents to an image tensor in [-1, 1] (B, 3, H, W)."""
+    def _spatial_latents(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        """The pipeline's intermediate latents as the (B, C, h, w) grid the transformer
+        sees (unpacked, still scaled / normalized): what previews project. None: no previews."""
         return None
+
+    def _decode_spatial(self, pipe: Any, z: torch.Tensor) -> torch.Tensor:
+        """VAE decode of (B, C, h, w) latents as ``_spatial_latents`` gives them, to an
+        image tensor in [-1, 1] (B, 3, H, W): only to fit the preview projection at load."""
+        raise NotImplementedError
+
+    def _latent_channels(self, pipe: Any) -> int:
+        """C of ``_spatial_latents``: the VAE's latent channels."""
+        config = pipe.vae.config
+        return int(getattr(config, "latent_channels", None) or config.z_dim)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -208,7 +222,27 @@ class DiffusersBackend:
                 f"out of GPU memory loading model {self.name!r}; set offload to 'model' (or 'sequential'), "
                 "use a quantized transformer, or unload other models first"
             ) from exc
+        self.rgb = self._latent_rgb()
         log.info("model %s loaded on %s (%s, offload=%s)", self.name, self.device, self.dtype, self.cfg.offload)
+
+    def _latent_rgb(self) -> LatentRGB | None:
+        """The preview projection: the family's published factors when the VAE's latent
+        channels match them, else fitted to this VAE now (one small decode); None (no
+        previews) when the backend has no ``_spatial_latents`` or the fit fails."""
+        if type(self)._spatial_latents is DiffusersBackend._spatial_latents:
+            return None
+        try:
+            channels = self._latent_channels(self.pipe)
+            if self.latent_rgb is not None and len(self.latent_rgb[0]) == channels:
+                return LatentRGB.published(self.latent_rgb)
+            vae = self.pipe.vae
+            device = str(getattr(self.pipe, "_execution_device", None) or self.device)
+            rgb = fit_latent_rgb(lambda z: self._decode_spatial(self.pipe, z), channels, device, vae.dtype)
+        except Exception as exc:  # previews are a nicety: the model still serves
+            log.warning("model %s: no previews (fitting the latent projection failed: %s)", self.name, exc)
+            return None
+        log.info("model %s: preview projection fitted to its VAE (%d latent channels, no published factors)", self.name, channels)
+        return rgb
 
     def _place(self, pipe: Any) -> Any:
         """Move to the device (or install offload hooks) and apply VAE options."""
@@ -308,14 +342,50 @@ class DiffusersBackend:
             )
         return {"image": fit_image(source, item.width, item.height), "strength": strength}
 
-    def _preview(self, item: WorkItem) -> Callable[[Any, torch.Tensor], Image.Image | None]:
-        def decode(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
-            image = self._latents_to_image(pipe, latents[:1], item)
-            if image is None:
-                return None
-            return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]  # type: ignore[no-any-return]
+    def inpaint_kwargs(self, item: WorkItem) -> dict[str, Any]:
+        """``image``, ``mask_image`` and ``strength`` (default 1: the masked area is
+        repainted) for an inpaint pipeline, both resized to the call's size (images[0]'s
+        rounded to multiples of 16).  The runner composites the result over images[0]."""
+        if not item.images or item.mask is None:
+            raise BackendError("a masked edit needs a reference image and a mask")
+        source = check_references(item.images[:1])[0]
+        strength = item.strength if item.strength is not None else 1.0
+        if int(item.steps * strength) < 1:
+            raise BackendError(
+                f"strength {strength:g} with {item.steps} steps leaves no denoising step; "
+                f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength"
+            )
+        size = (item.width, item.height)
+        return {
+            "image": source.resize(size, Image.Resampling.LANCZOS),
+            "mask_image": item.mask.convert("L").resize(size, Image.Resampling.NEAREST),
+            "strength": strength,
+        }
 
-        return decode
+    def inpaint_variant(self, class_name: str) -> Any:
+        """The family's Diffusers inpaint pipeline sharing the loaded components."""
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+        if cls is None:
+            raise BackendError(
+                f"model {self.name!r} cannot use masks: this Diffusers ({diffusers.__version__}) has no {class_name}; "
+                "upgrade diffusers or drop mask"
+            )
+        return self.variant("inpaint", cls)
+
+    def _preview(self, item: WorkItem) -> Callable[[Any, torch.Tensor], Image.Image | None]:
+        """The first image's latents projected to RGB (``latent_preview``), at
+        ``preview_size``: a few small tensor operations, never a VAE decode."""
+
+        def project(pipe: Any, latents: torch.Tensor) -> Image.Image | None:
+            rgb = self.rgb
+            z = self._spatial_latents(pipe, latents[:1], item) if rgb is not None else None
+            if rgb is None or z is None or z.shape[1] != rgb.channels:
+                return None
+            return rgb.project(z[0], item.width, item.height)
+
+        return project
 
     def _batchable(self, item: WorkItem) -> bool:
         """False when a batched call would not give image k the pixels of seed + k

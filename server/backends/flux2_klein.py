@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import latent_preview
 from .base import BackendError, WorkItem
 from .diffusers_common import DiffusersBackend, check_references
 from .single_file import load_single_file_transformer, single_file_parts
@@ -20,6 +21,7 @@ from .single_file import load_single_file_transformer, single_file_parts
 class Flux2KleinBackend(DiffusersBackend):
     default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
     default_guidance: ClassVar[float] = 1.0
+    latent_rgb = latent_preview.FLUX2
 
     def _build_pipeline(self) -> Any:
         from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
@@ -50,12 +52,16 @@ class Flux2KleinBackend(DiffusersBackend):
             raise BackendError(
                 f"model {self.name!r} accepts at most {self.capabilities.max_images} reference images, got {len(refs)}"
             )
-        if refs:
+        if refs and item.mask is not None:  # inpaint images[0]; the others are references
+            kwargs.update(self.inpaint_kwargs(item), image_reference=refs[1:] or None)
+        elif refs:
             kwargs["image"] = refs
         if item.negative_prompt and self.guidance(item) > 1 and not self.pipe.config.is_distilled:
             # the pipeline has no negative_prompt argument, only pre-computed embeddings
             with torch.no_grad():
                 kwargs["negative_prompt_embeds"] = self.pipe.encode_prompt(prompt=item.negative_prompt)[0]
+        if item.mask is not None:
+            return self.inpaint_variant("Flux2KleinInpaintPipeline"), kwargs
         return self.pipe, kwargs
 
     def _prompt_text(self, tokenizer: Any, prompt: str) -> str:
@@ -63,12 +69,17 @@ class Flux2KleinBackend(DiffusersBackend):
         messages = [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)  # type: ignore[no-any-return]
 
-    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
-        # latents: (B, h*w, C) tokens in row-major order over the packed (2x2-patchified) grid
+    def _spatial_latents(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        # latents: (B, h*w, 4C) tokens in row-major order over the packed (2x2-patchified),
+        # batch-normalized grid -> (B, C, 2h, 2w), still normalized (as ComfyUI's Flux2 format)
         f = pipe.vae_scale_factor * 2
         h, w = item.height // f, item.width // f
         x = latents.reshape(latents.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return pipe._unpatchify_latents(x)  # type: ignore[no-any-return]
+
+    def _decode_spatial(self, pipe: Any, z: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
+        x = pipe._patchify_latents(z)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.device, x.dtype)
         x = pipe._unpatchify_latents(x * std + mean)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import latent_preview
 from .base import BackendError, WorkItem
 from .diffusers_common import DiffusersBackend, check_references
 from .single_file import load_single_file_transformer, single_file_parts
@@ -20,6 +21,7 @@ from .single_file import load_single_file_transformer, single_file_parts
 class QwenEditGGUFBackend(DiffusersBackend):
     default_tasks: ClassVar[tuple[str, ...]] = ("edit",)
     default_guidance: ClassVar[float] = 4.0
+    latent_rgb = latent_preview.WAN21  # Qwen-Image's VAE is Wan 2.1's
 
     def _build_pipeline(self) -> Any:
         from diffusers import GGUFQuantizationConfig, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
@@ -42,6 +44,8 @@ class QwenEditGGUFBackend(DiffusersBackend):
             raise BackendError(
                 f"model {self.name!r} accepts at most {self.capabilities.max_images} reference images, got {len(refs)}"
             )
+        if item.mask is not None:
+            return self._inpaint(item, len(refs))
         return self.pipe, {
             "image": refs,
             "width": item.width,
@@ -50,13 +54,33 @@ class QwenEditGGUFBackend(DiffusersBackend):
             "negative_prompt": item.negative_prompt or " ",
         }
 
+    def _inpaint(self, item: WorkItem, refs: int) -> tuple[Any, dict[str, Any]]:
+        """QwenImageEditInpaintPipeline: one image, run at ~1 MP of its aspect whatever
+        the size asked (``item``'s size is set to that, for previews; the runner resizes
+        the result back and composites it)."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint
+
+        if refs > 1:
+            raise BackendError(f"a masked edit on model {self.name!r} takes one image (the one to edit), got {refs}")
+        kwargs = self.inpaint_kwargs(item)
+        pipe = self.inpaint_variant("QwenImageEditInpaintPipeline")
+        w, h, _ = inpaint.calculate_dimensions(1024 * 1024, item.width / item.height)
+        multiple = pipe.vae_scale_factor * 2
+        item.width, item.height = w // multiple * multiple, h // multiple * multiple
+        kwargs.update(true_cfg_scale=self.guidance(item), negative_prompt=item.negative_prompt or " ")
+        return pipe, kwargs
+
     def _token_limit(self, tokenizer: Any) -> int | None:
         # QwenImageEditPlusPipeline (diffusers 0.42) encodes the whole templated prompt: nothing is cut
         return None
 
-    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+    def _spatial_latents(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        # packed 2x2 tokens -> (B, C, 1, h, w), normalized by latents_mean / latents_std (as ComfyUI's Wan21)
+        return pipe._unpack_latents(latents, item.height, item.width, pipe.vae_scale_factor)[:, :, 0]  # type: ignore[no-any-return]
+
+    def _decode_spatial(self, pipe: Any, z: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
-        x = pipe._unpack_latents(latents, item.height, item.width, pipe.vae_scale_factor).to(vae.dtype)
+        x = z[:, :, None].to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(x.device, x.dtype)
         std = torch.tensor(vae.config.latents_std).view(shape).to(x.device, x.dtype)

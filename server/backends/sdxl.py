@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import latent_preview
 from .base import WorkItem
 from .diffusers_common import DiffusersBackend
 
@@ -14,6 +15,7 @@ from .diffusers_common import DiffusersBackend
 class SDXLBackend(DiffusersBackend):
     default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
     default_guidance: ClassVar[float] = 5.0
+    latent_rgb = latent_preview.SDXL
 
     def _build_pipeline(self) -> Any:
         from diffusers import StableDiffusionXLPipeline
@@ -24,12 +26,19 @@ class SDXLBackend(DiffusersBackend):
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
         kwargs: dict[str, Any] = {"guidance_scale": self.guidance(item), "negative_prompt": item.negative_prompt}
+        if item.mask is not None:
+            inpaint = self.inpaint_kwargs(item)
+            pipe = self.inpaint_variant("StableDiffusionXLInpaintPipeline")
+            return pipe, {**kwargs, **inpaint, "width": item.width, "height": item.height}
         img2img = self.img2img_kwargs(item)
         if img2img is None:
             return self.pipe, {**kwargs, "width": item.width, "height": item.height}
         # the img2img pipeline takes its size from the (already resized) source image
         return self.variant("img2img", StableDiffusionXLImg2ImgPipeline), {**kwargs, **img2img}
 
-    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+    def _spatial_latents(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        return latents  # (B, 4, h, w), scaled by the VAE's scaling_factor
+
+    def _decode_spatial(self, pipe: Any, z: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # type: ignore[no-any-return]
+        return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # type: ignore[no-any-return]

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import latent_preview
 from .base import WorkItem
 from .diffusers_common import DiffusersBackend
 
@@ -14,6 +15,7 @@ from .diffusers_common import DiffusersBackend
 class ZImageBackend(DiffusersBackend):
     default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
     default_guidance: ClassVar[float] = 0.0
+    latent_rgb = latent_preview.FLUX1  # Z-Image uses the FLUX.1 VAE
 
     def _build_pipeline(self) -> Any:
         from diffusers import ZImagePipeline
@@ -29,6 +31,8 @@ class ZImageBackend(DiffusersBackend):
             "guidance_scale": self.guidance(item),
             "negative_prompt": item.negative_prompt,
         }
+        if item.mask is not None:
+            return self.inpaint_variant("ZImageInpaintPipeline"), {**kwargs, **self.inpaint_kwargs(item)}
         img2img = self.img2img_kwargs(item)
         if img2img is None:
             return self.pipe, kwargs
@@ -44,7 +48,10 @@ class ZImageBackend(DiffusersBackend):
         messages = [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)  # type: ignore[no-any-return]
 
-    def _latents_to_image(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+    def _spatial_latents(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
+        return latents  # (B, 16, h, w): the FLUX.1 VAE's latents, shifted and scaled
+
+    def _decode_spatial(self, pipe: Any, z: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
-        x = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        x = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(x, return_dict=False)[0]  # type: ignore[no-any-return]

@@ -11,8 +11,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from .. import infotext
 from ..auth import caller_of
-from ..build import build_job
+from ..build import build_job, decode_b64
 from ..errors import BadRequest, Gone, NotFound
 from ..jobs import JobRecord, JobStatus
 from ..openapi import Doc, Param, route
@@ -23,12 +24,15 @@ from ..schemas import (
     ImageBase64,
     JobStatusResponse,
     LoadRequest,
+    LoraRef,
     ModelsResponse,
+    PngInfoRequest,
+    PngInfoResponse,
     SubmitResponse,
     TasksResponse,
     UpscaleRequest,
 )
-from ..service import FOLLOW_SECONDS, Idempotency
+from ..service import FOLLOW_SECONDS, PREVIEW_WANT_SECONDS, Idempotency
 from ..views import job_status, submitted
 from .common import base_url, decode_form, decode_json, json_response, service_of, upscaler_of
 from .models import models_response
@@ -40,14 +44,18 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def submit(request: Request, task: str) -> Response:
     service = service_of(request)
     uploads: list[bytes] = []
+    mask: bytes | None = None
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        req, uploads, _ = await decode_form(request, GenerateRequest)
+        req, uploads, named = await decode_form(request, GenerateRequest)
+        mask = named.get("mask")
     else:
         req = await decode_json(request, GenerateRequest)
     ms = await service.served_model(req.model)
-    job, inputs = await build_job(req, ms, service.settings, task, uploads=uploads, fetch=service.fetch_url)
+    job, inputs = await build_job(req, ms, service.settings, task, uploads=uploads, fetch=service.fetch_url, mask=mask)
     job.base_url = base_url(request)
-    idempotency = Idempotency.of(request.headers.get("idempotency-key"), task.encode(), msgspec.json.encode(req), *uploads)
+    idempotency = Idempotency.of(
+        request.headers.get("idempotency-key"), task.encode(), msgspec.json.encode(req), *uploads, *([mask] if mask else [])
+    )
     job = await service.submit(job, inputs.blobs, caller_of(request.scope), idempotency)
     return accepted(job)
 
@@ -114,17 +122,31 @@ def event_id(body: bytes) -> str:
     return format(zlib.crc32(body), "08x")
 
 
+def preview_event(job: JobRecord, data: bytes) -> bytes:
+    """A ``preview`` SSE event: the latest live preview of a running job (a JPEG)."""
+    image = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    body = msgspec.json.encode({"task_id": job.id, "step": job.preview_step, "image": image})
+    return b"event: preview\ndata: " + body + b"\n\n"
+
+
 async def events(request: Request) -> Response:
-    """Server-Sent Events: one ``status`` event per change until the job ends.
-    Whichever node the job was submitted to, the broker's events reach this one."""
+    """Server-Sent Events: one ``status`` event per change until the job ends; with
+    ``previews=true`` also ``preview`` events (the latest live preview, a few a second
+    at most) while it runs.  Whichever node the job was submitted to, the broker's
+    events reach this one, and the ask for previews reaches its worker (the record's
+    ``preview_wanted_until``, renewed while the stream lasts)."""
     service = service_of(request)
     job = await _job(request)
     heartbeat = _float_param(request, "heartbeat", 15.0, 60.0) or 15.0
     seen = request.headers.get("last-event-id")
+    previews = request.query_params.get("previews", "false").lower() in ("1", "true", "yes")
 
     async def stream() -> AsyncIterator[bytes]:
         nonlocal job
         last = None
+        sent_preview = 0  # preview_seq of the last preview sent
+        wanted = 0.0  # when this stream last renewed its ask for previews
+        quiet_since = time.monotonic()  # the last thing sent (keep-alives fill silences of a heartbeat)
         followed = 0.0  # when this stream last renewed its follow (worker writes every step)
         while True:
             if time.monotonic() - followed > FOLLOW_SECONDS / 3:
@@ -134,13 +156,24 @@ async def events(request: Request) -> Response:
             ident = event_id(body)
             if body != last and ident != seen:
                 yield b"id: " + ident.encode() + b"\nevent: status\ndata: " + body + b"\n\n"
+                quiet_since = time.monotonic()
             last = body
             if job.status.finished:
                 yield b"event: end\ndata: " + msgspec.json.encode({"status": job.status.value}) + b"\n\n"
                 return
-            job, changed = await service.wait_change(job, heartbeat)
-            if not changed:
+            if previews:
+                if time.monotonic() - wanted > PREVIEW_WANT_SECONDS / 3:
+                    await service.want_previews(job)
+                    wanted = time.monotonic()
+                if job.preview_seq != sent_preview and (data := await service.live_preview(job)) is not None:
+                    yield preview_event(job, data)
+                    quiet_since = time.monotonic()
+                sent_preview = job.preview_seq
+            wait = min(heartbeat, PREVIEW_WANT_SECONDS / 3) if previews else heartbeat
+            job, changed = await service.wait_change(job, wait)
+            if not changed and time.monotonic() - quiet_since >= heartbeat - 0.01:
                 yield b": keep-alive\n\n"
+                quiet_since = time.monotonic()
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -194,6 +227,27 @@ async def clear(request: Request) -> Response:
     return json_response(ClearResponse(cancelled=await service_of(request).clear(caller_of(request.scope))))
 
 
+async def png_info(request: Request) -> Response:
+    """The generation parameters an image file carries, as /api/generate fields."""
+    service = service_of(request)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        req, files, named = await decode_form(request, PngInfoRequest)
+        data = files[0] if files else named.get("file")
+    else:
+        req = await decode_json(request, PngInfoRequest)
+        data = None
+    if data is None:
+        if req.image is None:
+            raise BadRequest("send the image: a multipart file in the field image, or JSON {\"image\": data URL or base64}", param="image")
+        data = decode_b64(req.image, "image")
+    text = infotext.read_bytes(data, "image", service.settings.limits.max_image_pixels)
+    if text is None:
+        return json_response(PngInfoResponse())
+    fields = infotext.parse(text)
+    loras = [LoraRef(name=lr["name"], scale=lr["scale"]) for lr in fields.pop("loras", [])] or None
+    return json_response(PngInfoResponse(parameters=text, loras=loras, **fields))
+
+
 async def ls(request: Request) -> Response:
     return json_response(await models_response(service_of(request), forecasts=False))
 
@@ -214,7 +268,7 @@ ROUTES = [
     route("/api/edit", edit, ["POST"], Doc("Queue an image edit (1..max_images references)", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
     route("/api/upscale", upscale, ["POST"], Doc("Queue an upscale of one image (the upscaler is loaded on demand)", body=UpscaleRequest, response=SubmitResponse, tags=("jobs",), statuses=(400, 404, 409, 413, 429))),
     route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change (for a done job: for its uploads and webhook to finish)."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
-    route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends", tags=("jobs",), content="text/event-stream", params=(TASK_ID,))),
+    route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends (previews=true: also live preview images)", tags=("jobs",), content="text/event-stream", params=(TASK_ID, Param("previews", "boolean", "Also send preview events while the job runs: {task_id, step, image: a data:image/jpeg;base64 URL}, at most 4 a second, at most 256 px a side."), Param("heartbeat", "number", "Seconds of silence before a keep-alive comment (default 15).")))),
     route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch."), Param("wait", "number", "Seconds to wait for the job to finish first (then the bytes, in one request).")), statuses=(400, 404, 410)), name="api_image"),
     route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each."),))),
     route("/api/cancel", cancel, ["GET", "POST"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
@@ -223,5 +277,6 @@ ROUTES = [
     route("/api/ls", ls, ["GET"], Doc("Configured models", response=ModelsResponse, tags=("models",))),
     route("/api/ps", ps, ["GET"], Doc("Models with queue state and learned forecast coefficients", response=ModelsResponse, tags=("models",))),
     route("/api/load", load, ["POST"], Doc("Load a model", body=LoadRequest, response=ModelsResponse, tags=("models",), admin=True)),
+    route("/api/png-info", png_info, ["POST"], Doc("The generation parameters an image carries (A1111 infotext), as /api/generate fields; parameters null when it has none", body=PngInfoRequest, response=PngInfoResponse, tags=("jobs",), multipart=True, statuses=(400, 413))),
 ]
 

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import caller_of
 from ..build import build_job
 from ..errors import ApiError, BadRequest
-from ..jobs import JobRecord
+from ..jobs import JobRecord, new_id
 from ..openai_shim import (
     Echo,
     completed_event,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("easel")
 HEARTBEAT_SECONDS = 15.0
+REQUEST_ID = "easel.request_id"  # scope key: the job's task id once the request made one
 STATUSES = (400, 401, 404, 409, 413, 429, 500, 503)
 
 
@@ -84,15 +86,10 @@ async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, JobRe
             "or JSON images: [{name, data_url}]",
             param="image",
         )
-    mask = await load_mask(req, mask_upload, ms, service.settings, service.fetch_url)
+    mask = await load_mask(req, mask_upload, service.fetch_url)
     job, inputs = await build_job(
-        to_generate_request(req, ms), ms, service.settings, task, uploads=uploads, fetch=service.fetch_url
+        to_generate_request(req, ms), ms, service.settings, task, uploads=uploads, fetch=service.fetch_url, mask=mask
     )
-    if mask is not None:
-        key = inputs.add("mask", mask)
-        job.inputs.append(key)
-        for item in job.items:
-            item.mask = key
     if req.stream:
         job.partial_images = req.partial_images or 0
     job.base_url = base_url(request)
@@ -100,6 +97,7 @@ async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, JobRe
         request.headers.get("idempotency-key"), task.encode(), msgspec.json.encode(req), *uploads, mask or b""
     )
     job = await service.submit(job, inputs.blobs, caller_of(request.scope), idempotency)
+    request.scope[REQUEST_ID] = job.id  # every response from here on names the job
     return req, job
 
 
@@ -175,6 +173,31 @@ async def stream(service: Service, job: JobRecord, echo: Echo, limit: int, keep:
     finally:
         if not job.status.finished and not keep:
             await service.cancel(job)
+
+
+class RequestIdMiddleware:
+    """Every response under ``/v1/`` (success, error, stream) carries ``x-request-id``,
+    which the openai SDK exposes as ``response._request_id``: the job's task id once
+    a job exists (``scope[REQUEST_ID]``), else a fresh ``req_...`` id."""
+
+    def __init__(self, app: ASGIApp, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    rid = scope.get(REQUEST_ID) or f"req_{new_id()}"
+                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _doc(summary: str, multipart: bool = False) -> Doc:

@@ -216,6 +216,34 @@ export function initForm(submitted) {
   });
 }
 
+/** Fill the form from /api/png-info fields (an image's saved settings); the model
+ * first (choosing one resets steps, guidance and size to its defaults). */
+export async function fillFromSettings(s) {
+  const select = $("#model");
+  if (s.model && select.value !== s.model && [...select.options].some((o) => o.value === s.model && !o.disabled)) {
+    select.value = s.model;
+    applyModel();
+  }
+  if (s.prompt != null) $("#prompt").value = s.prompt;
+  $("#negative-prompt").value = s.negative_prompt ?? "";
+  if (s.width && s.height) {
+    [$("#width").value, $("#height").value] = [s.width, s.height];
+    syncPreset();
+  }
+  if (s.steps) $("#steps").value = s.steps;
+  if (s.guidance != null) $("#guidance").value = s.guidance;
+  if (s.seed != null) $("#seed").value = String(s.seed);
+  const lora = s.loras?.[0];
+  if (lora) {
+    await loadLoras();
+    if ([...$("#lora").options].some((o) => o.value === lora.name)) {
+      $("#lora").value = lora.name;
+      $("#lora-scale").value = lora.scale;
+      applyLora();
+    }
+  }
+}
+
 export function reuseSeed(seed) {
   $("#seed").value = String(seed);
   toast(`Seed ${seed} will be used for the next job.`);
