@@ -175,6 +175,13 @@ async def masked_edit(
             )
     e = req.expand
     if e is not None and (e.left or e.right or e.top or e.bottom):
+        grown = (first.width + e.left + e.right, first.height + e.top + e.bottom)
+        if grown[0] * grown[1] > ms.cfg.max_pixels:
+            raise BadRequest(
+                f"expand makes the image {grown[0]}x{grown[1]}, over model {ms.name!r}'s max_pixels of "
+                f"{ms.cfg.max_pixels}; expand less or send a smaller image",
+                param="expand",
+            )
         canvas, mask = expand_canvas(first, e.left, e.right, e.top, e.bottom, mask)
         if canvas.width % 16 or canvas.height % 16:
             raise BadRequest(

@@ -64,6 +64,18 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # time limits of this model's jobs (server/watchdog.py): null = limits' value, 0 = none
     job_timeout_seconds: NonNegFloat | None = None
     stall_seconds: NonNegFloat | None = None
+    # residency (server/residency.py): a job for this model, not loaded, loads it (and waits)
+    load_on_demand: bool = False
+    idle_unload_seconds: Annotated[float, Meta(gt=0)] | None = None  # unloaded after this long with no job
+    lora_cache_size: NonNegInt = 4  # LoRA adapters kept loaded (switched per job); 0 = removed after each job
+    simulate_size_mib: NonNegFloat | None = None  # stub only: its "measured" size for residency budgets
+    simulate_load_seconds: NonNegFloat = 0.0  # stub only: how long a load takes
+
+
+class ResidencyConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # MiB the loaded models of this process may use per device ("cuda:0", "cpu" = host RAM);
+    # a device not named has no budget. Loading past it unloads least recently used idle models
+    memory_budget_mib: dict[str, PositiveInt] = {}
 
 
 class QueueConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -166,6 +178,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     host_memory: HostMemoryConfig = msgspec.field(default_factory=HostMemoryConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    residency: ResidencyConfig = msgspec.field(default_factory=ResidencyConfig)
     upscaler: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False  # uvicorn's per-request lines; job state changes are always logged

@@ -8,12 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from . import hostmem
+from . import hostmem, residency
 from .backends import create_backend
 from .backends.base import Backend, Capabilities, free_memory, model_capabilities
 from .errors import Conflict, NotFound
@@ -36,6 +37,9 @@ class ModelState:
     backend: Backend | None = None
     load_error: str | None = None
     limiter: anyio.CapacityLimiter | None = None  # the model's GPU threads: target_inflight at once
+    size_mib: float | None = None  # measured after its last load (server/residency.py)
+    load_seconds: float | None = None  # mean seconds of its loads here
+    loads: int = 0
 
     @property
     def capabilities(self) -> Capabilities:
@@ -72,23 +76,36 @@ class Registry:
         ms.state = "loading"
         ms.load_error = None
         log.info("model %s: loading (backend %s)", name, ms.cfg.backend)
+        start = time.monotonic()
         try:
-            backend = await anyio.to_thread.run_sync(self._create_and_load, name, ms.cfg)
+            backend, size = await anyio.to_thread.run_sync(self._create_and_load, name, ms.cfg)
         except Exception as exc:  # a load failure is state, not a crash
             ms.state = "error"
             ms.load_error = _load_message(exc)
             log.warning("model %s: load failed: %s", name, ms.load_error)
             return ms
+        took = time.monotonic() - start
+        ms.load_seconds = took if ms.load_seconds is None else (ms.load_seconds * ms.loads + took) / (ms.loads + 1)
+        ms.loads += 1
+        ms.size_mib = size if size is not None else ms.size_mib
         ms.backend = backend
         ms.limiter = anyio.CapacityLimiter(ms.cfg.target_inflight)
         ms.state = "loaded"
-        log.info("model %s: loaded", name)
+        log.info("model %s: loaded in %.2fs (%s MiB)", name, took, size if size is not None else "size unknown")
         return ms
 
-    def _create_and_load(self, name: str, cfg: ModelConfig) -> Backend:
+    def _create_and_load(self, name: str, cfg: ModelConfig) -> tuple[Backend, float | None]:
+        """The loaded backend and its measured size in MiB (server/residency.py)."""
+        device = residency.model_device(cfg)
+        before = residency.cuda_allocated(device)
         backend = create_backend(name, cfg, self.settings)
         backend.load()
-        return backend
+        try:
+            size = residency.measure_mib(backend, cfg, device, before)
+        except Exception as exc:  # measuring must never fail a load
+            log.warning("model %s: could not measure its size (%s)", name, exc)
+            size = None
+        return backend, size
 
     async def unload(self, name: str) -> ModelState:
         ms = self.get(name)

@@ -42,6 +42,7 @@ from .errors import Conflict
 from .forecast import FORGET, TASKS, observation
 from .jobs import PENDING, ImageResult, JobRecord, JobStatus, image_tokens, live_preview_key, preview_key, result_key
 from .masking import composite
+from .residency import NoRoom, Residency, TooBig, model_device, too_big
 from .watchdog import job_limit, stall_message, timeout_message, watch
 
 if TYPE_CHECKING:
@@ -367,6 +368,9 @@ class Runner:
         self._loops: dict[str, list[asyncio.Task[None]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._beat: asyncio.Task[None] | None = None
+        self.residency = Residency(settings)
+        self._loading = asyncio.Lock()  # one residency decision and load at a time
+        self._wanted: set[str] = set()  # on-demand models waiting for room (retried as jobs end)
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -376,12 +380,38 @@ class Runner:
         for name, cfg in self.settings.models.items():
             if cfg.enabled:
                 await self.load(name)
+        try:  # presence of every model at once (a load_on_demand model's forecast needs it)
+            await self._beat_once()
+        except BrokerUnavailable:
+            pass
         self._beat = asyncio.create_task(self._heartbeat_loop())
 
     async def load(self, name: str) -> ModelState:
+        """Load ``name``, first unloading idle models its device's budget needs room
+        from (server/residency.py): ``Conflict`` while busy models stand in the way;
+        a model bigger than the budget ends in state error, saying by how much."""
         ms = self.registry.get(name)
         if ms.state in ("loaded", "loading"):
             return ms
+        async with self._loading:
+            return await self._load(ms)
+
+    async def _load(self, ms: ModelState) -> ModelState:
+        name = ms.name
+        if ms.state in ("loaded", "loading"):
+            return ms
+        try:
+            evict = self.residency.plan(ms, list(self.registry.models.values()), await self._busy())
+        except TooBig as exc:
+            ms.state, ms.load_error = "error", str(exc)
+            log.warning("model %s: %s", name, exc)
+            await self._announce(name)
+            return ms
+        except NoRoom as exc:
+            raise Conflict(str(exc), param="model", code="model_no_room") from None
+        for other in evict:
+            log.info("model %s: unloading idle model %s (least recently used) to make room", name, other)
+            await self.unload(other)
         if any(h.job.model == name for h in self.hung.values()):
             raise Conflict(
                 f"model {name!r} is still in a hung pipeline call ({ms.load_error}); "
@@ -391,6 +421,14 @@ class Runner:
         ms.state = "loading"  # at once: a caller that does not wait sees it
         await self._announce(ms.name)
         ms = await self.registry.load(name)
+        if ms.state == "loaded" and (over := self.residency.over(ms, list(self.registry.models.values()))) > 0:
+            budget = self.residency.budget(model_device(ms.cfg))
+            log.warning("model %s: measured %s MiB; the loaded models exceed their budget (%s MiB) by %.0f MiB", name, ms.size_mib, budget, over)
+            if ms.size_mib is not None and budget is not None and ms.size_mib > budget:
+                await self.registry.unload(name)
+                ms.state, ms.load_error = "error", str(too_big(name, ms.size_mib, model_device(ms.cfg), budget, measured=True))
+        if ms.state == "loaded":
+            self.residency.touch(name)
         if ms.state == "loaded" and ms.backend is not None:
             priors = {t: p for t in TASKS if (p := ms.backend.cost_prior(t)) is not None}
             if priors and not ms.cfg.forecast_prior:
@@ -412,7 +450,7 @@ class Runner:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        if not self.broker.distributed:  # nobody else will serve them
+        if not self.broker.distributed and not ms.cfg.load_on_demand:  # nobody else will serve them
             await self._cancel_waiting(name, f"model {name!r} was unloaded before the job ran")
         self.metrics.loaded.labels(name).set(0)
         ms = await self.registry.unload(name)
@@ -469,7 +507,7 @@ class Runner:
         return [
             WorkerInfo(
                 worker=self.id, model=ms.name, host=socket.gethostname(), state=ms.state, load_error=ms.load_error,
-                slots=ms.cfg.target_inflight, running=counts.get(ms.name, 0),
+                slots=ms.cfg.target_inflight, running=counts.get(ms.name, 0), load_seconds=ms.load_seconds,
             )
             for ms in self.registry.models.values()
         ]  # fmt: skip
@@ -495,10 +533,78 @@ class Runner:
             try:
                 await self._beat_once()
                 await self.broker.reap()
+                await self._residency_tick()
             except BrokerUnavailable as exc:
                 log.warning("heartbeat: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
+
+    # ----- residency (server/residency.py) ----------------------------------------------------
+
+    async def _busy(self) -> set[str]:
+        """Models with waiting or running jobs (never evicted)."""
+        busy = {r.job.model for r in self.running.values()}
+        for name, ms in self.registry.models.items():
+            if name not in busy and ms.state == "loaded" and (await self.broker.depth(name)) != (0, 0):
+                busy.add(name)
+        return busy
+
+    def want(self, model: str) -> None:
+        """A job for ``model`` waits (``Service.submit``, or the heartbeat saw its queue):
+        load it if it loads on demand and is not loaded (a task: the caller does not wait)."""
+        ms = self.registry.models.get(model)
+        if ms is None or not ms.cfg.load_on_demand or ms.state != "unloaded" or not self.claiming:
+            return
+        self._wanted.add(model)
+        if not self._loading.locked():
+            self.spawn(self._load_wanted())
+
+    async def _load_wanted(self) -> None:
+        """Load the on-demand models that have waiting jobs, as room allows."""
+        async with self._loading:
+            for name in list(self._wanted):
+                ms = self.registry.models[name]
+                if ms.state != "unloaded" or not self.claiming:
+                    self._wanted.discard(name)
+                    continue
+                if (await self.broker.depth(name))[0] == 0:
+                    self._wanted.discard(name)
+                    continue
+                try:
+                    ms = await self._load(ms)
+                except Conflict as exc:  # busy models in the way: retried as jobs end
+                    log.info("model %s: waiting for room (%s)", name, exc)
+                    continue
+                self._wanted.discard(name)
+                if ms.state == "error" and await self._nobody_else(name):
+                    await self._fail_waiting(name, ms.load_error or "the model failed to load")
+
+    async def _nobody_else(self, model: str) -> bool:
+        """No worker (this one included) can serve ``model``: one process, or every
+        live worker that presents it reports a load error."""
+        if not self.broker.distributed:
+            return True
+        return all(w.state == "error" for w in await self.broker.workers(model))
+
+    async def _fail_waiting(self, model: str, message: str) -> None:
+        for job in await self.broker.waiting(model, 2**31):
+            fields = {"message": f"model {model!r} could not be loaded for this job: {message}"}
+            if await self.broker.finish(job, JobStatus.ERROR, fields, attempt=None, blobs={}, only_waiting=True):
+                log.info("job %s on %s: error (%s)", job.id, model, message)
+
+    async def _residency_tick(self) -> None:
+        """Each heartbeat: unload models idle past ``idle_unload_seconds``; load the
+        on-demand models whose queue holds jobs (in Redis mode, any worker host may)."""
+        busy = await self._busy()
+        for name, ms in list(self.registry.models.items()):
+            limit = ms.cfg.idle_unload_seconds
+            if ms.state == "loaded" and limit is not None and name not in busy and self.residency.idle_for(name) >= limit:
+                log.info("model %s: idle for %.1fs (idle_unload_seconds %g); unloading it", name, self.residency.idle_for(name), limit)
+                await self.unload(name)
+            elif ms.cfg.load_on_demand and ms.state == "unloaded" and (await self.broker.depth(name))[0] > 0:
+                self.want(name)
+        if self._wanted and not self._loading.locked():
+            self.spawn(self._load_wanted())
 
     def _cancel_asked(self, job_id: str) -> None:
         r = self.running.get(job_id)
@@ -532,6 +638,15 @@ class Runner:
 
     async def run_job(self, ms: ModelState, job: JobRecord) -> None:
         """Run ``job``'s pipeline calls; hand the rest to ``_finish_job`` (a task)."""
+        self.residency.touch(ms.name)
+        try:
+            await self._run_job(ms, job)
+        finally:
+            self.residency.touch(ms.name)
+            if self._wanted and not self._loading.locked():  # an on-demand model may fit now
+                self.spawn(self._load_wanted())
+
+    async def _run_job(self, ms: ModelState, job: JobRecord) -> None:
         r = self.running[job.id] = Running(job, job.attempt)
         if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
             self.running.pop(job.id, None)  # it cannot make it any more: not on the GPU

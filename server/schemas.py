@@ -322,6 +322,8 @@ class ModelInfo(Struct, kw_only=True):
     running: int
     load_error: str | None = None
     vram_estimate_mib: int | None = None
+    size_mib: Annotated[float | None, Meta(description="Measured size after its last load in this process (residency budgets).")] = None
+    load_seconds: Annotated[float | None, Meta(description="Mean seconds a load of the model took (added to forecasts while it is not loaded).")] = None
     forecast: dict[str, Any] | None = None
     workers: Annotated[list[WorkerView], Meta(description="The live workers that serve this model, as they last reported.")] = []
 

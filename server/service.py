@@ -122,6 +122,8 @@ class Service:
         if self.broker.distributed:
             return ms  # workers may come later: the queue survives until one does
         state, error, _ = await self.model_state(ms)
+        if state in ("unloaded", "loading") and ms.cfg.load_on_demand and self.runner is not None:
+            return ms  # it loads when the job is queued (Runner.want)
         if state != "loaded":
             hint = f": {error}" if state == "error" else ""
             raise Conflict(
@@ -206,6 +208,8 @@ class Service:
                 f"the queue of model {job.model!r} is full ({self.settings.queue.capacity} jobs); retry later",
                 retry_after=await queue_seconds(self.forecasts, job.model),
             ) from None
+        if self.runner is not None:  # a load_on_demand model that is not loaded loads now
+            self.runner.want(job.model)
         where = await standing(self.forecasts, job)
         await self.broker.update(job, {"pos_at_submit": where.pos, "expected_at_submit": where.wait or 0.0})
         self.metrics.submitted.labels(job.model, job.task).inc()

@@ -20,6 +20,7 @@ from .broker.base import Broker, WorkerInfo
 from .config import Settings
 from .forecast import DIM, TASKS, CostModel, job_vector, running_remaining
 from .jobs import JobRecord, JobStatus
+from .residency import on_demand_slots
 
 REFRESH_SECONDS = 0.5  # how stale learned costs and worker presence may be where the broker cannot say (redis)
 
@@ -104,10 +105,13 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
     if claimed is not None:  # a worker took it since ``job`` was read
         return Where(0, running_seconds(claimed, now))
     pos = len(st.running) + int(st.ahead[DIM])
+    load = 0.0  # a load_on_demand model not loaded yet: its learned load time comes first
+    if slots == 0 and (demand := on_demand_slots(forecasts.settings.models.get(job.model), await forecasts.workers(job.model))):
+        slots, load = demand
     if slots == 0:
         return Where(pos, None, no_worker_note(job.model))
     before = (sum(running_seconds(r, now) for r in st.running) + cost.predict(st.ahead)) / slots
-    return Where(pos, before + job.predicted)
+    return Where(pos, load + before + job.predicted)
 
 
 async def queue_seconds(forecasts: Forecasts, model: str) -> float:

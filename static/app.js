@@ -4,6 +4,7 @@ import { apiKey, setApiKey } from "./js/api.js";
 import { $, toast } from "./js/dom.js";
 import { initForm, loadLoras, loadModels, reuseSeed, setMode } from "./js/form.js";
 import { addResults, initGallery } from "./js/gallery.js";
+import { initMask } from "./js/mask.js";
 import { initModels } from "./js/models.js";
 import { initPngInfo } from "./js/pnginfo.js";
 import { initQueue, refresh, track } from "./js/queue.js";
@@ -34,6 +35,7 @@ async function start() {
     refresh();
   });
 
+  initMask();
   initRefs(() => setMode("edit"));
   initQueue((status) => {
     if (status.task !== "train") return addResults(status);

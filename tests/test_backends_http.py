@@ -264,17 +264,22 @@ def test_masked_edit_and_outpaint_over_http_change_only_the_mask(srv: RunningSer
 
     from server.masking import feather
 
+    def edit(**body: Any) -> Image.Image:
+        st = wait_done(c, submit(c, backend, "edit", **body)["task_id"], timeout=120)
+        assert st["status"] == "done", st["message"]
+        return Image.open(io.BytesIO(c.get("/api/image", params={"task_id": st["task_id"]}).content))
+
     c = srv.client
     load(c, backend)
     src = reference(64, 64, seed=5)
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    out = Image.open(io.BytesIO(run(c, backend, "edit", images=[data_url(src)], mask=data_url(mask), mask_blur=4)))
+    out = edit(images=[data_url(src)], mask=data_url(mask), mask_blur=4)
     alpha = np.asarray(feather(mask, 4))
     diff = np.abs(np.asarray(out.convert("RGB"), np.int16) - np.asarray(src, np.int16)).max(axis=2)
     assert out.size == (64, 64) and diff[alpha == 0].max() == 0 and diff[alpha == 255].mean() > 8, diff[alpha == 255].mean()
 
-    out = Image.open(io.BytesIO(run(c, backend, "edit", images=[data_url(src)], expand={"right": 16, "bottom": 16})))
+    out = edit(images=[data_url(src)], expand={"right": 16, "bottom": 16})
     grown = np.asarray(out.convert("RGB"), np.int16)
     assert out.size == (80, 80)
     assert (grown[:64, :64] == np.asarray(src, np.int16)).all()  # the original area, unchanged

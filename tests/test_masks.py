@@ -80,28 +80,37 @@ def client(server: RunningServer) -> Iterator[OpenAI]:
 
 # --- the openai SDK ---------------------------------------------------------------------
 
+
 def test_sdk_masked_edit_changes_only_the_transparent_area(client: OpenAI) -> None:
     src = photo()  # 72x56: not multiples of 16; the result still has its exact size
     mask = box_mask(src.size, (20, 12, 60, 44), alpha=True)
-    r = client.images.edit(image=("a.png", png_bytes(src), "image/png"), mask=("m.png", png_bytes(mask), "image/png"), prompt="a cat")
+    image, mask_file = ("a.png", png_bytes(src), "image/png"), ("m.png", png_bytes(mask), "image/png")
+    r = client.images.edit(image=image, mask=mask_file, prompt="a cat")
     assert r.data and r.data[0].b64_json
-    out = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
-    check_masked(out, src, mask, blur=4)
+    check_masked(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))), src, mask, blur=4)
+    r = client.images.edit(image=image, mask=mask_file, prompt="a cat", extra_body={"mask_blur": 0})
+    assert r.data and r.data[0].b64_json
+    check_masked(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))), src, mask, blur=0)
 
 
 def test_sdk_mask_of_another_size_is_a_400_that_says_so(client: OpenAI) -> None:
     mask = box_mask((64, 64), (0, 0, 32, 32), alpha=True)
     with pytest.raises(openai.BadRequestError) as exc:
-        client.images.edit(image=("a.png", png_bytes(photo()), "image/png"), mask=("m.png", png_bytes(mask), "image/png"), prompt="x")
+        client.images.edit(
+            image=("a.png", png_bytes(photo()), "image/png"), mask=("m.png", png_bytes(mask), "image/png"), prompt="x"
+        )
     assert "64x64" in exc.value.message and "72x56" in exc.value.message and "same size" in exc.value.message
 
 
 # --- /api/edit ----------------------------------------------------------------------------
 
+
 def test_api_edit_mask_as_data_url_with_mask_blur(server: RunningServer) -> None:
     c = server.client
     src, mask = photo(), box_mask((72, 56), (8, 8, 56, 48))  # no alpha: white = edit
-    r = c.post("/api/edit", json={"prompt": "a cat", "images": [data_url(src)], "mask": data_url(mask), "mask_blur": 8, "steps": 2})
+    r = c.post(
+        "/api/edit", json={"prompt": "a cat", "images": [data_url(src)], "mask": data_url(mask), "mask_blur": 8, "steps": 2}
+    )
     assert r.status_code == 200, r.text
     check_masked(fetch(c, r.json()["task_id"]), src, mask, blur=8)
 
@@ -140,6 +149,7 @@ BAD_MASKS = [
     ({"mask": data_url(Image.new("L", (64, 64), 255))}, "mask", "same size"),
     ({"expand": {"left": 8}}, "expand", "multiples of 16"),
     ({"expand": {}}, "expand", "adds no pixels"),
+    ({"expand": {"right": 4096, "bottom": 4096}}, "expand", "max_pixels"),
 ]
 
 

@@ -76,6 +76,29 @@ def test_progress_bar_moves_and_eta_falls_while_a_job_runs(page: Any) -> None:
     expect(page.locator("#gallery .card").filter(has_text="slow progress")).to_have_count(1)
 
 
+def test_a_running_jobs_card_shows_a_live_preview_before_it_is_done(page: Any) -> None:
+    submit(page, "live preview", Steps="40")  # ~0.065 s a step: ~2.6 s
+    job = queue_item(page, "running")
+    expect(job).to_have_count(1)
+    page.wait_for_function(
+        """() => {
+             const job = document.querySelector('#queue li[data-status=running]');
+             const img = job && job.querySelector('img.job-preview');
+             return !!img && !img.hidden && img.complete && img.naturalWidth > 0;
+           }"""
+    )
+    preview = job.locator("img.job-preview")
+    assert preview.evaluate("img => img.src").startswith("data:image/jpeg;base64,")
+    assert preview.evaluate("img => img.naturalWidth") == 256  # at most 256 px a side
+    assert 0 < int(preview.get_attribute("data-step")) < 40
+    expect(preview).to_have_attribute("alt", re.compile("^Preview of live preview at step"))
+    shot(page, "web-live-preview")
+    expect(page.locator("#gallery .card").filter(has_text="live preview")).to_have_count(1)
+    done = page.locator("#queue li[data-status=done]").filter(has_text="live preview")
+    if done.count():  # finished jobs leave the queue after a few seconds
+        expect(done.locator("img.job-preview")).to_be_hidden()
+
+
 def test_cancel_a_queued_job(page: Any, web_server: RunningServer) -> None:
     submit(page, "long running job", Steps="200")
     expect(queue_item(page, "running")).to_have_count(1)

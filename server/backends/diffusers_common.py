@@ -9,6 +9,7 @@ turn intermediate latents into an image for previews.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -372,7 +373,15 @@ class DiffusersBackend:
                 f"model {self.name!r} cannot use masks: this Diffusers ({diffusers.__version__}) has no {class_name}; "
                 "upgrade diffusers or drop mask"
             )
-        return self.variant("inpaint", cls)
+        if "inpaint" not in self._variants:
+            # as from_pipe, but without its dtype cast, which a GGUF-quantized transformer refuses
+            wanted = inspect.signature(cls.__init__).parameters
+            pipe = cls(**{k: v for k, v in self.pipe.components.items() if k in wanted})
+            if self.cfg.offload != "none":
+                pipe = self._place(pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._variants["inpaint"] = pipe
+        return self._variants["inpaint"]
 
     def _preview(self, item: WorkItem) -> Callable[[Any, torch.Tensor], Image.Image | None]:
         """The first image's latents projected to RGB (``latent_preview``), at
@@ -411,7 +420,7 @@ class DiffusersBackend:
         preview = self._preview(item)
         images: list[Image.Image] = []
         try:
-            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name):
+            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
                 for k, gens in enumerate(batches):
                     callback = step_callback(ctx, preview, len(batches), k)
                     out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)

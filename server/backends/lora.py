@@ -1,13 +1,21 @@
 """Per-request LoRA adapters for Diffusers pipelines.
 
 ``applied_loras`` resolves each requested name inside the model's ``lora_dir``
-(names escaping it are refused), loads the adapters, sets their scales, and removes
-them again when the job ends, so the next job runs with base weights.
+(names escaping it are refused), loads the adapters and sets their scales.  With a
+cache (``models.NAME.lora_cache_size`` > 0, the default 4) the adapters stay loaded
+by name after the job, disabled, so the next job runs with base weights and a job
+that asks for a cached adapter again only switches to it (``set_adapters``): no file
+is read and nothing is re-fused; the least recently used adapter past the cache size
+is deleted.  The cache lives with the denoiser module, which ``from_pipe`` variants
+share.  Without a cache the adapters are removed when the job ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,12 +113,87 @@ def remove_loras(pipe: Any, names: list[str]) -> None:
 
 
 @contextmanager
-def applied_loras(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str) -> Iterator[None]:
+def applied_loras(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str, cache_size: int = 0) -> Iterator[None]:
     if not specs:
         yield
         return
-    names = load_loras(pipe, specs, lora_dir, model)
+    if cache_size <= 0:
+        names = load_loras(pipe, specs, lora_dir, model)
+        try:
+            yield
+        finally:
+            remove_loras(pipe, names)
+        return
+    activate_cached(pipe, specs, lora_dir, model, cache_size)
     try:
         yield
     finally:
-        remove_loras(pipe, names)
+        pipe.disable_lora()  # kept loaded for the next job; this one's scales no longer apply
+
+
+# denoiser module -> (weight file, mtime) -> adapter name, least recently used first
+_CACHES: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[str, int], str]] = weakref.WeakKeyDictionary()
+
+
+def _cache_of(pipe: Any) -> OrderedDict[tuple[str, int], str]:
+    owner = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None) or pipe
+    return _CACHES.setdefault(owner, OrderedDict())
+
+
+def cached_adapters(pipe: Any) -> list[str]:
+    """The adapter names kept loaded on ``pipe``'s denoiser, least recently used first."""
+    return list(_cache_of(pipe).values())
+
+
+def clear_cached_loras(transformer: Any) -> None:
+    """Delete every adapter cached on a denoiser module (before training adds its own)."""
+    cache = _CACHES.get(transformer)
+    if cache:
+        transformer.delete_adapters(list(cache.values()))
+        cache.clear()
+    if hasattr(transformer, "enable_adapters") and getattr(transformer, "_hf_peft_config_loaded", False):
+        transformer.enable_adapters()
+
+
+def activate_cached(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str, cache_size: int) -> list[str]:
+    """Load (once) and activate ``specs`` with their scales; returns their adapter names."""
+    cache = _cache_of(pipe)
+    weights: dict[str, float] = {}
+    for spec in specs:
+        path = resolve_lora(spec.name, lora_dir, model)
+        key = (str(path), path.stat().st_mtime_ns)  # a rewritten file is a new adapter
+        adapter = cache.get(key)
+        if adapter is None:
+            adapter = "easel_" + re.sub(r"\W", "_", spec.name)[:32] + "_" + hashlib.sha1(repr(key).encode()).hexdigest()[:8]
+            load_loras_as(pipe, spec, path, adapter, model)
+            cache[key] = adapter
+        cache.move_to_end(key)
+        weights[adapter] = weights.get(adapter, 0.0) + spec.scale  # the same LoRA twice: scales add
+    stale = [k for k in cache if cache[k] not in weights][: max(0, len(cache) - max(cache_size, len(weights)))]
+    if stale:
+        pipe.delete_adapters([cache.pop(k) for k in stale])
+    pipe.enable_lora()
+    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+    return list(weights)
+
+
+def load_loras_as(pipe: Any, spec: LoraSpec, path: Path, adapter: str, model: str) -> None:
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+    except Exception as exc:  # peft/diffusers raise many types for bad files
+        _delete_quietly(pipe, adapter)
+        raise BackendError(
+            f"LoRA {spec.name!r} could not be applied to model {model!r}: {exc}. Check that it was trained for this model family"
+        ) from exc
+    if adapter not in {a for group in pipe.get_list_adapters().values() for a in group}:
+        raise BackendError(
+            f"LoRA {spec.name!r} has no weights matching model {model!r}; it was probably trained for another model family"
+        )
+
+
+def _delete_quietly(pipe: Any, adapter: str) -> None:
+    try:
+        if adapter in {a for group in pipe.get_list_adapters().values() for a in group}:
+            pipe.delete_adapters([adapter])
+    except Exception:  # the failure being reported matters more
+        pass

@@ -55,6 +55,8 @@ class StubBackend:
         self.loaded = False
 
     def load(self) -> None:
+        if self.cfg.simulate_load_seconds > 0:  # a real model's load takes time (residency tests)
+            self._sleeper.wait(self.cfg.simulate_load_seconds)
         self.loaded = True
 
     def unload(self) -> None:

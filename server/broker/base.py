@@ -41,6 +41,7 @@ class WorkerInfo(Struct, kw_only=True):
     slots: int = 1  # target_inflight: jobs it runs at once
     running: int = 0
     seen_at: float = 0.0  # broker clock of its last heartbeat
+    load_seconds: float | None = None  # mean seconds a load of the model took on this worker (residency)
 
 
 class QueueFullError(Exception):

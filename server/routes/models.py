@@ -38,6 +38,8 @@ async def model_info(service: Service, ms: ModelState, forecasts: bool) -> Model
         running=status.running,
         load_error=status.load_error,
         vram_estimate_mib=cfg.vram_estimate_mib,
+        size_mib=ms.size_mib,
+        load_seconds=ms.load_seconds if ms.load_seconds is not None else next((w.load_seconds for w in status.workers if w.load_seconds is not None), None),
         forecast=await service.forecast_report(ms) if forecasts else None,
         workers=[
             WorkerView(worker=w.worker, host=w.host, state=w.state, slots=w.slots, running=w.running, load_error=w.load_error)

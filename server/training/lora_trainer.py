@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..backends.base import BackendError, JobCancelled, failure_message, free_memory
+from ..backends.lora import clear_cached_loras
 from .adapters import save_checkpoint
 from .dataset import prepare_image
 from .families import Conditioning, Family, family_for, logit_normal
@@ -115,6 +116,7 @@ class LoraTrainer:
 
         plan = self.plan
         transformer = family.transformer
+        clear_cached_loras(transformer)  # adapters kept for generate jobs (disabled) would mute this one
         transformer.requires_grad_(False)
         config = LoraConfig(
             r=plan.rank,

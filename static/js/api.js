@@ -68,8 +68,9 @@ export async function fetchBlob(url) {
  * header, so with an API key the same stream is read through fetch.
  * Returns a function that closes the stream.
  */
-export function subscribe(taskId, onStatus, onEnd) {
-  const url = `/api/events?task_id=${encodeURIComponent(taskId)}`;
+export function subscribe(taskId, onStatus, onEnd, onPreview = null) {
+  // with onPreview: previews=true, and each preview event ({task_id, step, image}) goes to it
+  const url = `/api/events?task_id=${encodeURIComponent(taskId)}${onPreview ? "&previews=true" : ""}`;
   let done = false;
   const finish = (reason) => {
     if (done) return;
@@ -79,6 +80,7 @@ export function subscribe(taskId, onStatus, onEnd) {
   if (!apiKey()) {
     const es = new EventSource(url);
     es.addEventListener("status", (ev) => onStatus(JSON.parse(ev.data)));
+    if (onPreview) es.addEventListener("preview", (ev) => onPreview(JSON.parse(ev.data)));
     es.addEventListener("end", () => {
       es.close();
       finish("end");
@@ -111,6 +113,7 @@ export function subscribe(taskId, onStatus, onEnd) {
           const event = /^event: (.*)$/m.exec(block)?.[1];
           const data = /^data: (.*)$/m.exec(block)?.[1];
           if (event === "status" && data) onStatus(JSON.parse(data));
+          if (event === "preview" && data && onPreview) onPreview(JSON.parse(data));
           if (event === "end") return finish("end");
         }
       }

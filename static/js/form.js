@@ -4,6 +4,7 @@
 
 import { api } from "./api.js";
 import { $, clearErrors, showError, toast } from "./dom.js";
+import { maskBlur, maskDataUrl, setMaskSupported } from "./mask.js";
 import { referenceDataUrls, setMaxImages } from "./refs.js";
 
 const RATIOS = [[1, 1], [4, 3], [3, 4], [3, 2], [2, 3], [16, 9], [9, 16]];
@@ -45,6 +46,7 @@ function capsText(c) {
   if (c.recommended_steps) parts.push(`${c.recommended_steps} steps`);
   if (c.recommended_guidance != null) parts.push(`guidance ${c.recommended_guidance}`);
   if (c.supports_lora) parts.push("LoRA");
+  if (c.supports_mask) parts.push("masks");
   return parts.join(" · ");
 }
 
@@ -91,6 +93,7 @@ function applyLora() {
 function applyModel() {
   const m = currentModel();
   loadLoras();
+  setMaskSupported(m?.capabilities.supports_mask);
   if (!m) {
     $("#model-caps").textContent = "No model is loaded: load one in the Models panel.";
     return;
@@ -166,7 +169,11 @@ function requestBody() {
     body.loras = [{ name: lora, scale }];
     body.metadata.lora = scale === 1 ? lora : `${lora} × ${scale}`;
   }
-  if (mode() === "edit") body.images = referenceDataUrls();
+  if (mode() === "edit") {
+    body.images = referenceDataUrls();
+    const mask = maskDataUrl(); // only the painted area of the first image is repainted
+    if (mask) [body.mask, body.mask_blur, body.metadata.mask] = [mask, maskBlur(), true];
+  }
   return body;
 }
 

@@ -57,6 +57,7 @@ function render(job) {
   else if (st.status === "done" && training) parts.push(`${st.total_steps} steps; adapter saved`);
   if (st.extra?.loss !== undefined) parts.push(`loss ${Number(st.extra.loss).toFixed(4)}`);
   $(".pos", el).textContent = parts.join(" · ");
+  if (st.status !== "running") $(".job-preview", el).hidden = true; // the result is in the gallery
   const cancel = $(".cancel", el);
   const verb = finished(st.status) ? "Dismiss" : training ? "Stop" : "Cancel";
   cancel.setAttribute("aria-label", `${verb} ${training ? "training" : "job"} ${title(job)}`);
@@ -125,8 +126,19 @@ function pump() {
       job.close = null;
       if (reason !== "end" && jobs.has(id)) scheduleRefresh();
       pump();
-    });
+    }, showPreview);
   }
+}
+
+/** A live preview of a running job (a small JPEG data: URL) in its card. */
+function showPreview(ev) {
+  const job = jobs.get(ev.task_id);
+  if (!job || job.status.status !== "running") return;
+  const img = $(".job-preview", job.el);
+  img.src = ev.image;
+  img.alt = `Preview of ${title(job)} at step ${ev.step}`;
+  img.dataset.step = String(ev.step);
+  img.hidden = false;
 }
 
 function scheduleRefresh() {

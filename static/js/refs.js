@@ -2,6 +2,7 @@
 // with remove buttons; kept as data URLs ready for /api/edit.
 
 import { $, toast } from "./dom.js";
+import { setMaskSource } from "./mask.js";
 
 const refs = []; // {name, dataUrl}
 let maxImages = 1;
@@ -38,6 +39,7 @@ function render() {
     }),
   );
   $("#refs-count").textContent = `${refs.length} / ${maxImages}`;
+  setMaskSource(refs[0]?.dataUrl ?? null); // the mask brush paints over the first one
 }
 
 /** Add image blobs (File, Blob) up to the model's max_images. */
