@@ -148,11 +148,11 @@ def cached_adapters(pipe: Any) -> list[str]:
 def clear_cached_loras(transformer: Any) -> None:
     """Delete every adapter cached on a denoiser module (before training adds its own)."""
     cache = _CACHES.get(transformer)
+    if hasattr(transformer, "enable_adapters") and getattr(transformer, "_hf_peft_config_loaded", False):
+        transformer.enable_adapters()  # while adapters are loaded: the layers forget the last job's disable
     if cache:
         transformer.delete_adapters(list(cache.values()))
         cache.clear()
-    if hasattr(transformer, "enable_adapters") and getattr(transformer, "_hf_peft_config_loaded", False):
-        transformer.enable_adapters()
 
 
 def activate_cached(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str, cache_size: int) -> list[str]:

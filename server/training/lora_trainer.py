@@ -125,7 +125,11 @@ class LoraTrainer:
             init_lora_weights=True,
         )
         transformer.add_adapter(config, adapter_name=ADAPTER)
+        transformer.enable_adapters()  # LoRA layers a generate job switched off stay off otherwise
+        transformer.set_adapter(ADAPTER)
         params = [p for p in transformer.parameters() if p.requires_grad]
+        if not params:
+            raise BackendError("the LoRA layers added for training have no trainable weights; the server log has details")
         for p in params:  # train the LoRA weights in float32 even on a bf16/fp16 model
             p.data = p.data.float()
         if plan.gradient_checkpointing:
