@@ -21,4 +21,5 @@ def create_broker(settings: Settings) -> Broker:
         return MemoryBroker(result_ttl=queue.result_ttl_seconds, result_memory_bytes=queue.result_memory_mib * 2**20)
     from .redis import RedisBroker
 
-    return RedisBroker(url, result_ttl=queue.result_ttl_seconds, prefix=settings.broker.prefix)
+    all_events = settings.broker.role != "worker"  # a worker-only process needs submit/cancel/command only
+    return RedisBroker(url, result_ttl=queue.result_ttl_seconds, prefix=settings.broker.prefix, all_events=all_events)

@@ -27,6 +27,8 @@ key                     type         holds
 ``prior:{m}``           hash         task -> JSON list: the backend's prior
 ``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX)
 ``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
+``wev``                 stream       the ``submit``, ``cancel`` and ``command`` events only: what
+                                     a worker-only process reads
 ``ev``                  stream       ``{job, model, kind[, action]}`` wake-up hints
 ``<blob key>``          string       blob bytes (``img:...``, ``in:...``)
 ======================  ===========  ==================================================
@@ -91,6 +93,9 @@ class Keys:
 
     def events(self) -> str:
         return f"{self.prefix}ev"
+
+    def worker_events(self) -> str:
+        return f"{self.prefix}wev"
 
     def blob(self, key: str) -> str:
         return f"{self.prefix}{key}"

@@ -110,10 +110,16 @@ class RedisBroker(LocalEvents):
     name = "redis"
     distributed = True
 
-    def __init__(self, url: str, *, result_ttl: float, prefix: str = "easel:", events_maxlen: int = 10000) -> None:
+    def __init__(
+        self, url: str, *, result_ttl: float, prefix: str = "easel:", events_maxlen: int = 10000, all_events: bool = True
+    ) -> None:
+        """``all_events`` False (a worker-only process): read only the workers' stream
+        (submit, cancel, command), so the worker's loop is not woken by every change
+        and step of every job while its model runs."""
         self.url = url
         self.ttl = result_ttl
         self.keys = Keys(prefix)
+        self.events_key = self.keys.events() if all_events else self.keys.worker_events()
         self.prefix = prefix
         self.events_maxlen = events_maxlen
         LocalEvents.__init__(self)
@@ -155,7 +161,7 @@ class RedisBroker(LocalEvents):
         self._loop = asyncio.get_running_loop()
         self._closed = False
         await self._measure_clock()
-        last = await self._redis.xrevrange(self.keys.events(), count=1)
+        last = await self._redis.xrevrange(self.events_key, count=1)
         last_id = last[0][0] if last else b"0-0"
         self._reader_redis = aioredis.Redis.from_url(self.url, **_client_options(socket_timeout=READ_BLOCK_MS / 1000 + 10))
         self.last_event_id = last_id
@@ -337,8 +343,9 @@ class RedisBroker(LocalEvents):
 
     def progress_threadsafe(self, job: JobRecord) -> None:
         """A job someone follows (its ``followed_until``, set by the API node that
-        streams its events) gets every step written; any other job a step at once,
-        then at most one every ``PROGRESS_INTERVAL`` (the newest wins): a write wakes
+        streams its events) gets every step written; any other job a step at once
+        (its answer says whether it is followed), then at most one every
+        ``PROGRESS_INTERVAL`` (the newest wins): a write wakes
         this process's loop and takes the GIL from the pipeline thread, which on a fast
         model costs the GPU more than the write itself."""
         loop = self._loop
@@ -472,18 +479,19 @@ class RedisBroker(LocalEvents):
 
     @_guarded
     async def command(self, model: str, action: str) -> None:
-        await self._redis.xadd(
-            self.keys.events(),
-            {"job": "", "model": model, "kind": "command", "action": action},
-            maxlen=self.events_maxlen,
-            approximate=True,
-        )
+        for stream in (self.keys.events(), self.keys.worker_events()):
+            await self._redis.xadd(
+                stream,
+                {"job": "", "model": model, "kind": "command", "action": action},
+                maxlen=self.events_maxlen,
+                approximate=True,
+            )
 
     async def _read_events(self, last_id: bytes) -> None:
         """The one reader of this instance: wakes waiters, calls the callbacks."""
         assert self._reader_redis is not None
         r = self._reader_redis
-        key = self.keys.events()
+        key = self.events_key
         count = max(1, min(READ_COUNT, self.events_maxlen))
         backoff = 0.1
         lost = False

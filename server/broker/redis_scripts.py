@@ -43,6 +43,8 @@ local function k_wki(m) return P .. 'wki:' .. m end
 local K_MODELS = P .. 'models'
 local K_DONE = P .. 'done'
 local K_EV = P .. 'ev'
+local K_WEV = P .. 'wev'
+local FOR_WORKERS = {submit = true, cancel = true, command = true}
 
 local function now()
   local t = redis.call('TIME')
@@ -52,6 +54,9 @@ local function ts(x) return string.format('%.6f', x) end
 
 local function event(id, m, kind)
   redis.call('XADD', K_EV, 'MAXLEN', '~', MAXLEN, '*', 'job', id, 'model', m, 'kind', kind)
+  if FOR_WORKERS[kind] then  -- workers follow only these: no wake-up per step of every job
+    redis.call('XADD', K_WEV, 'MAXLEN', '~', MAXLEN, '*', 'job', id, 'model', m, 'kind', kind)
+  end
 end
 
 local function lowbit(i)
