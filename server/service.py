@@ -100,6 +100,9 @@ class Service:
         if self.runner is not None and not self.broker.distributed:  # one process: its registry is the truth
             return ms.state, ms.load_error, ms.cfg.target_inflight if ms.state == "loaded" else 0
         infos = await self.forecasts.workers(ms.name)
+        if self.runner is not None:  # this process's own worker: its registry, not its last heartbeat
+            infos = [w for w in infos if w.worker != self.runner.id]
+            infos += [i for i in self.runner.infos() if i.model == ms.name]
         if not infos:
             return "unloaded", None, 0
         states = {w.state for w in infos}

@@ -40,6 +40,7 @@ class Forecasts:
         self.broker = broker
         self._costs: dict[str, _Cached] = {}
         self._workers: dict[str, _Cached] = {}
+        self._presence_generation = 0
 
     async def cost(self, model: str) -> CostModel:
         version = self.broker.stats_version(model)
@@ -67,13 +68,17 @@ class Forecasts:
         now = time.monotonic()
         if cached is not None and (not self.broker.distributed or now - cached.at < REFRESH_SECONDS):
             return cached.value  # type: ignore[return-value]
+        generation = self._presence_generation
         infos = await self.broker.workers(model)
-        if self.broker.distributed:
+        if self.broker.distributed and generation == self._presence_generation:  # not stale already
             self._workers[model] = _Cached(infos, None, now)
         return infos
 
     def presence_changed(self, model: str) -> None:
-        self._workers.pop(model, None)
+        """A worker of this process loaded or unloaded a model: forget every cached
+        presence (one load may have evicted another model), and any fetch under way."""
+        self._presence_generation += 1
+        self._workers.clear()
 
     async def slots(self, model: str) -> int:
         return sum(w.slots for w in await self.workers(model) if w.state == "loaded")

@@ -61,6 +61,7 @@ class Watch:
     def __init__(self, url: str) -> None:
         self.client = httpx.Client(base_url=url, timeout=30)
         self.together: list[set[str]] = []
+        self.seen: list[dict[str, str]] = []  # the states when both were resident
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -69,6 +70,8 @@ class Watch:
             st = states(self.client)
             resident = {n for n in ("a", "b") if st[n]["state"] in ("loaded", "loading")}
             self.together.append(resident)
+            if len(resident) > 1:
+                self.seen.append({n: st[n]["state"] for n in ("a", "b")})
             self.stop.wait(0.02)
 
     def __enter__(self) -> Watch:
@@ -91,7 +94,7 @@ def test_alternating_models_within_a_budget_for_one_all_complete(srv: RunningSer
         for tid in ids:
             st = wait_done(c, tid, timeout=60)
             assert st["status"] == "done", st
-    assert watch.together and max(len(s) for s in watch.together) == 1, "a and b were resident at once"
+    assert watch.together and max(len(s) for s in watch.together) == 1, f"a and b were resident at once: {watch.seen}"
     assert {"a"} in watch.together and {"b"} in watch.together
     assert "unloading idle model" in srv.log()
 
