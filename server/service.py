@@ -269,8 +269,10 @@ class Service:
         return await self.broker.get_blob(live_preview_key(job.id)) if job.preview_seq else None
 
     async def wait_change(self, job: JobRecord, timeout: float | None, *, progress: bool = True) -> tuple[JobRecord, bool]:
+        """Wait for a change, then re-read the record (on a timeout too: a wake-up that
+        was lost, e.g. while the events reader reconnected, is caught at the next one)."""
         changed = await self.broker.wait_change(job.id, timeout, progress=progress)
-        return (await self.get(job.id) if changed else job), changed
+        return await self.get(job.id), changed
 
     async def image(self, job: JobRecord, index: int, *, delete: bool) -> tuple[ImageResult, bytes]:
         """A done job's image bytes (410 once fetched with delete=true, or expired)."""

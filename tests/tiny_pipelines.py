@@ -1,7 +1,7 @@
 """Tiny random-weight Diffusers pipelines, built offline, for tests and benchmarks.
 
 Each ``build_*`` function constructs every component of a real pipeline class with
-tiny shapes (see /work/shared/TINY_PIPELINES.md), then ``save_pretrained``s it into
+tiny shapes, then ``save_pretrained``s it into
 ``path`` in the standard Diffusers layout (``model_index.json`` plus one folder per
 component).  Loading such a folder exercises exactly the ``from_pretrained`` path that
 real weights take.  Weights are seeded, so the same call writes the same folder.

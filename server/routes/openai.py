@@ -120,7 +120,7 @@ async def wait_for(request: Request, service: Service, job: JobRecord) -> JobRec
     watcher = asyncio.create_task(watch())
     try:
         while not job.status.finished:
-            job, _ = await service.wait_change(job, None, progress=False)
+            job, _ = await service.wait_change(job, HEARTBEAT_SECONDS, progress=False)  # re-read now and then
     finally:
         watcher.cancel()
     return job
