@@ -73,3 +73,17 @@ export function showError(form, err) {
     control.focus();
   }
 }
+
+/** Make ``zone`` take dropped files: highlighted while dragged over, ``onFiles(FileList)`` on drop. */
+export function dropZone(zone, onFiles) {
+  zone.addEventListener("dragover", (ev) => {
+    ev.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    zone.classList.remove("over");
+    onFiles(ev.dataTransfer?.files ?? []);
+  });
+}

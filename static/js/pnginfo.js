@@ -3,7 +3,7 @@
 // into its results) fill the compose form.
 
 import { api } from "./api.js";
-import { $, toast } from "./dom.js";
+import { $, dropZone, toast } from "./dom.js";
 import { fillFromSettings } from "./form.js";
 
 function dataUrl(file) {
@@ -39,16 +39,8 @@ export function initPngInfo() {
     input.value = "";
     if (file) settingsFrom(file);
   });
-  const zone = $("#png-info-drop");
-  zone.addEventListener("dragover", (ev) => {
-    ev.preventDefault();
-    zone.classList.add("over");
-  });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (ev) => {
-    ev.preventDefault();
-    zone.classList.remove("over");
-    const file = [...(ev.dataTransfer?.files ?? [])].find((f) => f.type.startsWith("image/"));
+  dropZone($("#png-info-drop"), (files) => {
+    const file = [...files].find((f) => f.type.startsWith("image/"));
     if (file) settingsFrom(file);
   });
 }

@@ -1,7 +1,7 @@
 // Reference images for edits: file picker, drag-and-drop, paste; thumbnails
 // with remove buttons; kept as data URLs ready for /api/edit.
 
-import { $, toast } from "./dom.js";
+import { $, dropZone, toast } from "./dom.js";
 import { setMaskSource } from "./mask.js";
 
 const refs = []; // {name, dataUrl}
@@ -78,17 +78,7 @@ export function initRefs(beforeAdd) {
     await addImages(input.files);
     input.value = "";
   });
-  const zone = $("#dropzone");
-  zone.addEventListener("dragover", (ev) => {
-    ev.preventDefault();
-    zone.classList.add("over");
-  });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (ev) => {
-    ev.preventDefault();
-    zone.classList.remove("over");
-    addImages(ev.dataTransfer.files);
-  });
+  dropZone($("#dropzone"), (files) => addImages(files));
   document.addEventListener("paste", (ev) => {
     const files = [...(ev.clipboardData?.items ?? [])].filter((i) => i.kind === "file").map((i) => i.getAsFile());
     if (files.some((f) => f?.type.startsWith("image/"))) {
