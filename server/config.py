@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .forecast import FEATURES
+
 DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
 BACKENDS = ("stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale_esrgan")
 
@@ -59,8 +61,9 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     tile_size: Annotated[int, Meta(ge=0)] = 512  # upscalers: input tile edge in px; 0 = no tiling
     # stub only: seconds per denoising step at one megapixel (per image)
     simulate_step_seconds: NonNegFloat = 0.0
-    # forecast prior: seconds = c0 + c1*steps*MP*n + c2*refs*n + c3*steps*MP*n*refs
-    forecast_prior: list[float] | None = None
+    # forecast prior: seconds per unit of each term of server/forecast.py's TERMS
+    # (job, step, step_mp, decode_mp, ...); missing terms are 0
+    forecast_prior: dict[str, NonNegFloat] | None = None
     # time limits of this model's jobs (server/watchdog.py): null = limits' value, 0 = none
     job_timeout_seconds: NonNegFloat | None = None
     stall_seconds: NonNegFloat | None = None
@@ -271,6 +274,11 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
             )
     if broker.heartbeat_seconds >= broker.lease_seconds:
         raise ConfigError(f"{source}: broker.heartbeat_seconds must be shorter than broker.lease_seconds")
+    for name, model in settings.models.items():
+        if model.forecast_prior is not None and (unknown := sorted(set(model.forecast_prior) - set(FEATURES))):
+            raise ConfigError(
+                f"{source}: models.{name}.forecast_prior: unknown terms {unknown}; the terms are {', '.join(FEATURES)}"
+            )
     if settings.upscaler is not None and settings.upscaler not in settings.models:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
     if settings.upscaler is not None and settings.models[settings.upscaler].backend != "upscale_esrgan":

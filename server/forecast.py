@@ -1,53 +1,114 @@
 """Duration model and ETA.
 
-A job's cost is linear in a few features of what it is::
+A pipeline call has three phases, and each has costs of its own::
 
-    seconds = c0 + c1 * steps*MP*n + c2 * refs*n + c3 * steps*MP*n*refs
+    before the steps   job + reference * refs + reference_mp * ref_MP
+                       (text encoding, VAE encoding of the references, set-up)
+    the steps          steps * (step + step_mp * MP*n + step_reference_mp * ref_MP*n)
+                       (+ edit_step, edit_step_mp: what an edit's steps cost more or less,
+                       e.g. img2img runs only strength x steps)
+    after the steps    finish + decode_mp * MP*n   (VAE decoding, post-processing)
 
-(summed over the pipeline calls of the job).  The coefficients are learned per
-model and task, online, by ridge regression that shrinks towards a prior (the
-backend's own estimate or the config's ``forecast_prior``) and slowly forgets old
-jobs so that the model follows a warming GPU or a changed setting.
+A job's seconds are the sum over its calls: linear in the ``TERMS``' features, with
+one coefficient each, learned per model online.  The worker measures the phases of
+every job it runs (the step callbacks time the denoising: the median gap between
+steps times the steps; after the last step is the tail; the rest is the head), so
+each phase is fitted to its own measured seconds rather than the total alone: the
+per-job constant, the per-step cost and the decode cost no longer trade off against
+each other over a narrow range of jobs.  A job whose steps cannot be timed (fewer
+than two steps) teaches the total.  Generates and edits of a model share one fit
+(``FITS``: an edit is a generate plus its references); training and upscaling have
+their own.
 
-The prior is first scaled to the jobs seen (by the ratio of their total time to
-the prior's total forecast for them: a machine twice as fast as the prior assumed
-halves every coefficient), then the fit shrinks towards that scaled prior with a
-weight of ``ridge`` jobs, measured in the metric of the jobs seen (a "g-prior"):
-with enough varied jobs the result is the least-squares fit moved ``ridge/(jobs +
-ridge)`` of the way to the prior, whatever the units, so a 64 px, 2-step job
-(``steps*MP*n`` ~ 0.01) learns as fast as a 1 MP, 30-step one.  What the jobs seen
-cannot tell apart (after one job, or with a feature that never varied) stays in the
-scaled prior's proportions.  (A plain ridge on each coefficient lets a far-off
-prior tilt the line instead: over a narrow range of jobs the constant and the
-per-step cost are nearly collinear, and trading one for the other costs the fit
-almost nothing.)
+The fit is ridge regression shrunk towards a prior (the backend's own estimate, the
+config's ``forecast_prior``, or ``GENERIC_PRIOR``), forgetting old jobs slowly so
+that it follows a warming GPU or a changed setting.  The prior is first scaled to
+the jobs seen, phase by phase (a machine twice as fast as the prior assumed halves
+every term), then the fit shrinks towards that scaled prior with a weight of
+``ridge`` jobs in the metric of the jobs seen (a "g-prior"): with enough varied jobs
+it is the least-squares fit, whatever the units, and what the jobs seen cannot tell
+apart (after one job, or a feature that never varied) stays in the scaled prior's
+proportions.
 
 Because the model is linear, the forecast for everything ahead of a job is the
-coefficients times the *sum* of the features ahead, which the queue keeps as
-prefix sums; no scan of the queue is needed.
+coefficients times the *sum* of the features ahead, which the queue keeps as prefix
+sums; no scan of the queue is needed.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 TASKS: tuple[str, ...] = ("generate", "edit", "train", "upscale")
-FEATURES: tuple[str, ...] = ("jobs", "steps_mp_n", "refs_n", "steps_mp_n_refs")
+FITS: tuple[str, ...] = ("image", "train", "upscale")  # generate and edit share one fit
+
+
+def fit_of(task: str) -> str:
+    return "image" if task in ("generate", "edit") else task
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    phase: str  # head, steps, tail
+    per: str  # what one unit of the feature is (reports)
+
+
+TERMS: tuple[Term, ...] = (
+    Term("job", "head", "pipeline call (text encoding, set-up)"),
+    Term("reference", "head", "reference image"),
+    Term("reference_mp", "head", "megapixel of reference images (VAE encoding)"),
+    Term("step", "steps", "denoising step"),
+    Term("step_mp", "steps", "step per output megapixel of all images"),
+    Term("step_reference_mp", "steps", "step per reference megapixel, per image"),
+    Term("edit_step", "steps", "step of an edit, beyond a generate's"),
+    Term("edit_step_mp", "steps", "step per output megapixel of an edit, beyond a generate's"),
+    Term("finish", "tail", "pipeline call after its last step"),
+    Term("decode_mp", "tail", "output megapixel after the last step (VAE decoding)"),
+)
+FEATURES: tuple[str, ...] = tuple(t.name for t in TERMS)
+PHASES: tuple[str, ...] = ("head", "steps", "tail")
 NF = len(FEATURES)
-DIM = NF * len(TASKS)  # one block of features per task
-WIDTH = DIM + 1  # a job vector: its task's features, then a count of one (jobs ahead = sum of vectors)
-GENERIC_PRIOR = (0.5, 1.0, 0.5, 0.1)
+MASKS = np.array([[1.0 if t.phase == p else 0.0 for t in TERMS] for p in PHASES])  # phase x feature
+DIM = NF * len(FITS)  # one block of features per fit
+WIDTH = DIM + 1  # a job vector: its fit's features, then a count of one (jobs ahead = sum of vectors)
+GENERIC_PRIOR: dict[str, float] = {
+    "job": 0.3, "reference": 0.05, "reference_mp": 0.5, "step": 0.01, "step_mp": 1.0,
+    "step_reference_mp": 0.5, "finish": 0.02, "decode_mp": 0.3,
+}  # fmt: skip
 FORGET = 0.98  # each finished job weighs old ones down by this: the fit follows a warming GPU
 MIN_PENALTY = 1e-9
 FLOOR = 1e-3  # x each feature's mean square: what the jobs seen leave open stays at the scaled prior
+PHASE_RIDGE = 0.1  # how strongly each phase's prior scale is held to the common one (a fraction of the data)
 
 
-def features(steps: int, megapixels: float, n: int, refs: int) -> np.ndarray:
+def prior_vector(prior: Mapping[str, float] | Sequence[float]) -> np.ndarray:
+    """A prior as a vector over ``FEATURES``: a mapping of term names to seconds
+    (missing terms are 0), or a list in ``FEATURES`` order."""
+    if isinstance(prior, Mapping):
+        unknown = set(prior) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown forecast terms {sorted(unknown)}; the terms are {', '.join(FEATURES)}")
+        return np.array([float(prior.get(name, 0.0)) for name in FEATURES], dtype=np.float64)
+    if len(prior) != NF:
+        raise ValueError(f"a forecast prior lists {NF} terms ({', '.join(FEATURES)}), not {len(prior)}")
+    return np.asarray(prior, dtype=np.float64)
+
+
+def call_features(task: str, steps: int, megapixels: float, n: int, reference_mps: Sequence[float] = ()) -> np.ndarray:
+    """The features of one pipeline call: ``n`` images of ``megapixels`` in ``steps``
+    steps, with reference images of ``reference_mps`` megapixels each."""
     work = steps * megapixels * n
-    return np.array([1.0, work, refs * n, work * refs], dtype=np.float64)
+    ref = float(sum(reference_mps))
+    edit = 1.0 if task == "edit" else 0.0
+    return np.array(
+        [1.0, len(reference_mps), ref, steps, work, steps * ref * n, edit * steps, edit * work, 1.0, megapixels * n],
+        dtype=np.float64,
+    )
 
 
 def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
@@ -56,16 +117,52 @@ def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
 
 
 def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
-    """The job's features placed in its task's block of a WIDTH vector, whose last
-    component (a count of one job) the forecast gives no weight."""
+    """The job's features placed in its fit's block of a WIDTH vector, whose last
+    component (a count of one job) the forecast gives no weight.  Features of
+    another length (a record from an older version) count as nothing."""
     vec = np.zeros(WIDTH, dtype=np.float64)
-    t = TASKS.index(task)
-    vec[t * NF : (t + 1) * NF] = feats
+    if len(feats) == NF:
+        f = FITS.index(fit_of(task))
+        vec[f * NF : (f + 1) * NF] = feats
     vec[DIM] = 1.0
     return vec
 
 
-# a task's statistics as one flat vector, so that a broker can keep them (and add a
+# ----- measuring a job's phases (the worker) ---------------------------------------------
+
+
+@dataclass
+class CallTimes:
+    """When one pipeline call started, reported its steps and returned (``time.monotonic``)."""
+
+    start: float
+    steps: list[float] = field(default_factory=list)
+    end: float | None = None
+
+
+def measured_phases(calls: Sequence[CallTimes], seconds: float) -> tuple[float, float, float] | None:
+    """(head, steps, tail) seconds of a job that took ``seconds`` of worker time, or
+    None when its steps cannot be timed (a call reported fewer than two).  The steps
+    phase is the median gap between steps times the steps (a gap that spans a preview
+    or a second pipeline call inside one backend call does not count as a step);
+    the tail is from the last step to the call's return; the head is the rest."""
+    if not calls:  # a training run: no pipeline calls to time
+        return None
+    denoise = tail = 0.0
+    for call in calls:
+        if len(call.steps) < 2 or call.end is None:
+            return None
+        gaps = [b - a for a, b in zip(call.steps, call.steps[1:], strict=False)]
+        denoise += statistics.median(gaps) * len(call.steps)
+        tail += call.end - call.steps[-1]
+    head = seconds - denoise - tail
+    if head < 0:  # the first step was quicker than the median: no head to speak of
+        denoise += head
+        head = 0.0
+    return head, max(0.0, denoise), max(0.0, tail)
+
+
+# a fit's statistics as one flat vector, so that a broker can keep them (and add a
 # job's contribution atomically, as Redis does in a script): the forgetting-weighted
 # sums first, then the plain counters
 DECAYED = NF * NF + NF + NF + 2  # A = sum f f^T, b = sum f y, s = sum f, sum y, weight (jobs)
@@ -73,9 +170,16 @@ ADDED = 2  # samples, sum of |predicted - seconds| / seconds
 STATS = DECAYED + ADDED
 
 
-def observation(feats: np.ndarray, seconds: float, predicted: float | None) -> tuple[list[float], list[float]]:
-    """One finished job's contribution to its task's statistics: (decayed, added)."""
-    decayed = np.concatenate([np.outer(feats, feats).ravel(), feats * seconds, feats, [seconds, 1.0]])
+def observation(
+    feats: np.ndarray, seconds: float, predicted: float | None, phases: tuple[float, float, float] | None = None
+) -> tuple[list[float], list[float]]:
+    """One finished job's contribution to its fit's statistics: (decayed, added).
+    With measured ``phases`` each phase is a row of its own (its features only, its
+    seconds); without, the job's total is one row."""
+    rows = [(MASKS[p] * feats, y) for p, y in enumerate(phases)] if phases is not None else [(feats, seconds)]
+    a = sum(np.outer(f, f) for f, _ in rows)
+    b = sum(f * y for f, y in rows)
+    decayed = np.concatenate([np.ravel(a), b, feats, [seconds, 1.0]])
     error = abs(predicted - seconds) / seconds if predicted is not None and seconds > 0 else 0.0
     return decayed.tolist(), [1.0, error]
 
@@ -107,24 +211,39 @@ class _Fit:
         if weight <= 0:
             self.coef = self.prior.copy()
             return
-        forecast = float(s @ self.prior)
-        scaled = self.prior * (y_sum / forecast) if forecast > 0 and y_sum > 0 else self.prior
+        scaled = self.prior * (MASKS.T @ phase_scales(self.prior, a, b, s, y_sum))
         gram = a / weight  # the jobs' mean outer product
         penalty = ridge * (gram + FLOOR * np.diag(np.diag(gram))) + MIN_PENALTY * np.eye(NF)
         self.coef = np.linalg.solve(a + penalty, b + penalty @ scaled)
 
 
-class CostModel:
-    """Per-model forecaster: one ridge fit per task, over statistics that a broker
-    keeps (``load``) or that it gathers itself (``observe``)."""
+def phase_scales(prior: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, y_sum: float) -> np.ndarray:
+    """How much to scale the prior of each phase to fit the jobs seen: the least
+    squares of one factor per phase, held towards the common factor (all jobs' time
+    over the prior's forecast for them) where the jobs cannot tell the phases apart."""
+    forecast = float(s @ prior)
+    common = y_sum / forecast if forecast > 0 and y_sum > 0 else 1.0
+    u = MASKS * prior  # phase x feature: the prior of each phase
+    m = u @ a @ u.T
+    v = u @ b
+    hold = PHASE_RIDGE * np.diag(m) + MIN_PENALTY
+    scales = np.linalg.solve(m + np.diag(hold), v + hold * common)
+    return np.where(scales > 0, scales, common)  # a phase never costs less than nothing
 
-    def __init__(self, priors: Mapping[str, Sequence[float]], *, ridge: float = 0.1, forget: float = FORGET) -> None:
+
+class CostModel:
+    """Per-model forecaster: one ridge fit per ``FITS`` entry, over statistics that a
+    broker keeps (``load``) or that it gathers itself (``observe``)."""
+
+    def __init__(
+        self, priors: Mapping[str, Mapping[str, float] | Sequence[float]], *, ridge: float = 0.1, forget: float = FORGET
+    ) -> None:
         self.ridge = ridge
         self.forget = forget
         self._fits: dict[str, _Fit] = {}
-        for task in TASKS:
-            prior = np.array(priors.get(task, GENERIC_PRIOR), dtype=np.float64)
-            self._fits[task] = _Fit(prior=prior, stats=np.zeros(STATS), coef=prior.copy())
+        for name in FITS:
+            prior = prior_vector(priors.get(name, GENERIC_PRIOR))
+            self._fits[name] = _Fit(prior=prior, stats=np.zeros(STATS), coef=prior.copy())
         self._stacked = np.zeros(WIDTH)
         self._restack()
 
@@ -132,17 +251,25 @@ class CostModel:
         """Seconds for a job vector, or for a sum of them (everything ahead of a job)."""
         return max(0.0, float(self._stacked @ vec))
 
-    def observe(self, task: str, feats: np.ndarray, seconds: float, predicted: float | None = None) -> None:
+    def phases(self, task: str, feats: np.ndarray) -> tuple[float, float, float]:
+        """(head, steps, tail) forecast seconds of a job's features."""
+        if len(feats) != NF:
+            return 0.0, 0.0, 0.0
+        parts = MASKS @ (self._fits[fit_of(task)].coef * feats)
+        return float(parts[0]), float(parts[1]), float(parts[2])
+
+    def observe(self, task: str, feats: np.ndarray, seconds: float, predicted: float | None = None,
+                phases: tuple[float, float, float] | None = None) -> None:  # fmt: skip
         """Learn from a finished job that took ``seconds`` of worker time."""
-        fit = self._fits[task]
-        fit.stats = apply(fit.stats, *observation(feats, seconds, predicted), self.forget)
+        fit = self._fits[fit_of(task)]
+        fit.stats = apply(fit.stats, *observation(feats, seconds, predicted, phases), self.forget)
         fit.solve(self.ridge)
         self._restack()
 
     def load(self, stats: Mapping[str, Sequence[float]]) -> None:
         """Take the statistics a broker keeps (``Broker.cost_stats``) and refit."""
-        for task, values in stats.items():
-            fit = self._fits.get(task)
+        for name, values in stats.items():
+            fit = self._fits.get(name)
             if fit is not None and len(values) == STATS:
                 fit.stats = np.asarray(values, dtype=np.float64)
                 fit.solve(self.ridge)
@@ -150,22 +277,36 @@ class CostModel:
 
     def _restack(self) -> None:
         stacked = np.zeros(WIDTH)  # the last entry (the count) gets no weight
-        for t, task in enumerate(TASKS):
-            stacked[t * NF : (t + 1) * NF] = self._fits[task].coef
+        for f, name in enumerate(FITS):
+            stacked[f * NF : (f + 1) * NF] = self._fits[name].coef
         self._stacked = stacked  # one store: readers see the old vector or the new one
 
-    def report(self) -> dict[str, dict[str, object]]:
-        """What the model has learned, for /api/ps and /health."""
+    def report(self, example: tuple[str, np.ndarray, str] | None = None) -> dict[str, dict[str, object]]:
+        """What the model has learned, for /api/ps and /health: per fit, each term in
+        seconds per unit, and (``example``: task, features, description) what a job
+        would take, phase by phase."""
         out: dict[str, dict[str, object]] = {}
-        for task, fit in self._fits.items():
+        for name, fit in self._fits.items():
             samples = fit.samples
-            out[task] = {
-                "coefficients": dict(zip(FEATURES, (round(float(c), 6) for c in fit.coef), strict=True)),
-                "prior": dict(zip(FEATURES, (float(c) for c in fit.prior), strict=True)),
+            entry: dict[str, object] = {
+                "tasks": [t for t in TASKS if fit_of(t) == name],
                 "samples": samples,
                 "mean_abs_pct_error": round(float(fit.stats[DECAYED + 1]) / samples, 4) if samples else None,
+                "seconds": {t.name: _seconds(c) for t, c in zip(TERMS, fit.coef, strict=True)},
+                "per": {t.name: t.per for t in TERMS},
+                "prior_seconds": {t.name: _seconds(c) for t, c in zip(TERMS, fit.prior, strict=True)},
             }
+            if example is not None and fit_of(example[0]) == name:
+                head, steps, tail = self.phases(example[0], example[1])
+                entry["example"] = {"job": example[2], "seconds": _seconds(head + steps + tail),
+                                    "before_steps": _seconds(head), "steps": _seconds(steps), "after_steps": _seconds(tail)}  # fmt: skip
+            out[name] = entry
         return out
+
+
+def _seconds(x: float) -> float:
+    """Seconds to 4 significant digits (a report, not a coefficient dump)."""
+    return float(f"{float(x):.4g}")
 
 
 def running_remaining(
@@ -175,15 +316,23 @@ def running_remaining(
     step: int,
     total_steps: int,
     last_step_at: float | None,
+    first_step_at: float | None = None,
+    phases: Sequence[float] = (),
 ) -> float:
     """Seconds left for a running job.
 
     Before the first step: the prediction minus the time already spent.  After it:
-    the job's own measured step rate times the steps still to go, minus the time
-    since the last step.
+    the steps still to go at the job's own measured rate (from its first step to its
+    last; after one step, the forecast rate), plus the learned tail (decoding), minus
+    the time since the last step.
     """
     if step <= 0 or last_step_at is None or total_steps <= 0:
         return max(0.0, predicted - (now - started_at))
-    per_step = (last_step_at - started_at) / step
-    left = per_step * (total_steps - step) - (now - last_step_at)
-    return max(0.0, left)
+    head, steps, tail = phases if len(phases) == 3 else (0.0, 0.0, 0.0)
+    if step >= 2 and first_step_at is not None:
+        per_step = (last_step_at - first_step_at) / (step - 1)
+    elif steps > 0:
+        per_step = steps / total_steps
+    else:  # a record without phases (an older version): all of it was steps
+        per_step = (last_step_at - started_at) / step
+    return max(0.0, per_step * (total_steps - step) + tail - (now - last_step_at))

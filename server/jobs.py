@@ -140,7 +140,8 @@ class JobRecord(Struct, kw_only=True):
     partial_images: int = 0  # previews asked for (OpenAI stream): blobs preview_key(id, k)
     # --- forecast at submission ---
     features: list[float] = []  # forecast.FEATURES summed over the pipeline calls
-    predicted: float = 0.0
+    predicted: float = 0.0  # forecast worker seconds of the job itself
+    predicted_phases: list[float] = []  # of which: before the steps, the steps, after them (forecast.PHASES)
     expected_at_submit: float = 0.0
     pos_at_submit: int = 0
     # --- where it stands (broker clock: wall seconds as the broker tells them) ---
@@ -151,6 +152,7 @@ class JobRecord(Struct, kw_only=True):
     worker: str | None = None
     created_at: float = 0.0
     started_at: float | None = None
+    first_step_at: float | None = None
     last_step_at: float | None = None
     finished_at: float | None = None
     step: int = 0
@@ -158,6 +160,7 @@ class JobRecord(Struct, kw_only=True):
     message: str | None = None
     code: str | None = None  # why it failed, for programs (deadline_missed...)
     worker_seconds: float | None = None  # time on the worker, encoding excluded: what forecasts learn
+    worker_phases: list[float] = []  # of which: before the steps, the steps, after them (as measured)
     previews: int = 0  # partial images stored so far
     followed_until: float | None = None  # someone streams its progress (SSE) until then: steps are written at once
     preview_wanted_until: float = 0.0  # someone follows the job with previews=true until then

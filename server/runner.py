@@ -39,7 +39,7 @@ from .backends.isolated import IsolatedBackend
 from .broker.base import Broker, BrokerUnavailable, WorkerInfo
 from .build import decode_image
 from .errors import Conflict
-from .forecast import FORGET, TASKS, observation
+from .forecast import FITS, FORGET, CallTimes, fit_of, measured_phases, observation, prior_vector
 from .jobs import PENDING, ImageResult, JobRecord, JobStatus, image_tokens, live_preview_key, preview_key, result_key
 from .masking import composite
 from .residency import NoRoom, Residency, TooBig, model_device, too_big
@@ -99,6 +99,7 @@ class JobContext:
         self.cancel = cancel
         self.loop = loop
         self.offset = 0
+        self.calls: list[CallTimes] = []  # the pipeline calls' step times, for the forecast's phases
         self.started = time.monotonic()
         self.last_step = self.started  # when the job last reported a step (the watchdog reads it)
         self.abandoned = False  # its record was ended without it (stalled): stop at the next step
@@ -118,12 +119,16 @@ class JobContext:
         return self.cancel.is_set()
 
     def step(self, i: int, total: int) -> None:
-        self.last_step = time.monotonic()
+        self.last_step = now = time.monotonic()
+        if self.calls:
+            self.calls[-1].steps.append(now)
         if self.cancel.is_set() or self.abandoned:
             raise JobCancelled()
         job = self.job
         job.step = self.offset + i
-        job.last_step_at = self.started_at + (time.monotonic() - self.started)
+        job.last_step_at = self.started_at + (now - self.started)
+        if job.first_step_at is None:
+            job.first_step_at = job.last_step_at
         self.broker.progress_threadsafe(job)
 
     def wants_preview(self, i: int) -> bool:
@@ -270,11 +275,13 @@ def execute(
             if warnings:  # shown by the status while the job runs (the finish stores them too)
                 ctx.loop.call_soon_threadsafe(ctx._push, {"warnings": list(warnings)})
         start = time.monotonic()
+        ctx.calls.append(times := CallTimes(start))
         out = backend.run(work, ctx)
         if work.mask is not None and work.images:  # outside the mask, the original pixels
             out = [composite(im, work.images[0], work.mask, work.mask_blur) for im in out]
         images.extend(out)
-        seconds.append(time.monotonic() - start)
+        times.end = time.monotonic()
+        seconds.append(times.end - start)
         ctx.offset += item.steps
     return images, seconds
 
@@ -430,7 +437,7 @@ class Runner:
         if ms.state == "loaded":
             self.residency.touch(name)
         if ms.state == "loaded" and ms.backend is not None:
-            priors = {t: p for t in TASKS if (p := ms.backend.cost_prior(t)) is not None}
+            priors = {f: prior_vector(p).tolist() for f in FITS if (p := ms.backend.cost_prior(f)) is not None}
             if priors and not ms.cfg.forecast_prior:
                 await self.broker.set_priors(name, priors)
             self._loops[name] = [
@@ -654,6 +661,7 @@ class Runner:
             return
         self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
         log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
+        job.first_step_at = None
         ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop())
         start = time.monotonic()
         follow = asyncio.create_task(ctx.follow_previews())
@@ -684,7 +692,8 @@ class Runner:
         finally:
             follow.cancel()
         self.running.pop(job.id, None)
-        self.spawn(self._finish_job(job, r, images, item_seconds, worker_s))
+        phases = measured_phases(ctx.calls, worker_s)
+        self.spawn(self._finish_job(job, r, images, item_seconds, worker_s, phases))
 
     async def _execute(
         self, ms: ModelState, job: JobRecord, r: Running, ctx: JobContext, blobs: dict[str, bytes]
@@ -767,7 +776,10 @@ class Runner:
         else:
             await self._announce(ms.name)
 
-    async def _finish_job(self, job: JobRecord, r: Running, images: list[Image], item_seconds: list[float], worker_s: float) -> None:
+    async def _finish_job(
+        self, job: JobRecord, r: Running, images: list[Image], item_seconds: list[float], worker_s: float,
+        phases: tuple[float, float, float] | None,
+    ) -> None:  # fmt: skip
         """Upscale, encode and store off the model's critical path, then mark done."""
         try:
             if job.upscale and self.upscaler is not None:
@@ -784,11 +796,12 @@ class Runner:
             await self._end(job, r, JobStatus.ERROR, {"message": failure_message(exc)})
             return
         fields = {"results": results, "step": job.total_steps, "worker_seconds": round(worker_s, 4), "extra": job.extra,
+                  "worker_phases": [round(p, 4) for p in phases] if phases is not None else [],
                   "text_tokens": job.text_tokens, "image_tokens": job.image_tokens, "warnings": job.warnings}  # fmt: skip
         if not await self._end(job, r, JobStatus.DONE, fields, blobs):
             return
-        decayed, added = observation(np.asarray(job.features), worker_s, job.predicted)
-        await self.broker.observe_cost(job.model, job.task, decayed, added, FORGET)
+        decayed, added = observation(np.asarray(job.features), worker_s, job.predicted, phases)
+        await self.broker.observe_cost(job.model, fit_of(job.task), decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
         total = (job.finished_at or time.time()) - job.created_at
         if total > 0:

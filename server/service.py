@@ -17,13 +17,14 @@ import msgspec
 
 from .auth import OPEN, Caller, Keys
 from .broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
+from .build import DEFAULT_STEPS
 from .deadlines import end_if_missed, refuse_unreachable
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
-from .forecast import features, sum_features
+from .forecast import call_features
 from .jobs import ImageResult, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from .quotas import check_and_charge
 from .registry import ModelState, Registry
-from .standing import Forecasts, Where, predict, queue_seconds, standing
+from .standing import Forecasts, Where, job_features, predict, queue_seconds, standing
 
 if TYPE_CHECKING:
     from .build import UrlFetcher
@@ -92,8 +93,14 @@ class Service:
         return list(self.registry.models.values())
 
     async def forecast_report(self, ms: ModelState) -> dict[str, dict[str, object]]:
-        """What the model's forecast has learned, per task (for /api/ps and /health)."""
-        return (await self.forecasts.cost(ms.name)).report()
+        """What the model's forecast has learned, per fit, in seconds, with what a job
+        of the model's default size and steps would take (for /api/ps and /health)."""
+        cfg = ms.cfg
+        task = "upscale" if "upscale" in ms.capabilities.tasks else "generate"
+        steps = cfg.recommended_steps or DEFAULT_STEPS
+        example = (task, call_features(task, steps, cfg.default_width * cfg.default_height / 1e6, 1),
+                   f"{cfg.default_width}x{cfg.default_height}, {steps} steps, 1 image")  # fmt: skip
+        return (await self.forecasts.cost(ms.name)).report(example)
 
     async def model_state(self, ms: ModelState) -> tuple[str, str | None, int]:
         """(state, load error, live slots) of a model across the workers serving it."""
@@ -195,13 +202,11 @@ class Service:
         for check in self.submit_checks:
             await check(job)
         if not job.features:  # training jobs bring their own
-            job.features = sum_features(
-                [features(it.steps, it.megapixels, it.n, len(it.images)) for it in job.items]
-            ).tolist()
+            job.features = job_features(job, blobs)
         if job.total_steps == 0:
             job.total_steps = sum(it.steps for it in job.items)
         cost = await self.forecasts.cost(job.model)
-        job.predicted = predict(cost, job)
+        job.predicted, job.predicted_phases = predict(cost, job)
         await refuse_unreachable(self.forecasts, job)
         await check_and_charge(self.forecasts, caller, job)
         try:

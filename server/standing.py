@@ -11,14 +11,16 @@ there is no honest forecast: ``wait`` is None and ``note`` says why.
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .broker.base import Broker, WorkerInfo
 from .config import Settings
-from .forecast import DIM, TASKS, CostModel, job_vector, running_remaining
+from .forecast import DIM, FITS, CostModel, call_features, job_vector, prior_vector, running_remaining, sum_features
 from .jobs import JobRecord, JobStatus
 from .residency import on_demand_slots
 
@@ -50,7 +52,7 @@ class Forecasts:
             return cached.value  # type: ignore[return-value]
         cfg = self.settings.models.get(model)
         if cfg is not None and cfg.forecast_prior is not None:
-            priors: dict[str, list[float]] = {task: list(cfg.forecast_prior) for task in TASKS}
+            priors: dict[str, list[float]] = {fit: prior_vector(cfg.forecast_prior).tolist() for fit in FITS}
         else:
             priors = await self.broker.priors(model)
         cost = CostModel(priors)
@@ -130,9 +132,32 @@ async def queue_seconds(forecasts: Forecasts, model: str) -> float:
 
 def running_seconds(job: JobRecord, now: float) -> float:
     started = job.started_at or now
-    return running_remaining(now, started, job.predicted, job.step, job.total_steps, job.last_step_at)
+    return running_remaining(
+        now, started, job.predicted, job.step, job.total_steps, job.last_step_at, job.first_step_at, job.predicted_phases
+    )
 
 
-def predict(cost: CostModel, job: JobRecord) -> float:
-    return cost.predict(job_vector(job.task, np.asarray(job.features)))
+def predict(cost: CostModel, job: JobRecord) -> tuple[float, list[float]]:
+    """(forecast seconds, and their phases: before the steps, the steps, after them)."""
+    feats = np.asarray(job.features)
+    return cost.predict(job_vector(job.task, feats)), list(cost.phases(job.task, feats))
+
+
+def job_features(job: JobRecord, blobs: dict[str, bytes]) -> list[float]:
+    """The forecast's features of a job's pipeline calls (``forecast.call_features``),
+    with the sizes of its reference images read from their bytes."""
+    return sum_features(
+        [call_features(job.task, it.steps, it.megapixels, it.n, [megapixels(blobs.get(k)) for k in it.images]) for it in job.items]
+    ).tolist()
+
+
+def megapixels(data: bytes | None) -> float:
+    """An image's size in megapixels from its header (0 when it cannot be read)."""
+    if data is None:
+        return 0.0
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height / 1_000_000
+    except Exception:  # the job's own checks report bad images; a forecast never fails a submit
+        return 0.0
 

@@ -15,6 +15,8 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.forecast import FEATURES
+
 from .conftest import RunningServer, stub_settings
 
 
@@ -426,8 +428,9 @@ def test_models_listing_and_forecast_coefficients(server: RunningServer) -> None
     ls = c.get("/api/ls").json()
     assert ls["default_model"] == "stub" and ls["models"][0]["state"] == "loaded"
     ps = c.get("/api/ps").json()
-    gen = ps["models"][0]["forecast"]["generate"]
-    assert set(gen["coefficients"]) == {"jobs", "steps_mp_n", "refs_n", "steps_mp_n_refs"}
+    image = ps["models"][0]["forecast"]["image"]
+    assert image["tasks"] == ["generate", "edit"] and set(image["seconds"]) == set(FEATURES)
+    assert image["example"]["job"] == "64x64, 2 steps, 1 image" and image["example"]["seconds"] > 0
     assert c.get("/v1/models").json()["data"][0]["id"] == "stub"
     health = c.get("/health").json()
     assert health["status"] == "ok" and health["devices"][0]["device"] == "cpu"

@@ -62,7 +62,7 @@ def srv(
     models["fp16_only"] = {"backend": "sdxl", "model_path": str(fp16_files_only(tiny_model_dirs["sdxl"], tmp / "fp16")), **common}
     models["isolated"] = {**models["sdxl"], "isolate": True}
     # refs cost nothing in the prior: a forecast that grows with them has learned it
-    models["forecast"] = {**models["flux2_klein"], "forecast_prior": [0.05, 1.0, 0.0, 0.0]}
+    models["forecast"] = {**models["flux2_klein"], "forecast_prior": {"job": 0.05, "step_mp": 1.0}}
     settings = stub_settings()
     settings["models"].update(models)
     return server_factory(settings, env={"OMP_NUM_THREADS": "1"}, script=ROOT / "tests" / "tiny_server.py")
@@ -256,9 +256,9 @@ def test_forecast_learns_the_cost_of_reference_images(srv: RunningServer) -> Non
             sub = submit(c, "forecast", "edit", refs, ref_size=128)
             forecast[refs] = sub["expected_time_seconds"]  # the queue is idle: just this job
             assert wait_done(c, sub["task_id"], timeout=120)["status"] == "done"
-    learned = next(m for m in c.get("/api/ps").json()["models"] if m["name"] == "forecast")["forecast"]["edit"]
+    learned = next(m for m in c.get("/api/ps").json()["models"] if m["name"] == "forecast")["forecast"]["image"]
     assert learned["samples"] == 6
-    assert learned["coefficients"] != learned["prior"]
+    assert learned["seconds"] != learned["prior_seconds"]
     assert forecast[8] > forecast[1], (forecast, learned)
     unload(c, "forecast")
 

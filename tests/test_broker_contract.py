@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from server.broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
-from server.forecast import DECAYED, DIM, STATS, WIDTH, apply, features, job_vector, observation
+from server.forecast import DECAYED, DIM, STATS, WIDTH, apply, call_features, job_vector, observation
 from server.jobs import Item, JobRecord, JobStatus, input_key, result_key
 
 from .redis_fixtures import RedisServer, redis_flushed, redis_server, redis_server_fresh, redis_url  # noqa: F401
@@ -58,7 +58,7 @@ async def broker(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIte
 
 def make_job(priority: int = 0, steps: int = 4, model: str = "m", task: str = "generate", **kw: Any) -> JobRecord:
     item = Item(prompt="p", width=64, height=64, steps=steps, seed=0)
-    feats = features(steps, item.megapixels, 1, 1 if task == "edit" else 0)
+    feats = call_features(task, steps, item.megapixels, 1, [0.004] if task == "edit" else [])
     return JobRecord(model=model, task=task, items=[item], priority=priority, features=feats.tolist(), **kw)
 
 
@@ -347,18 +347,18 @@ async def test_cost_stats_and_priors(broker: Broker) -> None:
     rng = np.random.default_rng(3)
     expect = np.zeros(STATS)
     for _ in range(3):
-        feats = features(int(rng.integers(1, 30)), float(rng.random()), 1, int(rng.integers(0, 3)))
-        decayed, added = observation(feats, float(rng.random() * 10), float(rng.random() * 10))
+        feats = call_features("generate", int(rng.integers(1, 30)), float(rng.random()), 1, [0.01] * int(rng.integers(0, 3)))
+        decayed, added = observation(feats, float(rng.random() * 10), float(rng.random() * 10), (0.1, 0.2, 0.3))
         assert len(decayed) == DECAYED and len(decayed) + len(added) == STATS
-        await broker.observe_cost("m", "generate", decayed, added, 0.9)
+        await broker.observe_cost("m", "image", decayed, added, 0.9)
         by_hand = np.concatenate([0.9 * expect[:DECAYED] + decayed, expect[DECAYED:] + added])
         expect = apply(expect, decayed, added, 0.9)
         np.testing.assert_allclose(expect, by_hand)
     stats = await broker.cost_stats("m")
-    assert list(stats) == ["generate"]
-    np.testing.assert_allclose(stats["generate"], expect, rtol=1e-12)
+    assert list(stats) == ["image"]
+    np.testing.assert_allclose(stats["image"], expect, rtol=1e-12)
     assert await broker.cost_stats("other") == {}
-    priors = {"generate": [0.5, 1.0, 0.25, 0.125], "edit": [1.0, 2.0, 3.0, 4.0]}
+    priors = {"image": [0.5, 1.0, 0.25, 0.125, 0.0, 0.0, 0.0, 0.0, 0.5, 0.25], "train": [1.0] * 10}
     await broker.set_priors("m", priors)
     assert await broker.priors("m") == priors
     assert await broker.priors("other") == {}

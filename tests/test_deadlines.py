@@ -17,7 +17,7 @@ from .test_api import wait_done, wait_running
 @pytest.fixture(scope="module", params=BROKERS)
 def srv(request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], broker_args: Any) -> RunningServer:
     # 0.05 s a step at 64x64; the prior makes forecasts right from the first job
-    settings = stub_settings(simulate_step_seconds=12.0, forecast_prior=[0.0, 12.0, 0.0, 0.0])
+    settings = stub_settings(simulate_step_seconds=12.0, forecast_prior={"step_mp": 12.0})
     settings, args = broker_args(settings, request.param)
     return server_factory(settings, *args)
 

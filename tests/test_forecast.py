@@ -1,72 +1,158 @@
-"""The duration model: priors, online learning and running-job remainders."""
+"""The duration model: priors, online learning by phase, and running-job remainders."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import pytest
 
-from server.forecast import CostModel, features, job_vector, running_remaining
+from server.forecast import (
+    FEATURES,
+    MASKS,
+    CallTimes,
+    CostModel,
+    call_features,
+    job_vector,
+    measured_phases,
+    prior_vector,
+    running_remaining,
+)
+
+# a tiny pipeline as measured: 40 ms per call before the steps, 12 ms per step plus
+# 0.8 s per step-megapixel, 10 ms + 0.5 s per megapixel after the steps
+TRUTH = prior_vector({"job": 0.04, "step": 0.012, "step_mp": 0.8, "finish": 0.01, "decode_mp": 0.5})
+
+
+def truth_phases(feats: np.ndarray, truth: np.ndarray = TRUTH) -> tuple[float, float, float]:
+    head, steps, tail = MASKS @ (truth * feats)
+    return float(head), float(steps), float(tail)
+
+
+def tiny_job(rng: random.Random, refs: int = 0) -> np.ndarray:
+    side = rng.choice([64, 80, 96, 112, 128]) ** 2 / 1e6
+    return call_features("edit" if refs else "generate", rng.randint(2, 6), side, rng.randint(1, 2), [0.01] * refs)
+
+
+def predict(model: CostModel, task: str, feats: np.ndarray) -> float:
+    return model.predict(job_vector(task, feats))
 
 
 def test_prior_is_used_until_data_arrives() -> None:
-    model = CostModel({"generate": [0.0, 2.0, 0.0, 0.0]})
-    vec = job_vector("generate", features(steps=10, megapixels=1.0, n=1, refs=0))
-    assert model.predict(vec) == 20.0
+    model = CostModel({"image": {"step_mp": 2.0}})
+    assert predict(model, "generate", call_features("generate", steps=10, megapixels=1.0, n=1)) == 20.0
 
 
-def test_learns_cost_per_step_megapixel_and_reference_from_finished_jobs() -> None:
-    truth = np.array([0.3, 0.8, 0.2, 0.1])
-    model = CostModel({})  # generic prior, deliberately wrong
+def test_a_prior_names_its_terms() -> None:
+    with pytest.raises(ValueError, match="unknown forecast terms"):
+        prior_vector({"steps_mp_n": 1.0})
+    assert prior_vector({}).tolist() == [0.0] * len(FEATURES)
+
+
+def test_phases_measured_from_the_step_times() -> None:
+    # a call at t=0: steps at 0.5, 0.6, 0.7, 0.8 (median gap 0.1), returned at 1.0; worker time 1.1
+    call = CallTimes(0.0, [0.5, 0.6, 0.7, 0.8], 1.0)
+    head, steps, tail = measured_phases([call], 1.1)
+    assert (round(head, 6), round(steps, 6), round(tail, 6)) == (0.5, 0.4, 0.2)
+    # a gap spanning a preview does not count as a step (the median ignores it)
+    slow = CallTimes(0.0, [0.5, 0.6, 0.9, 1.0], 1.2)
+    assert round(measured_phases([slow], 1.2)[1], 6) == 0.4  # type: ignore[index]
+    assert measured_phases([CallTimes(0.0, [0.5], 1.0)], 1.0) is None  # one step: not timeable
+    assert measured_phases([], 3.0) is None  # a training run
+
+
+def test_learns_each_phase_from_a_dozen_jobs_and_forecasts_bigger_ones() -> None:
+    model = CostModel({})  # the generic prior, far off
     rng = random.Random(0)
-    for _ in range(60):
-        f = features(rng.randint(2, 30), rng.choice([0.26, 0.5, 1.0, 2.0]), rng.randint(1, 4), rng.randint(0, 8))
-        model.observe("edit", f, float(truth @ f))
-    probe = features(20, 1.0, 2, 8)
-    predicted = model.predict(job_vector("edit", probe))
-    assert abs(predicted - truth @ probe) / (truth @ probe) < 0.02
-    report = model.report()["edit"]
-    assert report["samples"] == 60
+    for _ in range(12):
+        f = tiny_job(rng)
+        model.observe("generate", f, sum(truth_phases(f)), phases=truth_phases(f))
+    for probe in (call_features("generate", 6, 128 * 128 / 1e6, 2), call_features("generate", 30, 0.25, 4)):
+        true = float(TRUTH @ probe)
+        assert abs(predict(model, "generate", probe) - true) / true < 0.01, model.report()
+    head, steps, tail = model.phases("generate", call_features("generate", 30, 0.25, 4))
+    assert abs(tail - (0.01 + 0.5)) < 0.01 and abs(head - 0.04) < 0.005
 
 
-def test_tasks_are_learned_separately() -> None:
+def test_totals_alone_confound_the_phases_that_timings_separate() -> None:
+    # over a narrow range of jobs, the per-call constant, the per-step cost and the
+    # decode cost are near collinear: from totals alone (with 3% noise, as measured
+    # times have) a job far out of the range is forecast far off; with the phases
+    # measured it is forecast right
+    truth = prior_vector({"job": 0.2, "step": 0.002, "step_mp": 0.5, "finish": 0.01, "decode_mp": 4.0})
+    totals, phased = CostModel({}), CostModel({})
+    rng = random.Random(3)
+    for _ in range(12):
+        f = call_features("generate", rng.randint(4, 5), rng.choice([64, 72]) ** 2 / 1e6, 1)
+        noisy = tuple(p * (1 + rng.uniform(-0.03, 0.03)) for p in truth_phases(f, truth))
+        totals.observe("generate", f, sum(noisy))
+        phased.observe("generate", f, sum(noisy), phases=noisy)  # type: ignore[arg-type]
+    far = call_features("generate", 2, 0.25, 2)
+    true = float(truth @ far)
+    assert abs(predict(phased, "generate", far) - true) / true < 0.05
+    assert abs(predict(totals, "generate", far) - true) / true > 0.2
+
+
+def test_references_are_learned_in_their_pixels() -> None:
+    truth = TRUTH + prior_vector({"reference_mp": 2.0, "step_reference_mp": 0.6})
     model = CostModel({})
-    f = features(10, 1.0, 1, 0)
+    rng = random.Random(1)
+    for _ in range(20):
+        refs = rng.randint(0, 3)
+        f = call_features("edit" if refs else "generate", rng.randint(2, 6), 0.01, rng.randint(1, 2),
+                          [rng.choice([64, 128]) ** 2 / 1e6 for _ in range(refs)])  # fmt: skip
+        model.observe("edit" if refs else "generate", f, float(truth @ f), phases=truth_phases(f, truth))
+    big = call_features("edit", 4, 0.01, 1, [0.25, 0.25])  # two references far larger than any seen
+    assert abs(predict(model, "edit", big) - truth @ big) / (truth @ big) < 0.03
+
+
+def test_generate_and_edit_share_a_fit_train_has_its_own() -> None:
+    model = CostModel({})
+    f = call_features("generate", 10, 1.0, 1)
     for _ in range(30):
         model.observe("train", f, 100.0)
         model.observe("generate", f, 1.0)
-    assert model.predict(job_vector("train", f)) > 50 * model.predict(job_vector("generate", f))
+    assert predict(model, "train", f) > 50 * predict(model, "generate", f)
+    assert model.report()["image"]["samples"] == 30 and model.report()["image"]["tasks"] == ["generate", "edit"]
 
 
-def test_running_remaining_uses_the_measured_step_rate() -> None:
-    # started at t=0, 5 of 10 steps done at t=10: 2 s/step, 5 steps left, 1 s since the last step
-    assert running_remaining(11.0, 0.0, predicted=100.0, step=5, total_steps=10, last_step_at=10.0) == 9.0
+def test_after_one_job_the_prior_is_scaled_to_it() -> None:
+    model = CostModel({"image": {"job": 0.5, "step_mp": 1.0}})
+    seen = call_features("generate", 5, 0.01, 1)  # the prior says 0.55 s; it took 0.09 s
+    model.observe("generate", seen, 0.09)
+    assert abs(predict(model, "generate", seen) - 0.09) < 1e-6
+    # what one job cannot tell apart keeps the prior's proportions: 0.6/0.55 of it
+    double = call_features("generate", 5, 0.02, 1)
+    assert abs(predict(model, "generate", double) - 0.09 * 0.6 / 0.55) < 1e-6
+
+
+def test_report_is_in_seconds_with_an_example_job() -> None:
+    model = CostModel({})
+    rng = random.Random(2)
+    for _ in range(12):
+        f = tiny_job(rng)
+        model.observe("generate", f, sum(truth_phases(f)), phases=truth_phases(f))
+    example = call_features("generate", 4, 128 * 128 / 1e6, 1)
+    report = model.report(("generate", example, "128x128, 4 steps, 1 image"))["image"]
+    assert abs(report["seconds"]["step"] - 0.012) < 0.002, report  # type: ignore[index]
+    ex = report["example"]
+    assert abs(ex["seconds"] - TRUTH @ example) < 0.01 * (TRUTH @ example)  # type: ignore[index]
+    assert abs(ex["before_steps"] + ex["steps"] + ex["after_steps"] - ex["seconds"]) < 1e-3  # type: ignore[index]
+
+
+def test_running_remaining_is_the_step_rate_plus_the_learned_tail() -> None:
+    # first step at t=2, 5 of 10 at t=10: 2 s/step, 5 steps left, 1 s since the last, tail 3 s
+    left = running_remaining(11.0, 0.0, 100.0, 5, 10, last_step_at=10.0, first_step_at=2.0, phases=(1.0, 20.0, 3.0))
+    assert left == 2.0 * 5 + 3.0 - 1.0
+    # after the last step: the tail still to come
+    assert running_remaining(10.5, 0.0, 100.0, 10, 10, 10.0, 1.0, (1.0, 9.0, 3.0)) == 2.5
+    # after one step: the forecast's rate (20 s over 10 steps)
+    assert running_remaining(3.0, 0.0, 100.0, 1, 10, 3.0, 3.0, (1.0, 20.0, 3.0)) == 2.0 * 9 + 3.0
     # before the first step: prediction minus time spent
     assert running_remaining(3.0, 0.0, predicted=10.0, step=0, total_steps=10, last_step_at=None) == 7.0
     assert running_remaining(30.0, 0.0, predicted=10.0, step=0, total_steps=10, last_step_at=None) == 0.0
 
 
-def test_a_far_off_prior_does_not_tilt_the_line_over_a_narrow_range_of_jobs() -> None:
-    # a tiny model: ~50 ms a job + 0.8 s per step-megapixel, where the generic prior
-    # says 0.5 s + 1 s; a dozen jobs over a narrow range of work, as after start-up
-    truth = np.array([0.054, 0.83, 0.0, 0.0])
+def test_features_of_an_older_format_count_as_nothing() -> None:
     model = CostModel({})
-    rng = random.Random(1)
-    for _ in range(12):
-        f = features(rng.randint(2, 6), rng.choice([64, 80, 96]) ** 2 / 1e6, 1, 0)
-        model.observe("generate", f, float(truth @ f))
-    coef = model.report()["generate"]["coefficients"]
-    assert abs(coef["steps_mp_n"] - 0.83) / 0.83 < 0.02, coef  # a ridge on each coefficient learned 0.06 here
-    # so a job outside the range seen (n=2 at 128 px, 6 steps) is forecast well too
-    big = features(6, 128 * 128 / 1e6, 2, 0)
-    assert abs(model.predict(job_vector("generate", big)) - truth @ big) / (truth @ big) < 0.02
-
-
-def test_after_one_job_the_prior_is_scaled_to_it() -> None:
-    model = CostModel({"generate": [0.5, 1.0, 0.0, 0.0]})
-    seen = features(5, 0.01, 1, 0)  # the prior says 0.55 s; it took 0.09 s
-    model.observe("generate", seen, 0.09)
-    assert abs(model.predict(job_vector("generate", seen)) - 0.09) < 1e-6
-    # what one job cannot tell apart keeps the prior's proportions: 0.6/0.55 of it
-    double = features(5, 0.02, 1, 0)
-    assert abs(model.predict(job_vector("generate", double)) - 0.09 * 0.6 / 0.55) < 1e-6
+    assert predict(model, "generate", np.array([1.0, 0.1, 0.0, 0.0])) == 0.0

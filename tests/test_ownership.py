@@ -33,7 +33,7 @@ AUTH = {
 @pytest.fixture(scope="module", params=BROKERS)
 def srv(request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], broker_args: Any) -> RunningServer:
     # 0.05 s a step at 64x64; the prior makes the forecast right from the first job
-    settings = {**stub_settings(simulate_step_seconds=12.0, forecast_prior=[0.0, 12.0, 0.0, 0.0]), "auth": AUTH}
+    settings = {**stub_settings(simulate_step_seconds=12.0, forecast_prior={"step_mp": 12.0}), "auth": AUTH}
     settings, args = broker_args(settings, request.param)
     return server_factory(settings, *args)
 

@@ -8,12 +8,12 @@ import random
 import numpy as np
 import pytest
 
-from server.forecast import DIM, WIDTH, features, job_vector
+from server.forecast import DIM, WIDTH, call_features, job_vector
 from server.queue import Job, ModelQueue
 
 
 def make_job(priority: int = 0, steps: int = 4, seq: int = 0) -> Job:
-    return Job(f"j{seq}", priority, seq, job_vector("generate", features(steps, 64 * 64 / 1e6, 1, 0)))
+    return Job(f"j{seq}", priority, seq, job_vector("generate", call_features("generate", steps, 64 * 64 / 1e6, 1)))
 
 
 def brute_ahead(jobs: list[Job], job: Job) -> tuple[int, np.ndarray]:

@@ -205,7 +205,7 @@ def test_priority_and_positions_are_exact_across_api_nodes(cluster: Cluster) -> 
 
 
 def test_forecasts_count_the_live_workers(cluster: Cluster) -> None:
-    cfg = settings(simulate_step_seconds=25.0, recommended_steps=4, forecast_prior=[0.0, 25.0, 0.0, 0.0])  # 0.1 s a step
+    cfg = settings(simulate_step_seconds=25.0, recommended_steps=4, forecast_prior={"step_mp": 25.0})  # 0.1 s a step
     api = cluster.api(cfg)
     w1 = cluster.worker(cfg)
     blocker = submit(api, steps=200)  # 20 s: both lanes busy with long jobs first

@@ -153,9 +153,9 @@ class Backend(Protocol):
 
     def run(self, item: WorkItem, ctx: StepContext) -> list[Image]: ...
 
-    def cost_prior(self, task: str) -> list[float] | None:
-        """Prior forecast coefficients for ``task`` (see ``forecast.FEATURES``), or
-        None to use the configured/default prior."""
+    def cost_prior(self, fit: str) -> dict[str, float] | None:
+        """Prior forecast seconds per term (``forecast.TERMS``) for ``fit`` (image,
+        train or upscale), or None to use the configured/default prior."""
 
 
 def count_words(prompt: str) -> tuple[int, int | None]:

@@ -280,7 +280,7 @@ class DiffusersBackend:
             del pipe
         free_memory()
 
-    def cost_prior(self, task: str) -> list[float] | None:
+    def cost_prior(self, fit: str) -> dict[str, float] | None:
         return None
 
     # ----------------------------------------------------------------- tokens

@@ -143,7 +143,7 @@ class IsolatedBackend:
                 pass
         self._kill()
 
-    def cost_prior(self, task: str) -> list[float] | None:
+    def cost_prior(self, fit: str) -> dict[str, float] | None:
         return None
 
     def count_tokens(self, prompt: str) -> tuple[int, int | None]:

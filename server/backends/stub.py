@@ -25,7 +25,7 @@ from .base import BackendError, Capabilities, JobCancelled, StepContext, WorkIte
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
 
-REF_COST = 0.25  # extra cost per reference image, as a fraction
+REF_COST = 0.25  # a reference's pixels cost this fraction of the output's per step
 MIN_TEXT_WIDTH, MIN_TEXT_HEIGHT = 48, 32  # smaller images get no caption: no line of it would show
 MAX_HANG = 600.0  # seconds the prompt 'hang' blocks at most
 HANG_POLL = 0.05  # how often a hang looks whether its job was cancelled
@@ -62,15 +62,16 @@ class StubBackend:
     def unload(self) -> None:
         self.loaded = False
 
-    def cost_prior(self, task: str) -> list[float] | None:
+    def cost_prior(self, fit: str) -> dict[str, float] | None:
         s = self.cfg.simulate_step_seconds
-        return [0.002, s, 0.0, s * REF_COST]
+        return {"job": 0.002, "step_mp": s, "step_reference_mp": s * REF_COST}
 
     def count_tokens(self, prompt: str) -> tuple[int, int | None]:
         return count_words(prompt)  # no tokenizer: words
 
     def step_seconds(self, item: WorkItem) -> float:
-        return self.cfg.simulate_step_seconds * item.megapixels * item.n * (1 + REF_COST * len(item.images))
+        refs = sum(im.width * im.height for im in item.images) / 1_000_000
+        return self.cfg.simulate_step_seconds * item.n * (item.megapixels + REF_COST * refs)
 
     def run(self, item: WorkItem, ctx: StepContext) -> list[Image.Image]:
         if item.prompt.strip().lower() == "fail":  # lets tests exercise a failing job

@@ -79,10 +79,10 @@ class UpscaleBackend:
         if self._device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def cost_prior(self, task: str) -> list[float] | None:
-        # seconds ~ c0 + c1 * input megapixels (steps=1, n=1): full-size x4plus
-        # measured ~1.5 s/MP on a recent GPU, ~370 s/MP on 2 CPU cores.
-        return [0.2, 2.0 if self._device.startswith("cuda") else 400.0, 0.0, 0.0]
+    def cost_prior(self, fit: str) -> dict[str, float] | None:
+        # seconds ~ 0.2 + input megapixels (one "step" of the input's size) times
+        # ~1.5 s/MP on a recent GPU (full-size x4plus), ~370 s/MP on 2 CPU cores
+        return {"job": 0.2, "step_mp": 2.0 if self._device.startswith("cuda") else 400.0}
 
     def run(self, item: WorkItem, ctx: StepContext) -> list[Image.Image]:
         if item.task != "upscale":

@@ -23,8 +23,8 @@ key                     type         holds
 ``seq``                 string       the arrival counter (``JobRecord.seq``)
 ``done``                sorted set   finished job -> finished_at
 ``task:{task}``         set          ids of the jobs of a task (dropped lazily)
-``cost:{m}``            hash         task -> JSON list: forecast statistics
-``prior:{m}``           hash         task -> JSON list: the backend's prior
+``cost2:{m}``           hash         fit -> JSON list: forecast statistics (forecast.py)
+``prior2:{m}``          hash         fit -> JSON list: the backend's prior
 ``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX)
 ``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
 ``wev``                 stream       the ``submit``, ``cancel`` and ``command`` events only: what
@@ -79,11 +79,14 @@ class Keys:
     def task(self, task: str) -> str:
         return f"{self.prefix}task:{task}"
 
+    # the forecast's statistics and priors, in the format of forecast.FEATURES version 2
+    # (another format's keys are left alone, not misread)
+
     def cost(self, model: str) -> str:
-        return f"{self.prefix}cost:{model}"
+        return f"{self.prefix}cost2:{model}"
 
     def priors(self, model: str) -> str:
-        return f"{self.prefix}prior:{model}"
+        return f"{self.prefix}prior2:{model}"
 
     def submit(self, key: str) -> str:
         return f"{self.prefix}idem:{key}"

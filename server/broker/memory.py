@@ -24,7 +24,7 @@ from ..queue import ModelQueue
 from .base import QueueFullError, Standing, WorkerInfo
 from .notify import LocalEvents
 
-PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
+PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 
 
 class MemoryBroker(LocalEvents):
@@ -197,6 +197,7 @@ class MemoryBroker(LocalEvents):
         stored.status = JobStatus.WAITING
         stored.worker = None
         stored.step = 0
+        stored.first_step_at = stored.last_step_at = None
         self._queue(stored.model).push_front(_entry(stored))
         self.notifier.changed(stored.id)
         return True

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  # seconds between two progress writes of a job nobody follows (followed: every step)
 LEVEL_SHIFT = 2**20  # priority + shift = level (priorities in [-2^20, 2^20))
-PROGRESS_FIELDS = frozenset(("step", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
+PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 LOST_TWICE = "the worker running this job was lost twice (its lease expired); it was not retried again"
 CLAIM_POLL = 0.5  # claim retries at least this often (a missed wake-up costs no more)
 READ_BLOCK_MS = 1000
@@ -367,7 +367,7 @@ class RedisBroker(LocalEvents):
         try:
             while job_id in self._progress_jobs:
                 job = self._progress_jobs.pop(job_id)
-                fields = {"step": job.step, "last_step_at": job.last_step_at}
+                fields = {"step": job.step, "first_step_at": job.first_step_at, "last_step_at": job.last_step_at}
                 try:
                     followed = await self._script(
                         "update", job.id, str(job.attempt), "progress", *(x for k, v in fields.items() for x in (k, _json(v)))
@@ -428,7 +428,7 @@ class RedisBroker(LocalEvents):
             job.status = JobStatus.WAITING
             job.worker = None
             job.step = 0
-            job.last_step_at = None
+            job.first_step_at = job.last_step_at = None
         return bool(ok)
 
     @_guarded

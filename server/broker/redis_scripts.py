@@ -296,7 +296,7 @@ if redis.call('HGET', jk, 'attempt') ~= attempt then return 0 end
 if redis.call('HGET', jk, 'status') ~= '"running"' then return 0 end
 local m = model_of(jk)
 redis.call('ZREM', k_run(m), id)
-redis.call('HSET', jk, 'status', '"waiting"', 'worker', 'null', 'step', '0', 'last_step_at', 'null')
+redis.call('HSET', jk, 'status', '"waiting"', 'worker', 'null', 'step', '0', 'first_step_at', 'null', 'last_step_at', 'null')
 q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
 event(id, m, 'change')
 return 1
@@ -373,7 +373,7 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
       handled = handled + 1
       if tonumber(redis.call('HGET', jk, 'lost') or '0') == 0 then
         redis.call('HSET', jk, 'lost', '1', 'status', '"waiting"', 'worker', 'null', 'step', '0',
-          'last_step_at', 'null')
+          'first_step_at', 'null', 'last_step_at', 'null')
         q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
       else
         redis.call('HINCRBY', jk, 'lost', 1)
@@ -393,12 +393,12 @@ end
 return {ts(t), handled}
 """
 
-# observe_cost: ARGV[3] model, [4] task, [5] forget, [6] len(decayed), then the
-# decayed values, then the added ones.  cost:{m}[task] (a JSON list, missing =
+# observe_cost: ARGV[3] model, [4] fit, [5] forget, [6] len(decayed), then the
+# decayed values, then the added ones.  cost2:{m}[fit] (a JSON list, missing =
 # zeros) becomes forget*old + decayed for the first part, old + added for the
 # rest; written with 17 significant digits (exact doubles).
 OBSERVE_COST = PRELUDE + r"""
-local key = P .. 'cost:' .. ARGV[3]
+local key = P .. 'cost2:' .. ARGV[3]  -- keys.cost
 local task, forget, nd = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local raw = redis.call('HGET', key, task)
 local old = {}

@@ -13,7 +13,7 @@ import anyio
 
 from ..build import parse_priority, parse_seed
 from ..errors import BadRequest, Conflict
-from ..forecast import features
+from ..forecast import call_features
 from ..jobs import JobRecord
 from . import TRAINABLE_BACKENDS
 from .adapters import adapter_dir, has_weights
@@ -119,6 +119,6 @@ async def build_train_job(service: Service, req: TrainRequest) -> JobRecord:
         train=plan,
         total_steps=plan.steps,
         # forecast: like generating batch_size images of resolution² for `steps` steps
-        features=features(plan.steps, plan.resolution**2 / 1e6, plan.batch_size, 0).tolist(),
+        features=call_features("train", plan.steps, plan.resolution**2 / 1e6, plan.batch_size).tolist(),
         extra={"adapter_name": plan.adapter_name, "seed": plan.seed, "images": len(samples)},
     )

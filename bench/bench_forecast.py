@@ -1,0 +1,180 @@
+"""Forecast error on mixed queues, per family (run by hand: ``python bench/bench_forecast.py``).
+
+For each family (the stub and the tiny random-weight pipelines of
+``tests/tiny_pipelines.py``: SDXL, FLUX.2-klein with 0-3 reference images, Z-Image,
+Qwen edit with 1-2 references), for each seed, a fresh server (one torch thread):
+
+1. 12 warm-up jobs of the family's mix, one after the other;
+2. 16 more submitted at once, then each long-polled in turn (``/api/status?wait=``
+   answers on a change: no busy polling takes the CPU the pipeline runs on).
+
+The error of a job is ``(expected_time_seconds at submission - (finished_at -
+created_at)) / (finished_at - created_at)``; the bench prints, per family, the mean
+absolute percentage error (MAPE) and the mean signed error (+: forecasts too long)
+over the 16 jobs of every seed, and the terms the model learned (``/api/ps``).
+Targets: MAPE <= 5%, mean signed error within +-3%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from tests.conftest import start_server, stub_settings  # noqa: E402
+
+SIZES = [64, 80, 96, 112, 128]
+FAMILIES = ("stub", "sdxl", "flux2_klein", "z_image", "qwen_edit")
+Mix = Callable[[random.Random], tuple[str, dict[str, Any]]]  # -> (route, body)
+
+
+def data_url(side: int, seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def generate_mix(rng: random.Random) -> tuple[str, dict[str, Any]]:
+    return "generate", {"prompt": "a lighthouse at dusk", "width": rng.choice(SIZES), "height": rng.choice(SIZES),
+                        "steps": rng.randint(2, 6), "n": rng.randint(1, 2), "seed": rng.randint(0, 999)}  # fmt: skip
+
+
+def refs_mix(low: int, high: int) -> Mix:
+    """Edits with ``low``..``high`` reference images of 64-128 px (0: a generate)."""
+
+    def mix(rng: random.Random) -> tuple[str, dict[str, Any]]:
+        route, body = generate_mix(rng)
+        refs = rng.randint(low, high)
+        if refs:
+            route, body["images"] = "edit", [data_url(rng.choice(SIZES), rng.randint(0, 9)) for _ in range(refs)]
+        return route, body
+
+    return mix
+
+
+def stub_mix(rng: random.Random) -> tuple[str, dict[str, Any]]:
+    route, body = refs_mix(0, 2)(rng)
+    body.update(width=rng.choice([256, 320, 384, 512]), height=rng.choice([256, 384, 512]), steps=rng.randint(2, 8))
+    return route, body
+
+
+def settings(family: str, tmp: Path) -> tuple[dict[str, Any], Mix, str]:
+    """(server settings, the family's mix, model name)."""
+    if family == "stub":  # 1 s per step per megapixel per image
+        return stub_settings(simulate_step_seconds=1.0, max_pixels=512 * 512), stub_mix, "stub"
+    from tests import tiny_pipelines as tp
+
+    common = {"enabled": True, "max_pixels": 256 * 256, "max_images": 4, "max_output_images": 2,
+              "default_width": 64, "default_height": 64}  # fmt: skip
+    if family == "qwen_edit":
+        folder = tp.build_qwen_edit(tmp / "qwen")
+        gguf = tp.write_qwen_transformer_gguf(folder, tmp / "qwen.gguf")
+        model = {"backend": "qwen_edit_gguf", "transformer_path": str(gguf), "base_model_path": str(folder), **common}
+        mix = refs_mix(1, 2)
+    else:
+        folder = getattr(tp, f"build_{family}")(tmp / family)
+        model = {"backend": family, "model_path": str(folder), **common}
+        mix = refs_mix(0, 3) if family == "flux2_klein" else generate_mix
+    return {"models": {family: model}, "default_model": family}, mix, family
+
+
+def run_queue(c: httpx.Client, mix: Mix, model: str, rng: random.Random, warmup: int, jobs: int) -> list[float]:
+    """Signed errors of ``jobs`` jobs queued at once after ``warmup`` jobs."""
+
+    def submit() -> dict[str, Any]:
+        route, body = mix(rng)
+        r = c.post(f"/api/{route}", json={**body, "model": model})
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def wait(tid: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 600
+        while (st := c.get("/api/status", params={"task_id": tid, "wait": 30}).json())["status"] not in (
+            "done",
+            "error",
+            "cancelled",
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {tid} not finished in 600 s: {st}")
+        if st["status"] != "done":
+            raise RuntimeError(f"job {tid} ended {st['status']}: {st.get('message')}")
+        return st
+
+    for _ in range(warmup):
+        wait(submit()["task_id"])
+    subs = [submit() for _ in range(jobs)]
+    signed = []
+    for sub in subs:
+        st = wait(sub["task_id"])
+        actual = float(st["finished_at"]) - float(st["created_at"])
+        signed.append((sub["expected_time_seconds"] - actual) / actual)
+    return signed
+
+
+def bench_family(family: str, seeds: list[int], tmp: Path, threads: int, warmup: int, jobs: int) -> dict[str, Any]:
+    cfg, mix, model = settings(family, tmp)
+    signed: list[float] = []
+    learned: Any = None
+    for seed in seeds:
+        srv = start_server(tmp, cfg, env={"EASEL_TEST_THREADS": str(threads)}, script=ROOT / "tests" / "tiny_server.py")
+        try:
+            errors = run_queue(srv.client, mix, model, random.Random(seed), warmup, jobs)
+            learned = next(m for m in srv.client.get("/api/ps").json()["models"] if m["name"] == model)["forecast"]
+        finally:
+            srv.stop()
+        mape = statistics.mean(abs(e) for e in errors)
+        print(f"  {family} seed {seed}: MAPE {100 * mape:.1f}%, mean signed {100 * statistics.mean(errors):+.1f}%; "
+              f"per job {' '.join(f'{100 * e:+.0f}' for e in errors)}", flush=True)  # fmt: skip
+        signed.extend(errors)
+    return {"family": family, "mape": statistics.mean(abs(e) for e in signed), "signed": statistics.mean(signed),
+            "max": max(abs(e) for e in signed), "learned": learned}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated; one fresh server each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    p.add_argument("--warmup", type=int, default=12)
+    p.add_argument("--jobs", type=int, default=16)
+    p.add_argument("--learned", action="store_true", help="print what each model learned (/api/ps)")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="easel-bench-") as d:
+        for family in args.families.split(","):
+            if family not in FAMILIES:
+                p.error(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+            rows.append(bench_family(family, seeds, Path(d), args.threads, args.warmup, args.jobs))
+    print(
+        f"\n{'family':12s} {'MAPE':>6s} {'signed':>7s} {'max':>6s}  (seeds {args.seeds}; {args.jobs} jobs each after {args.warmup} warm-up)"
+    )
+    for r in rows:
+        print(f"{r['family']:12s} {100 * r['mape']:5.1f}% {100 * r['signed']:+6.1f}% {100 * r['max']:5.1f}%")
+    if args.learned:
+        for r in rows:
+            print(f"\n{r['family']}: {json.dumps(r['learned'], indent=1)}")
+
+
+if __name__ == "__main__":
+    main()
