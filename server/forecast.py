@@ -2,8 +2,9 @@
 
 A pipeline call has three phases, and each has costs of its own::
 
-    before the steps   job + reference * refs + reference_mp * ref_MP
-                       (text encoding, VAE encoding of the references, set-up)
+    before the steps   job + reference * refs + reference_mp * ref_MP (+ after_job)
+                       (text encoding, VAE encoding of the references, set-up; a job
+                       run right after another shares the CPU with storing its results)
     the steps          steps * (step + step_mp * MP*n + step_reference_mp * ref_MP*n)
                        (+ edit_step, edit_step_mp: what an edit's steps cost more or less,
                        e.g. img2img runs only strength x steps)
@@ -62,6 +63,7 @@ TERMS: tuple[Term, ...] = (
     Term("job", "head", "pipeline call (text encoding, set-up)"),
     Term("reference", "head", "reference image"),
     Term("reference_mp", "head", "megapixel of reference images (VAE encoding)"),
+    Term("after_job", "head", "job run right after another (whose results are stored meanwhile)"),
     Term("step", "steps", "denoising step"),
     Term("step_mp", "steps", "step per output megapixel of all images"),
     Term("step_reference_mp", "steps", "step per reference megapixel, per image"),
@@ -77,7 +79,7 @@ MASKS = np.array([[1.0 if t.phase == p else 0.0 for t in TERMS] for p in PHASES]
 DIM = NF * len(FITS)  # one block of features per fit
 WIDTH = DIM + 1  # a job vector: its fit's features, then a count of one (jobs ahead = sum of vectors)
 GENERIC_PRIOR: dict[str, float] = {
-    "job": 0.3, "reference": 0.05, "reference_mp": 0.5, "step": 0.01, "step_mp": 1.0,
+    "job": 0.3, "after_job": 0.01, "reference": 0.05, "reference_mp": 0.5, "step": 0.01, "step_mp": 1.0,
     "step_reference_mp": 0.5, "finish": 0.02, "decode_mp": 0.3,
 }  # fmt: skip
 FORGET = 0.98  # each finished job weighs old ones down by this: the fit follows a warming GPU
@@ -106,9 +108,21 @@ def call_features(task: str, steps: int, megapixels: float, n: int, reference_mp
     ref = float(sum(reference_mps))
     edit = 1.0 if task == "edit" else 0.0
     return np.array(
-        [1.0, len(reference_mps), ref, steps, work, steps * ref * n, edit * steps, edit * work, 1.0, megapixels * n],
+        [1.0, len(reference_mps), ref, 0.0, steps, work, steps * ref * n, edit * steps, edit * work, 1.0, megapixels * n],
         dtype=np.float64,
     )
+
+
+AFTER_JOB = FEATURES.index("after_job")
+
+
+def with_after_job(feats: np.ndarray | Sequence[float], after: bool) -> np.ndarray:
+    """``feats`` of a job that runs right after another (``after``) or not: a queued
+    job is forecast as one (``job_features``), a finished one learns what it was."""
+    out = np.array(feats, dtype=np.float64)
+    if len(out) == NF:
+        out[AFTER_JOB] = 1.0 if after else 0.0
+    return out
 
 
 def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
@@ -250,6 +264,10 @@ class CostModel:
     def predict(self, vec: np.ndarray) -> float:
         """Seconds for a job vector, or for a sum of them (everything ahead of a job)."""
         return max(0.0, float(self._stacked @ vec))
+
+    def term(self, task: str, name: str) -> float:
+        """The learned seconds of one term of ``task``'s fit."""
+        return float(self._fits[fit_of(task)].coef[FEATURES.index(name)])
 
     def phases(self, task: str, feats: np.ndarray) -> tuple[float, float, float]:
         """(head, steps, tail) forecast seconds of a job's features."""

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-import numpy as np
 
 from . import deadlines, infotext
 from .backends.base import BackendError, JobCancelled, LoraSpec, WorkItem, count_tokens, failure_message
@@ -39,7 +38,7 @@ from .backends.isolated import IsolatedBackend
 from .broker.base import Broker, BrokerUnavailable, WorkerInfo
 from .build import decode_image
 from .errors import Conflict
-from .forecast import FITS, FORGET, CallTimes, fit_of, measured_phases, observation, prior_vector
+from .forecast import FITS, FORGET, CallTimes, fit_of, measured_phases, observation, prior_vector, with_after_job
 from .jobs import PENDING, ImageResult, JobRecord, JobStatus, image_tokens, live_preview_key, preview_key, result_key
 from .masking import composite
 from .residency import NoRoom, Residency, TooBig, model_device, too_big
@@ -356,6 +355,7 @@ class Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     release: bool = False  # stopped to be released back to the queue, not cancelled
     error: str | None = None  # stopped for this reason (a time limit): ends as error, not cancelled
+    after_job: bool = False  # claimed while another job's results were being stored here (forecast.TERMS)
 
 
 class Runner:
@@ -370,6 +370,7 @@ class Runner:
         self.delivery: Delivery | None = None
         self.on_presence: list[Any] = []  # called with a model name when its presence here changes
         self.running: dict[str, Running] = {}
+        self._finishing: set[str] = set()  # jobs past their pipeline calls, their results being stored
         self.hung: dict[str, Running] = {}  # stalled jobs whose in-process call has not returned
         self.claiming = True
         self._loops: dict[str, list[asyncio.Task[None]]] = {}
@@ -654,7 +655,7 @@ class Runner:
                 self.spawn(self._load_wanted())
 
     async def _run_job(self, ms: ModelState, job: JobRecord) -> None:
-        r = self.running[job.id] = Running(job, job.attempt)
+        r = self.running[job.id] = Running(job, job.attempt, after_job=bool(self._finishing))
         if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
             self.running.pop(job.id, None)  # it cannot make it any more: not on the GPU
             await self._end(job, r, JobStatus.ERROR, missed)
@@ -693,7 +694,9 @@ class Runner:
             follow.cancel()
         self.running.pop(job.id, None)
         phases = measured_phases(ctx.calls, worker_s)
-        self.spawn(self._finish_job(job, r, images, item_seconds, worker_s, phases))
+        self._finishing.add(job.id)
+        task = self.spawn(self._finish_job(job, r, images, item_seconds, worker_s, phases))
+        task.add_done_callback(lambda _: self._finishing.discard(job.id))
 
     async def _execute(
         self, ms: ModelState, job: JobRecord, r: Running, ctx: JobContext, blobs: dict[str, bytes]
@@ -800,7 +803,8 @@ class Runner:
                   "text_tokens": job.text_tokens, "image_tokens": job.image_tokens, "warnings": job.warnings}  # fmt: skip
         if not await self._end(job, r, JobStatus.DONE, fields, blobs):
             return
-        decayed, added = observation(np.asarray(job.features), worker_s, job.predicted, phases)
+        log.info("DBG job %s worker %.4f phases %s predicted %.4f %s", job.id, worker_s, phases, job.predicted, job.predicted_phases)
+        decayed, added = observation(with_after_job(job.features, r.after_job), worker_s, job.predicted, phases)
         await self.broker.observe_cost(job.model, fit_of(job.task), decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
         total = (job.finished_at or time.time()) - job.created_at

@@ -20,7 +20,19 @@ from PIL import Image
 
 from .broker.base import Broker, WorkerInfo
 from .config import Settings
-from .forecast import DIM, FITS, CostModel, call_features, job_vector, prior_vector, running_remaining, sum_features
+from .forecast import (
+    AFTER_JOB,
+    DIM,
+    FITS,
+    NF,
+    CostModel,
+    call_features,
+    job_vector,
+    prior_vector,
+    running_remaining,
+    sum_features,
+    with_after_job,
+)
 from .jobs import JobRecord, JobStatus
 from .residency import on_demand_slots
 
@@ -118,7 +130,10 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
     if slots == 0:
         return Where(pos, None, no_worker_note(job.model))
     before = (sum(running_seconds(r, now) for r in st.running) + cost.predict(st.ahead)) / slots
-    return Where(pos, load + before + job.predicted)
+    own = job.predicted
+    if pos < slots and len(job.features) == NF:  # it runs at once, right after no other job
+        own = max(0.0, own - job.features[AFTER_JOB] * cost.term(job.task, "after_job"))
+    return Where(pos, load + before + own)
 
 
 async def queue_seconds(forecasts: Forecasts, model: str) -> float:
@@ -146,9 +161,8 @@ def predict(cost: CostModel, job: JobRecord) -> tuple[float, list[float]]:
 def job_features(job: JobRecord, blobs: dict[str, bytes]) -> list[float]:
     """The forecast's features of a job's pipeline calls (``forecast.call_features``),
     with the sizes of its reference images read from their bytes."""
-    return sum_features(
-        [call_features(job.task, it.steps, it.megapixels, it.n, [megapixels(blobs.get(k)) for k in it.images]) for it in job.items]
-    ).tolist()
+    calls = [call_features(job.task, it.steps, it.megapixels, it.n, [megapixels(blobs.get(k)) for k in it.images]) for it in job.items]
+    return with_after_job(sum_features(calls), True).tolist()  # as if queued; ``standing`` says when it is not
 
 
 def megapixels(data: bytes | None) -> float:
