@@ -275,6 +275,12 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
     if broker.heartbeat_seconds >= broker.lease_seconds:
         raise ConfigError(f"{source}: broker.heartbeat_seconds must be shorter than broker.lease_seconds")
     for name, model in settings.models.items():
+        if model.quantization != "none" and model.backend != "flux2_klein":
+            raise ConfigError(
+                f"{source}: models.{name}.quantization {model.quantization!r}: only the flux2_klein backend quantizes "
+                f"(backend {model.backend!r} would load unquantized); set it to 'none', or use an FP8 single-file "
+                "transformer (transformer_path)"
+            )
         if model.forecast_prior is not None and (unknown := sorted(set(model.forecast_prior) - set(FEATURES))):
             raise ConfigError(
                 f"{source}: models.{name}.forecast_prior: unknown terms {unknown}; the terms are {', '.join(FEATURES)}"

@@ -47,6 +47,9 @@ def test_deep_merge_replaces_lists() -> None:
         ({"queue": {"capacty": 3}}, "capacty"),
         ({"default_model": "ghost"}, "ghost"),
         ({"models": {"stub": {"default_width": 100}}}, "default_width"),
+        ({"models": {"stub": {"forecast_prior": {"steps_mp_n": 1.0}}}}, "models.stub.forecast_prior: unknown terms ['steps_mp_n']"),
+        ({"models": {"stub": {"forecast_prior": [0.5, 1.0, 0.0, 0.0]}}}, "$.models.stub.forecast_prior"),
+        ({"models": {"sd": {"backend": "sdxl", "quantization": "fp8"}}}, "only the flux2_klein backend quantizes"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, override: dict[str, object], needle: str) -> None:
