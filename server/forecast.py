@@ -5,7 +5,8 @@ A pipeline call has three phases, and each has costs of its own::
     before the steps   job + reference * refs + reference_mp * ref_MP (+ after_job)
                        (text encoding, VAE encoding of the references, set-up; a job
                        run right after another shares the CPU with storing its results)
-    the steps          steps * (step + step_mp * MP*n + step_reference_mp * ref_MP*n)
+    the steps          steps * (step + step_mp * MP*n + step_reference * refs*n
+                                + step_reference_mp * ref_MP*n)
                        (+ edit_step, edit_step_mp: what an edit's steps cost more or less,
                        e.g. img2img runs only strength x steps)
     after the steps    finish + decode_mp * MP*n   (VAE decoding, post-processing)
@@ -66,6 +67,7 @@ TERMS: tuple[Term, ...] = (
     Term("after_job", "head", "job run right after another (whose results are stored meanwhile)"),
     Term("step", "steps", "denoising step"),
     Term("step_mp", "steps", "step per output megapixel of all images"),
+    Term("step_reference", "steps", "step per reference image, per image (a model that resizes its references)"),
     Term("step_reference_mp", "steps", "step per reference megapixel, per image"),
     Term("edit_step", "steps", "step of an edit, beyond a generate's"),
     Term("edit_step_mp", "steps", "step per output megapixel of an edit, beyond a generate's"),
@@ -108,7 +110,8 @@ def call_features(task: str, steps: int, megapixels: float, n: int, reference_mp
     ref = float(sum(reference_mps))
     edit = 1.0 if task == "edit" else 0.0
     return np.array(
-        [1.0, len(reference_mps), ref, 0.0, steps, work, steps * ref * n, edit * steps, edit * work, 1.0, megapixels * n],
+        [1.0, len(reference_mps), ref, 0.0, steps, work, steps * len(reference_mps) * n, steps * ref * n, edit * steps, edit * work,
+         1.0, megapixels * n],  # fmt: skip
         dtype=np.float64,
     )
 

@@ -358,7 +358,7 @@ async def test_cost_stats_and_priors(broker: Broker) -> None:
     assert list(stats) == ["image"]
     np.testing.assert_allclose(stats["image"], expect, rtol=1e-12)
     assert await broker.cost_stats("other") == {}
-    priors = {"image": [0.5, 1.0, 0.25, 0.125, 0.0, 0.0, 0.0, 0.0, 0.5, 0.25], "train": [1.0] * 10}
+    priors = {"image": [0.5, 1.0, 0.25, 0.125, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.25, 0.1], "train": [1.0] * 12}
     await broker.set_priors("m", priors)
     assert await broker.priors("m") == priors
     assert await broker.priors("other") == {}
