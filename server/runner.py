@@ -803,7 +803,9 @@ class Runner:
                   "text_tokens": job.text_tokens, "image_tokens": job.image_tokens, "warnings": job.warnings}  # fmt: skip
         if not await self._end(job, r, JobStatus.DONE, fields, blobs):
             return
-        log.info("DBG job %s worker %.4f phases %s predicted %.4f %s", job.id, worker_s, phases, job.predicted, job.predicted_phases)
+        if phases is not None:
+            log.debug("job %s: %.3fs on the worker (%.3f before the steps, %.3f steps, %.3f after); forecast %.3fs (%s)", job.id,
+                      worker_s, *phases, job.predicted, ", ".join(f"{p:.3f}" for p in job.predicted_phases))  # fmt: skip
         decayed, added = observation(with_after_job(job.features, r.after_job), worker_s, job.predicted, phases)
         await self.broker.observe_cost(job.model, fit_of(job.task), decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
