@@ -51,23 +51,9 @@ from server.backends.base import WorkItem  # noqa: E402
 from server.config import build_settings  # noqa: E402
 from server.runner import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
+from tests.backend_helpers import NoopContext  # noqa: E402
 from tests.conftest import RunningServer, start_server  # noqa: E402
 from tests.redis_fixtures import RedisServer  # noqa: E402
-
-
-class NoopContext:
-    """A ``StepContext`` that reports nowhere and is never cancelled."""
-
-    cancelled = False
-
-    def step(self, i: int, total: int) -> None:
-        pass
-
-    def wants_preview(self, i: int) -> bool:
-        return False
-
-    def preview(self, image: Any) -> None:
-        pass
 
 
 @contextmanager

@@ -66,7 +66,7 @@ from server.config import build_settings  # noqa: E402
 from server.registry import ModelState, Registry  # noqa: E402
 from server.residency import module_bytes  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
-from tests.backend_helpers import reference  # noqa: E402
+from tests.backend_helpers import NoopContext, reference  # noqa: E402
 from tests.conftest import RunningServer, start_server  # noqa: E402
 
 BACKENDS = ("sdxl", "flux2_klein", "z_image", "qwen_edit_gguf")
@@ -140,21 +140,6 @@ class Env:
 
 
 # ----------------------------------------------------------------------------- loading and running
-
-
-class NoopContext:
-    """A ``StepContext`` that reports nowhere and is never cancelled."""
-
-    cancelled = False
-
-    def step(self, i: int, total: int) -> None:
-        pass
-
-    def wants_preview(self, i: int) -> bool:
-        return False
-
-    def preview(self, image: Any) -> None:
-        pass
 
 
 class Loaded:

@@ -15,6 +15,21 @@ from server.backends.base import Backend, JobCancelled, WorkItem
 from server.config import ModelConfig, Settings
 
 
+class NoopContext:
+    """A ``StepContext`` that reports nowhere and is never cancelled."""
+
+    cancelled = False
+
+    def step(self, i: int, total: int) -> None:
+        pass
+
+    def wants_preview(self, i: int) -> bool:
+        return False
+
+    def preview(self, image: Any) -> None:
+        pass
+
+
 @dataclass
 class RecordingContext:
     """A ``StepContext`` that records steps and previews and can cancel the job
