@@ -153,8 +153,8 @@ def forecast_error(
     print(f"  {jobs} mixed jobs, queue drained in {total:.1f}s")
     print(f"  forecast MAPE {100 * mape:.1f}% (median {100 * statistics.median(errors):.1f}%, max {100 * max(errors):.1f}%) (target <= 10%)")
     print(f"  mean signed error {100 * statistics.mean(signed):+.1f}% (+: forecasts too long); per job: {' '.join(f'{100 * e:+.0f}' for e in signed)}")
-    learned = next(m for m in c.get("/api/ps").json()["models"] if m["name"] == model)["forecast"]["generate"]
-    print(f"  learned: {json.dumps(learned['coefficients'])} (prior {json.dumps(learned['prior'])})")
+    learned = next(m for m in c.get("/api/ps").json()["models"] if m["name"] == model)["forecast"]["image"]
+    print(f"  learned seconds: {json.dumps(learned['seconds'])} (prior {json.dumps(learned['prior_seconds'])})")
     return mape
 
 
