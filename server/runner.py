@@ -26,6 +26,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -630,36 +631,53 @@ class Runner:
     # ----- the job path ------------------------------------------------------------------------
 
     async def _claim_loop(self, ms: ModelState) -> None:
-        while self.claiming and ms.state == "loaded":
-            try:
-                job = await self.broker.claim(ms.name, self.id, self.lease, CLAIM_WAIT_SECONDS)
-            except BrokerUnavailable as exc:
-                log.warning("claim on %s: %s", ms.name, exc)
-                await asyncio.sleep(1.0)
-                continue
-            if job is None:
-                continue
-            if not self.claiming or ms.state != "loaded":  # stopped (or stalled) during the claim: give it back
-                await self.broker.release(job, job.attempt)
-                return
-            await self.run_job(ms, job)
+        """Claim and run jobs of ``ms`` one after the other.  A job's encode-and-store
+        (``finishing``) starts once the next claim has been answered: started first, it
+        would hold the GIL in its encoding thread while the claim's answer waits to be
+        read, and the model would sit idle meanwhile."""
+        finishing: Coroutine[Any, Any, None] | None = None
+        try:
+            while self.claiming and ms.state == "loaded":
+                job: JobRecord | None = None
+                failure: BrokerUnavailable | None = None
+                try:  # with a job to finish: one try now, without waiting for work
+                    job = await self.broker.claim(ms.name, self.id, self.lease, 0.0 if finishing else CLAIM_WAIT_SECONDS)
+                except BrokerUnavailable as exc:
+                    failure = exc
+                if finishing is not None:
+                    self.spawn(finishing)
+                    finishing = None
+                if failure is not None:
+                    log.warning("claim on %s: %s", ms.name, failure)
+                    await asyncio.sleep(1.0)
+                    continue
+                if job is None:
+                    continue
+                if not self.claiming or ms.state != "loaded":  # stopped (or stalled) during the claim: give it back
+                    await self.broker.release(job, job.attempt)
+                    return
+                finishing = await self.run_job(ms, job)
+        finally:
+            if finishing is not None:
+                self.spawn(finishing)
 
-    async def run_job(self, ms: ModelState, job: JobRecord) -> None:
-        """Run ``job``'s pipeline calls; hand the rest to ``_finish_job`` (a task)."""
+    async def run_job(self, ms: ModelState, job: JobRecord) -> Coroutine[Any, Any, None] | None:
+        """Run ``job``'s pipeline calls; what is left of it (``_finish_job``: upscale,
+        encode, store, deliver) is returned for the caller to start."""
         self.residency.touch(ms.name)
         try:
-            await self._run_job(ms, job)
+            return await self._run_job(ms, job)
         finally:
             self.residency.touch(ms.name)
             if self._wanted and not self._loading.locked():  # an on-demand model may fit now
                 self.spawn(self._load_wanted())
 
-    async def _run_job(self, ms: ModelState, job: JobRecord) -> None:
+    async def _run_job(self, ms: ModelState, job: JobRecord) -> Coroutine[Any, Any, None] | None:
         r = self.running[job.id] = Running(job, job.attempt, after_job=bool(self._finishing))
         if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
             self.running.pop(job.id, None)  # it cannot make it any more: not on the GPU
             await self._end(job, r, JobStatus.ERROR, missed)
-            return
+            return None
         self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
         log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
         job.first_step_at = None
@@ -674,7 +692,7 @@ class Runner:
             self.running.pop(job.id, None)
             await self._end(job, r, JobStatus.ERROR, {"message": str(exc)})
             await self._after_stall(ms, r, exc.work)
-            return
+            return None
         except JobCancelled as exc:  # a training run may say how far it got
             self.running.pop(job.id, None)
             if r.error is not None:  # stopped by a time limit
@@ -683,20 +701,19 @@ class Runner:
                 await self._release(job, r)
             else:
                 await self._end(job, r, JobStatus.CANCELLED, {"message": str(exc) or "cancelled while running"})
-            return
+            return None
         except Exception as exc:  # the job fails, the worker goes on
             self.running.pop(job.id, None)
             if not isinstance(exc, BackendError):
                 log.exception("job %s on %s failed", job.id, ms.name)
             await self._end(job, r, JobStatus.ERROR, {"message": failure_message(exc)})
-            return
+            return None
         finally:
             follow.cancel()
         self.running.pop(job.id, None)
         phases = measured_phases(ctx.calls, worker_s)
-        self._finishing.add(job.id)
-        task = self.spawn(self._finish_job(job, r, images, item_seconds, worker_s, phases))
-        task.add_done_callback(lambda _: self._finishing.discard(job.id))
+        self._finishing.add(job.id)  # until its results are stored: the next job runs right after it
+        return self._finish_job(job, r, images, item_seconds, worker_s, phases)
 
     async def _execute(
         self, ms: ModelState, job: JobRecord, r: Running, ctx: JobContext, blobs: dict[str, bytes]
@@ -784,6 +801,15 @@ class Runner:
         phases: tuple[float, float, float] | None,
     ) -> None:  # fmt: skip
         """Upscale, encode and store off the model's critical path, then mark done."""
+        try:
+            await self._finish(job, r, images, item_seconds, worker_s, phases)
+        finally:
+            self._finishing.discard(job.id)
+
+    async def _finish(
+        self, job: JobRecord, r: Running, images: list[Image], item_seconds: list[float], worker_s: float,
+        phases: tuple[float, float, float] | None,
+    ) -> None:  # fmt: skip
         try:
             if job.upscale and self.upscaler is not None:
                 images = await self.upscaler.upscale(images, job.upscale, r.cancel)

@@ -15,7 +15,10 @@ key                     type         holds
 ``seq:{m}``             hash         per level: ``h{level}`` / ``t{level}`` head and
                                      tail counters of the positions
 ``fen:{m}:{level}``     hash         the level's sparse Fenwick tree over positions
-                                     (``node:entry``) and its totals (``t:entry``)
+                                     (``node:entry``), its totals (``t:entry``) and
+                                     the sums of the heads claimed (``p:entry``)
+``pop:{m}:{level}``     list         ``position|vec`` of the heads claimed, still in
+                                     the tree (redis_scripts.py)
 ``run:{m}``             sorted set   running job -> lease deadline (Redis TIME)
 ``wk:{m}``              sorted set   live worker -> presence deadline (Redis TIME)
 ``wki:{m}``             hash         worker -> its ``WorkerInfo`` JSON

@@ -248,11 +248,13 @@ class RedisBroker(LocalEvents):
         running = [r for r in (decode_record(raw) for raw in running_raw) if r is not None]
         running.sort(key=lambda j: j.seq)
         ahead = np.zeros(WIDTH, dtype=np.float64)
-        if int(waits):
+        if int(waits):  # (redis_scripts: a level's popped heads stay in its tree, and are subtracted)
             for level in totals:
-                ahead += _floats(level)
+                total, popped = _floats(level).reshape(2, WIDTH)
+                ahead += total - popped
             if prefix:
-                ahead += _floats(prefix).reshape(-1, WIDTH).sum(axis=0)
+                popped, *nodes = _floats(prefix).reshape(-1, WIDTH)
+                ahead += np.sum(nodes, axis=0) - popped
         return Standing(running=running, ahead=ahead)
 
     @_guarded

@@ -14,8 +14,14 @@ take tail positions counting up from 2^31 and re-runs head positions counting
 down from 2^31 - 1.  Each level keeps a sparse Fenwick tree over the 2^32
 positions (``fen:{m}:{level}``, fields ``node:entry`` for the non-zero entries of
 the job vectors) and its totals (``t:entry``): a push or a removal is 32 node
-updates, a prefix 32 node reads.  A level that empties is deleted (which also
-drops float drift), like the in-memory queue's.
+updates, a prefix 32 node reads.  A claim takes the head of a level, which is
+cheaper: its vector is added to the level's popped sums (``p:entry``) and listed
+in ``pop:{m}:{level}``, and stays in the tree; every popped position is before
+every waiting one, so the sum ahead of a job is its prefix minus the popped sums
+(and a level's waiting total, its totals minus them).  A re-run pushed at the head
+would break that order, so it first takes the listed popped vectors out of the
+tree for real.  A level that empties is deleted (which also drops float drift),
+like the in-memory queue's.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ local function k_q(m) return P .. 'q:' .. m end
 local function k_lv(m) return P .. 'lv:' .. m end
 local function k_seq(m) return P .. 'seq:' .. m end
 local function k_fen(m, l) return P .. 'fen:' .. m .. ':' .. int(l) end
+local function k_pop(m, l) return P .. 'pop:' .. m .. ':' .. int(l) end
 local function k_run(m) return P .. 'run:' .. m end
 local function k_wk(m) return P .. 'wk:' .. m end
 local function k_wki(m) return P .. 'wki:' .. m end
@@ -91,10 +98,24 @@ local function level_of(jk)
   return tonumber(redis.call('HGET', jk, 'priority')) + SHIFT
 end
 
+-- the level's popped heads out of the tree for real (before a push at the head)
+local function flush_popped(m, level)
+  local key, pk = k_fen(m, level), k_pop(m, level)
+  local popped = redis.call('LRANGE', pk, 0, -1)
+  if #popped == 0 then return end
+  for _, item in ipairs(popped) do
+    local pos, vec = string.match(item, '^(%d+)|(.*)$')
+    fen_add(key, tonumber(pos), vec, -1)
+    for e in string.gmatch(vec, '(%d+)=') do redis.call('HDEL', key, 'p:' .. e) end
+  end
+  redis.call('DEL', pk)
+end
+
 -- queue a job at the tail (arrival) or the head (re-run) of its level
 local function q_push(m, id, level, head, vec)
   local pos
   if head then
+    flush_popped(m, level)
     pos = HALF - redis.call('HINCRBY', k_seq(m), 'h' .. int(level), 1)
   else
     pos = HALF + redis.call('HINCRBY', k_seq(m), 't' .. int(level), 1) - 1
@@ -104,17 +125,22 @@ local function q_push(m, id, level, head, vec)
   fen_add(k_fen(m, level), pos, vec, 1)
 end
 
--- take a waiting job (its score known) out of the queue and the sums
-local function q_take(m, id, score, vec)
+-- take a waiting job (its score known) out of the queue and the sums; ``head``:
+-- it is the first of its level (a claim), so it joins the popped sums instead
+local function q_take(m, id, score, vec, head)
   local level = math.floor(score / TWO32)
   local pos = score - level * TWO32
   redis.call('ZREM', k_q(m), id)
   local lo = int(level * TWO32)
   local hi = '(' .. int((level + 1) * TWO32)
   if redis.call('ZCOUNT', k_q(m), lo, hi) == 0 then
-    redis.call('DEL', k_fen(m, level))
+    redis.call('DEL', k_fen(m, level), k_pop(m, level))
     redis.call('ZREM', k_lv(m), int(level))
     redis.call('HDEL', k_seq(m), 'h' .. int(level), 't' .. int(level))
+  elseif head then
+    local key = k_fen(m, level)
+    for e, v in string.gmatch(vec, '(%d+)=([^;]+)') do redis.call('HINCRBYFLOAT', key, 'p:' .. e, v) end
+    redis.call('RPUSH', k_pop(m, level), int(pos) .. '|' .. vec)
   else
     fen_add(k_fen(m, level), pos, vec, -1)
   end
@@ -124,7 +150,7 @@ end
 local function q_remove(m, id, vec)
   local s = redis.call('ZSCORE', k_q(m), id)
   if not s then return false end
-  q_take(m, id, tonumber(s), vec)
+  q_take(m, id, tonumber(s), vec, false)
   return true
 end
 
@@ -178,7 +204,7 @@ for _ = 1, 16 do
   local id = top[1]
   local jk = k_job(id)
   local vec = redis.call('HGET', jk, 'vec') or ''
-  q_take(m, id, tonumber(top[2]), vec)
+  q_take(m, id, tonumber(top[2]), vec, true)
   if redis.call('EXISTS', jk) == 1 then
     local t = now()
     redis.call('HINCRBY', jk, 'attempt', 1)
@@ -192,9 +218,10 @@ return false
 """
 
 # standing (read only): ARGV[3] model, [4] job id or '', [5] WIDTH.  Returns
-# {running records (HGETALL each), totals of the levels ahead (HMGET t:0..),
-# the Fenwick prefix nodes of the job's own level (HMGET, summed by the caller),
-# 1 if the job waits (or no job was named) else 0}.
+# {running records (HGETALL each), per level ahead its totals then its popped sums
+# (HMGET t:0.., p:0..), the popped sums then the Fenwick prefix nodes of the job's
+# own level (HMGET; the caller subtracts and sums), 1 if the job waits (or no job
+# was named) else 0}.
 STANDING = PRELUDE + r"""
 local m, id, width, newlevel = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local running = {}
@@ -220,13 +247,14 @@ elseif newlevel and newlevel ~= '' then  -- a job not queued: what it would queu
 else
   levels = redis.call('ZRANGE', k_lv(m), 0, -1)
 end
-local tf = {}
+local tf, pf = {}, {}
 for e = 0, width - 1 do tf[#tf + 1] = 't:' .. e end
-local totals = {}
+for e = 0, width - 1 do tf[#tf + 1] = 'p:' .. e; pf[#pf + 1] = 'p:' .. e end
+local totals = {}  -- per level: its totals, then its popped sums
 for _, l in ipairs(levels) do totals[#totals + 1] = redis.call('HMGET', k_fen(m, tonumber(l)), unpack(tf)) end
-local prefix = {}
-if pos and pos > 0 then
-  local f = {}
+local prefix = {}  -- the popped sums of the job's level, then its prefix nodes
+if pos then
+  local f = {unpack(pf)}
   local i = pos
   while i > 0 do
     for e = 0, width - 1 do f[#f + 1] = int(i) .. ':' .. e end
