@@ -15,8 +15,9 @@ key                     type         holds
 ``seq:{m}``             hash         per level: ``h{level}`` / ``t{level}`` head and
                                      tail counters of the positions
 ``fen:{m}:{level}``     hash         the level's sparse Fenwick tree over positions
-                                     (``node:entry``), its totals (``t:entry``) and
-                                     the sums of the heads claimed (``p:entry``)
+                                     (``node:entry``), its totals (``t:entry``), the
+                                     sums of the heads claimed (``p:entry``) and the
+                                     entries its jobs use (``u:entry``)
 ``pop:{m}:{level}``     list         ``position|vec`` of the heads claimed, still in
                                      the tree (redis_scripts.py)
 ``run:{m}``             sorted set   running job -> lease deadline (Redis TIME)

@@ -252,9 +252,9 @@ class RedisBroker(LocalEvents):
             for level in totals:
                 total, popped = _floats(level).reshape(2, WIDTH)
                 ahead += total - popped
-            if prefix:
-                popped, *nodes = _floats(prefix).reshape(-1, WIDTH)
-                ahead += np.sum(nodes, axis=0) - popped
+            if prefix:  # only the entries the level uses
+                used, values = [int(e) for e in prefix[0]], _floats(prefix[1]).reshape(-1, len(prefix[0]))
+                ahead[used] += values[1:].sum(axis=0) - values[0]
         return Standing(running=running, ahead=ahead)
 
     @_guarded

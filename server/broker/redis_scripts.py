@@ -80,7 +80,7 @@ end
 -- add (sign 1) or subtract (sign -1) vec at position pos of a level's tree
 local function fen_add(key, pos, vec, sign)
   for e, v in string.gmatch(vec, '(%d+)=([^;]+)') do
-    if sign < 0 then v = neg(v) end
+    if sign < 0 then v = neg(v) else redis.call('HSET', key, 'u:' .. e, 1) end  -- u: the entries the level uses
     redis.call('HINCRBYFLOAT', key, 't:' .. e, v)
     local i = pos + 1
     while i <= TWO32 do
@@ -219,9 +219,9 @@ return false
 
 # standing (read only): ARGV[3] model, [4] job id or '', [5] WIDTH.  Returns
 # {running records (HGETALL each), per level ahead its totals then its popped sums
-# (HMGET t:0.., p:0..), the popped sums then the Fenwick prefix nodes of the job's
-# own level (HMGET; the caller subtracts and sums), 1 if the job waits (or no job
-# was named) else 0}.
+# (HMGET t:0.., p:0..), for the job's own level {the entries it uses (``u:entry``),
+# HMGET of their popped sums then their Fenwick prefix nodes} (the caller subtracts
+# and sums), 1 if the job waits (or no job was named) else 0}.
 STANDING = PRELUDE + r"""
 local m, id, width, newlevel = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local running = {}
@@ -252,15 +252,25 @@ for e = 0, width - 1 do tf[#tf + 1] = 't:' .. e end
 for e = 0, width - 1 do tf[#tf + 1] = 'p:' .. e; pf[#pf + 1] = 'p:' .. e end
 local totals = {}  -- per level: its totals, then its popped sums
 for _, l in ipairs(levels) do totals[#totals + 1] = redis.call('HMGET', k_fen(m, tonumber(l)), unpack(tf)) end
-local prefix = {}  -- the popped sums of the job's level, then its prefix nodes
+local prefix = {}  -- the entries the job's level uses, then their popped sums and prefix nodes
 if pos then
-  local f = {unpack(pf)}
-  local i = pos
-  while i > 0 do
-    for e = 0, width - 1 do f[#f + 1] = int(i) .. ':' .. e end
-    i = i - lowbit(i)
+  local key = k_fen(m, level)
+  local uf = {}
+  for e = 0, width - 1 do uf[#uf + 1] = 'u:' .. e end
+  local used = {}
+  for e, u in ipairs(redis.call('HMGET', key, unpack(uf))) do
+    if u then used[#used + 1] = e - 1 end
   end
-  prefix = redis.call('HMGET', k_fen(m, level), unpack(f))
+  if #used > 0 then
+    local f = {}
+    for _, e in ipairs(used) do f[#f + 1] = 'p:' .. e end
+    local i = pos
+    while i > 0 do
+      for _, e in ipairs(used) do f[#f + 1] = int(i) .. ':' .. e end
+      i = i - lowbit(i)
+    end
+    prefix = {used, redis.call('HMGET', key, unpack(f))}
+  end
 end
 return {running, totals, prefix, 1}
 """
