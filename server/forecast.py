@@ -58,6 +58,7 @@ class Term:
     name: str
     phase: str  # head, steps, tail
     per: str  # what one unit of the feature is (reports)
+    signed: bool = False  # may be below zero (a difference from another term); the others never are
 
 
 TERMS: tuple[Term, ...] = (
@@ -69,12 +70,13 @@ TERMS: tuple[Term, ...] = (
     Term("step_mp", "steps", "step per output megapixel of all images"),
     Term("step_reference", "steps", "step per reference image, per image (a model that resizes its references)"),
     Term("step_reference_mp", "steps", "step per reference megapixel, per image"),
-    Term("edit_step", "steps", "step of an edit, beyond a generate's"),
-    Term("edit_step_mp", "steps", "step per output megapixel of an edit, beyond a generate's"),
+    Term("edit_step", "steps", "step of an edit, beyond a generate's", signed=True),
+    Term("edit_step_mp", "steps", "step per output megapixel of an edit, beyond a generate's", signed=True),
     Term("finish", "tail", "pipeline call after its last step"),
     Term("decode_mp", "tail", "output megapixel after the last step (VAE decoding)"),
 )
 FEATURES: tuple[str, ...] = tuple(t.name for t in TERMS)
+SIGNED = np.array([t.signed for t in TERMS])
 PHASES: tuple[str, ...] = ("head", "steps", "tail")
 NF = len(FEATURES)
 MASKS = np.array([[1.0 if t.phase == p else 0.0 for t in TERMS] for p in PHASES])  # phase x feature
@@ -231,7 +233,23 @@ class _Fit:
         scaled = self.prior * (MASKS.T @ phase_scales(self.prior, a, b, s, y_sum))
         gram = a / weight  # the jobs' mean outer product
         penalty = ridge * (gram + FLOOR * np.diag(np.diag(gram))) + MIN_PENALTY * np.eye(NF)
-        self.coef = np.linalg.solve(a + penalty, b + penalty @ scaled)
+        self.coef = nonnegative_solve(a + penalty, b + penalty @ scaled)
+
+
+def nonnegative_solve(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``m x = v`` with no cost below zero (but the ``signed`` terms): a term the fit
+    would make negative (near-collinear features trading off against each other over
+    the jobs seen) is held at zero and the others are solved again, most negative first."""
+    free = np.ones(len(v), dtype=bool)
+    x = np.zeros(len(v))
+    while free.any():
+        x[:] = 0.0
+        x[free] = np.linalg.solve(m[np.ix_(free, free)], v[free])
+        negative = free & ~SIGNED & (x < 0)
+        if not negative.any():
+            break
+        free[int(np.argmin(np.where(negative, x, np.inf)))] = False
+    return x
 
 
 def phase_scales(prior: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray, y_sum: float) -> np.ndarray:

@@ -156,3 +156,25 @@ def test_running_remaining_is_the_step_rate_plus_the_learned_tail() -> None:
 def test_features_of_an_older_format_count_as_nothing() -> None:
     model = CostModel({})
     assert predict(model, "generate", np.array([1.0, 0.1, 0.0, 0.0])) == 0.0
+
+
+def test_costs_never_go_negative_but_an_edit_may_cost_less_per_step() -> None:
+    # img2img edits run strength x steps: per step an edit costs 0.35 of a generate
+    truth = TRUTH + prior_vector({"reference_mp": 0.5})
+    model = CostModel({})
+    rng = random.Random(4)
+    for _ in range(24):
+        edit = rng.random() < 0.5
+        f = tiny_job(rng, refs=1 if edit else 0)
+        head, steps, tail = truth_phases(f, truth)
+        if edit:
+            steps *= 0.35
+        noisy = tuple(p * (1 + rng.uniform(-0.03, 0.03)) for p in (head, steps, tail))
+        model.observe("edit" if edit else "generate", f, sum(noisy), phases=noisy)  # type: ignore[arg-type]
+    seconds = model.report()["image"]["seconds"]
+    assert all(v >= 0 for k, v in seconds.items() if not k.startswith("edit_")), seconds  # type: ignore[union-attr]
+    assert seconds["edit_step_mp"] < 0 or seconds["edit_step"] < 0, seconds  # type: ignore[index]
+    probe = call_features("edit", 6, 128 * 128 / 1e6, 2, [0.01])
+    head, steps, tail = truth_phases(probe, truth)
+    true = head + 0.35 * steps + tail
+    assert abs(predict(model, "edit", probe) - true) / true < 0.05
