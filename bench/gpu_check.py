@@ -308,8 +308,7 @@ def fp8(env: Env, target: Target, loaded: Loaded) -> Result:
         peak,
         f"{held:.2f} MiB",
         f"torchao {torchao.__version__}: {len(weights)} transformer weights float8 on {env.device}; the transformer holds "
-        f"{held:.2f} MiB, residency.module_bytes counts {counted:.2f} MiB (every Float8Tensor has data_ptr() 0, so its "
-        f"dedup keeps one); the registry measured {ms.size_mib} MiB for the pipeline",
+        f"{held:.2f} MiB, residency.module_bytes counts {counted:.2f} MiB; the registry measured {ms.size_mib} MiB for the pipeline",
     )
 
 

@@ -89,14 +89,23 @@ def module_bytes(obj: Any) -> int:
     elif hasattr(obj, "parameters") and hasattr(obj, "buffers"):
         modules = [obj]
     seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for t in (*module.parameters(), *module.buffers()):
-            if t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    return sum(tensor_bytes(t, seen) for module in modules for t in (*module.parameters(), *module.buffers()))
+
+
+def tensor_bytes(t: Any, seen: set[int]) -> int:
+    """Bytes of one tensor not counted yet (``seen``: storage addresses).  A wrapper
+    tensor (a torchao float8 weight: no storage of its own, ``data_ptr()`` 0) counts
+    the tensors it holds (``__tensor_flatten__``)."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = flatten()
+        return sum(tensor_bytes(getattr(t, name), seen) for name in names)
+    ptr = t.data_ptr()
+    if ptr in seen:
+        return 0
+    if ptr:
+        seen.add(ptr)
+    return int(t.numel() * t.element_size())
 
 
 def measure_mib(backend: Any, cfg: ModelConfig, device: str, cuda_before: int | None) -> float | None:

@@ -170,3 +170,33 @@ def test_loras_stay_resident_and_switch_per_job(tiny_flux2_klein: Any, tiny_root
         assert len(kept) == min(2, cache_size) and "one" in kept[-1]
     finally:
         backend.unload()
+
+
+def test_a_wrapper_tensor_counts_the_tensors_it_holds() -> None:
+    """A torchao float8 weight is a wrapper tensor: no storage of its own
+    (``data_ptr()`` 0), its bytes in the tensors ``__tensor_flatten__`` names."""
+    import torch
+
+    from server.residency import tensor_bytes
+
+    class Float8Like(torch.Tensor):
+        @staticmethod
+        def __new__(cls, qdata: torch.Tensor, scale: torch.Tensor) -> Float8Like:
+            return torch.Tensor._make_wrapper_subclass(cls, qdata.shape, dtype=torch.bfloat16)  # type: ignore[attr-defined,no-any-return]
+
+        def __init__(self, qdata: torch.Tensor, scale: torch.Tensor) -> None:
+            self.qdata, self.scale = qdata, scale
+
+        def __tensor_flatten__(self) -> tuple[list[str], None]:
+            return ["qdata", "scale"], None
+
+        @classmethod
+        def __torch_dispatch__(cls, func: object, types: object, args: object = (), kwargs: object = None) -> object:
+            raise NotImplementedError(func)
+
+    seen: set[int] = set()
+    weights = [Float8Like(torch.zeros(10, 10, dtype=torch.float8_e4m3fn), torch.ones(10)) for _ in range(3)]
+    assert all(w.data_ptr() == 0 for w in weights)
+    assert sum(tensor_bytes(w, seen) for w in weights) == 3 * (100 * 1 + 10 * 4)  # not one weight's worth
+    shared = torch.ones(5)
+    assert tensor_bytes(shared, seen) == 20 and tensor_bytes(shared, seen) == 0  # a shared tensor counts once
