@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from .forecast import FEATURES
+from .forecast import FEATURES, unknown_terms
 
 DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
 BACKENDS = ("stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale_esrgan")
@@ -281,7 +281,7 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
                 f"(backend {model.backend!r} would load unquantized); set it to 'none', or use an FP8 single-file "
                 "transformer (transformer_path)"
             )
-        if model.forecast_prior is not None and (unknown := sorted(set(model.forecast_prior) - set(FEATURES))):
+        if model.forecast_prior is not None and (unknown := unknown_terms(model.forecast_prior)):
             raise ConfigError(
                 f"{source}: models.{name}.forecast_prior: unknown terms {unknown}; the terms are {', '.join(FEATURES)}"
             )

@@ -92,13 +92,17 @@ FLOOR = 1e-3  # x each feature's mean square: what the jobs seen leave open stay
 PHASE_RIDGE = 0.1  # how strongly each phase's prior scale is held to the common one (a fraction of the data)
 
 
+def unknown_terms(prior: Mapping[str, float]) -> list[str]:
+    """The names in a prior that are not terms of the model (sorted)."""
+    return sorted(set(prior) - set(FEATURES))
+
+
 def prior_vector(prior: Mapping[str, float] | Sequence[float]) -> np.ndarray:
     """A prior as a vector over ``FEATURES``: a mapping of term names to seconds
     (missing terms are 0), or a list in ``FEATURES`` order."""
     if isinstance(prior, Mapping):
-        unknown = set(prior) - set(FEATURES)
-        if unknown:
-            raise ValueError(f"unknown forecast terms {sorted(unknown)}; the terms are {', '.join(FEATURES)}")
+        if unknown := unknown_terms(prior):
+            raise ValueError(f"unknown forecast terms {unknown}; the terms are {', '.join(FEATURES)}")
         return np.array([float(prior.get(name, 0.0)) for name in FEATURES], dtype=np.float64)
     if len(prior) != NF:
         raise ValueError(f"a forecast prior lists {NF} terms ({', '.join(FEATURES)}), not {len(prior)}")

@@ -680,7 +680,6 @@ class Runner:
             return None
         self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
         log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
-        job.first_step_at = None
         ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop())
         start = time.monotonic()
         follow = asyncio.create_task(ctx.follow_previews())
