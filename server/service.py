@@ -68,6 +68,16 @@ class ModelStatus:
     workers: list[WorkerInfo]
 
 
+def _across(infos: list[WorkerInfo]) -> tuple[str, str | None]:
+    """(state, load error) of a model over the workers that present it: loaded if any
+    is, else loading, else error, else unloaded."""
+    states = {w.state for w in infos}
+    for state in ("loaded", "loading", "error"):
+        if state in states:
+            return state, next((w.load_error for w in infos if w.load_error), None) if state == "error" else None
+    return "unloaded", None
+
+
 class Service:
     def __init__(self, settings: Settings, broker: Broker, registry: Registry, metrics: Metrics, keys: Keys) -> None:
         self.settings = settings
@@ -106,24 +116,28 @@ class Service:
         """(state, load error, live slots) of a model across the workers serving it."""
         if self.runner is not None and not self.broker.distributed:  # one process: its registry is the truth
             return ms.state, ms.load_error, ms.cfg.target_inflight if ms.state == "loaded" else 0
-        infos = await self.forecasts.workers(ms.name)
-        if self.runner is not None:  # this process's own worker: its registry, not its last heartbeat
-            infos = [w for w in infos if w.worker != self.runner.id]
-            infos += [i for i in self.runner.infos() if i.model == ms.name]
-        if not infos:
-            return "unloaded", None, 0
-        states = {w.state for w in infos}
-        slots = sum(w.slots for w in infos if w.state == "loaded")
-        for state in ("loaded", "loading", "error"):
-            if state in states:
-                error = next((w.load_error for w in infos if w.load_error), None)
-                return state, error if state == "error" else None, slots
-        return "unloaded", None, 0
+        status = (await self.model_statuses([ms]))[0]
+        return status.state, status.load_error, sum(w.slots for w in status.workers if w.state == "loaded")
 
     async def model_status(self, ms: ModelState) -> ModelStatus:
-        state, error, _ = await self.model_state(ms)
-        waiting, running = await self.broker.depth(ms.name)
-        return ModelStatus(state, error, waiting, running, await self.forecasts.workers(ms.name))
+        return (await self.model_statuses([ms]))[0]
+
+    async def model_statuses(self, models: list[ModelState]) -> list[ModelStatus]:
+        """The status of each model. Every read from the broker comes first; this
+        process's own worker is then read at one instant for all of them, so a listing
+        never shows one model still loaded and the one that evicted it already loading."""
+        remote = self.runner is None or self.broker.distributed
+        shared = {ms.name: await self.forecasts.workers(ms.name) for ms in models} if remote else {}
+        depths = {ms.name: await self.broker.depth(ms.name) for ms in models}
+        own = self.runner.infos() if self.runner is not None else []  # no await from here on
+        out = []
+        for ms in models:
+            state: str
+            infos = [w for w in shared.get(ms.name, []) if self.runner is None or w.worker != self.runner.id]
+            infos += [i for i in own if i.model == ms.name]
+            state, error = _across(infos) if remote else (ms.state, ms.load_error)  # one process: its registry
+            out.append(ModelStatus(state, error, *depths[ms.name], infos))
+        return out
 
     async def served_model(self, name: str | None) -> ModelState:
         """A model jobs may be queued for: loaded here, or (distributed) configured;

@@ -12,16 +12,15 @@ from starlette.responses import Response
 from ..openapi import Doc, Param, route
 from ..registry import ModelState, device_report
 from ..schemas import ModelInfo, ModelsResponse, WorkerView
-from ..service import Service
+from ..service import ModelStatus, Service
 from .common import json_response, service_of
 
 NAME = Param("name", description="Model name from the configuration.", required=True, location="path")
 
 
-async def model_info(service: Service, ms: ModelState, forecasts: bool) -> ModelInfo:
+async def model_info(service: Service, ms: ModelState, status: ModelStatus, forecasts: bool) -> ModelInfo:
     caps = ms.capabilities
     cfg = ms.cfg
-    status = await service.model_status(ms)
     return ModelInfo(
         name=ms.name,
         backend=cfg.backend,
@@ -49,9 +48,11 @@ async def model_info(service: Service, ms: ModelState, forecasts: bool) -> Model
 
 
 async def models_response(service: Service, forecasts: bool) -> ModelsResponse:
+    models = service.models()
+    statuses = await service.model_statuses(models)  # one moment for all: see Service.model_statuses
     return ModelsResponse(
         default_model=service.settings.default_model,
-        models=[await model_info(service, ms, forecasts) for ms in service.models()],
+        models=[await model_info(service, ms, status, forecasts) for ms, status in zip(models, statuses, strict=True)],
     )
 
 
@@ -99,7 +100,7 @@ async def admin_load(request: Request) -> Response:
         await anyio.sleep(0)
     else:
         await service.load(ms.name)
-    info = await model_info(service, ms, forecasts=False)
+    info = await model_info(service, ms, await service.model_status(ms), forecasts=False)
     return json_response(info, status_code=200 if info.state != "error" else 500)
 
 
@@ -107,7 +108,7 @@ async def admin_unload(request: Request) -> Response:
     service = service_of(request)
     ms = service.model(request.path_params["name"])
     await service.unload(ms.name)
-    return json_response(await model_info(service, ms, forecasts=False))
+    return json_response(await model_info(service, ms, await service.model_status(ms), forecasts=False))
 
 
 async def gpu_memory(request: Request) -> Response:
