@@ -634,12 +634,16 @@ class Runner:
         """Claim and run jobs of ``ms`` one after the other.  A job's encode-and-store
         (``finishing``) starts once the next claim has been answered: started first, it
         would hold the GIL in its encoding thread while the claim's answer waits to be
-        read, and the model would sit idle meanwhile."""
+        read, and the model would sit idle meanwhile.  A job claimed that way, the
+        moment the one before it left the model, is timed from that moment: the claim
+        and hand-over between two queued jobs are part of what a job in the queue costs."""
         finishing: Coroutine[Any, Any, None] | None = None
+        freed_at = 0.0  # time.monotonic() when this loop's last job left the model
         try:
             while self.claiming and ms.state == "loaded":
                 job: JobRecord | None = None
                 failure: BrokerUnavailable | None = None
+                back_to_back = finishing is not None
                 try:  # with a job to finish: one try now, without waiting for work
                     job = await self.broker.claim(ms.name, self.id, self.lease, 0.0 if finishing else CLAIM_WAIT_SECONDS)
                 except BrokerUnavailable as exc:
@@ -656,23 +660,25 @@ class Runner:
                 if not self.claiming or ms.state != "loaded":  # stopped (or stalled) during the claim: give it back
                     await self.broker.release(job, job.attempt)
                     return
-                finishing = await self.run_job(ms, job)
+                finishing = await self.run_job(ms, job, freed_at if back_to_back else None)
+                freed_at = time.monotonic()
         finally:
             if finishing is not None:
                 self.spawn(finishing)
 
-    async def run_job(self, ms: ModelState, job: JobRecord) -> Coroutine[Any, Any, None] | None:
+    async def run_job(self, ms: ModelState, job: JobRecord, since: float | None = None) -> Coroutine[Any, Any, None] | None:
         """Run ``job``'s pipeline calls; what is left of it (``_finish_job``: upscale,
-        encode, store, deliver) is returned for the caller to start."""
+        encode, store, deliver) is returned for the caller to start.  Its worker time
+        counts from ``since`` (the previous job left the model then), else from now."""
         self.residency.touch(ms.name)
         try:
-            return await self._run_job(ms, job)
+            return await self._run_job(ms, job, since)
         finally:
             self.residency.touch(ms.name)
             if self._wanted and not self._loading.locked():  # an on-demand model may fit now
                 self.spawn(self._load_wanted())
 
-    async def _run_job(self, ms: ModelState, job: JobRecord) -> Coroutine[Any, Any, None] | None:
+    async def _run_job(self, ms: ModelState, job: JobRecord, since: float | None) -> Coroutine[Any, Any, None] | None:
         r = self.running[job.id] = Running(job, job.attempt, after_job=bool(self._finishing))
         if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
             self.running.pop(job.id, None)  # it cannot make it any more: not on the GPU
@@ -681,7 +687,7 @@ class Runner:
         self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
         log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
         ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop())
-        start = time.monotonic()
+        start = since if since is not None else time.monotonic()
         follow = asyncio.create_task(ctx.follow_previews())
         try:
             blobs = {key: data for key in job.inputs if (data := await self.broker.get_blob(key)) is not None}
