@@ -1,0 +1,66 @@
+"""What the runner counts as a job's worker time (``JobRecord.worker_seconds``, shown
+as ``gpu_seconds``): the forecast learns it as the cost of a job in the queue, and
+quotas charge it.  The app runs in-process here, on the memory broker and the stub
+backend, so that the claim between two queued jobs can be made slow the way a slow
+network to the broker would make it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.config import build_settings
+
+from .conftest import stub_settings
+
+HAND_OVER = 0.3  # seconds the claim of a job takes when it comes right after another
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+
+async def run_two_queued_jobs(tmp: Path) -> list[dict[str, Any]]:
+    raw = stub_settings(simulate_step_seconds=12.5)  # 2 steps at 64x64: ~0.1 s a job
+    raw["storage"] = {"output_dir": str(tmp / "outputs")}
+    app = create_app(build_settings(raw))
+    broker = app.state.service.broker
+    claim = broker.claim
+
+    async def slow_claim(model: str, worker: str, lease: float, timeout: float) -> Any:
+        if timeout == 0:  # the runner's one try the moment a job leaves the model
+            await asyncio.sleep(HAND_OVER)
+        return await claim(model, worker, lease, timeout)
+
+    broker.claim = slow_claim
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://easel") as c:
+            ids = []
+            for seed in (1, 2):  # both queued before the first is done
+                r = await c.post("/api/generate", json={"prompt": "a lighthouse", "steps": 2, "seed": seed})
+                assert r.status_code == 200, r.text
+                ids.append(r.json()["task_id"])
+            out = []
+            for tid in ids:
+                while (st := (await c.get("/api/status", params={"task_id": tid, "wait": 10})).json())["status"] not in (
+                    "done", "error", "cancelled"):  # fmt: skip
+                    pass
+                out.append(st)
+            return out
+
+
+def test_a_queued_job_is_timed_from_when_the_job_before_it_left_the_model(tmp_path: Path) -> None:
+    first, second = asyncio.run(run_two_queued_jobs(tmp_path))
+    assert first["status"] == second["status"] == "done", (first, second)
+    assert first["gpu_seconds"] < HAND_OVER, first  # claimed from an idle queue: no hand-over to count
+    calls = sum(im["seconds"] for im in second["images"])
+    # the hand-over the model sat idle through is part of what the job in the queue cost
+    assert second["gpu_seconds"] >= HAND_OVER + calls, second
+    assert second["started_at"] - first["started_at"] >= HAND_OVER, (first, second)
