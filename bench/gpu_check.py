@@ -408,7 +408,7 @@ def oom_check(env: Env, target: Target) -> Result:
         else:
             with host_memory_cap(env.server.proc.pid):
                 st = job(c, target, **HUGE)
-            how, expect = "CPU: host allocation refused under RLIMIT_AS, not a CUDA OOM", "allocate memory"
+            how, expect = "CPU: host allocation refused under RLIMIT_AS, not a CUDA OOM", "out of host memory"
         huge_s = time.perf_counter() - start
         message = st.get("message") or ""
         if st["status"] != "error" or expect not in message:

@@ -63,12 +63,21 @@ def failure_message(exc: BaseException) -> str:
     if isinstance(exc, BackendError):
         return str(exc)
     name = type(exc).__name__
+    if host_out_of_memory(exc):
+        return "the server ran out of host memory (RAM) for this job; try a smaller size, fewer images or reference images"
     if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return (
             "the GPU ran out of memory for this job; try a smaller size, fewer images or "
             "reference images, or set offload to 'model' for this model"
         )
     return f"the model failed on this job ({name}: {str(exc)[:300]}); the server log has the details"
+
+
+def host_out_of_memory(exc: BaseException) -> bool:
+    """An allocation of host memory refused: Python's ``MemoryError``, or torch's CPU
+    allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image, ImageOps
 
-from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities
+from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, host_out_of_memory, model_capabilities
 from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import WEIGHT_SUFFIXES, applied_loras
 
@@ -126,8 +126,14 @@ def check_references(images: list[Image.Image]) -> list[Image.Image]:
 
 
 def is_oom(exc: BaseException) -> bool:
+    """The device (or, on the CPU, the host) refused an allocation."""
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower() or host_out_of_memory(exc)
+
+
+def memory_of(device: str) -> str:
+    """What runs out on ``device``, for a message."""
+    return "host memory (RAM)" if device == "cpu" else "GPU memory"
 
 
 def step_callback(
@@ -219,8 +225,9 @@ class DiffusersBackend:
             if not is_oom(exc):
                 raise
             free_memory()
+            advice = "set offload to 'model' (or 'sequential'), " if self.device != "cpu" else ""
             raise BackendError(
-                f"out of GPU memory loading model {self.name!r}; set offload to 'model' (or 'sequential'), "
+                f"out of {memory_of(self.device)} loading model {self.name!r}; {advice}"
                 "use a quantized transformer, or unload other models first"
             ) from exc
         self.rgb = self._latent_rgb()
@@ -430,9 +437,9 @@ class DiffusersBackend:
             if not is_oom(exc):
                 raise
             free_memory()
+            advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
             raise BackendError(
-                f"out of GPU memory running model {self.name!r} at {item.width}x{item.height} with n={item.n} "
-                f"and {len(item.images)} reference image(s); try a smaller size, fewer images or references, "
-                "or set offload to 'model' for this model"
+                f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} with n={item.n} "
+                f"and {len(item.images)} reference image(s); try a smaller size, fewer images or references{advice}"
             ) from exc
         return images[: item.n]
