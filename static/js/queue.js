@@ -86,6 +86,9 @@ function update(st) {
   const job = jobs.get(st.task_id);
   if (!job) return;
   const before = job.status.status;
+  // done, error and cancelled are final: an answer saying otherwise was sent before
+  // the one we have (a /api/tasks refresh or a stream event overtaken by the cancel)
+  if (finished(before) && !finished(st.status)) return;
   job.status = st;
   job.receivedAt = performance.now();
   render(job);
