@@ -188,7 +188,7 @@ def main() -> None:
             c = srv.client
             if args.pin:
                 for name, pid in pids.items():
-                    if name != "worker" and name != "server":
+                    if name not in ("worker", "server"):  # the model's process may use every core
                         pin(pid, other_cores)
             server_drain(c, 4, args.size, args.steps, args.timeout, pids)  # warm-up both
             direct_drain(backend, 4, args.size, args.steps)

@@ -116,27 +116,33 @@ class Service:
         """(state, load error, live slots) of a model across the workers serving it."""
         if self.runner is not None and not self.broker.distributed:  # one process: its registry is the truth
             return ms.state, ms.load_error, ms.cfg.target_inflight if ms.state == "loaded" else 0
-        status = (await self.model_statuses([ms]))[0]
-        return status.state, status.load_error, sum(w.slots for w in status.workers if w.state == "loaded")
+        state, error, infos = (await self._presence([ms]))[0]
+        return state, error, sum(w.slots for w in infos if w.state == "loaded")
 
     async def model_status(self, ms: ModelState) -> ModelStatus:
         return (await self.model_statuses([ms]))[0]
 
     async def model_statuses(self, models: list[ModelState]) -> list[ModelStatus]:
-        """The status of each model. Every read from the broker comes first; this
-        process's own worker is then read at one instant for all of them, so a listing
-        never shows one model still loaded and the one that evicted it already loading."""
+        """The status of each model, its queue depths read before its presence (see
+        ``_presence``: the last await of a listing)."""
+        depths = [await self.broker.depth(ms.name) for ms in models]
+        presence = await self._presence(models)
+        return [ModelStatus(state, error, *depth, infos) for (state, error, infos), depth in zip(presence, depths, strict=True)]
+
+    async def _presence(self, models: list[ModelState]) -> list[tuple[str, str | None, list[WorkerInfo]]]:
+        """(state, load error, workers) of each model. Every read from the broker comes
+        first; this process's own worker is then read at one instant for all of them, so
+        a listing never shows one model still loaded and the one that evicted it already
+        loading."""
         remote = self.runner is None or self.broker.distributed
         shared = {ms.name: await self.forecasts.workers(ms.name) for ms in models} if remote else {}
-        depths = {ms.name: await self.broker.depth(ms.name) for ms in models}
         own = self.runner.infos() if self.runner is not None else []  # no await from here on
-        out = []
+        out: list[tuple[str, str | None, list[WorkerInfo]]] = []
         for ms in models:
-            state: str
             infos = [w for w in shared.get(ms.name, []) if self.runner is None or w.worker != self.runner.id]
             infos += [i for i in own if i.model == ms.name]
             state, error = _across(infos) if remote else (ms.state, ms.load_error)  # one process: its registry
-            out.append(ModelStatus(state, error, *depths[ms.name], infos))
+            out.append((state, error, infos))
         return out
 
     async def served_model(self, name: str | None) -> ModelState:
