@@ -66,6 +66,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     service.fetch_url = delivery.fetch_url
     service.submit_checks += [upscaler.check, delivery.check]  # upscale checks before the delivery checks
     if runner is not None:
+        service.forecasts.delayed = runner.delayed
         runner.upscaler = upscaler
         runner.delivery = delivery
         runner.on_presence.append(service.forecasts.presence_changed)

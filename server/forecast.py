@@ -9,7 +9,9 @@ A pipeline call has three phases, and each has costs of its own::
                                 + step_reference_mp * ref_MP*n)
                        (+ edit_step, edit_step_mp: what an edit's steps cost more or less,
                        e.g. img2img runs only strength x steps)
-    after the steps    finish + decode_mp * MP*n   (VAE decoding, post-processing)
+    after the steps    finish + decode_mp * MP*n + decode_batch_mp * MP*(n-1)
+                       (VAE decoding, post-processing; decode_batch_mp: what each image
+                       after the first of a batch costs more or less)
 
 A job's seconds are the sum over its calls: linear in the ``TERMS``' features, with
 one coefficient each, learned per model online.  The worker measures the phases of
@@ -74,6 +76,7 @@ TERMS: tuple[Term, ...] = (
     Term("edit_step_mp", "steps", "step per output megapixel of an edit, beyond a generate's", signed=True),
     Term("finish", "tail", "pipeline call after its last step"),
     Term("decode_mp", "tail", "output megapixel after the last step (VAE decoding)"),
+    Term("decode_batch_mp", "tail", "output megapixel of each image after the first of a call, beyond decode_mp", signed=True),
 )
 FEATURES: tuple[str, ...] = tuple(t.name for t in TERMS)
 SIGNED = np.array([t.signed for t in TERMS])
@@ -117,7 +120,7 @@ def call_features(task: str, steps: int, megapixels: float, n: int, reference_mp
     edit = 1.0 if task == "edit" else 0.0
     return np.array(
         [1.0, len(reference_mps), ref, 0.0, steps, work, steps * len(reference_mps) * n, steps * ref * n, edit * steps, edit * work,
-         1.0, megapixels * n],  # fmt: skip
+         1.0, megapixels * n, megapixels * (n - 1)],  # fmt: skip
         dtype=np.float64,
     )
 
@@ -188,23 +191,55 @@ def measured_phases(calls: Sequence[CallTimes], seconds: float) -> tuple[float, 
 # a fit's statistics as one flat vector, so that a broker can keep them (and add a
 # job's contribution atomically, as Redis does in a script): the forgetting-weighted
 # sums first, then the plain counters
-DECAYED = NF * NF + NF + NF + 2  # A = sum f f^T, b = sum f y, s = sum f, sum y, weight (jobs)
+Y_SUM = NF * NF + 2 * NF  # A = sum f f^T, b = sum f y, s = sum f; then sum y, weight (jobs)
+WEIGHT = Y_SUM + 1
+STORING = WEIGHT + 1  # jobs timed, sum x, sum x^2, sum t, sum x t: x output megapixels, t seconds to store
+DECAYED = STORING + 5
 ADDED = 2  # samples, sum of |predicted - seconds| / seconds
 STATS = DECAYED + ADDED
+OUTPUT_MP = FEATURES.index("decode_mp")  # a job's output megapixels, all images
 
 
 def observation(
-    feats: np.ndarray, seconds: float, predicted: float | None, phases: tuple[float, float, float] | None = None
-) -> tuple[list[float], list[float]]:
+    feats: np.ndarray, seconds: float, predicted: float | None, phases: tuple[float, float, float] | None = None,
+    stored: float | None = None,
+) -> tuple[list[float], list[float]]:  # fmt: skip
     """One finished job's contribution to its fit's statistics: (decayed, added).
     With measured ``phases`` each phase is a row of its own (its features only, its
-    seconds); without, the job's total is one row."""
+    seconds); without, the job's total is one row.  ``stored``: the seconds from the
+    job leaving the model to its results stored (``storing_seconds``)."""
     rows = [(MASKS[p] * feats, y) for p, y in enumerate(phases)] if phases is not None else [(feats, seconds)]
     a = sum(np.outer(f, f) for f, _ in rows)
     b = sum(f * y for f, y in rows)
-    decayed = np.concatenate([np.ravel(a), b, feats, [seconds, 1.0]])
-    error = abs(predicted - seconds) / seconds if predicted is not None and seconds > 0 else 0.0
+    x = float(feats[OUTPUT_MP]) if len(feats) == NF else 0.0
+    store = [1.0, x, x * x, stored, x * stored] if stored is not None else [0.0] * 5
+    decayed = np.concatenate([np.ravel(a), b, feats, [seconds, 1.0], store])
+    total = seconds + (stored or 0.0)  # what the job's own forecast was for
+    error = abs(predicted - total) / total if predicted is not None and total > 0 else 0.0
     return decayed.tolist(), [1.0, error]
+
+
+def storing_line(stats: np.ndarray) -> tuple[float, float]:
+    """(seconds, seconds per output megapixel) from a job leaving the model to its
+    results stored (encoding, writing): least squares over the jobs timed, through
+    the origin when their sizes hardly differ or the line would start below zero."""
+    n, sx, sxx, st, sxt = (float(v) for v in stats[STORING : STORING + 5])
+    if n <= 0:
+        return 0.0, 0.0
+    mean_x, mean_t = sx / n, st / n
+    if sx <= 0:
+        return mean_t, 0.0
+    per_mp = st / sx  # the line through the origin
+    var = sxx / n - mean_x**2
+    if var <= 1e-6 * sxx / n:
+        return 0.0, per_mp
+    slope = (sxt / n - mean_x * mean_t) / var
+    base = mean_t - slope * mean_x
+    if slope < 0:
+        return mean_t, 0.0
+    if base < 0:
+        return 0.0, per_mp
+    return base, slope
 
 
 def apply(stats: np.ndarray, decayed: list[float], added: list[float], forget: float) -> np.ndarray:
@@ -229,8 +264,8 @@ class _Fit:
         st = self.stats
         a = st[: NF * NF].reshape(NF, NF)
         b = st[NF * NF : NF * NF + NF]
-        s = st[NF * NF + NF : NF * NF + 2 * NF]
-        y_sum, weight = st[DECAYED - 2], st[DECAYED - 1]
+        s = st[NF * NF + NF : Y_SUM]
+        y_sum, weight = st[Y_SUM], st[WEIGHT]
         if weight <= 0:
             self.coef = self.prior.copy()
             return
@@ -294,6 +329,15 @@ class CostModel:
         """The learned seconds of one term of ``task``'s fit."""
         return float(self._fits[fit_of(task)].coef[FEATURES.index(name)])
 
+    def storing(self, task: str, feats: np.ndarray) -> float:
+        """Forecast seconds from the job leaving the model to its results stored.  Not
+        part of ``predict``: a job's storing overlaps the next job's run, so it counts
+        once, for the job itself."""
+        if len(feats) != NF:
+            return 0.0
+        base, per_mp = storing_line(self._fits[fit_of(task)].stats)
+        return base + per_mp * float(feats[OUTPUT_MP])
+
     def phases(self, task: str, feats: np.ndarray) -> tuple[float, float, float]:
         """(head, steps, tail) forecast seconds of a job's features."""
         if len(feats) != NF:
@@ -302,10 +346,11 @@ class CostModel:
         return float(parts[0]), float(parts[1]), float(parts[2])
 
     def observe(self, task: str, feats: np.ndarray, seconds: float, predicted: float | None = None,
-                phases: tuple[float, float, float] | None = None) -> None:  # fmt: skip
-        """Learn from a finished job that took ``seconds`` of worker time."""
+                phases: tuple[float, float, float] | None = None, stored: float | None = None) -> None:  # fmt: skip
+        """Learn from a finished job that took ``seconds`` of worker time (and ``stored``
+        more until its results were stored)."""
         fit = self._fits[fit_of(task)]
-        fit.stats = apply(fit.stats, *observation(feats, seconds, predicted, phases), self.forget)
+        fit.stats = apply(fit.stats, *observation(feats, seconds, predicted, phases, stored), self.forget)
         fit.solve(self.ridge)
         self._restack()
 
@@ -338,11 +383,14 @@ class CostModel:
                 "seconds": {t.name: _seconds(c) for t, c in zip(TERMS, fit.coef, strict=True)},
                 "per": {t.name: t.per for t in TERMS},
                 "prior_seconds": {t.name: _seconds(c) for t, c in zip(TERMS, fit.prior, strict=True)},
+                "storing_seconds": dict(zip(("job", "output_mp"), map(_seconds, storing_line(fit.stats)), strict=True)),
             }
             if example is not None and fit_of(example[0]) == name:
                 head, steps, tail = self.phases(example[0], example[1])
-                entry["example"] = {"job": example[2], "seconds": _seconds(head + steps + tail),
-                                    "before_steps": _seconds(head), "steps": _seconds(steps), "after_steps": _seconds(tail)}  # fmt: skip
+                store = self.storing(example[0], example[1])
+                entry["example"] = {"job": example[2], "seconds": _seconds(head + steps + tail + store),
+                                    "before_steps": _seconds(head), "steps": _seconds(steps), "after_steps": _seconds(tail),
+                                    "storing": _seconds(store)}  # fmt: skip
             out[name] = entry
         return out
 

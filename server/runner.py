@@ -80,6 +80,20 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+class LoopClock:
+    """The CPU seconds the event loop's thread has run, readable from any thread (0
+    where the platform cannot say).  Made on the loop's thread."""
+
+    def __init__(self) -> None:
+        try:
+            self._clock: int | None = time.pthread_getcpuclockid(threading.get_ident())
+        except (AttributeError, OSError):  # not on this platform
+            self._clock = None
+
+    def seconds(self) -> float:
+        return time.clock_gettime(self._clock) if self._clock is not None else 0.0
+
+
 class JobContext:
     """``StepContext`` for one job (worker thread): maps item-local steps onto the
     job's total and makes progress visible through the broker.
@@ -92,7 +106,9 @@ class JobContext:
     every ``LIVE_PREVIEW_INTERVAL`` s, the latest only (blob ``live_preview_key(job)``,
     overwritten; the record's ``preview_seq`` / ``preview_step`` say which)."""
 
-    def __init__(self, job: JobRecord, broker: Broker, cancel: threading.Event, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, job: JobRecord, broker: Broker, cancel: threading.Event, loop: asyncio.AbstractEventLoop, clock: LoopClock | None = None
+    ) -> None:
         self.job = job
         self.job_id = job.id
         self.broker = broker
@@ -102,6 +118,8 @@ class JobContext:
         self.calls: list[CallTimes] = []  # the pipeline calls' step times, for the forecast's phases
         self.started = time.monotonic()
         self.last_step = self.started  # when the job last reported a step (the watchdog reads it)
+        self.clock = clock
+        self.loop_mark = clock.seconds() if clock is not None else 0.0  # the loop's CPU seconds at the last step
         self.abandoned = False  # its record was ended without it (stalled): stop at the next step
         self.started_at = job.started_at or broker.now()  # the broker's clock, as the claim set it
         self.preview_steps = preview_steps(job.total_steps, job.partial_images)
@@ -120,6 +138,8 @@ class JobContext:
 
     def step(self, i: int, total: int) -> None:
         self.last_step = now = time.monotonic()
+        if self.clock is not None:
+            self.loop_mark = self.clock.seconds()
         if self.calls:
             self.calls[-1].steps.append(now)
         if self.cancel.is_set() or self.abandoned:
@@ -357,6 +377,7 @@ class Running:
     release: bool = False  # stopped to be released back to the queue, not cancelled
     error: str | None = None  # stopped for this reason (a time limit): ends as error, not cancelled
     after_job: bool = False  # claimed while another job's results were being stored here (forecast.TERMS)
+    ctx: JobContext | None = None  # while its pipeline calls run in this process
 
 
 class Runner:
@@ -380,10 +401,12 @@ class Runner:
         self.residency = Residency(settings)
         self._loading = asyncio.Lock()  # one residency decision and load at a time
         self._wanted: set[str] = set()  # on-demand models waiting for room (retried as jobs end)
+        self._clock: LoopClock | None = None  # made in start(), on the loop's thread
 
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._clock = LoopClock()
         self.broker.on_cancel(self._cancel_asked)
         self.broker.on_command(self._command)
         for name, cfg in self.settings.models.items():
@@ -615,6 +638,18 @@ class Runner:
         if self._wanted and not self._loading.locked():
             self.spawn(self._load_wanted())
 
+    def delayed(self, job_id: str) -> float:
+        """Seconds a job running in this process is behind what its progress says: the
+        CPU time the event loop has run since the job's last step (or its start).  A
+        pipeline thread waits for the GIL while the loop runs Python (requests, a
+        burst of submissions), so a job that makes no step meanwhile has that much
+        more to go; a model in its own process (``isolated``) is not held up."""
+        r = self.running.get(job_id)
+        ctx = r.ctx if r is not None else None
+        if ctx is None or ctx.clock is None:
+            return 0.0
+        return max(0.0, ctx.clock.seconds() - ctx.loop_mark)
+
     def _cancel_asked(self, job_id: str) -> None:
         r = self.running.get(job_id)
         if r is not None:
@@ -686,7 +721,9 @@ class Runner:
             return None
         self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
         log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
-        ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop())
+        in_process = not isinstance(ms.backend, IsolatedBackend)  # its pipeline thread shares the GIL with the loop
+        ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop(), self._clock if in_process else None)
+        r.ctx = ctx
         start = since if since is not None else time.monotonic()
         follow = asyncio.create_task(ctx.follow_previews())
         try:
@@ -718,7 +755,7 @@ class Runner:
         self.running.pop(job.id, None)
         phases = measured_phases(ctx.calls, worker_s)
         self._finishing.add(job.id)  # until its results are stored: the next job runs right after it
-        return self._finish_job(job, r, images, item_seconds, worker_s, phases)
+        return self._finish_job(job, r, images, item_seconds, worker_s, phases, start + worker_s)
 
     async def _execute(
         self, ms: ModelState, job: JobRecord, r: Running, ctx: JobContext, blobs: dict[str, bytes]
@@ -803,17 +840,18 @@ class Runner:
 
     async def _finish_job(
         self, job: JobRecord, r: Running, images: list[Image], item_seconds: list[float], worker_s: float,
-        phases: tuple[float, float, float] | None,
+        phases: tuple[float, float, float] | None, left_at: float,
     ) -> None:  # fmt: skip
-        """Upscale, encode and store off the model's critical path, then mark done."""
+        """Upscale, encode and store off the model's critical path, then mark done
+        (``left_at``: the ``time.monotonic()`` the job left the model)."""
         try:
-            await self._finish(job, r, images, item_seconds, worker_s, phases)
+            await self._finish(job, r, images, item_seconds, worker_s, phases, left_at)
         finally:
             self._finishing.discard(job.id)
 
     async def _finish(
         self, job: JobRecord, r: Running, images: list[Image], item_seconds: list[float], worker_s: float,
-        phases: tuple[float, float, float] | None,
+        phases: tuple[float, float, float] | None, left_at: float,
     ) -> None:  # fmt: skip
         try:
             if job.upscale and self.upscaler is not None:
@@ -834,10 +872,12 @@ class Runner:
                   "text_tokens": job.text_tokens, "image_tokens": job.image_tokens, "warnings": job.warnings}  # fmt: skip
         if not await self._end(job, r, JobStatus.DONE, fields, blobs):
             return
+        stored = time.monotonic() - left_at  # from leaving the model to done: only the job itself waits for it
         if phases is not None:
-            log.debug("job %s: %.3fs on the worker (%.3f before the steps, %.3f steps, %.3f after); forecast %.3fs (%s)", job.id,
-                      worker_s, *phases, job.predicted, ", ".join(f"{p:.3f}" for p in job.predicted_phases))  # fmt: skip
-        decayed, added = observation(with_after_job(job.features, r.after_job), worker_s, job.predicted, phases)
+            log.debug("job %s: %.3fs on the worker (%.3f before the steps, %.3f steps, %.3f after); forecast %.3fs (%s); "
+                      "stored in %.3fs%s", job.id, worker_s, *phases, job.predicted, ", ".join(f"{p:.3f}" for p in job.predicted_phases),
+                      stored, "; right after another job" if r.after_job else "")  # fmt: skip
+        decayed, added = observation(with_after_job(job.features, r.after_job), worker_s, job.predicted, phases, stored)
         await self.broker.observe_cost(job.model, fit_of(job.task), decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
         total = (job.finished_at or time.time()) - job.created_at

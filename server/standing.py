@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ class Forecasts:
     def __init__(self, settings: Settings, broker: Broker) -> None:
         self.settings = settings
         self.broker = broker
+        self.delayed: Callable[[str], float] = lambda job_id: 0.0  # a running job's seconds behind (Runner.delayed)
         self._costs: dict[str, _Cached] = {}
         self._workers: dict[str, _Cached] = {}
         self._presence_generation = 0
@@ -97,6 +99,11 @@ class Forecasts:
     async def slots(self, model: str) -> int:
         return sum(w.slots for w in await self.workers(model) if w.state == "loaded")
 
+    def running(self, job: JobRecord, now: float) -> float:
+        """Seconds left for a running job: what its progress says (``running_seconds``),
+        plus what a worker of this process says it is held up by since its last step."""
+        return running_seconds(job, now) + self.delayed(job.id)
+
 
 @dataclass
 class Where:
@@ -117,19 +124,19 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
     cost = await forecasts.cost(job.model)
     now = broker.now()
     if job.status is JobStatus.RUNNING:
-        return Where(0, running_seconds(job, now))
+        return Where(0, forecasts.running(job, now))
     slots = await forecasts.slots(job.model)
     st = await broker.standing(job, job.model)
     claimed = next((r for r in st.running if r.id == job.id), None)
     if claimed is not None:  # a worker took it since ``job`` was read
-        return Where(0, running_seconds(claimed, now))
+        return Where(0, forecasts.running(claimed, now))
     pos = len(st.running) + int(st.ahead[DIM])
     load = 0.0  # a load_on_demand model not loaded yet: its learned load time comes first
     if slots == 0 and (demand := on_demand_slots(forecasts.settings.models.get(job.model), await forecasts.workers(job.model))):
         slots, load = demand
     if slots == 0:
         return Where(pos, None, no_worker_note(job.model))
-    before = (sum(running_seconds(r, now) for r in st.running) + cost.predict(st.ahead)) / slots
+    before = (running_ahead(forecasts, cost, st.running, now) + cost.predict(st.ahead)) / slots
     own = job.predicted
     if pos < slots and len(job.features) == NF:  # it runs at once, right after no other job
         own = max(0.0, own - job.features[AFTER_JOB] * cost.term(job.task, "after_job"))
@@ -142,7 +149,13 @@ async def queue_seconds(forecasts: Forecasts, model: str) -> float:
     st = await forecasts.broker.standing(None, model)
     now = forecasts.broker.now()
     slots = max(1, await forecasts.slots(model))
-    return (sum(running_seconds(r, now) for r in st.running) + cost.predict(st.ahead)) / slots
+    return (running_ahead(forecasts, cost, st.running, now) + cost.predict(st.ahead)) / slots
+
+
+def running_ahead(forecasts: Forecasts, cost: CostModel, running: list[JobRecord], now: float) -> float:
+    """Seconds until the running jobs leave the model: a job behind them waits for
+    that, not for their results to be stored (``CostModel.storing``)."""
+    return sum(max(0.0, forecasts.running(r, now) - cost.storing(r.task, np.asarray(r.features))) for r in running)
 
 
 def running_seconds(job: JobRecord, now: float) -> float:
@@ -153,9 +166,13 @@ def running_seconds(job: JobRecord, now: float) -> float:
 
 
 def predict(cost: CostModel, job: JobRecord) -> tuple[float, list[float]]:
-    """(forecast seconds, and their phases: before the steps, the steps, after them)."""
+    """(forecast seconds until the job is done, and their phases: before the steps,
+    the steps, after them — the last with the storing of its results, which only the
+    job itself waits for: in the queue it overlaps the next job's run)."""
     feats = np.asarray(job.features)
-    return cost.predict(job_vector(job.task, feats)), list(cost.phases(job.task, feats))
+    head, steps, tail = cost.phases(job.task, feats)
+    store = cost.storing(job.task, feats)
+    return cost.predict(job_vector(job.task, feats)) + store, [head, steps, tail + store]
 
 
 def job_features(job: JobRecord, blobs: dict[str, bytes]) -> list[float]:

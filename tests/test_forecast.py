@@ -10,6 +10,7 @@ import pytest
 from server.forecast import (
     FEATURES,
     MASKS,
+    OUTPUT_MP,
     CallTimes,
     CostModel,
     call_features,
@@ -91,6 +92,42 @@ def test_totals_alone_confound_the_phases_that_timings_separate() -> None:
     true = float(truth @ far)
     assert abs(predict(phased, "generate", far) - true) / true < 0.05
     assert abs(predict(totals, "generate", far) - true) / true > 0.2
+
+
+def test_a_batch_that_decodes_cheaper_per_image_is_learned() -> None:
+    # as measured on the tiny Qwen edit pipeline: two images decode in far less than
+    # twice the time of one; with decoding linear in images (no decode_batch_mp), the
+    # tail of a one-image job far larger than any seen would be forecast short
+    truth = TRUTH + prior_vector({"decode_mp": 3.0, "decode_batch_mp": -2.0})
+    model = CostModel({})
+    rng = random.Random(2)
+    for _ in range(12):
+        f = tiny_job(rng)
+        model.observe("generate", f, float(truth @ f), phases=truth_phases(f, truth))
+    assert -2.2 < model.term("generate", "decode_batch_mp") < -1.8, model.report()
+    for probe in (call_features("generate", 4, 0.25, 1), call_features("generate", 4, 0.25, 2)):
+        true = float(truth @ probe)
+        assert abs(predict(model, "generate", probe) - true) / true < 0.02, (probe, model.report())
+
+
+def test_storing_counts_for_the_job_itself_not_for_the_jobs_behind_it() -> None:
+    from server.jobs import JobRecord
+    from server.standing import predict as job_forecast
+
+    model = CostModel({})
+    rng = random.Random(4)
+    for _ in range(12):
+        f = tiny_job(rng)
+        stored = 0.002 + 0.5 * f[OUTPUT_MP]  # encoding grows with the output's pixels
+        model.observe("generate", f, float(TRUTH @ f), phases=truth_phases(f), stored=stored)
+    big = call_features("generate", 4, 0.25, 2)
+    assert model.storing("generate", big) == pytest.approx(0.002 + 0.5 * 0.5, rel=1e-6)
+    # what a job costs the jobs queued behind it: worker time only (its storing overlaps the next job)
+    assert predict(model, "generate", big) == pytest.approx(float(TRUTH @ big), rel=0.01)
+    # what the job itself waits for: its results stored too, in the phase after the steps
+    seconds, phases = job_forecast(model, JobRecord(model="m", task="generate", features=big.tolist()))
+    assert seconds == pytest.approx(predict(model, "generate", big) + 0.252, rel=1e-6)
+    assert phases[2] == pytest.approx(model.phases("generate", big)[2] + 0.252, rel=1e-6)
 
 
 def test_references_are_learned_in_their_pixels() -> None:

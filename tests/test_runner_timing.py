@@ -1,12 +1,14 @@
 """What the runner counts as a job's worker time (``JobRecord.worker_seconds``, shown
 as ``gpu_seconds``): the forecast learns it as the cost of a job in the queue, and
-quotas charge it.  The app runs in-process here, on the memory broker and the stub
-backend, so that the claim between two queued jobs can be made slow the way a slow
-network to the broker would make it."""
+quotas charge it; and how far behind its progress a running job is (``Runner.delayed``).
+The app runs in-process here, on the memory broker and the stub backend, so that the
+claim between two queued jobs can be made slow the way a slow network to the broker
+would make it, and the event loop can be kept busy while a job runs."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,37 @@ def test_a_queued_job_is_timed_from_when_the_job_before_it_left_the_model(tmp_pa
     # the hand-over the model sat idle through is part of what the job in the queue cost
     assert second["gpu_seconds"] >= HAND_OVER + calls, second
     assert second["started_at"] - first["started_at"] >= HAND_OVER, (first, second)
+
+
+BUSY = 0.5  # CPU seconds the event loop's thread runs while a job waits for its first step
+
+
+async def remaining_before_and_after_a_busy_loop(tmp: Path) -> tuple[float, float, float]:
+    """(wait_remaining of a running job, the same after the loop ran ``BUSY`` seconds of
+    CPU, the wall-clock seconds between the two readings)."""
+    raw = stub_settings(simulate_step_seconds=1000.0)  # 64x64: ~4 s a step
+    raw["storage"] = {"output_dir": str(tmp / "outputs")}
+    app = create_app(build_settings(raw))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://easel") as c:
+            tid = (await c.post("/api/generate", json={"prompt": "a lighthouse", "steps": 2})).json()["task_id"]
+            while (st := (await c.get("/api/status", params={"task_id": tid, "wait": 10})).json())["status"] == "waiting":
+                pass
+            assert st["status"] == "running" and st["step"] == 0, st
+            t1, before = time.monotonic(), (await c.get("/api/status", params={"task_id": tid})).json()["wait_remaining"]
+            end = time.thread_time() + BUSY
+            while time.thread_time() < end:  # the loop's own thread busy (a burst of requests would do this)
+                pass
+            t2, after = time.monotonic(), (await c.get("/api/status", params={"task_id": tid})).json()
+            assert after["step"] == 0, after  # no step meanwhile: its progress says nothing new
+            await c.get("/api/cancel", params={"task_id": tid})
+            return before, after["wait_remaining"], t2 - t1
+
+
+def test_a_running_job_is_behind_by_the_time_the_event_loop_held_it_up(tmp_path: Path) -> None:
+    before, after, wall = asyncio.run(remaining_before_and_after_a_busy_loop(tmp_path))
+    # by its progress alone ``before - wall`` would be left; the loop's CPU time since its
+    # last step (a pipeline thread of this process waits for the GIL meanwhile) is on top
+    behind = after - (before - wall)
+    assert BUSY * 0.8 < behind < wall + 0.1, (before, after, wall)
