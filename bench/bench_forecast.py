@@ -32,6 +32,7 @@ import io
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -136,15 +137,19 @@ def settle(pid: int, timeout: float = 20.0) -> None:
 
 
 def run_queue(
-    c: httpx.Client, mix: Mix, model: str, rng: random.Random, warmup: int, jobs: int, probes: list[float], pid: int
-) -> list[float]:
+    c: httpx.Client, mix: Mix, model: str, rng: random.Random, warmup: int, jobs: int, probes: list[float], pid: int,
+    made: list[dict[str, Any]] | None = None,
+) -> list[float]:  # fmt: skip
     """Signed errors of ``jobs`` jobs queued at once after ``warmup`` jobs; the host's
-    speed is appended to ``probes`` before, between and after."""
+    speed is appended to ``probes`` before, between and after; each job (its request,
+    its final status) is appended to ``made``."""
+    made = [] if made is None else made
 
     def submit(job: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         route, body = job or mix(rng)
         r = c.post(f"/api/{route}", json={**body, "model": model})
         r.raise_for_status()
+        made.append({"route": route, "body": body, "submitted": r.json()})
         return r.json()  # type: ignore[no-any-return]
 
     def wait(tid: str) -> dict[str, Any]:
@@ -158,6 +163,7 @@ def run_queue(
                 raise RuntimeError(f"job {tid} not finished in 600 s: {st}")
         if st["status"] != "done":
             raise RuntimeError(f"job {tid} ended {st['status']}: {st.get('message')}")
+        next(m for m in made if m["submitted"]["task_id"] == tid)["status"] = st
         return st
 
     settle(pid)
@@ -176,23 +182,71 @@ def run_queue(
     return signed
 
 
+def trace_run(made: list[dict[str, Any]], log: str, warmup: int) -> list[dict[str, Any]]:
+    """One run's jobs for ``bench/forecast_replay.py``: each job's shape, its times, and
+    its phases as the worker measured them (the server's debug log line of the job)."""
+    measured = {m["id"]: m for m in map(_worker_line, log.splitlines()) if m is not None}
+    out = []
+    for i, m in enumerate(made):
+        body, st = m["body"], m["status"]
+        w = measured.get(st["task_id"])
+        if w is None:
+            raise RuntimeError(f"job {st['task_id']}: no worker line in the server log (log_level must be debug)")
+        out.append({"burst": i >= warmup, "task": "edit" if m["route"] == "edit" else "generate",
+                    "width": body["width"], "height": body["height"], "steps": body["steps"], "n": body["n"],
+                    "reference_mps": [_data_url_mp(u) for u in body.get("images", [])],
+                    "created_at": st["created_at"], "started_at": st["started_at"], "finished_at": st["finished_at"],
+                    "expected": m["submitted"]["expected_time_seconds"], **w})  # fmt: skip
+    return out
+
+
+WORKER_LINE = re.compile(
+    r"job (\w+): ([\d.]+)s on the worker \(([\d.]+) before the steps, ([\d.]+) steps, ([\d.]+) after\); "
+    r"forecast ([\d.]+)s \([^)]*\); stored in ([\d.]+)s(; right after another job)?"
+)
+
+
+def _worker_line(line: str) -> dict[str, Any] | None:
+    m = WORKER_LINE.search(line)
+    if m is None:
+        return None
+    return {"id": m[1], "worker_seconds": float(m[2]), "phases": [float(m[3]), float(m[4]), float(m[5])],
+            "worker_forecast": float(m[6]), "stored": float(m[7]), "after_job": m[8] is not None}  # fmt: skip
+
+
+def _data_url_mp(url: str) -> float:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as img:
+        return img.width * img.height / 1e6
+
+
 def bench_family(
-    family: str, seeds: list[int], tmp: Path, threads: int, warmup: int, jobs: int, max_drift: float, retries: int
-) -> dict[str, Any]:
+    family: str, seeds: list[int], tmp: Path, threads: int, warmup: int, jobs: int, max_drift: float, retries: int,
+    trace: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
     cfg, mix, model = settings(family, tmp)
+    if trace is not None:
+        cfg = {**cfg, "log_level": "debug"}  # each job's measured phases, for the trace
     signed: list[float] = []
     learned: Any = None
     drifted = []
     for seed in seeds:
         for attempt in range(retries + 1):
             probes: list[float] = []
+            made: list[dict[str, Any]] = []
             srv = start_server(tmp, cfg, env={"EASEL_TEST_THREADS": str(threads)}, script=ROOT / "tests" / "tiny_server.py")
             try:
-                errors = run_queue(srv.client, mix, model, random.Random(seed), warmup, jobs, probes, srv.proc.pid)
+                errors = run_queue(srv.client, mix, model, random.Random(seed), warmup, jobs, probes, srv.proc.pid, made)
                 learned = next(m for m in srv.client.get("/api/ps").json()["models"] if m["name"] == model)["forecast"]
             finally:
                 srv.stop()
             drift = max(probes) / min(probes) - 1
+            if trace is not None:
+                with trace.open("a") as f:
+                    run = {"family": family, "seed": seed, "attempt": attempt, "drift": drift,
+                           "jobs": trace_run(made, srv.log_path.read_text(), warmup)}  # fmt: skip
+                    f.write(json.dumps(run) + "\n")
             mape = statistics.mean(abs(e) for e in errors)
             print(f"  {family} seed {seed}: MAPE {100 * mape:.1f}%, mean signed {100 * statistics.mean(errors):+.1f}%; "
                   f"per job {' '.join(f'{100 * e:+.0f}' for e in errors)}; host drift {100 * drift:.1f}% "
@@ -218,6 +272,8 @@ def main() -> None:
     p.add_argument("--learned", action="store_true", help="print what each model learned (/api/ps)")
     p.add_argument("--max-drift", type=float, default=0.05, help="a seed whose host probes differ more runs again")
     p.add_argument("--retries", type=int, default=2, help="runs again of a seed the host drifted in")
+    p.add_argument("--trace", type=Path, help="append every run's jobs (shapes, times, measured phases) to this JSON-lines "
+                   "file, for bench/forecast_replay.py")  # fmt: skip
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
@@ -225,7 +281,8 @@ def main() -> None:
         for family in args.families.split(","):
             if family not in FAMILIES:
                 p.error(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-            rows.append(bench_family(family, seeds, Path(d), args.threads, args.warmup, args.jobs, args.max_drift, args.retries))
+            rows.append(bench_family(family, seeds, Path(d), args.threads, args.warmup, args.jobs, args.max_drift, args.retries,
+                                     args.trace))  # fmt: skip
     print(
         f"\n{'family':12s} {'MAPE':>6s} {'signed':>7s} {'max':>6s}  (seeds {args.seeds}; {args.jobs} jobs each after {args.warmup} warm-up)"
     )
