@@ -22,6 +22,12 @@ pipelines) while the server is idle — before the warm-up, after it, after the 
 and a seed whose three probes differ by more than ``--max-drift`` (default 5%) is run
 again on a fresh server, up to ``--retries`` times; every run is printed with its
 drift, and the summary says which seeds it kept with drift over the limit.
+
+``--pin`` keeps the bench itself (submissions, polling, probes) on the last core once
+each server has started, so that on a small machine the client does not take the CPU
+the pipeline runs on (the server keeps every core); ``--isolate`` runs the model in
+its own process (``models.NAME.isolate``); ``--trace FILE`` appends each run's jobs
+(shapes, times, the phases the worker measured) for ``bench/forecast_replay.py``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import httpx  # noqa: E402
 from tests.conftest import start_server, stub_settings  # noqa: E402
 
 SIZES = [64, 80, 96, 112, 128]
+_CORES = os.sched_getaffinity(0)  # every core this bench may use (``--pin`` keeps itself to the last)
 FAMILIES = ("stub", "sdxl", "flux2_klein", "z_image", "qwen_edit")
 Mix = Callable[[random.Random], tuple[str, dict[str, Any]]]  # -> (route, body)
 
@@ -223,9 +230,12 @@ def _data_url_mp(url: str) -> float:
 
 def bench_family(
     family: str, seeds: list[int], tmp: Path, threads: int, warmup: int, jobs: int, max_drift: float, retries: int,
-    trace: Path | None = None,
+    trace: Path | None = None, isolate: bool = False, pin: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     cfg, mix, model = settings(family, tmp)
+    cores = _CORES
+    if isolate:
+        cfg = {**cfg, "models": {name: {**m, "isolate": True} for name, m in cfg["models"].items()}}
     if trace is not None:
         cfg = {**cfg, "log_level": "debug"}  # each job's measured phases, for the trace
     signed: list[float] = []
@@ -235,7 +245,10 @@ def bench_family(
         for attempt in range(retries + 1):
             probes: list[float] = []
             made: list[dict[str, Any]] = []
+            os.sched_setaffinity(0, cores)  # the server starts on every core (its threads inherit that)
             srv = start_server(tmp, cfg, env={"EASEL_TEST_THREADS": str(threads)}, script=ROOT / "tests" / "tiny_server.py")
+            if pin:
+                os.sched_setaffinity(0, {max(cores)})
             try:
                 errors = run_queue(srv.client, mix, model, random.Random(seed), warmup, jobs, probes, srv.proc.pid, made)
                 learned = next(m for m in srv.client.get("/api/ps").json()["models"] if m["name"] == model)["forecast"]
@@ -272,17 +285,22 @@ def main() -> None:
     p.add_argument("--learned", action="store_true", help="print what each model learned (/api/ps)")
     p.add_argument("--max-drift", type=float, default=0.05, help="a seed whose host probes differ more runs again")
     p.add_argument("--retries", type=int, default=2, help="runs again of a seed the host drifted in")
+    p.add_argument("--pin", action="store_true", help="keep this bench (its submissions, polling and probes) on the last "
+                   "CPU core, off the core the server's pipeline can have to itself")  # fmt: skip
+    p.add_argument("--isolate", action="store_true", help="run the model in its own process (models.NAME.isolate)")
     p.add_argument("--trace", type=Path, help="append every run's jobs (shapes, times, measured phases) to this JSON-lines "
                    "file, for bench/forecast_replay.py")  # fmt: skip
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin needs two CPU cores or more")
     rows = []
     with tempfile.TemporaryDirectory(prefix="easel-bench-") as d:
         for family in args.families.split(","):
             if family not in FAMILIES:
                 p.error(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
             rows.append(bench_family(family, seeds, Path(d), args.threads, args.warmup, args.jobs, args.max_drift, args.retries,
-                                     args.trace))  # fmt: skip
+                                     args.trace, args.isolate, args.pin))  # fmt: skip
     print(
         f"\n{'family':12s} {'MAPE':>6s} {'signed':>7s} {'max':>6s}  (seeds {args.seeds}; {args.jobs} jobs each after {args.warmup} warm-up)"
     )

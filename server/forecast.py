@@ -37,6 +37,11 @@ proportions.
 Because the model is linear, the forecast for everything ahead of a job is the
 coefficients times the *sum* of the features ahead, which the queue keeps as prefix
 sums; no scan of the queue is needed.
+
+A job is done when its results are stored, a little after it leaves the model; that
+storing overlaps the next job's run, so it is no part of what a job costs the jobs
+behind it, only of the job's own forecast (``storing_line``: a line in the output's
+megapixels over the jobs timed, kept with each fit's statistics).
 """
 
 from __future__ import annotations
