@@ -643,7 +643,7 @@ class Runner:
         CPU time the event loop has run since the job's last step (or its start).  A
         pipeline thread waits for the GIL while the loop runs Python (requests, a
         burst of submissions), so a job that makes no step meanwhile has that much
-        more to go; a model in its own process (``isolated``) is not held up."""
+        more to go; a model in its own process (``isolate: true``) is not held up."""
         r = self.running.get(job_id)
         ctx = r.ctx if r is not None else None
         if ctx is None or ctx.clock is None:
