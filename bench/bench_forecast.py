@@ -53,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from server.build import decode_b64  # noqa: E402
+from server.standing import megapixels  # noqa: E402
 from tests.conftest import start_server, stub_settings  # noqa: E402
 
 SIZES = [64, 80, 96, 112, 128]
@@ -201,7 +203,7 @@ def trace_run(made: list[dict[str, Any]], log: str, warmup: int) -> list[dict[st
             raise RuntimeError(f"job {st['task_id']}: no worker line in the server log (log_level must be debug)")
         out.append({"burst": i >= warmup, "task": "edit" if m["route"] == "edit" else "generate",
                     "width": body["width"], "height": body["height"], "steps": body["steps"], "n": body["n"],
-                    "reference_mps": [_data_url_mp(u) for u in body.get("images", [])],
+                    "reference_mps": [megapixels(decode_b64(u, "images")) for u in body.get("images", [])],
                     "created_at": st["created_at"], "started_at": st["started_at"], "finished_at": st["finished_at"],
                     "expected": m["submitted"]["expected_time_seconds"], **w})  # fmt: skip
     return out
@@ -221,19 +223,11 @@ def _worker_line(line: str) -> dict[str, Any] | None:
             "worker_forecast": float(m[6]), "stored": float(m[7]), "after_job": m[8] is not None}  # fmt: skip
 
 
-def _data_url_mp(url: str) -> float:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as img:
-        return img.width * img.height / 1e6
-
-
 def bench_family(
     family: str, seeds: list[int], tmp: Path, threads: int, warmup: int, jobs: int, max_drift: float, retries: int,
     trace: Path | None = None, isolate: bool = False, pin: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     cfg, mix, model = settings(family, tmp)
-    cores = _CORES
     if isolate:
         cfg = {**cfg, "models": {name: {**m, "isolate": True} for name, m in cfg["models"].items()}}
     if trace is not None:
@@ -245,10 +239,10 @@ def bench_family(
         for attempt in range(retries + 1):
             probes: list[float] = []
             made: list[dict[str, Any]] = []
-            os.sched_setaffinity(0, cores)  # the server starts on every core (its threads inherit that)
+            os.sched_setaffinity(0, _CORES)  # the server starts on every core (its threads inherit that)
             srv = start_server(tmp, cfg, env={"EASEL_TEST_THREADS": str(threads)}, script=ROOT / "tests" / "tiny_server.py")
             if pin:
-                os.sched_setaffinity(0, {max(cores)})
+                os.sched_setaffinity(0, {max(_CORES)})
             try:
                 errors = run_queue(srv.client, mix, model, random.Random(seed), warmup, jobs, probes, srv.proc.pid, made)
                 learned = next(m for m in srv.client.get("/api/ps").json()["models"] if m["name"] == model)["forecast"]

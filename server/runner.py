@@ -151,6 +151,11 @@ class JobContext:
             job.first_step_at = job.last_step_at
         self.broker.progress_threadsafe(job)
 
+    def held_up(self) -> float:
+        """The CPU seconds the event loop has run since the last step (0 without a clock:
+        a model in its own process)."""
+        return max(0.0, self.clock.seconds() - self.loop_mark) if self.clock is not None else 0.0
+
     def wants_preview(self, i: int) -> bool:
         step = self.offset + i
         partial = step in self.preview_steps
@@ -645,10 +650,7 @@ class Runner:
         burst of submissions), so a job that makes no step meanwhile has that much
         more to go; a model in its own process (``isolate: true``) is not held up."""
         r = self.running.get(job_id)
-        ctx = r.ctx if r is not None else None
-        if ctx is None or ctx.clock is None:
-            return 0.0
-        return max(0.0, ctx.clock.seconds() - ctx.loop_mark)
+        return r.ctx.held_up() if r is not None and r.ctx is not None else 0.0
 
     def _cancel_asked(self, job_id: str) -> None:
         r = self.running.get(job_id)
