@@ -1,5 +1,5 @@
-"""Unit tests of the small parts the job path is made of: result encoding, metrics,
-change waits, and the malloc settings."""
+"""Unit tests of the small parts the job path is made of: decoding input images,
+result encoding, metrics, change waits, and the malloc settings."""
 
 from __future__ import annotations
 
@@ -17,8 +17,60 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server import hostmem
 from server.broker.notify import Notifier
+from server.build import OFF_LOOP_PIXELS, decode_off_loop
+from server.errors import BadRequest
 from server.metrics import Metrics
 from server.runner import encode
+
+# --- decoding input images --------------------------------------------------------------
+
+
+def _png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((side, side)).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _loop_turns_while_decoding(data: bytes) -> int:
+    """How often the event loop ran something else while ``decode_off_loop`` decoded."""
+
+    async def main() -> int:
+        turns, done = 0, asyncio.Event()
+
+        async def other_work() -> None:
+            nonlocal turns
+            while not done.is_set():
+                turns += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.ensure_future(other_work())
+        await asyncio.sleep(0)  # it starts
+        before = turns
+        try:
+            await decode_off_loop(data, "images[0]", 1 << 30)
+        finally:
+            done.set()
+            await ticker
+        return turns - before
+
+    return asyncio.run(main())
+
+
+def test_a_large_reference_is_decoded_while_the_event_loop_goes_on() -> None:
+    side = 2048
+    assert side * side > OFF_LOOP_PIXELS
+    assert _loop_turns_while_decoding(_png(side)) > 0
+
+
+def test_a_small_reference_is_decoded_at_once_on_the_loop() -> None:
+    assert _loop_turns_while_decoding(_png(64)) == 0  # no hand-over to a thread: it costs more than the decode
+
+
+def test_a_large_reference_that_will_not_decode_is_a_400() -> None:
+    data = _png(2048)
+    with pytest.raises(BadRequest, match=r"images\[0\]: could not decode the image data"):
+        asyncio.run(decode_off_loop(data[: len(data) // 2], "images[0]", 1 << 30))
+
 
 # --- encoding ------------------------------------------------------------------------------
 
@@ -103,6 +155,8 @@ def test_wait_times_out_wakes_on_a_change_and_leaves_no_waiter() -> None:
 FAULT_PROBE = r"""
 import json, resource, sys, threading
 from server import hostmem
+from server.build import OFF_LOOP_PIXELS, decode_off_loop
+from server.errors import BadRequest
 
 def faults_per_round():  # 30 MiB of 1 MiB buffers, touched and freed, six times
     out = []

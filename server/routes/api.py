@@ -7,6 +7,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -240,7 +241,7 @@ async def png_info(request: Request) -> Response:
         if req.image is None:
             raise BadRequest("send the image: a multipart file in the field image, or JSON {\"image\": data URL or base64}", param="image")
         data = decode_b64(req.image, "image")
-    text = infotext.read_bytes(data, "image", service.settings.limits.max_image_pixels)
+    text = await anyio.to_thread.run_sync(infotext.read_bytes, data, "image", service.settings.limits.max_image_pixels)
     if text is None:
         return json_response(PngInfoResponse())
     fields = infotext.parse(text)
