@@ -22,6 +22,9 @@ pipelines) while the server is idle — before the warm-up, after it, after the 
 and a seed whose three probes differ by more than ``--max-drift`` (default 5%) is run
 again on a fresh server, up to ``--retries`` times; every run is printed with its
 drift, and the summary says which seeds it kept with drift over the limit.
+``--host SECONDS`` only probes the host over and over for that long and prints the
+series: whether this VM is quiet enough to measure on (on 2026-12-02 it flipped between
+~27 and ~50 ms every second or two, on either core; on 2026-12-01 it read 53-56 ms).
 
 ``--pin`` keeps the bench itself (submissions, polling, probes) on the last core once
 each server has started, so that on a small machine the client does not take the CPU
@@ -284,7 +287,15 @@ def main() -> None:
     p.add_argument("--isolate", action="store_true", help="run the model in its own process (models.NAME.isolate)")
     p.add_argument("--trace", type=Path, help="append every run's jobs (shapes, times, measured phases) to this JSON-lines "
                    "file, for bench/forecast_replay.py")  # fmt: skip
+    p.add_argument("--host", type=float, metavar="SECONDS", help="only probe the host's speed for this long, and print it")
     args = p.parse_args()
+    if args.host:
+        series = [probe()]
+        while sum(series) < args.host:
+            series.append(probe())
+        print(f"probe (ms): {' '.join(f'{1000 * x:.0f}' for x in series)}")
+        print(f"median {1000 * statistics.median(series):.1f} ms, min {1000 * min(series):.1f}, max {1000 * max(series):.1f}")
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         p.error("--pin needs two CPU cores or more")
