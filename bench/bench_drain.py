@@ -167,6 +167,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one drain may take")
     p.add_argument("--pin", action="store_true", help="the measured pipeline on core 0, the API node, Redis and the polling on the rest")
+    p.add_argument("--isolate", action="store_true", help="the server runs the model in its own process (models.NAME.isolate)")
     args = p.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     if args.pin and len(cores) < 2:
@@ -178,12 +179,15 @@ def main() -> None:
         tmp = Path(d)
         folder = tp.build_sdxl(tmp / "sdxl")
         raw = sdxl_settings(folder)
-        settings = build_settings(raw)
+        settings = build_settings(raw)  # the direct calls: in this process
+        if args.isolate:
+            raw = {**raw, "models": {name: {**m, "isolate": True} for name, m in raw["models"].items()}}
         hostmem.tune(settings.host_memory.retain_mib)  # what the server does at start-up
         backend = create_backend("sdxl", settings.models["sdxl"], settings)
         backend.load()
         print(f"drain of {args.jobs} tiny-SDXL jobs ({args.size}x{args.size}, {args.steps} steps, PNG), mode {args.mode}, "
-              f"{args.threads} torch thread(s), {args.rounds} alternated rounds" + (", pinned" if args.pin else ""))  # fmt: skip
+              f"{args.threads} torch thread(s), {args.rounds} alternated rounds" + (", pinned" if args.pin else "")
+              + (", the server's model in its own process" if args.isolate else ""))  # fmt: skip
         with cluster(tmp, args.mode, raw, env) as (srv, pids):
             c = srv.client
             if args.pin:
