@@ -1,5 +1,5 @@
 """Unit tests of the small parts the job path is made of: decoding input images,
-result encoding, metrics, change waits, and the malloc settings."""
+failure messages, result encoding, metrics, change waits, and the malloc settings."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import hostmem
+from server.backends.base import BackendError, failure_message, out_of_memory
 from server.broker.notify import Notifier
 from server.build import OFF_LOOP_PIXELS, decode_off_loop
 from server.errors import BadRequest
@@ -70,6 +71,32 @@ def test_a_large_reference_that_will_not_decode_is_a_400() -> None:
     data = _png(2048)
     with pytest.raises(BadRequest, match=r"images\[0\]: could not decode the image data"):
         asyncio.run(decode_off_loop(data[: len(data) // 2], "images[0]", 1 << 30))
+
+
+# --- failure messages ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "oom", "says"),
+    [
+        (MemoryError(), True, "out of host memory (RAM)"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"), True, "host memory"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True, "the GPU ran out of memory"),
+        (BackendError("reference image 1 is 8x8; each side must be at least 16 px"), False, "reference image 1 is 8x8"),
+        (ValueError("shapes do not match"), False, "the model failed on this job (ValueError: shapes do not match)"),
+    ],
+)
+def test_failures_are_told_apart_and_said_as_a_sentence(exc: BaseException, oom: bool, says: str) -> None:
+    assert out_of_memory(exc) is oom
+    assert says in failure_message(exc)
+
+
+def test_torch_out_of_memory_is_out_of_memory() -> None:
+    import torch
+
+    exc = torch.OutOfMemoryError("Tried to allocate 80.00 GiB")
+    assert out_of_memory(exc)
+    assert "offload" in failure_message(exc)
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -155,6 +182,7 @@ def test_wait_times_out_wakes_on_a_change_and_leaves_no_waiter() -> None:
 FAULT_PROBE = r"""
 import json, resource, sys, threading
 from server import hostmem
+from server.backends.base import BackendError, failure_message, out_of_memory
 from server.build import OFF_LOOP_PIXELS, decode_off_loop
 from server.errors import BadRequest
 

@@ -65,12 +65,23 @@ def failure_message(exc: BaseException) -> str:
     name = type(exc).__name__
     if host_out_of_memory(exc):
         return "the server ran out of host memory (RAM) for this job; try a smaller size, fewer images or reference images"
-    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+    if device_out_of_memory(exc):
         return (
             "the GPU ran out of memory for this job; try a smaller size, fewer images or "
             "reference images, or set offload to 'model' for this model"
         )
     return f"the model failed on this job ({name}: {str(exc)[:300]}); the server log has the details"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """The device (or, on the CPU, the host) refused an allocation."""
+    return device_out_of_memory(exc) or host_out_of_memory(exc)
+
+
+def device_out_of_memory(exc: BaseException) -> bool:
+    """torch's ``OutOfMemoryError`` (``torch.cuda.OutOfMemoryError`` is the same class),
+    or another library's "out of memory" error."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 def host_out_of_memory(exc: BaseException) -> bool:

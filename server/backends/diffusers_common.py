@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image, ImageOps
 
-from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, host_out_of_memory, model_capabilities
+from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities, out_of_memory
 from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import WEIGHT_SUFFIXES, applied_loras
 
@@ -125,12 +125,6 @@ def check_references(images: list[Image.Image]) -> list[Image.Image]:
     return [img.convert("RGB") for img in images]
 
 
-def is_oom(exc: BaseException) -> bool:
-    """The device (or, on the CPU, the host) refused an allocation."""
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower() or host_out_of_memory(exc)
-
-
 def memory_of(device: str) -> str:
     """What runs out on ``device``, for a message."""
     return "host memory (RAM)" if device == "cpu" else "GPU memory"
@@ -222,7 +216,7 @@ class DiffusersBackend:
         try:
             self.pipe = self._place(self._build_pipeline())
         except Exception as exc:
-            if not is_oom(exc):
+            if not out_of_memory(exc):
                 raise
             free_memory()
             advice = "set offload to 'model' (or 'sequential'), " if self.device != "cpu" else ""
@@ -434,7 +428,7 @@ class DiffusersBackend:
                     images.extend(out.images)
         except Exception as exc:
             pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
-            if not is_oom(exc):
+            if not out_of_memory(exc):
                 raise
             free_memory()
             advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
