@@ -22,6 +22,7 @@ job) for each. ``--isolate`` runs the model in its own process
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import statistics
 import sys
@@ -50,8 +51,6 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--isolate", action="store_true", help="run the model in its own process")
     args = p.parse_args()
-    import random
-
     with tempfile.TemporaryDirectory(prefix="easel-bench-") as d:
         cfg, mix, model = settings(args.family, Path(d))
         cfg = {**cfg, "log_level": "debug", "models": {n: {**m, "isolate": args.isolate} for n, m in cfg["models"].items()}}

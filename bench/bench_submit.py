@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +61,12 @@ def healthz_times(url: str, stop: threading.Event, out: list[float]) -> None:
             out.append(time.perf_counter() - t0)
 
 
-def while_submitting(url: str, submit: object) -> list[float]:
-    stop, out = threading.Event(), []
+def while_submitting(url: str, submit: Callable[[], object]) -> list[float]:
+    stop, out = threading.Event(), list[float]()
     t = threading.Thread(target=healthz_times, args=(url, stop, out))
     t.start()
     try:
-        submit()  # type: ignore[operator]
+        submit()
     finally:
         stop.set()
         t.join()
@@ -107,7 +108,12 @@ def main() -> None:
         big = [photo_url(args.side)] * 4
         idle = while_submitting(srv.url, lambda: time.sleep(2.0))
         t0 = time.perf_counter()
-        busy = while_submitting(srv.url, lambda: [edit(big) for _ in range(args.big)])
+
+        def big_edits() -> None:
+            for _ in range(args.big):
+                edit(big)
+
+        busy = while_submitting(srv.url, big_edits)
         each = (time.perf_counter() - t0) / args.big
         mb = len(big[0]) * 4 / 1e6
         print(

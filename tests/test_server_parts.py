@@ -182,9 +182,6 @@ def test_wait_times_out_wakes_on_a_change_and_leaves_no_waiter() -> None:
 FAULT_PROBE = r"""
 import json, resource, sys, threading
 from server import hostmem
-from server.backends.base import BackendError, failure_message, out_of_memory
-from server.build import OFF_LOOP_PIXELS, decode_off_loop
-from server.errors import BadRequest
 
 def faults_per_round():  # 30 MiB of 1 MiB buffers, touched and freed, six times
     out = []
