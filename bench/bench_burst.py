@@ -1,6 +1,6 @@
 """What a burst of requests costs the job running in the server's process (run by hand).
 
-    python bench/bench_burst.py [--family flux2_klein] [--trials 8] [--isolate]
+    python bench/bench_burst.py [--family flux2_klein] [--trials 8] [--in-process]
 
 ``bench_forecast.py``'s first job of a burst runs longer than its forecast while the
 other fifteen are submitted. This measures where that goes. One tiny-pipeline server
@@ -15,8 +15,9 @@ first job of:
 - ``healthz``: fifteen ``GET /healthz`` to the same server.
 
 It prints the median of the first job's worker time (the server's debug line per
-job) for each. ``--isolate`` runs the model in its own process
-(``models.NAME.isolate``), where the server's requests do not share its GIL.
+job) for each. The model runs in its own process, as served by default, where the
+server's requests do not share its GIL; ``--in-process`` runs it in the server's
+process (``isolate: false``).
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="flux2_klein", choices=[f for f in FAMILIES if f != "stub"])
     p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--isolate", action="store_true", help="run the model in its own process")
+    p.add_argument("--in-process", action="store_true", help="run the model in the server's process (isolate: false)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="easel-bench-") as d:
         cfg, mix, model = settings(args.family, Path(d))
-        cfg = {**cfg, "log_level": "debug", "models": {n: {**m, "isolate": args.isolate} for n, m in cfg["models"].items()}}
+        cfg = {**cfg, "log_level": "debug", "models": {n: {**m, "isolate": not args.in_process} for n, m in cfg["models"].items()}}
         srv = start_server(Path(d), cfg, env={"EASEL_TEST_THREADS": "1"}, script=ROOT / "tests" / "tiny_server.py")
         other = start_server(Path(d), stub_settings(simulate_step_seconds=1000.0, max_pixels=256 * 256))
         try:
@@ -109,7 +110,7 @@ def main() -> None:
         finally:
             srv.stop()
             other.stop()
-    where = "in its own process" if args.isolate else "in the server's process"
+    where = "in the server's process" if args.in_process else "in its own process"
     print(f"{args.family}, the model {where}: the first job's worker time, median of {args.trials}")
     for kind, ts in times.items():
         print(f"  {kind:8s} {1000 * statistics.median(ts):6.0f} ms  ({' '.join(f'{1000 * t:.0f}' for t in ts)})")

@@ -167,7 +167,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one drain may take")
     p.add_argument("--pin", action="store_true", help="the measured pipeline on core 0, the API node, Redis and the polling on the rest")
-    p.add_argument("--isolate", action="store_true", help="the server runs the model in its own process (models.NAME.isolate)")
+    p.add_argument("--in-process", action="store_true",
+                   help="the server runs the model in its process (isolate: false; by default the model has its own)")
     args = p.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     if args.pin and len(cores) < 2:
@@ -180,14 +181,14 @@ def main() -> None:
         folder = tp.build_sdxl(tmp / "sdxl")
         raw = sdxl_settings(folder)
         settings = build_settings(raw)  # the direct calls: in this process
-        if args.isolate:
-            raw = {**raw, "models": {name: {**m, "isolate": True} for name, m in raw["models"].items()}}
+        if args.in_process:
+            raw = {**raw, "models": {name: {**m, "isolate": False} for name, m in raw["models"].items()}}
         hostmem.tune(settings.host_memory.retain_mib)  # what the server does at start-up
-        backend = create_backend("sdxl", settings.models["sdxl"], settings)
+        backend = create_backend("sdxl", settings.models["sdxl"], settings, isolate=False)
         backend.load()
         print(f"drain of {args.jobs} tiny-SDXL jobs ({args.size}x{args.size}, {args.steps} steps, PNG), mode {args.mode}, "
               f"{args.threads} torch thread(s), {args.rounds} alternated rounds" + (", pinned" if args.pin else "")
-              + (", the server's model in its own process" if args.isolate else ""))  # fmt: skip
+              + (", the server's model in the server's process" if args.in_process else ""))  # fmt: skip
         with cluster(tmp, args.mode, raw, env) as (srv, pids):
             c = srv.client
             if args.pin:

@@ -28,8 +28,9 @@ series: whether this VM is quiet enough to measure on (on 2026-12-02 it flipped 
 
 ``--pin`` keeps the bench itself (submissions, polling, probes) on the last core once
 each server has started, so that on a small machine the client does not take the CPU
-the pipeline runs on (the server keeps every core); ``--isolate`` runs the model in
-its own process (``models.NAME.isolate``); ``--trace FILE`` appends each run's jobs
+the pipeline runs on (the server keeps every core); the model runs in its own process
+as served by default, ``--in-process`` in the server's (``isolate: false``);
+``--trace FILE`` appends each run's jobs
 (shapes, times, the phases the worker measured) for ``bench/forecast_replay.py``.
 """
 
@@ -228,11 +229,11 @@ def _worker_line(line: str) -> dict[str, Any] | None:
 
 def bench_family(
     family: str, seeds: list[int], tmp: Path, threads: int, warmup: int, jobs: int, max_drift: float, retries: int,
-    trace: Path | None = None, isolate: bool = False, pin: bool = False,
+    trace: Path | None = None, in_process: bool = False, pin: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     cfg, mix, model = settings(family, tmp)
-    if isolate:
-        cfg = {**cfg, "models": {name: {**m, "isolate": True} for name, m in cfg["models"].items()}}
+    if in_process:
+        cfg = {**cfg, "models": {name: {**m, "isolate": False} for name, m in cfg["models"].items()}}
     if trace is not None:
         cfg = {**cfg, "log_level": "debug"}  # each job's measured phases, for the trace
     signed: list[float] = []
@@ -284,7 +285,7 @@ def main() -> None:
     p.add_argument("--retries", type=int, default=2, help="runs again of a seed the host drifted in")
     p.add_argument("--pin", action="store_true", help="keep this bench (its submissions, polling and probes) on the last "
                    "CPU core, off the core the server's pipeline can have to itself")  # fmt: skip
-    p.add_argument("--isolate", action="store_true", help="run the model in its own process (models.NAME.isolate)")
+    p.add_argument("--in-process", action="store_true", help="run the model in the server's process (isolate: false)")
     p.add_argument("--trace", type=Path, help="append every run's jobs (shapes, times, measured phases) to this JSON-lines "
                    "file, for bench/forecast_replay.py")  # fmt: skip
     p.add_argument("--host", type=float, metavar="SECONDS", help="only probe the host's speed for this long, and print it")
@@ -305,7 +306,7 @@ def main() -> None:
             if family not in FAMILIES:
                 p.error(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
             rows.append(bench_family(family, seeds, Path(d), args.threads, args.warmup, args.jobs, args.max_drift, args.retries,
-                                     args.trace, args.isolate, args.pin))  # fmt: skip
+                                     args.trace, args.in_process, args.pin))  # fmt: skip
     print(
         f"\n{'family':12s} {'MAPE':>6s} {'signed':>7s} {'max':>6s}  (seeds {args.seeds}; {args.jobs} jobs each after {args.warmup} warm-up)"
     )

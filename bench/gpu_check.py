@@ -19,17 +19,18 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
   table; the Qwen edit model 1..3; SDXL and Z-Image take one, the img2img source);
 - ``fp8 weight-only (torchao)``: ``quantization: "fp8"`` (FLUX.2-klein only);
 - ``model offload`` / ``sequential offload``: ``offload: model|sequential`` (CUDA);
-- ``huge job -> error, worker goes on``: through a real server (``tests/conftest.start_server``)
-  an 8192x8192 n=64 job must end as ``error`` naming the memory failure, then a normal
-  job on the same model must complete.  On CUDA the server's allocator is capped
+- ``huge job -> error, worker goes on``: through a real server (``tests/conftest.start_server``;
+  the model in its own process, as served by default) an 8192x8192 n=64 job must end as
+  ``error`` naming the memory failure, then a normal job on the same model must complete.  On CUDA the server's allocator is capped
   (``PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction``) a few GiB above the largest
   model, so the OOM comes at once.  The CPU has no CUDA OOM to force: the same path is
-  driven by a host allocation refused under ``RLIMIT_AS`` (set on the server for that
-  job only), which the server reports as a model failure.
+  driven by a host allocation refused under ``RLIMIT_AS`` (set on the model's process for
+  that job only), which the server reports as a model failure.
 
-Models load as the server loads them (``Registry.load``: ``create_backend``, ``load``,
-``residency.measure_mib``) and run as its worker runs them (``backend.run(WorkItem,
-ctx)``).  Each check is isolated: an exception becomes its row's ``FAILED``; a check that
+For the other checks models load as the server loads them (``Registry.load``:
+``create_backend``, ``load``, ``residency.measure_mib``), in this process
+(``isolate: false``: the checks look into the pipeline and this process's
+``torch.cuda``), and run as its worker runs them (``backend.run(WorkItem, ctx)``).  Each check is isolated: an exception becomes its row's ``FAILED``; a check that
 cannot run here is ``skipped``, with the reason.  The exit code is 1 when a check failed.
 """
 
@@ -154,6 +155,7 @@ class Loaded:
 
     def get(self, target: Target, dtype: str, **overrides: Any) -> ModelState:
         overrides["torch_dtype"] = DTYPES[dtype]
+        overrides.setdefault("isolate", False)  # these checks look into the pipeline and this process's torch.cuda
         key = (target.label, *sorted(overrides.items()))
         if key != self.key:
             self.release()
@@ -380,6 +382,13 @@ def job(c: httpx.Client, target: Target, **body: Any) -> dict[str, Any]:
     raise AssertionError(f"job {r.json()['task_id']} did not end within 300 s")
 
 
+def model_process(server_pid: int) -> int:
+    """The pid of the server's one model process (every backend but the stub runs in its
+    own by default: a multiprocessing spawn child), else the server's own."""
+    kids = [p.pid for p in psutil.Process(server_pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    return kids[0] if len(kids) == 1 else server_pid
+
+
 @contextmanager
 def host_memory_cap(pid: int, headroom_mib: int = 512) -> Iterator[None]:
     """Process ``pid`` may map only ``headroom_mib`` more (RLIMIT_AS soft limit) until the block ends."""
@@ -406,7 +415,7 @@ def oom_check(env: Env, target: Target) -> Result:
             st = job(c, target, **HUGE)
             how, expect = f"CUDA OOM (allocator capped at {(env.cap_mib or 0) / 1024:.1f} GiB)", "out of GPU memory"
         else:
-            with host_memory_cap(env.server.proc.pid):
+            with host_memory_cap(model_process(env.server.proc.pid)):
                 st = job(c, target, **HUGE)
             how, expect = "CPU: host allocation refused under RLIMIT_AS, not a CUDA OOM", "out of host memory"
         huge_s = time.perf_counter() - start

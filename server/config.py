@@ -55,7 +55,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     vae_tiling: bool = False
     vae_slicing: bool = False
     lora_dir: str | None = None
-    isolate: bool = False  # run the model in its own process: unloading returns all of its memory
+    isolate: bool | None = None  # run the model in its own process (null: every backend but the stub and upscalers)
     default_strength: Annotated[float, Meta(ge=0, le=1)] = 0.35
     keep_loaded: bool = True  # upscalers: stay loaded after a job
     tile_size: Annotated[int, Meta(ge=0)] = 512  # upscalers: input tile edge in px; 0 = no tiling
@@ -280,6 +280,11 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
                 f"{source}: models.{name}.quantization {model.quantization!r}: only the flux2_klein backend quantizes "
                 f"(backend {model.backend!r} would load unquantized); set it to 'none', or use an FP8 single-file "
                 "transformer (transformer_path)"
+            )
+        if model.isolate and model.backend == "upscale_esrgan":
+            raise ConfigError(
+                f"{source}: models.{name}.isolate: an upscaler runs in the server's process (jobs call it image by "
+                "image); remove isolate or set it to false"
             )
         if model.forecast_prior is not None and (unknown := unknown_terms(model.forecast_prior)):
             raise ConfigError(

@@ -17,6 +17,7 @@ import anyio
 from . import hostmem, residency
 from .backends import create_backend
 from .backends.base import Backend, Capabilities, free_memory, model_capabilities
+from .backends.isolated import IsolatedBackend
 from .errors import Conflict, NotFound
 from .training import TRAINABLE_BACKENDS
 
@@ -95,17 +96,13 @@ class Registry:
         return ms
 
     def _create_and_load(self, name: str, cfg: ModelConfig) -> tuple[Backend, float | None]:
-        """The loaded backend and its measured size in MiB (server/residency.py)."""
-        device = residency.model_device(cfg)
-        before = residency.cuda_allocated(device)
+        """The loaded backend and its measured size in MiB (server/residency.py); a
+        model in its own process measures itself (this process never touches its device)."""
         backend = create_backend(name, cfg, self.settings)
-        backend.load()
-        try:
-            size = residency.measure_mib(backend, cfg, device, before)
-        except Exception as exc:  # measuring must never fail a load
-            log.warning("model %s: could not measure its size (%s)", name, exc)
-            size = None
-        return backend, size
+        if isinstance(backend, IsolatedBackend):
+            backend.load()
+            return backend, backend.size_mib
+        return backend, residency.load_and_measure(backend, name, cfg)
 
     async def unload(self, name: str) -> ModelState:
         ms = self.get(name)
@@ -144,11 +141,13 @@ def process_rss() -> int:
 
 
 def device_report() -> list[dict[str, Any]]:
-    """Per-device memory: torch's view of CUDA devices, nvidia-smi when present,
-    and the process RSS (the only meaningful figure on CPU)."""
+    """Per-device memory: torch's view of CUDA devices where this process uses them (a
+    model in its own process does not: asking would start CUDA here, a context of
+    hundreds of MiB on every device), nvidia-smi when present, and the process RSS (the
+    only meaningful figure on CPU)."""
     devices: list[dict[str, Any]] = [{"device": "cpu", "process_rss_mib": round(process_rss() / 2**20, 1)}]
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_initialized():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
             devices.append(

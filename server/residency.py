@@ -24,6 +24,7 @@ In Redis mode every worker host applies this to its own models and budget.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .registry import ModelState
 
 MIB = 2**20
+log = logging.getLogger("easel.residency")
 
 
 class TooBig(BackendError):
@@ -58,7 +60,7 @@ def model_device(cfg: ModelConfig) -> str:
     if spec == "auto":
         spec = "cuda" if cuda else "cpu"  # mps has no budget key of its own here
     if spec == "cuda":
-        spec = f"cuda:{torch.cuda.current_device() if cuda else 0}"
+        spec = "cuda:0"  # torch's current device until a process sets another (asking would start CUDA here)
     return spec
 
 
@@ -106,6 +108,19 @@ def tensor_bytes(t: Any, seen: set[int]) -> int:
     if ptr:
         seen.add(ptr)
     return int(t.numel() * t.element_size())
+
+
+def load_and_measure(backend: Any, name: str, cfg: ModelConfig) -> float | None:
+    """Load ``backend`` (in this process) and measure it: its size in MiB, None when it
+    cannot be measured (measuring never fails a load)."""
+    device = model_device(cfg)
+    before = cuda_allocated(device)
+    backend.load()
+    try:
+        return measure_mib(backend, cfg, device, before)
+    except Exception as exc:
+        log.warning("model %s: could not measure its size (%s)", name, exc)
+        return None
 
 
 def measure_mib(backend: Any, cfg: ModelConfig, device: str, cuda_before: int | None) -> float | None:

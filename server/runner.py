@@ -248,9 +248,11 @@ def execute(
     """Run every pipeline call of ``job`` (the model's thread): the images, and the
     seconds of each call."""
     if job.task == "train":
+        assert job.train is not None
+        if isinstance(backend, IsolatedBackend):  # the pipeline is in the model's process: train there
+            return backend.train(job.train, ctx), []
         from .training.lora_trainer import LoraTrainer  # imports torch
 
-        assert job.train is not None
         return LoraTrainer(job.train).run(backend, ctx), []
     decoded: dict[str, Image] = {}
 

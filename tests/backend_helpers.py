@@ -57,8 +57,10 @@ class RecordingContext:
 
 
 def load_backend(backend: str, **cfg: Any) -> Backend:
-    """Create and load a backend from model-config fields (as the registry does)."""
+    """Create and load a backend from model-config fields (as the registry does), in
+    this process unless ``isolate=True`` (the tests look into the pipeline)."""
     cfg.setdefault("max_images", 4)
+    cfg.setdefault("isolate", False)
     instance = create_backend(f"test-{backend}", ModelConfig(backend=backend, **cfg), Settings())  # type: ignore[arg-type]
     instance.load()
     return instance

@@ -60,7 +60,8 @@ def srv(
     models["alternative"] = {"backend": "z_image", "model_path": str(write_alternative_z_image(tmp / "alt")), **common}
     models["missing"] = {"backend": "sdxl", "model_path": str(tmp / "not-downloaded"), **common}
     models["fp16_only"] = {"backend": "sdxl", "model_path": str(fp16_files_only(tiny_model_dirs["sdxl"], tmp / "fp16")), **common}
-    models["isolated"] = {**models["sdxl"], "isolate": True}
+    models["isolated"] = {**models["sdxl"], "isolate": True}  # as every Diffusers model is by default
+    models["in_process"] = {**models["sdxl"], "isolate": False}
     # refs cost nothing in the prior: a forecast that grows with them has learned it
     models["forecast"] = {**models["flux2_klein"], "forecast_prior": {"job": 0.05, "step_mp": 1.0}}
     settings = stub_settings()
@@ -222,9 +223,9 @@ def test_unloading_returns_memory_in_process(srv: RunningServer) -> None:
     c = srv.client
     after_unload = []
     for _ in range(3):
-        load(c, "sdxl")
-        run(c, "sdxl", width=128, height=128)
-        unload(c, "sdxl")
+        load(c, "in_process")
+        run(c, "in_process", width=128, height=128)
+        unload(c, "in_process")
         after_unload.append(rss_mib(c))
     print(f"server RSS after each unload (MiB): {after_unload}")
     assert abs(after_unload[2] - after_unload[0]) <= 0.1 * after_unload[0], after_unload

@@ -1,16 +1,21 @@
 """IsolatedBackend runs a real backend in a spawn child process: results, progress,
-previews and cancellation cross the pipe, and unloading ends the process."""
+previews and cancellation cross the pipe, the child measures the model's size, and
+unloading ends the process.  Every Diffusers backend runs this way by default."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import anyio
+import msgspec
 import psutil
 import pytest
 
+from server.backends import BACKENDS, create_backend
 from server.backends.base import BackendError, JobCancelled
 from server.backends.isolated import IsolatedBackend
-from server.config import ModelConfig, Settings
+from server.config import ConfigError, ModelConfig, Settings, build_settings
+from server.registry import Registry
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:
@@ -53,3 +58,35 @@ def test_isolated_load_error_is_reported_and_leaves_no_process(tmp_path: Path) -
     with pytest.raises(BackendError, match="does not exist"):
         backend.load()
     assert backend.pid is None
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_every_diffusers_backend_runs_in_its_own_process_by_default(backend: str) -> None:
+    def created(**cfg: object) -> object:
+        return create_backend("m", msgspec.convert({"backend": backend, **cfg}, ModelConfig), Settings())
+
+    in_process = {"stub", "upscale_esrgan"}  # the stub; an upscaler is called image by image
+    assert isinstance(created(), IsolatedBackend) == (backend not in in_process)
+    assert not isinstance(created(isolate=False), IsolatedBackend)
+    if backend != "upscale_esrgan":
+        assert isinstance(created(isolate=True), IsolatedBackend)
+
+
+def test_an_isolated_upscaler_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"models\.up\.isolate: an upscaler runs in the server's process"):
+        build_settings({"models": {"up": {"backend": "upscale_esrgan", "isolate": True}}})
+
+
+def test_the_model_process_measures_the_size_the_registry_keeps(tiny_z_image: Path) -> None:
+    """On the CPU the size is the pipeline's parameters and buffers: the same figure
+    whether the model is loaded here or in its own process (which measures itself)."""
+    model = {"backend": "z_image", "model_path": str(tiny_z_image), "device": "cpu"}
+    registry = Registry(build_settings({"models": {"here": {**model, "isolate": False}, "child": model}}))
+    here, child = anyio.run(registry.load, "here"), anyio.run(registry.load, "child")
+    try:
+        assert isinstance(child.backend, IsolatedBackend) and not isinstance(here.backend, IsolatedBackend)
+        assert here.size_mib is not None and here.size_mib > 0
+        assert child.size_mib == here.size_mib
+    finally:
+        anyio.run(registry.unload, "child")
+        anyio.run(registry.unload, "here")

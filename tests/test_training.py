@@ -185,7 +185,9 @@ def test_generate_behind_a_training_run_waits_for_its_remaining_time(srv: Runnin
     assert gen_st["pos"] == 1 and gen_st["status"] == "waiting"
     assert train_st["wait_remaining"] > 10  # 100k steps left at a measured rate
     assert gen_st["wait_remaining"] >= train_st["wait_remaining"]
-    assert gen["expected_time_seconds"] >= train_st["wait_remaining"]
+    # at its submission, a moment earlier: the training's remainder (100k steps at a rate
+    # measured over the last few) moves by several percent from one step to the next
+    assert gen["expected_time_seconds"] >= 0.8 * train_st["wait_remaining"]
     cancelled = c.get("/api/cancel", params={"task_id": sub["task_id"]}).json()
     assert cancelled["status"] == "cancelled"
     assert wait_done(c, gen["task_id"], timeout=60)["status"] == "done"
@@ -240,7 +242,7 @@ def test_error_mid_run_keeps_earlier_checkpoints_and_removes_the_adapter(
     from server.training.plan import TrainPlan
 
     settings = build_settings({"models": {"z": {"backend": "z_image", "model_path": str(env["zimg"]), "device": "cpu"}}})
-    backend: Any = create_backend("z", settings.models["z"], settings)
+    backend: Any = create_backend("z", settings.models["z"], settings, isolate=False)  # patched below: this process
     backend.load()
     folder, samples = validate_dataset("shapes", [str(env["root"])])
     calls = {"n": 0}

@@ -19,12 +19,25 @@ BACKENDS: dict[str, str] = {
     "qwen_edit_gguf": "qwen_edit_gguf:QwenEditGGUFBackend",
     "upscale_esrgan": "upscale:UpscaleBackend",
 }
+# backends that run in the server's process (the stub unless ``isolate: true``; an
+# upscaler always: jobs call it image by image); every other one runs in a child
+# process unless ``isolate: false`` (see ``runs_isolated``)
+IN_PROCESS_BY_DEFAULT = frozenset({"stub", "upscale_esrgan"})
+
+
+def runs_isolated(cfg: ModelConfig) -> bool:
+    """Whether the model runs in its own process (``backends/isolated.py``):
+    ``models.NAME.isolate``, by default every backend but the stub and the upscaler.
+    A model that runs torch in the server's process shares the GIL with the event
+    loop: each request the server handles meanwhile holds up the model's Python (a GPU
+    pipeline waits for its next kernel launch), and unloading gives back less memory."""
+    return cfg.isolate if cfg.isolate is not None else cfg.backend not in IN_PROCESS_BY_DEFAULT
 
 
 def create_backend(name: str, cfg: ModelConfig, settings: Settings, *, isolate: bool | None = None) -> Backend:
-    """Instantiate (not load) the backend for model ``name``; with ``cfg.isolate``
-    (or ``isolate=True``) a proxy that runs it in a child process."""
-    if cfg.isolate if isolate is None else isolate:
+    """Instantiate (not load) the backend for model ``name``; a proxy that runs it in
+    a child process where ``runs_isolated(cfg)`` (or ``isolate=True``)."""
+    if runs_isolated(cfg) if isolate is None else isolate:
         from .isolated import IsolatedBackend
 
         return IsolatedBackend(name, cfg, settings)

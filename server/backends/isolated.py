@@ -7,12 +7,21 @@ preview and the result back, ``unload`` stops the child — the operating system
 reclaims all of its RAM and GPU memory, which the CUDA caching allocator and the C
 heap of a long-lived process do not give back.
 
+Every backend but the stub and the upscaler runs this way by default (``backends.runs_isolated``): the
+server's event loop then never shares a GIL with a pipeline.
+
 The step protocol is synchronous: after each denoising step the child sends
 ``("step", i, total)`` and waits for the parent's answer, which carries whether a
 preview is wanted and whether the job was cancelled (the parent's ``ctx.step``
 raised ``JobCancelled``); the child then raises ``JobCancelled`` itself, so the
 pipeline stops at the same point as in-process.  One round trip per step costs
-well under a millisecond.
+well under a millisecond.  A LoRA-training job runs in the child too (``train``):
+its status (``set_extra``) goes to the parent as it comes, and ``ctx.cancelled``
+asks the parent.
+
+The child measures the model's size after loading (``residency.measure_mib``: on a
+CUDA device the growth of its own ``torch.cuda.memory_allocated``) and sends it with
+the load's answer (``size_mib``); the parent never touches the model's device.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from ..config import ModelConfig, Settings
+    from ..training.lora_trainer import TrainContext
+    from ..training.plan import TrainPlan
     from .base import StepContext
 
 log = logging.getLogger(__name__)
@@ -39,21 +50,26 @@ STOP_TIMEOUT = 10.0
 
 
 class _ChildContext:
-    """The StepContext seen by the backend inside the child."""
+    """The StepContext (and, for training, the JobContext) seen by the backend inside
+    the child."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, job_id: str = "") -> None:
         self.conn = conn
+        self.job_id = job_id
         self._preview_wanted = False
-        self._cancelled = False
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled
+        self.conn.send(("cancelled?",))
+        return bool(self.conn.recv())
+
+    def set_extra(self, **values: Any) -> None:
+        self.conn.send(("extra", values))
 
     def step(self, i: int, total: int) -> None:
         self.conn.send(("step", i, total))
-        self._preview_wanted, self._cancelled = self.conn.recv()
-        if self._cancelled:
+        self._preview_wanted, cancelled = self.conn.recv()
+        if cancelled:
             raise JobCancelled()
 
     def wants_preview(self, i: int) -> bool:
@@ -64,6 +80,7 @@ class _ChildContext:
 
 
 def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Settings) -> None:
+    from .. import residency
     from . import create_backend
 
     hostmem.tune(settings.host_memory.retain_mib)
@@ -75,18 +92,22 @@ def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Setting
             return
         try:
             if command == "load":
-                backend.load()
-                conn.send(("done", None))
+                conn.send(("done", residency.load_and_measure(backend, name, cfg)))
             elif command == "run":
                 conn.send(("done", backend.run(payload, _ChildContext(conn))))
+            elif command == "train":
+                from ..training.lora_trainer import LoraTrainer
+
+                plan, job_id = payload
+                conn.send(("done", LoraTrainer(plan).run(backend, _ChildContext(conn, job_id))))
             elif command == "tokens":
                 conn.send(("done", count_tokens(backend, payload)))
             elif command == "stop":
                 backend.unload()
                 conn.send(("done", None))
                 return
-        except JobCancelled:
-            conn.send(("cancelled", None))
+        except JobCancelled as exc:
+            conn.send(("cancelled", str(exc)))
         except BackendError as exc:
             conn.send(("backend_error", str(exc)))
         except Exception as exc:  # report, keep serving: the model may still be usable
@@ -107,6 +128,7 @@ class IsolatedBackend:
         self.capabilities: Capabilities = model_capabilities(cfg, getattr(inner, "default_tasks", ("generate",)))
         self._proc: Any = None
         self._conn: Connection | None = None
+        self.size_mib: float | None = None  # measured in the child after its load
 
     @property
     def pid(self) -> int | None:
@@ -124,7 +146,7 @@ class IsolatedBackend:
         child.close()
         self._conn = parent
         try:
-            self._call("load", None, None)
+            self.size_mib = self._call("load", None, None)
         except BaseException:
             self._kill()
             raise
@@ -133,6 +155,13 @@ class IsolatedBackend:
         if self._conn is None:
             raise BackendError(f"model {self.name!r} is not loaded; load it first")
         result: list[Image] = self._call("run", item, ctx)
+        return result
+
+    def train(self, plan: TrainPlan, ctx: TrainContext) -> list[Image]:
+        """Run a LoRA-training job on the model in its process (``LoraTrainer``)."""
+        if self._conn is None:
+            raise BackendError(f"model {self.name!r} is not loaded; load it first")
+        result: list[Image] = self._call("train", (plan, ctx.job_id), ctx)
         return result
 
     def unload(self) -> None:
@@ -160,7 +189,10 @@ class IsolatedBackend:
         if proc is not None and proc.is_alive():
             proc.kill()
 
-    def _call(self, command: str, payload: Any, ctx: StepContext | None) -> Any:
+    def _call(self, command: str, payload: Any, ctx: Any) -> Any:
+        """Send ``command`` and serve the child's requests until its answer; ``ctx``: the
+        job's context (the runner's JobContext: a StepContext, with ``set_extra`` for a
+        training job) or None."""
         assert self._conn is not None
         conn = self._conn
         cancelled = False
@@ -180,10 +212,14 @@ class IsolatedBackend:
                     conn.send((not cancelled and ctx.wants_preview(i), cancelled))
                 elif kind == "preview" and ctx is not None:
                     ctx.preview(rest[0])
+                elif kind == "cancelled?":
+                    conn.send(ctx is not None and ctx.cancelled)
+                elif kind == "extra" and ctx is not None:
+                    ctx.set_extra(**rest[0])
                 elif kind == "done":
                     return rest[0]
                 elif kind == "cancelled":
-                    raise JobCancelled()
+                    raise JobCancelled(rest[0]) if rest[0] else JobCancelled()
                 elif kind == "backend_error":
                     raise BackendError(rest[0])
                 elif kind == "error":

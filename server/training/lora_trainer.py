@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -34,12 +34,25 @@ from .families import Conditioning, Family, family_for, logit_normal
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from ..runner import JobContext
     from .plan import TrainPlan
 
 log = logging.getLogger("easel")
 ADAPTER = "easel_training"
 LOSS_WINDOW = 20  # steps averaged for the reported loss_avg
+
+
+class TrainContext(Protocol):
+    """What a training job uses of its context: the runner's JobContext, or in a
+    model's own process the proxy of it (``backends/isolated.py``)."""
+
+    job_id: str
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def step(self, i: int, total: int) -> None: ...
+
+    def set_extra(self, **values: Any) -> None: ...
 
 
 @dataclass
@@ -69,7 +82,7 @@ class LoraTrainer:
     def __init__(self, plan: TrainPlan) -> None:
         self.plan = plan
 
-    def run(self, backend: Any, ctx: JobContext) -> list[Image]:
+    def run(self, backend: Any, ctx: TrainContext) -> list[Image]:
         pipe = getattr(backend, "pipe", None)
         family_cls = family_for(self.plan.backend)
         if pipe is None or family_cls is None:
@@ -90,7 +103,7 @@ class LoraTrainer:
 
     # ----------------------------------------------------------------- phases
 
-    def _cache(self, family: Family, ctx: JobContext) -> list[list[_Cached]]:
+    def _cache(self, family: Family, ctx: TrainContext) -> list[list[_Cached]]:
         """Latents and caption embeddings, once each, grouped by training size."""
         conds: dict[str, Conditioning] = {}
         buckets: dict[tuple[int, ...], list[_Cached]] = {}
@@ -153,7 +166,7 @@ class LoraTrainer:
         buckets: list[list[_Cached]],
         optimizer: torch.optim.Optimizer,
         progress: _Progress,
-        ctx: JobContext,
+        ctx: TrainContext,
     ) -> None:
         plan = self.plan
         gen = torch.Generator("cpu").manual_seed(plan.seed)
@@ -200,7 +213,7 @@ class LoraTrainer:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def _save(self, family: Family, progress: _Progress, ctx: JobContext, *, complete: bool) -> None:
+    def _save(self, family: Family, progress: _Progress, ctx: TrainContext, *, complete: bool) -> None:
         from peft.utils import get_peft_model_state_dict
 
         plan = self.plan
