@@ -21,7 +21,8 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
 - ``model offload`` / ``sequential offload``: ``offload: model|sequential`` (CUDA);
 - ``huge job -> error, worker goes on``: through a real server (``tests/conftest.start_server``;
   the model in its own process, as served by default) an 8192x8192 n=64 job must end as
-  ``error`` naming the memory failure, then a normal job on the same model must complete.  On CUDA the server's allocator is capped
+  ``error`` naming the memory failure, then a normal job on the same model must
+  complete.  On CUDA the server's allocator is capped
   (``PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction``) a few GiB above the largest
   model, so the OOM comes at once.  The CPU has no CUDA OOM to force: the same path is
   driven by a host allocation refused under ``RLIMIT_AS`` (set on the model's process for
@@ -30,7 +31,8 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
 For the other checks models load as the server loads them (``Registry.load``:
 ``create_backend``, ``load``, ``residency.measure_mib``), in this process
 (``isolate: false``: the checks look into the pipeline and this process's
-``torch.cuda``), and run as its worker runs them (``backend.run(WorkItem, ctx)``).  Each check is isolated: an exception becomes its row's ``FAILED``; a check that
+``torch.cuda``), and run as its worker runs them (``backend.run(WorkItem, ctx)``).
+Each check is isolated: an exception becomes its row's ``FAILED``; a check that
 cannot run here is ``skipped``, with the reason.  The exit code is 1 when a check failed.
 """
 
@@ -68,7 +70,7 @@ from server.registry import ModelState, Registry  # noqa: E402
 from server.residency import module_bytes  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext, reference  # noqa: E402
-from tests.conftest import RunningServer, start_server  # noqa: E402
+from tests.conftest import RunningServer, model_processes, start_server  # noqa: E402
 
 BACKENDS = ("sdxl", "flux2_klein", "z_image", "qwen_edit_gguf")
 EDIT_ONLY = {"qwen_edit_gguf"}
@@ -385,8 +387,8 @@ def job(c: httpx.Client, target: Target, **body: Any) -> dict[str, Any]:
 def model_process(server_pid: int) -> int:
     """The pid of the server's one model process (every backend but the stub runs in its
     own by default: a multiprocessing spawn child), else the server's own."""
-    kids = [p.pid for p in psutil.Process(server_pid).children() if "spawn_main" in " ".join(p.cmdline())]
-    return kids[0] if len(kids) == 1 else server_pid
+    kids = model_processes(server_pid)
+    return next(iter(kids)) if len(kids) == 1 else server_pid
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from .redis_fixtures import RedisServer
@@ -82,6 +83,12 @@ def start_server(
         time.sleep(0.05)  # start-up poll: there is no event to await across processes
     proc.kill()
     raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+
+def model_processes(server_pid: int) -> set[int]:
+    """The server's multiprocessing spawn children: its models' own processes (not the
+    resource tracker)."""
+    return {p.pid for p in psutil.Process(server_pid).children() if "spawn_main" in " ".join(p.cmdline())}
 
 
 def stub_settings(**model: Any) -> dict[str, Any]:

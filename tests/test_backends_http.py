@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.backend_helpers import reference, write_alternative_z_image
-from tests.conftest import ROOT, stub_settings
+from tests.conftest import ROOT, model_processes, stub_settings
 from tests.test_api import wait_done
 
 if TYPE_CHECKING:
@@ -140,11 +140,6 @@ def pixels(png: bytes) -> bytes:
 
 def rss_mib(c: httpx.Client) -> float:
     return float(c.get("/v1/admin/gpu-memory").json()["devices"][0]["process_rss_mib"])
-
-
-def model_processes(server_pid: int) -> set[int]:
-    """The server's multiprocessing spawn children (not the resource tracker)."""
-    return {p.pid for p in psutil.Process(server_pid).children() if "spawn_main" in " ".join(p.cmdline())}
 
 
 # ------------------------------------------------------------------ tests
