@@ -215,7 +215,7 @@ def trace_run(made: list[dict[str, Any]], log: str, warmup: int) -> list[dict[st
 
 WORKER_LINE = re.compile(
     r"job (\w+): ([\d.]+)s on the worker \(([\d.]+) before the steps, ([\d.]+) steps, ([\d.]+) after\); "
-    r"forecast ([\d.]+)s \([^)]*\); stored in ([\d.]+)s(; right after another job)?"
+    r"forecast ([\d.]+)s \([^)]*\); stored in ([\d.]+)s(; right after another job)?(; the first since the model loaded)?"
 )
 
 
@@ -224,7 +224,8 @@ def _worker_line(line: str) -> dict[str, Any] | None:
     if m is None:
         return None
     return {"id": m[1], "worker_seconds": float(m[2]), "phases": [float(m[3]), float(m[4]), float(m[5])],
-            "worker_forecast": float(m[6]), "stored": float(m[7]), "after_job": m[8] is not None}  # fmt: skip
+            "worker_forecast": float(m[6]), "stored": float(m[7]), "after_job": m[8] is not None,
+            "first_call": m[9] is not None}  # fmt: skip
 
 
 def bench_family(

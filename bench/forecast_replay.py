@@ -39,9 +39,9 @@ import numpy as np  # noqa: E402
 from server.forecast import FEATURES, CostModel, call_features, job_vector, with_after_job  # noqa: E402
 
 
-def features(job: dict[str, Any], after: bool, dropped: np.ndarray) -> np.ndarray:
+def features(job: dict[str, Any], after: bool, dropped: np.ndarray, first: bool = False) -> np.ndarray:
     f = call_features(job["task"], job["steps"], job["width"] * job["height"] / 1e6, job["n"], job["reference_mps"])
-    return with_after_job(f, after) * dropped
+    return with_after_job(f, after, first) * dropped
 
 
 def replay(run: dict[str, Any], dropped: np.ndarray) -> list[float]:
@@ -49,8 +49,8 @@ def replay(run: dict[str, Any], dropped: np.ndarray) -> list[float]:
     model = CostModel({})
     warm = [j for j in run["jobs"] if not j["burst"]]
     burst = [j for j in run["jobs"] if j["burst"]]
-    for j in warm:
-        feats = features(j, j["after_job"], dropped)
+    for k, j in enumerate(warm):  # the first ran right after the load (older traces do not say)
+        feats = features(j, j["after_job"], dropped, j.get("first_call", k == 0))
         model.observe(j["task"], feats, j["worker_seconds"], phases=tuple(j["phases"]), stored=j.get("stored"))  # type: ignore[arg-type]
 
     def cost(j: dict[str, Any], after: bool) -> float:

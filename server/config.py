@@ -73,6 +73,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     lora_cache_size: NonNegInt = 4  # LoRA adapters kept loaded (switched per job); 0 = removed after each job
     simulate_size_mib: NonNegFloat | None = None  # stub only: its "measured" size for residency budgets
     simulate_load_seconds: NonNegFloat = 0.0  # stub only: how long a load takes
+    simulate_first_call_seconds: NonNegFloat = 0.0  # stub only: what the first job after a load takes more (warm-up)
 
 
 class ResidencyConfig(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -3,9 +3,11 @@
 A pipeline call has three phases, and each has costs of its own::
 
     before the steps   job + reference * refs + reference_mp * ref_MP (+ after_job)
+                       (+ first_call)
                        (text encoding, VAE encoding of the references, set-up; a job
-                       run right after another shares the CPU with storing its results)
-    the steps          steps * (step + step_mp * MP*n + step_reference * refs*n
+                       run right after another shares the CPU with storing its results;
+                       the first job after a load pays the pipeline's one-time set-up)
+    the steps          steps * (step + step_mp * MP*n + step_image * n + step_reference * refs*n
                                 + step_reference_mp * ref_MP*n)
                        (+ edit_step, edit_step_mp: what an edit's steps cost more or less,
                        e.g. img2img runs only strength x steps)
@@ -20,7 +22,10 @@ steps times the steps; after the last step is the tail; the rest is the head), s
 each phase is fitted to its own measured seconds rather than the total alone: the
 per-job constant, the per-step cost and the decode cost no longer trade off against
 each other over a narrow range of jobs.  A job whose steps cannot be timed (fewer
-than two steps) teaches the total.  Generates and edits of a model share one fit
+than two steps) teaches the total.  So does the first job after a load: its excess
+(allocations, kernel and cache set-up, lazy initialisation, in every phase) lands in
+``first_call``, the one term only such jobs have, instead of raising every job's
+head and tail.  Generates and edits of a model share one fit
 (``FITS``: an edit is a generate plus its references); training and upscaling have
 their own.
 
@@ -73,8 +78,10 @@ TERMS: tuple[Term, ...] = (
     Term("reference", "head", "reference image"),
     Term("reference_mp", "head", "megapixel of reference images (VAE encoding)"),
     Term("after_job", "head", "job run right after another (whose results are stored meanwhile)"),
+    Term("first_call", "head", "first job after the model loaded (one-time set-up: allocations, kernels, caches)"),
     Term("step", "steps", "denoising step"),
     Term("step_mp", "steps", "step per output megapixel of all images"),
+    Term("step_image", "steps", "step per image of the batch, beyond its pixels (per-sample work)"),
     Term("step_reference", "steps", "step per reference image, per image (a model that resizes its references)"),
     Term("step_reference_mp", "steps", "step per reference megapixel, per image"),
     Term("edit_step", "steps", "step of an edit, beyond a generate's", signed=True),
@@ -91,7 +98,7 @@ MASKS = np.array([[1.0 if t.phase == p else 0.0 for t in TERMS] for p in PHASES]
 DIM = NF * len(FITS)  # one block of features per fit
 WIDTH = DIM + 1  # a job vector: its fit's features, then a count of one (jobs ahead = sum of vectors)
 GENERIC_PRIOR: dict[str, float] = {
-    "job": 0.3, "after_job": 0.01, "reference": 0.05, "reference_mp": 0.5, "step": 0.01, "step_mp": 1.0,
+    "job": 0.3, "after_job": 0.01, "first_call": 0.3, "reference": 0.05, "reference_mp": 0.5, "step": 0.01, "step_mp": 1.0, "step_image": 0.005,
     "step_reference_mp": 0.5, "finish": 0.02, "decode_mp": 0.3,
 }  # fmt: skip
 FORGET = 0.98  # each finished job weighs old ones down by this: the fit follows a warming GPU
@@ -124,21 +131,25 @@ def call_features(task: str, steps: int, megapixels: float, n: int, reference_mp
     ref = float(sum(reference_mps))
     edit = 1.0 if task == "edit" else 0.0
     return np.array(
-        [1.0, len(reference_mps), ref, 0.0, steps, work, steps * len(reference_mps) * n, steps * ref * n, edit * steps, edit * work,
+        [1.0, len(reference_mps), ref, 0.0, 0.0, steps, work, steps * n, steps * len(reference_mps) * n, steps * ref * n, edit * steps, edit * work,
          1.0, megapixels * n, megapixels * (n - 1)],  # fmt: skip
         dtype=np.float64,
     )
 
 
 AFTER_JOB = FEATURES.index("after_job")
+FIRST_CALL = FEATURES.index("first_call")
 
 
-def with_after_job(feats: np.ndarray | Sequence[float], after: bool) -> np.ndarray:
-    """``feats`` of a job that runs right after another (``after``) or not: a queued
-    job is forecast as one (``job_features``), a finished one learns what it was."""
+def with_after_job(feats: np.ndarray | Sequence[float], after: bool, first_call: bool = False) -> np.ndarray:
+    """``feats`` of a job that runs right after another (``after``) or not, and that is
+    the first after its model loaded (``first_call``) or not: a queued job is forecast
+    as one right after another and not the first (``job_features``), a finished one
+    learns what it was."""
     out = np.array(feats, dtype=np.float64)
     if len(out) == NF:
         out[AFTER_JOB] = 1.0 if after else 0.0
+        out[FIRST_CALL] = 1.0 if first_call else 0.0
     return out
 
 
@@ -211,13 +222,18 @@ def observation(
 ) -> tuple[list[float], list[float]]:  # fmt: skip
     """One finished job's contribution to its fit's statistics: (decayed, added).
     With measured ``phases`` each phase is a row of its own (its features only, its
-    seconds); without, the job's total is one row.  ``stored``: the seconds from the
-    job leaving the model to its results stored (``storing_seconds``)."""
+    seconds); without, the job's total is one row.  The first job after a load is
+    always one row: its one-time excess, spread over every phase, is left to
+    ``first_call`` alone.  ``stored``: the seconds from the job leaving the model to
+    its results stored (``storing_seconds``)."""
+    if len(feats) == NF and feats[FIRST_CALL] > 0:
+        phases = None
     rows = [(MASKS[p] * feats, y) for p, y in enumerate(phases)] if phases is not None else [(feats, seconds)]
     a = sum(np.outer(f, f) for f, _ in rows)
     b = sum(f * y for f, y in rows)
     x = float(feats[OUTPUT_MP]) if len(feats) == NF else 0.0
-    store = [1.0, x, x * x, stored, x * stored] if stored is not None else [0.0] * 5
+    first = phases is None and len(feats) == NF and feats[FIRST_CALL] > 0  # its storing was a first too
+    store = [1.0, x, x * x, stored, x * stored] if stored is not None and not first else [0.0] * 5
     decayed = np.concatenate([np.ravel(a), b, feats, [seconds, 1.0], store])
     total = seconds + (stored or 0.0)  # what the job's own forecast was for
     error = abs(predicted - total) / total if predicted is not None and total > 0 else 0.0

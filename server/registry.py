@@ -41,6 +41,7 @@ class ModelState:
     size_mib: float | None = None  # measured after its last load (server/residency.py)
     load_seconds: float | None = None  # mean seconds of its loads here
     loads: int = 0
+    warm: bool = False  # has run a job since its last load (the first pays forecast's first_call)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -91,6 +92,7 @@ class Registry:
         ms.size_mib = size if size is not None else ms.size_mib
         ms.backend = backend
         ms.limiter = anyio.CapacityLimiter(ms.cfg.target_inflight)
+        ms.warm = False
         ms.state = "loaded"
         log.info("model %s: loaded in %.2fs (%s MiB)", name, took, size if size is not None else "size unknown")
         return ms

@@ -384,6 +384,7 @@ class Running:
     release: bool = False  # stopped to be released back to the queue, not cancelled
     error: str | None = None  # stopped for this reason (a time limit): ends as error, not cancelled
     after_job: bool = False  # claimed while another job's results were being stored here (forecast.TERMS)
+    first_call: bool = False  # the first job on its model since the model loaded (forecast.TERMS)
     ctx: JobContext | None = None  # while its pipeline calls run in this process
 
 
@@ -547,6 +548,7 @@ class Runner:
             WorkerInfo(
                 worker=self.id, model=ms.name, host=socket.gethostname(), state=ms.state, load_error=ms.load_error,
                 slots=ms.cfg.target_inflight, running=counts.get(ms.name, 0), load_seconds=ms.load_seconds,
+                cold=ms.state == "loaded" and not ms.warm,
             )
             for ms in self.registry.models.values()
         ]  # fmt: skip
@@ -718,7 +720,7 @@ class Runner:
                 self.spawn(self._load_wanted())
 
     async def _run_job(self, ms: ModelState, job: JobRecord, since: float | None) -> Coroutine[Any, Any, None] | None:
-        r = self.running[job.id] = Running(job, job.attempt, after_job=bool(self._finishing))
+        r = self.running[job.id] = Running(job, job.attempt, after_job=bool(self._finishing), first_call=not ms.warm)
         if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
             self.running.pop(job.id, None)  # it cannot make it any more: not on the GPU
             await self._end(job, r, JobStatus.ERROR, missed)
@@ -757,6 +759,9 @@ class Runner:
         finally:
             follow.cancel()
         self.running.pop(job.id, None)
+        if not ms.warm:  # its forecasts no longer count the first job's set-up
+            ms.warm = True
+            self.spawn(self._announce(ms.name))
         phases = measured_phases(ctx.calls, worker_s)
         self._finishing.add(job.id)  # until its results are stored: the next job runs right after it
         return self._finish_job(job, r, images, item_seconds, worker_s, phases, start + worker_s)
@@ -809,6 +814,7 @@ class Runner:
                 if not work.done():
                     raise BackendError(f"its blocked call did not return within {KILLED_CALL_WAIT:g} s of the kill")
                 await anyio.to_thread.run_sync(backend.load)
+                ms.warm = False  # a new process: its first job sets up again
                 log.info("model %s: process restarted (pid %s)", ms.name, backend.pid)
                 return
             except Exception as exc:
@@ -880,8 +886,9 @@ class Runner:
         if phases is not None:
             log.debug("job %s: %.3fs on the worker (%.3f before the steps, %.3f steps, %.3f after); forecast %.3fs (%s); "
                       "stored in %.3fs%s", job.id, worker_s, *phases, job.predicted, ", ".join(f"{p:.3f}" for p in job.predicted_phases),
-                      stored, "; right after another job" if r.after_job else "")  # fmt: skip
-        decayed, added = observation(with_after_job(job.features, r.after_job), worker_s, job.predicted, phases, stored)
+                      stored, ("; right after another job" if r.after_job else "") + ("; the first since the model loaded" if r.first_call else ""))  # fmt: skip
+        feats = with_after_job(job.features, r.after_job, r.first_call)
+        decayed, added = observation(feats, worker_s, job.predicted, phases, stored)
         await self.broker.observe_cost(job.model, fit_of(job.task), decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
         total = (job.finished_at or time.time()) - job.created_at

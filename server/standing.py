@@ -131,9 +131,13 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
     if claimed is not None:  # a worker took it since ``job`` was read
         return Where(0, forecasts.running(claimed, now))
     pos = len(st.running) + int(st.ahead[DIM])
+    workers = await forecasts.workers(job.model)
     load = 0.0  # a load_on_demand model not loaded yet: its learned load time comes first
-    if slots == 0 and (demand := on_demand_slots(forecasts.settings.models.get(job.model), await forecasts.workers(job.model))):
+    if slots == 0 and (demand := on_demand_slots(forecasts.settings.models.get(job.model), workers)):
         slots, load = demand
+        load += cost.term(job.task, "first_call")  # and its first job's set-up
+    elif any(w.cold for w in workers if w.state == "loaded"):  # loaded, no job run yet: the first pays the set-up
+        load = cost.term(job.task, "first_call")
     if slots == 0:
         return Where(pos, None, no_worker_note(job.model))
     before = (running_ahead(forecasts, cost, st.running, now) + cost.predict(st.ahead)) / slots

@@ -18,6 +18,7 @@ from server.forecast import (
     measured_phases,
     prior_vector,
     running_remaining,
+    with_after_job,
 )
 
 # a tiny pipeline as measured: 40 ms per call before the steps, 12 ms per step plus
@@ -128,6 +129,44 @@ def test_storing_counts_for_the_job_itself_not_for_the_jobs_behind_it() -> None:
     seconds, phases = job_forecast(model, JobRecord(model="m", task="generate", features=big.tolist()))
     assert seconds == pytest.approx(predict(model, "generate", big) + 0.252, rel=1e-6)
     assert phases[2] == pytest.approx(model.phases("generate", big)[2] + 0.252, rel=1e-6)
+
+
+def test_the_first_job_after_a_load_teaches_first_call_not_the_other_terms() -> None:
+    # the first call of a freshly loaded pipeline sets up (allocations, kernels, caches):
+    # 0.3 s more, spread over its phases; learned as an ordinary job, it would raise
+    # the head and tail of every forecast after it
+    rng = random.Random(5)
+    jobs = [tiny_job(rng) for _ in range(12)]
+    flagged, unflagged = CostModel({}), CostModel({})
+    for k, f in enumerate(jobs):
+        head, steps, tail = truth_phases(f)
+        if k == 0:
+            head, steps, tail = head + 0.15, steps + 0.05, tail + 0.1
+        flagged.observe("generate", with_after_job(f, False, first_call=k == 0), head + steps + tail, phases=(head, steps, tail))
+        unflagged.observe("generate", f, head + steps + tail, phases=(head, steps, tail))
+    probe = call_features("generate", 4, 96 * 96 / 1e6, 1)
+    true = float(TRUTH @ probe)
+    assert abs(predict(flagged, "generate", probe) - true) / true < 0.02, flagged.report()
+    assert abs(predict(unflagged, "generate", probe) - true) / true > 0.05  # what the term is for
+    assert flagged.term("generate", "first_call") == pytest.approx(0.3, rel=0.1)
+    # a job that is the first after a load is forecast with it
+    first = with_after_job(probe, False, first_call=True)
+    assert predict(flagged, "generate", first) == pytest.approx(true + 0.3, rel=0.05)
+
+
+def test_a_step_costs_per_image_beyond_its_pixels() -> None:
+    # as measured on tiny SDXL: a step of two 64x64 images costs far more than one of
+    # a 96x96 image with about as many pixels; in pixels alone, one of the two is off
+    truth = TRUTH + prior_vector({"step_image": 0.006})
+    model = CostModel({})
+    rng = random.Random(6)
+    for _ in range(12):
+        f = tiny_job(rng)
+        model.observe("generate", f, float(truth @ f), phases=truth_phases(f, truth))
+    assert model.term("generate", "step_image") == pytest.approx(0.006, rel=0.1), model.report()
+    for probe in (call_features("generate", 6, 64 * 64 / 1e6, 2), call_features("generate", 6, 96 * 96 / 1e6, 1)):
+        true = float(truth @ probe)
+        assert abs(predict(model, "generate", probe) - true) / true < 0.02, (probe, model.report())
 
 
 def test_references_are_learned_in_their_pixels() -> None:

@@ -100,3 +100,47 @@ def test_a_running_job_is_behind_by_the_time_the_event_loop_held_it_up(tmp_path:
     # last step (a pipeline thread of this process waits for the GIL meanwhile) is on top
     behind = after - (before - wall)
     assert BUSY * 0.8 < behind < wall + 0.1, (before, after, wall)
+
+
+FIRST_CALL = 0.5  # seconds the first job after a load takes more (the stub's simulated set-up)
+
+
+async def jobs_around_a_reload(tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """Three jobs one after another on a freshly loaded model; its learned terms; the
+    model unloaded and loaded again, then two more jobs (each submitted once the one
+    before is done)."""
+    raw = stub_settings(simulate_step_seconds=12.5, simulate_first_call_seconds=FIRST_CALL)  # ~0.1 s a job after the first
+    raw["storage"] = {"output_dir": str(tmp / "outputs")}
+    app = create_app(build_settings(raw))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://easel") as c:
+
+            async def one(seed: int) -> dict[str, Any]:
+                r = await c.post("/api/generate", json={"prompt": "a lighthouse", "steps": 2, "seed": seed})
+                assert r.status_code == 200, r.text
+                tid = r.json()["task_id"]
+                while (st := (await c.get("/api/status", params={"task_id": tid, "wait": 10})).json())["status"] not in (
+                    "done", "error", "cancelled"):  # fmt: skip
+                    pass
+                return {**st, "expected_at_submit": r.json()["expected_time_seconds"]}
+
+            before = [await one(seed) for seed in (1, 2, 3)]
+            learned = next(m for m in (await c.get("/api/ps")).json()["models"] if m["name"] == "stub")["forecast"]["image"]
+            assert (await c.post("/v1/admin/models/stub/unload")).status_code == 200
+            assert (await c.post("/v1/admin/models/stub/load")).status_code == 200
+            after = [await one(seed) for seed in (4, 5)]
+            return before, learned, after
+
+
+def test_the_first_job_after_a_load_is_learned_apart_and_forecast_for_a_cold_model(tmp_path: Path) -> None:
+    before, learned, after = asyncio.run(jobs_around_a_reload(tmp_path))
+    assert all(st["status"] == "done" for st in before + after), before + after
+    assert before[0]["gpu_seconds"] > FIRST_CALL > 3 * before[1]["gpu_seconds"], before
+    # its set-up went into first_call, not into what every other job costs
+    assert learned["seconds"]["first_call"] == pytest.approx(FIRST_CALL, rel=0.2), learned
+    assert after[1]["expected_at_submit"] < 2 * after[1]["gpu_seconds"] < FIRST_CALL, after
+    # loaded again, the model's next job is forecast with the set-up, and takes it
+    cold = after[0]
+    assert cold["gpu_seconds"] > FIRST_CALL, cold
+    assert abs(cold["expected_at_submit"] - cold["gpu_seconds"]) < 0.25 * cold["gpu_seconds"], cold

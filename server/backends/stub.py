@@ -2,7 +2,9 @@
 
 It needs no GPU and no weights.  ``simulate_step_seconds`` (seconds per denoising
 step at one megapixel, per image; edits cost 25% more per reference image) makes
-it behave like a real model for queueing, progress, cancel and forecasts.
+it behave like a real model for queueing, progress, cancel and forecasts;
+``simulate_first_call_seconds`` makes the first job after a load that much slower,
+as a real pipeline's set-up makes it.
 
 Prompts for tests: ``fail`` fails the job; ``hang`` (or ``hang N``: N seconds) blocks
 without reporting a step, until the job is cancelled or for at most ``MAX_HANG``
@@ -53,11 +55,13 @@ class StubBackend:
         self.capabilities: Capabilities = model_capabilities(cfg, ("generate", "edit"))
         self._sleeper = threading.Event()  # never set: an interruptible sleep
         self.loaded = False
+        self.warm = False  # has run a job since its load
 
     def load(self) -> None:
         if self.cfg.simulate_load_seconds > 0:  # a real model's load takes time (residency tests)
             self._sleeper.wait(self.cfg.simulate_load_seconds)
         self.loaded = True
+        self.warm = False
 
     def unload(self) -> None:
         self.loaded = False
@@ -78,6 +82,9 @@ class StubBackend:
             raise BackendError("the stub backend was asked to fail (prompt 'fail')")
         if (hang := _hang_seconds(item.prompt)) is not None:
             self._hang(hang, ctx)
+        if not self.warm and self.cfg.simulate_first_call_seconds > 0:  # set-up before the first step
+            self._sleeper.wait(self.cfg.simulate_first_call_seconds)
+        self.warm = True
         per_step = self.step_seconds(item)
         for i in range(1, item.steps + 1):
             if per_step > 0:

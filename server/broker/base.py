@@ -42,6 +42,7 @@ class WorkerInfo(Struct, kw_only=True):
     running: int = 0
     seen_at: float = 0.0  # broker clock of its last heartbeat
     load_seconds: float | None = None  # mean seconds a load of the model took on this worker (residency)
+    cold: bool = False  # loaded, and has run no job since: its next job pays the forecast's first_call
 
 
 class QueueFullError(Exception):

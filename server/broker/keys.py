@@ -27,8 +27,8 @@ key                     type         holds
 ``seq``                 string       the arrival counter (``JobRecord.seq``)
 ``done``                sorted set   finished job -> finished_at
 ``task:{task}``         set          ids of the jobs of a task (dropped lazily)
-``cost3:{m}``           hash         fit -> JSON list: forecast statistics (forecast.py)
-``prior3:{m}``          hash         fit -> JSON list: the backend's prior
+``cost4:{m}``           hash         fit -> JSON list: forecast statistics (forecast.py)
+``prior4:{m}``          hash         fit -> JSON list: the backend's prior
 ``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX)
 ``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
 ``wev``                 stream       the ``submit``, ``cancel`` and ``command`` events only: what
@@ -87,10 +87,10 @@ class Keys:
     # (another format's keys are left alone, not misread)
 
     def cost(self, model: str) -> str:
-        return f"{self.prefix}cost3:{model}"
+        return f"{self.prefix}cost4:{model}"
 
     def priors(self, model: str) -> str:
-        return f"{self.prefix}prior3:{model}"
+        return f"{self.prefix}prior4:{model}"
 
     def submit(self, key: str) -> str:
         return f"{self.prefix}idem:{key}"

@@ -432,11 +432,11 @@ return {ts(t), handled}
 """
 
 # observe_cost: ARGV[3] model, [4] fit, [5] forget, [6] len(decayed), then the
-# decayed values, then the added ones.  cost3:{m}[fit] (a JSON list, missing =
+# decayed values, then the added ones.  cost4:{m}[fit] (a JSON list, missing =
 # zeros) becomes forget*old + decayed for the first part, old + added for the
 # rest; written with 17 significant digits (exact doubles).
 OBSERVE_COST = PRELUDE + r"""
-local key = P .. 'cost3:' .. ARGV[3]  -- keys.cost
+local key = P .. 'cost4:' .. ARGV[3]  -- keys.cost
 local task, forget, nd = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local raw = redis.call('HGET', key, task)
 local old = {}
