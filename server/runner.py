@@ -127,7 +127,8 @@ class JobContext:
         self.live_until = job.preview_wanted_until  # broker clock
         self._live_seq = job.preview_seq
         self._last_live = -LIVE_PREVIEW_INTERVAL  # time.monotonic() of the last live preview
-        self._wanted: tuple[int, bool, bool] | None = None  # (step, partial, live) of the preview asked for
+        self._wanted: dict[int, tuple[bool, bool]] = {}  # step -> (partial, live): previews asked for, not handed over yet
+        self._asked = 0  # the step of the last ``wants_preview``
         self._flushing = False  # an update of ``extra`` / ``previews`` is in flight
         self._dirty: dict[str, Any] = {}
         self._blobs: list[tuple[str, bytes]] = []
@@ -136,8 +137,11 @@ class JobContext:
     def cancelled(self) -> bool:
         return self.cancel.is_set()
 
-    def step(self, i: int, total: int) -> None:
-        self.last_step = now = time.monotonic()
+    def step(self, i: int, total: int, at: float | None = None) -> None:
+        """``at``: when the step ended (``time.monotonic``), if not now: a model in its
+        own process reports its steps a little before the server reads them."""
+        now = time.monotonic()
+        self.last_step = now = now if at is None else min(at, now)
         if self.clock is not None:
             self.loop_mark = self.clock.seconds()
         if self.calls:
@@ -167,17 +171,24 @@ class JobContext:
         )
         if live:
             self._last_live = now
-        self._wanted = (step, partial, live) if partial or live else None
-        return self._wanted is not None
+        self._asked = step
+        if partial or live:
+            self._wanted[step] = (partial, live)
+        return partial or live
 
-    def preview(self, image: Image) -> None:
-        """The preview asked for by the last ``wants_preview``: a partial image
-        (OpenAI ``partial_images``: the blob ``preview_key(job, k)``, counted by the
-        record's ``previews``) and/or the live preview (a JPEG, ``live_preview_key``)."""
-        wanted, self._wanted = self._wanted, None
+    def preview(self, image: Image, i: int | None = None) -> None:
+        """The preview asked for by ``wants_preview(i)`` (by default the last asked): a
+        partial image (OpenAI ``partial_images``: the blob ``preview_key(job, k)``,
+        counted by the record's ``previews``) and/or the live preview (a JPEG,
+        ``live_preview_key``).  A model in its own process is asked a step ahead, so
+        its preview names its step."""
+        step = self._asked if i is None else self.offset + i
+        wanted = self._wanted.pop(step, None)
+        for older in [s for s in self._wanted if s < step]:  # asked for, never drawn (no latents to show)
+            del self._wanted[older]
         if wanted is None:
             return
-        step, partial, live = wanted
+        partial, live = wanted
         if partial:
             self.loop.call_soon_threadsafe(self._preview_ready, encode(image, self.job.format, self.job.quality))
         if live:

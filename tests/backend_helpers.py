@@ -20,13 +20,13 @@ class NoopContext:
 
     cancelled = False
 
-    def step(self, i: int, total: int) -> None:
+    def step(self, i: int, total: int, at: float | None = None) -> None:
         pass
 
     def wants_preview(self, i: int) -> bool:
         return False
 
-    def preview(self, image: Any) -> None:
+    def preview(self, image: Any, i: int | None = None) -> None:
         pass
 
 
@@ -44,7 +44,7 @@ class RecordingContext:
     def cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.steps) >= self.cancel_after
 
-    def step(self, i: int, total: int) -> None:
+    def step(self, i: int, total: int, at: float | None = None) -> None:
         self.steps.append((i, total))
         if self.cancelled:
             raise JobCancelled()
@@ -52,7 +52,7 @@ class RecordingContext:
     def wants_preview(self, i: int) -> bool:
         return self.preview_every > 0 and i % self.preview_every == 0
 
-    def preview(self, image: Image.Image) -> None:
+    def preview(self, image: Image.Image, i: int | None = None) -> None:
         self.previews.append(image)
 
 

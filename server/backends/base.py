@@ -133,8 +133,9 @@ class StepContext(Protocol):
     @property
     def cancelled(self) -> bool: ...
 
-    def step(self, i: int, total: int) -> None:
-        """Report that denoising step ``i`` (1-based) of ``total`` finished.
+    def step(self, i: int, total: int, at: float | None = None) -> None:
+        """Report that denoising step ``i`` (1-based) of ``total`` finished (``at``:
+        when, in ``time.monotonic()``, if not now).
 
         Raises ``JobCancelled`` when the job has been cancelled, so calling it from
         Diffusers' ``callback_on_step_end`` stops the pipeline at the next step.
@@ -143,9 +144,10 @@ class StepContext(Protocol):
     def wants_preview(self, i: int) -> bool:
         """True when the caller asked for a partial image after step ``i``."""
 
-    def preview(self, image: Image) -> None:
-        """Hand over the preview asked for: a cheap projection of the intermediate
-        latents (never a VAE decode), at most ``preview_size`` of the output."""
+    def preview(self, image: Image, i: int | None = None) -> None:
+        """Hand over the preview asked for (after step ``i``; by default the step of the
+        last ``wants_preview``): a cheap projection of the intermediate latents (never
+        a VAE decode), at most ``preview_size`` of the output."""
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,20 @@ heap of a long-lived process do not give back.
 Every backend but the stub and the upscaler runs this way by default (``backends.runs_isolated``): the
 server's event loop then never shares a GIL with a pipeline.
 
-The step protocol is synchronous: after each denoising step the child sends
-``("step", i, total)`` and waits for the parent's answer, which carries whether a
-preview is wanted and whether the job was cancelled (the parent's ``ctx.step``
-raised ``JobCancelled``); the child then raises ``JobCancelled`` itself, so the
-pipeline stops at the same point as in-process.  One round trip per step costs
-well under a millisecond.  A LoRA-training job runs in the child too (``train``):
-its status (``set_extra``) goes to the parent as it comes, and ``ctx.cancelled``
-asks the parent.
+The step protocol never makes the model wait for the server: after each denoising
+step the child sends ``("step", i, total, when)`` and goes on.  The parent answers
+every step it reads with ``("answer", i, preview, cancelled)``: whether a preview is
+wanted after the *next* step (and whether the job was cancelled: the parent's
+``ctx.step`` raised ``JobCancelled``); it answers ``0`` as the call starts.  At each
+step the child takes the answer to its previous step, which has long arrived unless
+the parent is a whole step behind (then, and only then, it waits), and raises
+``JobCancelled`` itself: a cancelled job stops one step later than in-process, and a
+server busy with requests (its GIL held by the event loop) no longer holds up every
+step of the model.  ``when`` is the child's ``time.monotonic()`` (one clock for every
+process on the machine), so the step times the forecast learns from are the model's,
+not the moment the parent got to read them; a preview says which step it is of.  A
+LoRA-training job runs in the child too (``train``): its status (``set_extra``) goes
+to the parent as it comes, and ``ctx.cancelled`` asks the parent.
 
 The child measures the model's size after loading (``residency.measure_mib``: on a
 CUDA device the growth of its own ``torch.cuda.memory_allocated``) and sends it with
@@ -29,6 +35,7 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing as mp
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -51,32 +58,60 @@ STOP_TIMEOUT = 10.0
 
 class _ChildContext:
     """The StepContext (and, for training, the JobContext) seen by the backend inside
-    the child."""
+    the child (see the module docstring for the step protocol)."""
 
     def __init__(self, conn: Connection, job_id: str = "") -> None:
         self.conn = conn
         self.job_id = job_id
-        self._preview_wanted = False
+        self._sent = 0  # the last step reported to the parent (0: none yet)
+        self._answered = -1  # the last step the parent has answered (0: the call's start)
+        self._previews: set[int] = set()  # the steps after which the parent wants a preview
+        self._preview_step = 0  # the step a wanted preview is of
+        self._cancelled = False
+        self._reply: tuple[bool] | None = None  # the answer to "cancelled?"
+
+    def _read(self) -> None:
+        message = self.conn.recv()
+        if message[0] == "answer":
+            _, step, preview_next, cancelled = message
+            self._answered = step
+            if preview_next:
+                self._previews.add(step + 1)
+            self._cancelled = self._cancelled or cancelled
+        else:  # ("cancelled?", flag)
+            self._reply = (bool(message[1]),)
 
     @property
     def cancelled(self) -> bool:
         self.conn.send(("cancelled?",))
-        return bool(self.conn.recv())
+        while self._reply is None:
+            self._read()
+        (flag,), self._reply = self._reply, None
+        return flag
 
     def set_extra(self, **values: Any) -> None:
         self.conn.send(("extra", values))
 
-    def step(self, i: int, total: int) -> None:
-        self.conn.send(("step", i, total))
-        self._preview_wanted, cancelled = self.conn.recv()
-        if cancelled:
+    def step(self, i: int, total: int, at: float | None = None) -> None:
+        self.conn.send(("step", i, total, time.monotonic() if at is None else at))
+        previous, self._sent = self._sent, i
+        while self._answered < previous or self.conn.poll():  # the answer to the previous step, and any newer
+            self._read()
+        if self._cancelled:
             raise JobCancelled()
+        self._preview_step = i if i in self._previews else 0
+        self._previews = {s for s in self._previews if s > i}
 
     def wants_preview(self, i: int) -> bool:
-        return self._preview_wanted
+        return self._preview_step == i != 0
 
-    def preview(self, image: Image) -> None:
-        self.conn.send(("preview", image))
+    def preview(self, image: Image, i: int | None = None) -> None:
+        self.conn.send(("preview", self._preview_step if i is None else i, image))
+
+    def finish(self) -> None:
+        """Read the parent's answers to every step reported (before the next command)."""
+        while self._answered < self._sent:
+            self._read()
 
 
 def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Settings) -> None:
@@ -94,12 +129,20 @@ def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Setting
             if command == "load":
                 conn.send(("done", residency.load_and_measure(backend, name, cfg)))
             elif command == "run":
-                conn.send(("done", backend.run(payload, _ChildContext(conn))))
+                ctx = _ChildContext(conn)
+                try:
+                    conn.send(("done", backend.run(payload, ctx)))
+                finally:
+                    ctx.finish()
             elif command == "train":
                 from ..training.lora_trainer import LoraTrainer
 
                 plan, job_id = payload
-                conn.send(("done", LoraTrainer(plan).run(backend, _ChildContext(conn, job_id))))
+                ctx = _ChildContext(conn, job_id)
+                try:
+                    conn.send(("done", LoraTrainer(plan).run(backend, ctx)))
+                finally:
+                    ctx.finish()
             elif command == "tokens":
                 conn.send(("done", count_tokens(backend, payload)))
             elif command == "stop":
@@ -196,24 +239,28 @@ class IsolatedBackend:
         assert self._conn is not None
         conn = self._conn
         cancelled = False
+
+        def answer(i: int) -> None:  # after step i (0: the start): a preview after the next? cancelled?
+            conn.send(("answer", i, ctx is not None and not cancelled and ctx.wants_preview(i + 1), cancelled))
+
         try:
             conn.send((command, payload))
+            if command in ("run", "train"):
+                answer(0)
             while True:
                 kind, *rest = conn.recv()
                 if kind == "step":
-                    if ctx is None:
-                        conn.send((False, False))
-                        continue
-                    i, total = rest
-                    try:
-                        ctx.step(i, total)
-                    except JobCancelled:
-                        cancelled = True
-                    conn.send((not cancelled and ctx.wants_preview(i), cancelled))
+                    i, total, when = rest
+                    if ctx is not None:
+                        try:
+                            ctx.step(i, total, when)
+                        except JobCancelled:
+                            cancelled = True
+                    answer(i)
                 elif kind == "preview" and ctx is not None:
-                    ctx.preview(rest[0])
+                    ctx.preview(rest[1], rest[0])
                 elif kind == "cancelled?":
-                    conn.send(ctx is not None and ctx.cancelled)
+                    conn.send(("reply", ctx is not None and ctx.cancelled))
                 elif kind == "extra" and ctx is not None:
                     ctx.set_extra(**rest[0])
                 elif kind == "done":
