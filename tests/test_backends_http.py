@@ -214,6 +214,21 @@ def test_cancel_over_http_stops_a_running_job_within_a_step(srv: RunningServer) 
     unload(c, "sdxl")
 
 
+def test_partial_images_cross_from_the_model_process_to_an_openai_stream(srv: RunningServer) -> None:
+    """The model's process is asked for previews a step ahead: the official SDK's
+    stream still gets exactly the partial images it asked for, then the image."""
+    from openai import OpenAI
+
+    c = srv.client
+    load(c, "isolated", timeout=120)
+    with OpenAI(base_url=srv.url + "/v1", api_key="x") as sdk:
+        events = list(sdk.images.generate(model="isolated", prompt="a red fox", size="64x64", stream=True,
+                                          partial_images=2, extra_body={"steps": 6}))  # fmt: skip
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    unload(c, "isolated")
+
+
 def test_unloading_returns_memory_in_process(srv: RunningServer) -> None:
     c = srv.client
     after_unload = []
