@@ -226,13 +226,13 @@ def observation(
     always one row: its one-time excess, spread over every phase, is left to
     ``first_call`` alone.  ``stored``: the seconds from the job leaving the model to
     its results stored (``storing_seconds``)."""
-    if len(feats) == NF and feats[FIRST_CALL] > 0:
+    first = len(feats) == NF and feats[FIRST_CALL] > 0  # its storing was a first too
+    if first:
         phases = None
     rows = [(MASKS[p] * feats, y) for p, y in enumerate(phases)] if phases is not None else [(feats, seconds)]
     a = sum(np.outer(f, f) for f, _ in rows)
     b = sum(f * y for f, y in rows)
     x = float(feats[OUTPUT_MP]) if len(feats) == NF else 0.0
-    first = phases is None and len(feats) == NF and feats[FIRST_CALL] > 0  # its storing was a first too
     store = [1.0, x, x * x, stored, x * stored] if stored is not None and not first else [0.0] * 5
     decayed = np.concatenate([np.ravel(a), b, feats, [seconds, 1.0], store])
     total = seconds + (stored or 0.0)  # what the job's own forecast was for

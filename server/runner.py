@@ -140,8 +140,8 @@ class JobContext:
     def step(self, i: int, total: int, at: float | None = None) -> None:
         """``at``: when the step ended (``time.monotonic``), if not now: a model in its
         own process reports its steps a little before the server reads them."""
-        now = time.monotonic()
-        self.last_step = now = now if at is None else min(at, now)
+        now = time.monotonic() if at is None else min(at, time.monotonic())
+        self.last_step = now
         if self.clock is not None:
             self.loop_mark = self.clock.seconds()
         if self.calls:

@@ -68,7 +68,7 @@ class _ChildContext:
         self._previews: set[int] = set()  # the steps after which the parent wants a preview
         self._preview_step = 0  # the step a wanted preview is of
         self._cancelled = False
-        self._reply: tuple[bool] | None = None  # the answer to "cancelled?"
+        self._reply: bool | None = None  # the answer to "cancelled?", until taken
 
     def _read(self) -> None:
         message = self.conn.recv()
@@ -78,15 +78,15 @@ class _ChildContext:
             if preview_next:
                 self._previews.add(step + 1)
             self._cancelled = self._cancelled or cancelled
-        else:  # ("cancelled?", flag)
-            self._reply = (bool(message[1]),)
+        else:  # ("reply", flag): the answer to "cancelled?"
+            self._reply = bool(message[1])
 
     @property
     def cancelled(self) -> bool:
         self.conn.send(("cancelled?",))
         while self._reply is None:
             self._read()
-        (flag,), self._reply = self._reply, None
+        flag, self._reply = self._reply, None
         return flag
 
     def set_extra(self, **values: Any) -> None:
