@@ -158,13 +158,13 @@ def bench_backend(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> N
 
 
 def bench_isolated(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> None:
-    """Memory of a model run in its own process (``IsolatedBackend``): what the child
+    """Memory of a model run in its own process (``ModelProcess``): what the child
     holds while loaded, and that unloading returns all of it."""
-    from server.backends.isolated import IsolatedBackend
     from server.config import ModelConfig, Settings
+    from server.worker.process import ModelProcess
 
     model = ModelConfig(backend=name, device=args.device, torch_dtype=args.dtype, **cfg)  # type: ignore[arg-type]
-    backend = IsolatedBackend(f"bench-{name}", model, Settings())
+    backend = ModelProcess(f"bench-{name}", model, Settings())
     parent = psutil.Process().memory_info().rss / MIB
     start = time.perf_counter()
     backend.load()

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from bench.bench_core import forecast_error  # noqa: E402
 from server import hostmem  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.runner import encode  # noqa: E402
+from server.worker.encode import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.conftest import RunningServer, start_server  # noqa: E402
 

@@ -56,7 +56,7 @@ from server import hostmem  # noqa: E402
 from server.backends import create_backend  # noqa: E402
 from server.backends.base import WorkItem  # noqa: E402
 from server.config import build_settings  # noqa: E402
-from server.runner import encode  # noqa: E402
+from server.worker.encode import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext  # noqa: E402
 from tests.conftest import RunningServer, start_server  # noqa: E402
@@ -184,7 +184,7 @@ def main() -> None:
         if args.in_process:
             raw = {**raw, "models": {name: {**m, "isolate": False} for name, m in raw["models"].items()}}
         hostmem.tune(settings.host_memory.retain_mib)  # what the server does at start-up
-        backend = create_backend("sdxl", settings.models["sdxl"], settings, isolate=False)
+        backend = create_backend("sdxl", settings.models["sdxl"], settings)
         backend.load()
         print(f"drain of {args.jobs} tiny-SDXL jobs ({args.size}x{args.size}, {args.steps} steps, PNG), mode {args.mode}, "
               f"{args.threads} torch thread(s), {args.rounds} alternated rounds" + (", pinned" if args.pin else "")

@@ -65,7 +65,8 @@ def preview_cost(name: str, folder: Path, size: int, reps: int = 200) -> float:
     """Seconds for one preview: the backend's latent projection + JPEG encode."""
     import torch
 
-    from server.runner import LIVE_PREVIEW_QUALITY, encode
+    from server.worker.context import LIVE_PREVIEW_QUALITY
+    from server.worker.encode import encode
     from tests.backend_helpers import item, load_backend
 
     backend: Any = load_backend(name, model_path=str(folder))

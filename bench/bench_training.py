@@ -57,7 +57,7 @@ def bench(backend: str, tmp: Path, dataset: Path, args: argparse.Namespace) -> d
     settings = build_settings(
         {"models": {"m": {"backend": backend, "model_path": str(model_dir), "lora_dir": str(tmp / "loras"), "device": "cpu"}}}
     )
-    model = create_backend("m", settings.models["m"], settings, isolate=False)  # the trainer in this process
+    model = create_backend("m", settings.models["m"], settings)  # the trainer in this process
     model.load()
     folder, samples = validate_dataset(str(dataset), [str(dataset.parent)])
     plan = TrainPlan(

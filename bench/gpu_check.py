@@ -11,7 +11,7 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
 
 - ``generate fp32 / bf16 / fp16``: one call (fp32 is the CPU's dtype, fp16 CUDA's only);
   the images must have the asked size and not be uniform (NaN or overflow);
-- ``residency: params + buffers``: the pipeline's bytes, what ``residency.measure_mib``
+- ``residency: params + buffers``: the pipeline's bytes, what ``backends.memory.measure_mib``
   counts on the CPU; ``residency: torch.cuda after load``: the growth of
   ``torch.cuda.memory_allocated`` over the load, what it counts on CUDA (the residency
   budget figure), with the memory at rest;
@@ -28,8 +28,8 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
   driven by a host allocation refused under ``RLIMIT_AS`` (set on the model's process for
   that job only), which the server reports as a model failure.
 
-For the other checks models load as the server loads them (``Registry.load``:
-``create_backend``, ``load``, ``residency.measure_mib``), in this process
+For the other checks models load as the server loads them (``ModelHost.load``:
+``create_backend``, ``load``, ``backends.memory.measure_mib``), in this process
 (``isolate: false``: the checks look into the pipeline and this process's
 ``torch.cuda``), and run as its worker runs them (``backend.run(WorkItem, ctx)``).
 Each check is isolated: an exception becomes its row's ``FAILED``; a check that
@@ -65,9 +65,10 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from server.backends.base import Task, WorkItem  # noqa: E402
+from server.backends.memory import module_bytes  # noqa: E402
 from server.config import build_settings  # noqa: E402
-from server.registry import ModelState, Registry  # noqa: E402
-from server.residency import module_bytes  # noqa: E402
+from server.registry import ModelState  # noqa: E402
+from server.worker.host import ModelHost  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext, reference  # noqa: E402
 from tests.conftest import RunningServer, model_processes, start_server  # noqa: E402
@@ -147,11 +148,11 @@ class Env:
 
 class Loaded:
     """At most one model loaded in this process at a time (so a peak holds only its
-    weights), loaded as the server loads it (``Registry.load``)."""
+    weights), loaded as the server loads it (the worker's ``ModelHost.load``)."""
 
     def __init__(self) -> None:
         self.key: tuple[Any, ...] | None = None
-        self.registry: Registry | None = None
+        self.host: ModelHost | None = None
         self.ms: ModelState | None = None
         self.seconds = 0.0
 
@@ -162,9 +163,9 @@ class Loaded:
         if key != self.key:
             self.release()
             self.key = key
-            self.registry = Registry(build_settings({"models": {target.name: {**target.cfg, **overrides}}}))
+            self.host = ModelHost.alone(build_settings({"models": {target.name: {**target.cfg, **overrides}}}))
             start = time.perf_counter()
-            self.ms = anyio.run(self.registry.load, target.name)
+            self.ms = anyio.run(self.host.load, target.name)
             self.seconds = time.perf_counter() - start
         assert self.ms is not None
         if self.ms.state != "loaded":
@@ -172,9 +173,9 @@ class Loaded:
         return self.ms
 
     def release(self) -> None:
-        if self.registry is not None and self.ms is not None and self.ms.state == "loaded":
-            anyio.run(self.registry.unload, self.ms.name)
-        self.key = self.registry = self.ms = None
+        if self.host is not None and self.ms is not None and self.ms.state == "loaded":
+            anyio.run(self.host.unload, self.ms.name)
+        self.key = self.host = self.ms = None
 
 
 def work(target: Target, refs: int | None = None, size: tuple[int, int] | None = None) -> WorkItem:
@@ -312,7 +313,7 @@ def fp8(env: Env, target: Target, loaded: Loaded) -> Result:
         peak,
         f"{held:.2f} MiB",
         f"torchao {torchao.__version__}: {len(weights)} transformer weights float8 on {env.device}; the transformer holds "
-        f"{held:.2f} MiB, residency.module_bytes counts {counted:.2f} MiB; the registry measured {ms.size_mib} MiB for the pipeline",
+        f"{held:.2f} MiB, backends.memory.module_bytes counts {counted:.2f} MiB; the registry measured {ms.size_mib} MiB for the pipeline",
     )
 
 

@@ -18,4 +18,6 @@ fi
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt
 python3 -m pip install -q --disable-pip-version-check -r requirements-gradio.txt
 export HF_HUB_OFFLINE=1
+# the import layers of server/ (pyproject.toml [tool.importlinter]): no cycles, no upward imports
+lint-imports --no-cache
 exec python3 -m pytest "$@"

@@ -1,3 +1,5 @@
 """easel: a self-hosted image-generation job server."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__"]

@@ -44,9 +44,9 @@ from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
 from .routes import api, meta, models, openai, training
-from .runner import Runner
 from .service import Service
 from .upscaling import Upscaler
+from .worker.loop import Worker
 
 log = logging.getLogger("easel")
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -58,34 +58,30 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     registry = Registry(settings)
     metrics = Metrics()
     keys = Keys(settings)
-    service = Service(settings, broker, registry, metrics, keys)
-    runner = Runner(settings, broker, registry, metrics) if role in ("all", "worker") else None
-    service.runner = runner
-    upscaler = Upscaler(settings, registry, runner)
-    delivery = Delivery(settings, broker, service.sign)
-    service.fetch_url = delivery.fetch_url
-    service.submit_checks += [upscaler.check, delivery.check]  # upscale checks before the delivery checks
-    if runner is not None:
-        service.forecasts.delayed = runner.delayed
-        runner.upscaler = upscaler
-        runner.delivery = delivery
-        runner.on_presence.append(service.forecasts.presence_changed)
+    delivery = Delivery(settings, broker, lambda url, job: keys.sign(url, job.id))
+    worker = Worker(settings, broker, registry, metrics, delivery) if role in ("all", "worker") else None
+    upscaler = Upscaler(settings, registry, worker.host if worker is not None else None)
+    service = Service(
+        settings, broker, registry, metrics, keys, worker=worker,
+        submit_checks=[upscaler.check, delivery.check],  # upscale checks before the delivery checks
+        fetch_url=delivery.fetch_url,
+    )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await broker.start()
-        if runner is not None:
-            await runner.start()  # its heartbeat task also runs the reaper
-        reaper = asyncio.create_task(service.reap_forever()) if runner is None and broker.distributed else None
-        log.info("easel: role %s, broker %s%s", role, broker.name, f", worker {runner.id}" if runner else "")
+        if worker is not None:
+            await worker.start()  # its heartbeat task also runs the reaper
+        reaper = asyncio.create_task(service.reap_forever()) if worker is None and broker.distributed else None
+        log.info("easel: role %s, broker %s%s", role, broker.name, f", worker {worker.id}" if worker else "")
         try:
             yield
         finally:
             service.accepting = False
             if reaper is not None:
                 reaper.cancel()
-            if runner is not None:
-                await runner.stop(settings.queue.shutdown_grace_seconds)
+            if worker is not None:
+                await worker.stop(settings.queue.shutdown_grace_seconds)
             await broker.close()
 
     if role == "worker":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
 
-from .backends.base import BackendError
+from .backends.base import BackendError, run_steps
 from .backends.lora import resolve_lora
 from .errors import BadRequest
+from .families import default_steps
 from .jobs import Item, JobRecord, Lora, input_key, new_id
 from .masking import DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
 from .schemas import GenerateRequest, ImageRef
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
 
 FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "JPG": "JPEG", "WEBP": "WEBP"}
 MAX_SEED = 2**63 - 1
-DEFAULT_STEPS = 4  # when neither the request nor the model (recommended_steps) says
 UrlFetcher = Callable[[str, str], Awaitable[bytes]]  # (url, field) -> bytes
 
 
@@ -267,7 +268,7 @@ async def build_job(
     width = req.width or cfg.default_width
     height = req.height or cfg.default_height
     check_size(ms, width, height)
-    steps = req.steps or cfg.recommended_steps or DEFAULT_STEPS
+    steps = req.steps or default_steps(cfg)
     if steps > settings.limits.max_steps:
         raise BadRequest(f"steps {steps} is over the limit of {settings.limits.max_steps}", param="steps")
     if req.n > caps.max_output_images:
@@ -322,6 +323,14 @@ async def build_job(
             resolve_lora(lora.name, cfg.lora_dir, ms.name)
         except BackendError as exc:
             raise BadRequest(f"loras[{i}]: {exc}", param="loras") from None
+    # img2img without a strength runs the model's default_strength: the record says so
+    strength = req.strength if req.strength is not None or init is None or mask_key is not None else cfg.default_strength
+    if (init is not None or mask_key is not None) and strength is not None and run_steps(steps, strength, True) < 1:
+        raise BadRequest(
+            f"strength {strength:g} with {steps} steps leaves no denoising step (img2img runs steps x strength); "
+            f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength",
+            param="strength",
+        )
     items = []
     seed_i = seed
     for prompt in prompts:
@@ -337,7 +346,7 @@ async def build_job(
                 guidance=req.guidance if req.guidance is not None else cfg.recommended_guidance,
                 images=refs,
                 init_image=init,
-                strength=req.strength,
+                strength=strength,
                 mask=mask_key,
                 mask_blur=mask_blur,
                 loras=loras,

@@ -16,6 +16,7 @@ import uvicorn
 from . import hostmem, logs
 from .app import create_app
 from .config import ConfigError, load_settings
+from .families import FAMILIES, UPSCALERS, Family
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,13 +68,8 @@ def overrides_from(args: argparse.Namespace, model_names: list[str]) -> dict[str
     return out
 
 
-# model_index.json "_class_name" -> (backend, tasks)
-PIPELINE_BACKENDS: dict[str, tuple[str, list[str]]] = {
-    "Flux2KleinPipeline": ("flux2_klein", ["generate", "edit"]),
-    "StableDiffusionXLPipeline": ("sdxl", ["generate", "edit"]),
-    "ZImagePipeline": ("z_image", ["generate", "edit"]),
-    "QwenImageEditPlusPipeline": ("qwen_edit_gguf", ["edit"]),
-}
+# model_index.json "_class_name" -> the family that serves it
+PIPELINE_FAMILIES: dict[str, Family] = {pipeline: f for f in FAMILIES.values() for pipeline in f.pipelines}
 
 
 def new_model_config(spec: str, path: str) -> dict[str, Any]:
@@ -81,7 +77,7 @@ def new_model_config(spec: str, path: str) -> dict[str, Any]:
     folder's model_index.json (a .pth/.safetensors file is an upscaler)."""
     p = Path(path).expanduser()
     if p.is_file() and p.suffix in (".pth", ".safetensors"):
-        return {"backend": "upscale_esrgan"}
+        return {"backend": UPSCALERS[0]}
     index = p / "model_index.json"
     try:
         class_name = json.loads(index.read_text()).get("_class_name")
@@ -90,13 +86,13 @@ def new_model_config(spec: str, path: str) -> dict[str, Any]:
             f"--model {spec!r}: {index} could not be read ({exc.__class__.__name__}); point at a Diffusers "
             "folder, or configure the model in the settings file"
         ) from None
-    if class_name not in PIPELINE_BACKENDS:
+    if class_name not in PIPELINE_FAMILIES:
         raise ConfigError(
             f"--model {spec!r}: pipeline {class_name!r} is not served by easel (supported: "
-            f"{', '.join(PIPELINE_BACKENDS)}); configure the model in the settings file"
+            f"{', '.join(PIPELINE_FAMILIES)}); configure the model in the settings file"
         )
-    backend, tasks = PIPELINE_BACKENDS[class_name]
-    return {"backend": backend, "tasks": tasks}
+    family = PIPELINE_FAMILIES[class_name]
+    return {"backend": family.key, "tasks": list(family.tasks)}
 
 
 class _Server(uvicorn.Server):

@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .families import FAMILIES, UPSCALERS
 from .forecast import FEATURES, unknown_terms
 
 DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
-BACKENDS = ("stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale_esrgan")
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
@@ -32,7 +32,7 @@ class ConfigError(Exception):
 
 
 class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    backend: Literal["stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale_esrgan"]
+    backend: str  # a family of server/families.py (checked by build_settings)
     enabled: bool = False
     target_inflight: PositiveInt = 1
     model_path: str | None = None
@@ -74,6 +74,8 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     simulate_size_mib: NonNegFloat | None = None  # stub only: its "measured" size for residency budgets
     simulate_load_seconds: NonNegFloat = 0.0  # stub only: how long a load takes
     simulate_first_call_seconds: NonNegFloat = 0.0  # stub only: what the first job after a load takes more (warm-up)
+    simulate_peak_mib: NonNegFloat = 0.0  # stub only: what a job holds beyond simulate_size_mib at its peak (residency)
+    simulate_faults: bool = False  # stub only, for tests: the prompts 'fail', 'hang [N]' and 'device fault' misbehave
 
 
 class ResidencyConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -236,6 +238,12 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
     models = data.get("models")
     if isinstance(models, dict):  # validate one by one so the message names the model
         for name, model in models.items():
+            backend = model.get("backend") if isinstance(model, dict) else None
+            if isinstance(backend, str) and backend not in FAMILIES:
+                raise ConfigError(
+                    f"{source}: backend {backend!r} is not one easel serves (one of: {', '.join(FAMILIES)}) "
+                    f"- at `$.models.{name}.backend`"
+                )
             try:
                 msgspec.convert(model, ModelConfig)
             except msgspec.ValidationError as exc:
@@ -276,13 +284,14 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
     if broker.heartbeat_seconds >= broker.lease_seconds:
         raise ConfigError(f"{source}: broker.heartbeat_seconds must be shorter than broker.lease_seconds")
     for name, model in settings.models.items():
-        if model.quantization != "none" and model.backend != "flux2_klein":
+        if model.quantization != "none" and not FAMILIES[model.backend].quantizes:
+            quantizing = " and ".join(k for k, f in FAMILIES.items() if f.quantizes)
             raise ConfigError(
-                f"{source}: models.{name}.quantization {model.quantization!r}: only the flux2_klein backend quantizes "
+                f"{source}: models.{name}.quantization {model.quantization!r}: only the {quantizing} backend quantizes "
                 f"(backend {model.backend!r} would load unquantized); set it to 'none', or use an FP8 single-file "
                 "transformer (transformer_path)"
             )
-        if model.isolate and model.backend == "upscale_esrgan":
+        if model.isolate and not FAMILIES[model.backend].isolatable:
             raise ConfigError(
                 f"{source}: models.{name}.isolate: an upscaler runs in the server's process (jobs call it image by "
                 "image); remove isolate or set it to false"
@@ -293,8 +302,8 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
             )
     if settings.upscaler is not None and settings.upscaler not in settings.models:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
-    if settings.upscaler is not None and settings.models[settings.upscaler].backend != "upscale_esrgan":
-        raise ConfigError(f"{source}: upscaler {settings.upscaler!r} must be a model with backend 'upscale_esrgan'")
+    if settings.upscaler is not None and settings.models[settings.upscaler].backend not in UPSCALERS:
+        raise ConfigError(f"{source}: upscaler {settings.upscaler!r} must be a model with backend {' or '.join(map(repr, UPSCALERS))}")
     return settings
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from .backends.base import run_steps
 from .training.plan import TrainPlan
 
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -64,6 +65,13 @@ class Item(Struct, kw_only=True):
     @property
     def megapixels(self) -> float:
         return self.width * self.height / 1_000_000
+
+    @property
+    def run_steps(self) -> int:
+        """The denoising steps its pipeline call runs: ``steps`` times ``strength`` for
+        img2img and masked edits (``backends.base.run_steps``), else ``steps``.  The
+        job's ``total_steps``, its progress, previews and forecast all count these."""
+        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None)
 
 
 class ImageResult(Struct, kw_only=True):

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .build import DEFAULT_STEPS, UrlFetcher, image_bytes, parse_format
+from .build import UrlFetcher, image_bytes, parse_format
 from .errors import ApiError, BadRequest, Conflict, JobFailed, Unavailable, validation_message
+from .families import default_steps
 from .jobs import JobRecord, JobStatus, image_tokens
 from .quotas import gpu_seconds
-from .routes.common import decode
 from .schemas import GenerateRequest, ImageRef
 from .schemas_openai import (
     CompletedEvent,
@@ -61,7 +61,7 @@ def quality_steps(quality: str | None, ms: ModelState) -> int | None:
     fraction = QUALITY_STEPS.get(quality.strip().lower())
     if fraction is None:
         raise BadRequest(f"quality {quality!r} is not supported; use low, medium, high or auto (or set steps)", param="quality")
-    return max(1, round((ms.cfg.recommended_steps or DEFAULT_STEPS) * fraction))
+    return max(1, round(default_steps(ms.cfg) * fraction))
 
 
 def knobs(req: OpenAIImageRequest) -> dict[str, Any]:
@@ -110,7 +110,11 @@ def to_generate_request(req: OpenAIImageRequest, ms: ModelState) -> GenerateRequ
         fields["images"] = [image_input(v, f"images[{i}]") for i, v in enumerate(req.images)]
     if req.metadata is not None:
         fields["metadata"] = req.metadata
-    return decode(fields, GenerateRequest)
+    try:  # the fields were read from a validated OpenAI request: what fails here is the mapping of easel's knobs
+        return msgspec.convert(fields, GenerateRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        message, param = validation_message(exc)
+        raise BadRequest(message, param=param) from None
 
 
 def check_background(background: str | None) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 from starlette.routing import Route
 
-from . import __version__
 from .schemas import WIRE_TYPES, ErrorResponse
+from .version import __version__
 
 REF = "#/components/schemas/{name}"
 

@@ -1,6 +1,6 @@
 """Model residency: which models stay loaded in this process.
 
-The policy, used by the runner (server/runner.py); the registry does the loading.
+The policy, used by the model host (server/worker/host.py), which does the loading.
 
 - ``residency.memory_budget_mib`` per device (``"cuda:0"``, ``"cpu"`` = host RAM):
   before a model loads, the least recently used *idle* models on its device are
@@ -8,11 +8,11 @@ The policy, used by the runner (server/runner.py); the registry does the loading
   when only busy models stand in the way the load waits (the runner retries each
   heartbeat, and when a job ends).  A model bigger than the whole budget is an error
   that names the budget and by how much it is over.
-- A model's size is measured after each load (``measure_mib``): on a CUDA device the
-  growth of ``torch.cuda.memory_allocated`` over the load; on the CPU the bytes of
-  the pipeline's parameters and buffers (the resident set of a process moves with
-  malloc's caching and with other threads' work, so it is not an honest per-model
-  figure); the stub's ``simulate_size_mib``.  Before the first load,
+- A model's size is measured by the process that holds it (server/backends/memory.py):
+  after each load its weights, and after each job what it really holds at its peak
+  (on a CUDA device: the allocator's peak reserved memory and the process's CUDA
+  context); the larger stays, so two models that fit by their weights but not once
+  both have run a job are not both kept.  Before the first load,
   ``vram_estimate_mib`` stands in; a model of unknown size is taken to fit.
 - ``load_on_demand`` models load when a job for them waits; each load's seconds are
   kept (``ModelState.load_seconds``, the mean) and published with the worker's
@@ -25,18 +25,18 @@ In Redis mode every worker host applies this to its own models and budget.
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .backends.base import BackendError
+from .backends.memory import model_device
+from .families import FAMILIES
 
 if TYPE_CHECKING:
     from .broker.base import WorkerInfo
     from .config import ModelConfig, Settings
     from .registry import ModelState
 
-MIB = 2**20
 log = logging.getLogger("easel.residency")
 
 
@@ -48,101 +48,11 @@ class NoRoom(Exception):
     """The model fits only once busy models (waiting or running jobs) are idle: wait."""
 
 
-def model_device(cfg: ModelConfig) -> str:
-    """The budget key of a model: its device with an index (``cuda`` -> ``cuda:0``);
-    ``auto`` is resolved as the Diffusers backends do (without importing torch when
-    it is not loaded yet: then it is the CPU, or a stub)."""
-    spec = cfg.device
-    if cfg.backend == "stub":
-        return "cpu" if spec == "auto" else spec
-    torch: Any = _torch() if spec in ("auto", "cuda") else None
-    cuda = torch is not None and torch.cuda.is_available()
-    if spec == "auto":
-        spec = "cuda" if cuda else "cpu"  # mps has no budget key of its own here
-    if spec == "cuda":
-        spec = "cuda:0"  # torch's current device until a process sets another (asking would start CUDA here)
-    return spec
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - the Diffusers backends need it anyway
-        return None
-    return torch
-
-
-def cuda_allocated(device: str) -> int | None:
-    """Bytes torch has allocated on a CUDA ``device`` now (None for any other device)."""
-    torch = sys.modules.get("torch")
-    if not device.startswith("cuda") or torch is None or not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.memory_allocated(device))
-
-
-def module_bytes(obj: Any) -> int:
-    """Bytes of the parameters and buffers of every torch module in a pipeline (its
-    components), or of one module; shared tensors count once."""
-    modules: list[Any] = []
-    components = getattr(obj, "components", None)
-    if isinstance(components, dict):
-        modules = [m for m in components.values() if hasattr(m, "parameters") and hasattr(m, "buffers")]
-    elif hasattr(obj, "parameters") and hasattr(obj, "buffers"):
-        modules = [obj]
-    seen: set[int] = set()
-    return sum(tensor_bytes(t, seen) for module in modules for t in (*module.parameters(), *module.buffers()))
-
-
-def tensor_bytes(t: Any, seen: set[int]) -> int:
-    """Bytes of one tensor not counted yet (``seen``: storage addresses).  A wrapper
-    tensor (a torchao float8 weight: no storage of its own, ``data_ptr()`` 0) counts
-    the tensors it holds (``__tensor_flatten__``)."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None:
-        names, _ = flatten()
-        return sum(tensor_bytes(getattr(t, name), seen) for name in names)
-    ptr = t.data_ptr()
-    if ptr in seen:
-        return 0
-    if ptr:
-        seen.add(ptr)
-    return int(t.numel() * t.element_size())
-
-
-def load_and_measure(backend: Any, name: str, cfg: ModelConfig) -> float | None:
-    """Load ``backend`` (in this process) and measure it: its size in MiB, None when it
-    cannot be measured (measuring never fails a load)."""
-    device = model_device(cfg)
-    before = cuda_allocated(device)
-    backend.load()
-    try:
-        return measure_mib(backend, cfg, device, before)
-    except Exception as exc:
-        log.warning("model %s: could not measure its size (%s)", name, exc)
-        return None
-
-
-def measure_mib(backend: Any, cfg: ModelConfig, device: str, cuda_before: int | None) -> float | None:
-    """The measured size of a just-loaded ``backend`` in MiB (see the module doc)."""
-    if cfg.backend == "stub":
-        return cfg.simulate_size_mib
-    if cuda_before is not None:
-        after = cuda_allocated(device)
-        if after is not None:
-            return round(max(0, after - cuda_before) / MIB, 1)
-    target = getattr(backend, "pipe", None) or getattr(backend, "_model", None)
-    if target is None:
-        return None
-    size = module_bytes(target)
-    return round(size / MIB, 1) if size else None
-
-
 def size_mib(ms: ModelState) -> float | None:
     """What ``ms`` takes once loaded: measured, else its configured estimate."""
     if ms.size_mib is not None:
         return ms.size_mib
-    if ms.cfg.backend == "stub" and ms.cfg.simulate_size_mib is not None:
+    if FAMILIES[ms.cfg.backend].simulated and ms.cfg.simulate_size_mib is not None:
         return ms.cfg.simulate_size_mib
     return float(ms.cfg.vram_estimate_mib) if ms.cfg.vram_estimate_mib is not None else None
 

@@ -1,6 +1,6 @@
 """The service layer: what routes call (submit, status, wait, cancel, list, fetch,
 models).  It talks to the broker and to nothing below it; on a node that also runs
-workers (role ``all``) it asks the local runner to load models on demand.
+workers (role ``all``) it asks the local worker's model host to load models.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ import msgspec
 
 from .auth import OPEN, Caller, Keys
 from .broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
-from .build import DEFAULT_STEPS
 from .deadlines import end_if_missed, refuse_unreachable
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
+from .families import default_steps
 from .forecast import call_features
 from .jobs import ImageResult, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from .quotas import check_and_charge
 from .registry import ModelState, Registry
 from .standing import Forecasts, Where, job_features, predict, queue_seconds, standing
+from .worker.presence import SLOTS
 
 if TYPE_CHECKING:
     from .build import UrlFetcher
     from .config import Settings
     from .metrics import Metrics
-    from .runner import Runner
+    from .worker.loop import Worker
 
 log = logging.getLogger("easel")
 FOLLOW_SECONDS = 30.0  # a follow lasts this long unless renewed
@@ -79,16 +80,22 @@ def _across(infos: list[WorkerInfo]) -> tuple[str, str | None]:
 
 
 class Service:
-    def __init__(self, settings: Settings, broker: Broker, registry: Registry, metrics: Metrics, keys: Keys) -> None:
+    def __init__(
+        self, settings: Settings, broker: Broker, registry: Registry, metrics: Metrics, keys: Keys, *,
+        worker: Worker | None = None, submit_checks: list[SubmitCheck] | None = None, fetch_url: UrlFetcher | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.keys = keys
         self.broker = broker
-        self.registry = registry  # configured models (loaded only where a runner is)
+        self.registry = registry  # configured models (loaded only where a worker is)
         self.metrics = metrics
         self.forecasts = Forecasts(settings, broker)
-        self.runner: Runner | None = None  # the workers of this process, if any (role all)
-        self.submit_checks: list[SubmitCheck] = []  # before a job is queued (URL guards, upscaler...)
-        self.fetch_url: UrlFetcher | None = None  # reference images given by URL
+        self.worker = worker  # the workers of this process, if any (role all)
+        self.submit_checks = submit_checks or []  # before a job is queued (URL guards, upscaler...)
+        self.fetch_url = fetch_url  # reference images given by URL
+        if worker is not None:
+            self.forecasts.delayed = worker.delayed
+            worker.presence.on_change.append(self.forecasts.presence_changed)
         self.accepting = True
         self.started_at = time.time()
 
@@ -107,15 +114,15 @@ class Service:
         of the model's default size and steps would take (for /api/ps and /health)."""
         cfg = ms.cfg
         task = "upscale" if "upscale" in ms.capabilities.tasks else "generate"
-        steps = cfg.recommended_steps or DEFAULT_STEPS
+        steps = default_steps(cfg)
         example = (task, call_features(task, steps, cfg.default_width * cfg.default_height / 1e6, 1),
                    f"{cfg.default_width}x{cfg.default_height}, {steps} steps, 1 image")  # fmt: skip
         return (await self.forecasts.cost(ms.name)).report(example)
 
     async def model_state(self, ms: ModelState) -> tuple[str, str | None, int]:
         """(state, load error, live slots) of a model across the workers serving it."""
-        if self.runner is not None and not self.broker.distributed:  # one process: its registry is the truth
-            return ms.state, ms.load_error, ms.cfg.target_inflight if ms.state == "loaded" else 0
+        if self.worker is not None and not self.broker.distributed:  # one process: its registry is the truth
+            return ms.state, ms.load_error, SLOTS if ms.state == "loaded" else 0
         state, error, infos = (await self._presence([ms]))[0]
         return state, error, sum(w.slots for w in infos if w.state == "loaded")
 
@@ -134,12 +141,12 @@ class Service:
         first; this process's own worker is then read at one instant for all of them, so
         a listing never shows one model still loaded and the one that evicted it already
         loading."""
-        remote = self.runner is None or self.broker.distributed
+        remote = self.worker is None or self.broker.distributed
         shared = {ms.name: await self.forecasts.workers(ms.name) for ms in models} if remote else {}
-        own = self.runner.infos() if self.runner is not None else []  # no await from here on
+        own = self.worker.presence.infos() if self.worker is not None else []  # no await from here on
         out: list[tuple[str, str | None, list[WorkerInfo]]] = []
         for ms in models:
-            infos = [w for w in shared.get(ms.name, []) if self.runner is None or w.worker != self.runner.id]
+            infos = [w for w in shared.get(ms.name, []) if self.worker is None or w.worker != self.worker.id]
             infos += [i for i in own if i.model == ms.name]
             state, error = _across(infos) if remote else (ms.state, ms.load_error)  # one process: its registry
             out.append((state, error, infos))
@@ -152,8 +159,8 @@ class Service:
         if self.broker.distributed:
             return ms  # workers may come later: the queue survives until one does
         state, error, _ = await self.model_state(ms)
-        if state in ("unloaded", "loading") and ms.cfg.load_on_demand and self.runner is not None:
-            return ms  # it loads when the job is queued (Runner.want)
+        if state == "loading" or (state == "unloaded" and ms.cfg.load_on_demand and self.worker is not None):
+            return ms  # it runs once the model has loaded (on demand: ModelHost.want); a failed load ends it as error
         if state != "loaded":
             hint = f": {error}" if state == "error" else ""
             raise Conflict(
@@ -163,18 +170,22 @@ class Service:
             )
         return ms
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, *, wait: bool = True) -> None:
+        """Load ``name`` here (and wait for it unless ``wait`` is false), or ask the
+        shared broker's workers to."""
         ms = self.model(name)
-        if self.runner is not None:
-            await self.runner.load(ms.name)
+        if self.worker is not None and not wait:
+            self.worker.host.spawn(self.load(ms.name))
+        elif self.worker is not None:
+            await self.worker.host.load(ms.name)
         else:
             await self.broker.command(ms.name, "load")
         self.forecasts.presence_changed(ms.name)
 
     async def unload(self, name: str) -> None:
         ms = self.model(name)
-        if self.runner is not None:
-            await self.runner.unload(ms.name)
+        if self.worker is not None:
+            await self.worker.host.unload(ms.name)
         else:
             await self.broker.command(ms.name, "unload")
         self.forecasts.presence_changed(ms.name)
@@ -224,7 +235,7 @@ class Service:
         if not job.features:  # training jobs bring their own
             job.features = job_features(job, blobs)
         if job.total_steps == 0:
-            job.total_steps = sum(it.steps for it in job.items)
+            job.total_steps = sum(it.run_steps for it in job.items)
         cost = await self.forecasts.cost(job.model)
         job.predicted, job.predicted_phases = predict(cost, job)
         await refuse_unreachable(self.forecasts, job)
@@ -236,8 +247,8 @@ class Service:
                 f"the queue of model {job.model!r} is full ({self.settings.queue.capacity} jobs); retry later",
                 retry_after=await queue_seconds(self.forecasts, job.model),
             ) from None
-        if self.runner is not None:  # a load_on_demand model that is not loaded loads now
-            self.runner.want(job.model)
+        if self.worker is not None:  # a load_on_demand model that is not loaded loads now
+            self.worker.host.want(job.model)
         where = await standing(self.forecasts, job)
         await self.broker.update(job, {"pos_at_submit": where.pos, "expected_at_submit": where.wait or 0.0})
         self.metrics.submitted.labels(job.model, job.task).inc()

@@ -94,7 +94,7 @@ def model_processes(server_pid: int) -> set[int]:
 def stub_settings(**model: Any) -> dict[str, Any]:
     cfg = {"backend": "stub", "enabled": True, "tasks": ["generate", "edit"], "max_images": 4,
            "max_output_images": 4, "max_pixels": 1048576, "default_width": 64, "default_height": 64,
-           "recommended_steps": 2, "simulate_step_seconds": 0.0}
+           "recommended_steps": 2, "simulate_step_seconds": 0.0, "simulate_faults": True}
     cfg.update(model)
     return {"models": {"stub": cfg}, "default_model": "stub"}
 

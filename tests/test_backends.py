@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from server.backends import create_backend
 from server.backends.base import BackendError, JobCancelled, LoraSpec
+from server.config import ModelConfig, Settings
+from server.forecast import FEATURES, FITS, prior_vector
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:
@@ -119,10 +122,28 @@ def test_cancel_stops_the_pipeline_at_the_next_step(loaded: dict[str, Backend], 
     assert len(run(loaded[name], basic(name))) == 1  # the model keeps working
 
 
+def check_prior(backend: Backend) -> int:
+    """Every fit's prior is None or known terms of non-negative seconds; the count of priors given."""
+    given = 0
+    for fit in FITS:
+        prior = backend.cost_prior(fit)
+        if prior is None:
+            continue
+        given += 1
+        vector = prior_vector(prior)  # unknown terms raise
+        assert vector.shape == (len(FEATURES),) and (vector >= 0).all(), (fit, prior)
+    return given
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_cost_prior_is_none_or_one_coefficient_per_feature(loaded: dict[str, Backend], name: str) -> None:
-    prior = loaded[name].cost_prior("generate")
-    assert prior is None or len(prior) == 4
+    check_prior(loaded[name])
+
+
+def test_the_stubs_cost_prior_is_checked_term_by_term() -> None:
+    """The stub gives a prior for every fit, so ``check_prior`` really looks at one."""
+    stub = create_backend("stub", ModelConfig(backend="stub", simulate_step_seconds=1.0), Settings())
+    assert check_prior(stub) == len(FITS)
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -1,4 +1,4 @@
-"""IsolatedBackend runs a real backend in a spawn child process: results, progress,
+"""ModelProcess runs a real backend in a spawn child process: results, progress,
 previews and cancellation cross the pipe, the child measures the model's size, and
 unloading ends the process.  Every Diffusers backend runs this way by default."""
 
@@ -7,16 +7,16 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import anyio
 import msgspec
 import psutil
 import pytest
 
-from server.backends import BACKENDS, create_backend
+from server.backends import create_backend
 from server.backends.base import BackendError, JobCancelled
-from server.backends.isolated import IsolatedBackend
+from server.backends.memory import load_and_measure
 from server.config import ConfigError, ModelConfig, Settings, build_settings
-from server.registry import Registry
+from server.families import FAMILIES, runs_isolated
+from server.worker.process import ModelProcess
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.usefixtures("tiny_runtime"), pytest.mark.timeout(180)]
 
 def test_isolated_backend_matches_in_process_and_unload_ends_the_process(tiny_z_image: Path) -> None:
     cfg = ModelConfig(backend="z_image", model_path=str(tiny_z_image))
-    backend = IsolatedBackend("iso", cfg, Settings())
+    backend = ModelProcess("iso", cfg, Settings())
     assert backend.capabilities.tasks == ("generate", "edit")
     backend.load()
     pid = backend.pid
@@ -71,7 +71,7 @@ def test_the_model_never_waits_for_a_busy_server_at_a_step(tiny_z_image: Path) -
             if i == 1:
                 time.sleep(HELD)  # the server is busy while the model runs step 2
 
-    backend = IsolatedBackend("iso", ModelConfig(backend="z_image", model_path=str(tiny_z_image)), Settings())
+    backend = ModelProcess("iso", ModelConfig(backend="z_image", model_path=str(tiny_z_image)), Settings())
     backend.load()
     try:
         backend.run(item(), RecordingContext())  # the first run's one-time set-up
@@ -88,22 +88,22 @@ HELD = 2.0
 
 
 def test_isolated_load_error_is_reported_and_leaves_no_process(tmp_path: Path) -> None:
-    backend = IsolatedBackend("iso", ModelConfig(backend="sdxl", model_path=str(tmp_path / "missing")), Settings())
+    backend = ModelProcess("iso", ModelConfig(backend="sdxl", model_path=str(tmp_path / "missing")), Settings())
     with pytest.raises(BackendError, match="does not exist"):
         backend.load()
     assert backend.pid is None
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", sorted(FAMILIES))
 def test_every_diffusers_backend_runs_in_its_own_process_by_default(backend: str) -> None:
-    def created(**cfg: object) -> object:
-        return create_backend("m", msgspec.convert({"backend": backend, **cfg}, ModelConfig), Settings())
+    def isolated(**cfg: object) -> bool:
+        return runs_isolated(msgspec.convert({"backend": backend, **cfg}, ModelConfig))
 
     in_process = {"stub", "upscale_esrgan"}  # the stub; an upscaler is called image by image
-    assert isinstance(created(), IsolatedBackend) == (backend not in in_process)
-    assert not isinstance(created(isolate=False), IsolatedBackend)
+    assert isolated() == (backend not in in_process)
+    assert not isolated(isolate=False)
     if backend != "upscale_esrgan":
-        assert isinstance(created(isolate=True), IsolatedBackend)
+        assert isolated(isolate=True)
 
 
 def test_an_isolated_upscaler_is_a_config_error() -> None:
@@ -114,13 +114,14 @@ def test_an_isolated_upscaler_is_a_config_error() -> None:
 def test_the_model_process_measures_the_size_the_registry_keeps(tiny_z_image: Path) -> None:
     """On the CPU the size is the pipeline's parameters and buffers: the same figure
     whether the model is loaded here or in its own process (which measures itself)."""
-    model = {"backend": "z_image", "model_path": str(tiny_z_image), "device": "cpu"}
-    registry = Registry(build_settings({"models": {"here": {**model, "isolate": False}, "child": model}}))
-    here, child = anyio.run(registry.load, "here"), anyio.run(registry.load, "child")
+    cfg = ModelConfig(backend="z_image", model_path=str(tiny_z_image), device="cpu")
+    here = create_backend("here", cfg, Settings())
+    child = ModelProcess("child", cfg, Settings())
+    here_mib = load_and_measure(here, "here", cfg)
+    child.load()
     try:
-        assert isinstance(child.backend, IsolatedBackend) and not isinstance(here.backend, IsolatedBackend)
-        assert here.size_mib is not None and here.size_mib > 0
-        assert child.size_mib == here.size_mib
+        assert here_mib is not None and here_mib > 0
+        assert child.size_mib == here_mib
     finally:
-        anyio.run(registry.unload, "child")
-        anyio.run(registry.unload, "here")
+        child.unload()
+        here.unload()

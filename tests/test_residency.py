@@ -177,7 +177,7 @@ def test_a_wrapper_tensor_counts_the_tensors_it_holds() -> None:
     (``data_ptr()`` 0), its bytes in the tensors ``__tensor_flatten__`` names."""
     import torch
 
-    from server.residency import tensor_bytes
+    from server.backends.memory import tensor_bytes
 
     class Float8Like(torch.Tensor):
         @staticmethod

@@ -21,7 +21,7 @@ from server.broker.notify import Notifier
 from server.build import OFF_LOOP_PIXELS, decode_off_loop
 from server.errors import BadRequest
 from server.metrics import Metrics
-from server.runner import encode
+from server.worker.encode import encode
 
 # --- decoding input images --------------------------------------------------------------
 

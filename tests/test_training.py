@@ -242,7 +242,7 @@ def test_error_mid_run_keeps_earlier_checkpoints_and_removes_the_adapter(
     from server.training.plan import TrainPlan
 
     settings = build_settings({"models": {"z": {"backend": "z_image", "model_path": str(env["zimg"]), "device": "cpu"}}})
-    backend: Any = create_backend("z", settings.models["z"], settings, isolate=False)  # patched below: this process
+    backend: Any = create_backend("z", settings.models["z"], settings)  # in this process: patched below
     backend.load()
     folder, samples = validate_dataset("shapes", [str(env["root"])])
     calls = {"n": 0}

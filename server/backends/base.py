@@ -13,14 +13,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from ..families import FAMILIES
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from ..config import ModelConfig
 
 Task = Literal["generate", "edit", "train", "upscale"]
-# families with an inpaint pipeline (Diffusers 0.42 has all four) or, for the stub, a masked placeholder
-MASK_BACKENDS = frozenset({"stub", "sdxl", "flux2_klein", "z_image", "qwen_edit_gguf"})
 
 
 def free_memory() -> None:
@@ -73,6 +73,27 @@ def failure_message(exc: BaseException) -> str:
     return f"the model failed on this job ({name}: {str(exc)[:300]}); the server log has the details"
 
 
+def device_fault(exc: BaseException) -> bool:
+    """A device error that is not out-of-memory (an illegal address, a device-side
+    assert, a failed launch): CUDA's context is then broken for good, so every later
+    job of the process would fail too; the process must end (``isolate``) or the
+    server restart."""
+    if device_out_of_memory(exc):
+        return False
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or any(mark in text for mark in DEVICE_FAULT_MARKS)
+
+
+DEVICE_FAULT_MARKS = (
+    "CUDA error",  # torch's RuntimeError for any CUDA runtime error (illegal memory access, launch failure...)
+    "device-side assert",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUDNN_STATUS_EXECUTION_FAILED",
+    "cudaErrorIllegalAddress",
+    "unspecified launch failure",
+)
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """The device (or, on the CPU, the host) refused an allocation."""
     return device_out_of_memory(exc) or host_out_of_memory(exc)
@@ -89,6 +110,17 @@ def host_out_of_memory(exc: BaseException) -> bool:
     allocator ("DefaultCPUAllocator: can't allocate memory")."""
     text = str(exc).lower()
     return isinstance(exc, MemoryError) or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def run_steps(steps: int, strength: float | None, partial: bool) -> int:
+    """The denoising steps a pipeline call really runs: img2img and inpainting
+    (``partial``) start ``strength`` of the way into the schedule, so they run
+    ``int(steps * strength)`` of ``steps`` (Diffusers' rule; 0 means none, a request
+    the build refuses); any other call runs ``steps``.  A family that rounds otherwise
+    reports its own total with each step, and that total wins (server/worker/context.py)."""
+    if not partial or strength is None:
+        return steps
+    return min(steps, int(steps * strength))
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,11 @@ class WorkItem:
     @property
     def megapixels(self) -> float:
         return self.width * self.height / 1_000_000
+
+    @property
+    def run_steps(self) -> int:
+        """The steps the call runs (``run_steps``): fewer than ``steps`` for img2img."""
+        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None)
 
 
 class StepContext(Protocol):
@@ -163,11 +200,12 @@ class Capabilities:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded (or loadable) model.  ``run`` is only ever called from one worker
-    thread at a time per in-flight slot; ``load``/``unload`` are called off the
-    event loop."""
+    """A loaded (or loadable) model: what the worker needs of it.  The worker's model
+    host (server/worker/host.py) makes at most one call into a backend at a time, off
+    the event loop: ``run`` never runs on two threads at once."""
 
     capabilities: Capabilities
+    isolated: bool  # the model lives in its own process (server/worker/process.py)
 
     def load(self) -> None: ...
 
@@ -179,27 +217,33 @@ class Backend(Protocol):
         """Prior forecast seconds per term (``forecast.TERMS``) for ``fit`` (image,
         train or upscale), or None to use the configured/default prior."""
 
+    def count_tokens(self, prompt: str) -> tuple[int, int | None]:
+        """(tokens of ``prompt`` as the text encoder sees it, the most it takes or None)."""
+
+    def after_job(self, release_cache: bool) -> float | None:
+        """A job has ended: give the allocator's cached blocks back to the device when
+        ``release_cache`` (another model shares it), and say what the model holds at
+        its peak, in MiB (weights, the job's activations and cached blocks, the
+        process's device context; None when it cannot be measured): residency
+        budgets count that, not only the weights."""
+
 
 def count_words(prompt: str) -> tuple[int, int | None]:
     """The default token count of a backend without a tokenizer: the prompt's words, no limit."""
     return len(prompt.split()), None
 
 
-def count_tokens(backend: Any, prompt: str) -> tuple[int, int | None]:
-    """``backend.count_tokens(prompt)``: (tokens of the prompt as the model's text encoder
-    sees it, the most tokens it takes or None); words for a backend that has no such method."""
-    method = getattr(backend, "count_tokens", None)
-    return method(prompt) if method is not None else count_words(prompt)  # type: ignore[no-any-return]
-
-
-def model_capabilities(cfg: ModelConfig, default_tasks: tuple[str, ...]) -> Capabilities:
-    """Capabilities from the model config, falling back to the backend's defaults."""
-    tasks = tuple(cfg.tasks) if cfg.tasks else default_tasks
+def model_capabilities(cfg: ModelConfig) -> Capabilities:
+    """Capabilities from the model config, falling back to its family's (server/families.py)."""
+    family = FAMILIES[cfg.backend]
+    tasks = tuple(cfg.tasks) if cfg.tasks else family.tasks
+    trains = family.trainable is not None and bool(cfg.lora_dir)
     return Capabilities(
-        tasks=tasks,
+        tasks=(*tasks, "train") if trains and "train" not in tasks else tasks,
         max_images=cfg.max_images if "edit" in tasks else 0,
         max_output_images=cfg.max_output_images,
-        supports_mask="edit" in tasks and cfg.backend in MASK_BACKENDS,
+        supports_mask="edit" in tasks and family.inpaint,
         supports_lora=bool(cfg.lora_dir),
         supports_init_image="edit" in tasks,
+        supports_training=trains,
     )

@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image, ImageOps
 
+from ..families import default_guidance
 from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities, out_of_memory
 from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import WEIGHT_SUFFIXES, applied_loras
+from .memory import peak_mib
+from .memory import release_cache as release_cached_blocks
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -157,8 +160,7 @@ def step_callback(
 class DiffusersBackend:
     """Base class of the Diffusers backends (see module docstring)."""
 
-    default_tasks: ClassVar[tuple[str, ...]] = ("generate",)
-    default_guidance: ClassVar[float] = 0.0
+    isolated = False
     supports_previews: ClassVar[bool] = True
     latent_rgb: ClassVar[Factors | None] = None  # published latent -> RGB factors (latent_preview.py)
 
@@ -166,7 +168,7 @@ class DiffusersBackend:
         self.name = name
         self.cfg = cfg
         self.settings = settings
-        self.capabilities: Capabilities = model_capabilities(cfg, self.default_tasks)
+        self.capabilities: Capabilities = model_capabilities(cfg)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.torch_dtype, self.device)
         self.pipe: Any = None
@@ -310,6 +312,13 @@ class DiffusersBackend:
         ids = tokenizer(self._prompt_text(tokenizer, prompt), truncation=False, verbose=False)["input_ids"]
         return len(ids), self._token_limit(tokenizer)
 
+    def after_job(self, release_cache: bool) -> float | None:
+        """Cached blocks back to the device when another model shares it; the peak this
+        process held on a CUDA device (server/backends/memory.py)."""
+        if release_cache:
+            release_cached_blocks()
+        return peak_mib(self.device if self.device != "cuda" else "cuda:0")
+
     # ----------------------------------------------------------------- running
 
     def generators(self, item: WorkItem) -> list[torch.Generator]:
@@ -318,11 +327,7 @@ class DiffusersBackend:
         return [torch.Generator(device).manual_seed(item.seed + k) for k in range(item.n)]
 
     def guidance(self, item: WorkItem) -> float:
-        if item.guidance is not None:
-            return item.guidance
-        if self.cfg.recommended_guidance is not None:
-            return self.cfg.recommended_guidance
-        return self.default_guidance
+        return item.guidance if item.guidance is not None else default_guidance(self.cfg)
 
     def strength(self, item: WorkItem) -> float:
         return item.strength if item.strength is not None else self.cfg.default_strength

@@ -8,7 +8,7 @@ the transformer to float8 weight-only with torchao.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -19,8 +19,6 @@ from .single_file import load_single_file_transformer, single_file_parts
 
 
 class Flux2KleinBackend(DiffusersBackend):
-    default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
-    default_guidance: ClassVar[float] = 1.0
     latent_rgb = latent_preview.FLUX2
 
     def _build_pipeline(self) -> Any:

@@ -8,7 +8,7 @@ whole pipeline loads from the Diffusers folder in ``model_path``.  Guidance maps
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -19,8 +19,6 @@ from .single_file import load_single_file_transformer, single_file_parts
 
 
 class QwenEditGGUFBackend(DiffusersBackend):
-    default_tasks: ClassVar[tuple[str, ...]] = ("edit",)
-    default_guidance: ClassVar[float] = 4.0
     latent_rgb = latent_preview.WAN21  # Qwen-Image's VAE is Wan 2.1's
 
     def _build_pipeline(self) -> Any:

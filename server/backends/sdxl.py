@@ -3,7 +3,7 @@ first reference) through ``StableDiffusionXLImg2ImgPipeline.from_pipe``."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -13,8 +13,6 @@ from .diffusers_common import DiffusersBackend
 
 
 class SDXLBackend(DiffusersBackend):
-    default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
-    default_guidance: ClassVar[float] = 5.0
     latent_rgb = latent_preview.SDXL
 
     def _build_pipeline(self) -> Any:

@@ -6,9 +6,15 @@ it behave like a real model for queueing, progress, cancel and forecasts;
 ``simulate_first_call_seconds`` makes the first job after a load that much slower,
 as a real pipeline's set-up makes it.
 
-Prompts for tests: ``fail`` fails the job; ``hang`` (or ``hang N``: N seconds) blocks
-without reporting a step, until the job is cancelled or for at most ``MAX_HANG``
-seconds (in an isolated model's process, until the process is killed).
+``simulate_peak_mib`` is what a job holds beyond ``simulate_size_mib`` at its peak
+(after the first job, residency budgets count both).  An img2img call runs
+``Item.run_steps`` of its steps, as a Diffusers pipeline does.
+
+For tests only, with ``simulate_faults: true`` (never in a shipped config): the
+prompt ``fail`` fails the job; ``hang`` (or ``hang N``: N seconds) blocks without
+reporting a step, until the job is cancelled or for at most ``MAX_HANG`` seconds (in
+an isolated model's process, until the process is killed); ``device fault`` raises
+the error a broken CUDA context gives (an illegal memory access).
 """
 
 from __future__ import annotations
@@ -49,10 +55,12 @@ def _font(width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 class StubBackend:
+    isolated = False
+
     def __init__(self, name: str, cfg: ModelConfig, settings: Settings) -> None:
         self.name = name
         self.cfg = cfg
-        self.capabilities: Capabilities = model_capabilities(cfg, ("generate", "edit"))
+        self.capabilities: Capabilities = model_capabilities(cfg)
         self._sleeper = threading.Event()  # never set: an interruptible sleep
         self.loaded = False
         self.warm = False  # has run a job since its load
@@ -73,28 +81,42 @@ class StubBackend:
     def count_tokens(self, prompt: str) -> tuple[int, int | None]:
         return count_words(prompt)  # no tokenizer: words
 
+    def after_job(self, release_cache: bool) -> float | None:
+        if self.cfg.simulate_size_mib is None:
+            return None
+        return self.cfg.simulate_size_mib + self.cfg.simulate_peak_mib
+
     def step_seconds(self, item: WorkItem) -> float:
         refs = sum(im.width * im.height for im in item.images) / 1_000_000
         return self.cfg.simulate_step_seconds * item.n * (item.megapixels + REF_COST * refs)
 
     def run(self, item: WorkItem, ctx: StepContext) -> list[Image.Image]:
-        if item.prompt.strip().lower() == "fail":  # lets tests exercise a failing job
-            raise BackendError("the stub backend was asked to fail (prompt 'fail')")
-        if (hang := _hang_seconds(item.prompt)) is not None:
-            self._hang(hang, ctx)
+        if self.cfg.simulate_faults:
+            self._misbehave(item, ctx)
         if not self.warm and self.cfg.simulate_first_call_seconds > 0:  # set-up before the first step
             self._sleeper.wait(self.cfg.simulate_first_call_seconds)
         self.warm = True
         per_step = self.step_seconds(item)
-        for i in range(1, item.steps + 1):
+        steps = item.run_steps
+        for i in range(1, steps + 1):
             if per_step > 0:
                 self._sleeper.wait(per_step)
-            ctx.step(i, item.steps)
+            ctx.step(i, steps)
             if ctx.wants_preview(i):  # drawn at preview size: cheap
                 w, h = preview_size(item.width, item.height)
                 small = dataclasses.replace(item, width=w, height=h)
-                ctx.preview(self._draw(small, item.seed, blur_to=i / item.steps))
+                ctx.preview(self._draw(small, item.seed, blur_to=i / steps))
         return [self._draw(item, item.seed + k) for k in range(item.n)]
+
+    def _misbehave(self, item: WorkItem, ctx: StepContext) -> None:
+        """The test prompts (``simulate_faults``; see the module doc)."""
+        prompt = item.prompt.strip().lower()
+        if prompt == "fail":
+            raise BackendError("the stub backend was asked to fail (prompt 'fail')")
+        if prompt == "device fault":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated by the stub)")
+        if (hang := _hang_seconds(item.prompt)) is not None:
+            self._hang(hang, ctx)
 
     def _hang(self, seconds: float, ctx: StepContext) -> None:
         """Block without reporting a step: a hung pipeline call, for tests."""

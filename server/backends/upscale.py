@@ -34,7 +34,9 @@ import torch
 from PIL import Image
 from spandrel import ImageModelDescriptor, ModelLoader, ModelTiling
 
-from .base import BackendError, Capabilities, StepContext, WorkItem
+from .base import BackendError, Capabilities, StepContext, WorkItem, count_words
+from .memory import peak_mib
+from .memory import release_cache as release_cached_blocks
 from .tiling import Pixels, Progress, run_tiled, tile_boxes
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class UpscaleBackend:
+    isolated = False  # always in the server's process: a generate job's post-processing calls it image by image
     capabilities = Capabilities(tasks=("upscale",), max_images=1, max_output_images=1)
 
     def __init__(self, name: str, cfg: ModelConfig, settings: Settings) -> None:
@@ -78,6 +81,14 @@ class UpscaleBackend:
             self._model = None
         if self._device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+    def count_tokens(self, prompt: str) -> tuple[int, int | None]:
+        return count_words(prompt)  # no text encoder
+
+    def after_job(self, release_cache: bool) -> float | None:
+        if release_cache:
+            release_cached_blocks()
+        return peak_mib(self._device)
 
     def cost_prior(self, fit: str) -> dict[str, float] | None:
         # seconds ~ 0.2 + input megapixels (one "step" of the input's size) times

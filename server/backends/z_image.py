@@ -3,7 +3,7 @@ edit's first reference) through ``ZImageImg2ImgPipeline.from_pipe``."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -13,8 +13,6 @@ from .diffusers_common import DiffusersBackend
 
 
 class ZImageBackend(DiffusersBackend):
-    default_tasks: ClassVar[tuple[str, ...]] = ("generate", "edit")
-    default_guidance: ClassVar[float] = 0.0
     latent_rgb = latent_preview.FLUX1  # Z-Image uses the FLUX.1 VAE
 
     def _build_pipeline(self) -> Any:

@@ -369,7 +369,7 @@ class RedisBroker(LocalEvents):
         try:
             while job_id in self._progress_jobs:
                 job = self._progress_jobs.pop(job_id)
-                fields = {"step": job.step, "first_step_at": job.first_step_at, "last_step_at": job.last_step_at}
+                fields = {"step": job.step, "total_steps": job.total_steps, "first_step_at": job.first_step_at, "last_step_at": job.last_step_at}
                 try:
                     followed = await self._script(
                         "update", job.id, str(job.attempt), "progress", *(x for k, v in fields.items() for x in (k, _json(v)))

@@ -95,8 +95,8 @@ async def admin_models(request: Request) -> Response:
 async def admin_load(request: Request) -> Response:
     service = service_of(request)
     ms = service.model(request.path_params["name"])  # 404 before anything starts
-    if request.query_params.get("wait", "true").lower() in ("0", "false", "no") and service.runner is not None:
-        service.runner.spawn(service.load(ms.name))
+    if request.query_params.get("wait", "true").lower() in ("0", "false", "no"):
+        await service.load(ms.name, wait=False)
         await anyio.sleep(0)
     else:
         await service.load(ms.name)

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from ..auth import Caller, caller_of
 from ..errors import BadRequest, NotFound
+from ..families import FAMILIES
 from ..jobs import JobRecord, JobStatus
 from ..openapi import Doc, Param, route
 from ..schemas import (
@@ -32,7 +33,7 @@ from ..training.submit import build_train_job, training_jobs
 from .common import decode, json_response, read_body, service_of
 
 STOP_WAIT_SECONDS = 60.0  # a stopped run saves its checkpoint before it ends
-ENDPOINT_BACKENDS = {"flux-lora": "flux2_klein", "z-image-lora": "z_image"}
+ENDPOINT_BACKENDS = {f.trainable: f.key for f in FAMILIES.values() if f.trainable}  # /v1/training/<endpoint>
 
 
 async def queue_training(service: Service, req: TrainRequest, caller: Caller) -> JobRecord:

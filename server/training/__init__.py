@@ -3,6 +3,3 @@
 (``adapters``) and request -> queued job (``submit``)."""
 
 from __future__ import annotations
-
-# backends whose transformer can be LoRA-trained (see ``families.FAMILIES``)
-TRAINABLE_BACKENDS: tuple[str, ...] = ("flux2_klein", "z_image")

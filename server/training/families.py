@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import TRAINABLE_BACKENDS
+from ..families import TRAINABLE
 
 
 @dataclass
@@ -158,7 +158,7 @@ class ZImageFamily(Family):
 
 
 FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Flux2KleinFamily, ZImageFamily)}
-assert tuple(FAMILIES) == TRAINABLE_BACKENDS
+assert tuple(FAMILIES) == TRAINABLE
 
 
 def family_for(backend: str) -> type[Family] | None:

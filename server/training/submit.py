@@ -13,9 +13,9 @@ import anyio
 
 from ..build import parse_priority, parse_seed
 from ..errors import BadRequest, Conflict
+from ..families import TRAINABLE
 from ..forecast import call_features
 from ..jobs import JobRecord
-from . import TRAINABLE_BACKENDS
 from .adapters import adapter_dir, has_weights
 from .dataset import validate_dataset
 from .plan import TrainPlan
@@ -29,10 +29,10 @@ if TYPE_CHECKING:
 def check_trainable(ms: ModelState) -> str:
     """The model's lora_dir, or a 400 saying why the model cannot train."""
     cfg = ms.cfg
-    if cfg.backend not in TRAINABLE_BACKENDS:
+    if cfg.backend not in TRAINABLE:
         raise BadRequest(
             f"model {ms.name!r} (backend {cfg.backend}) cannot train LoRAs; training supports "
-            f"{' and '.join(TRAINABLE_BACKENDS)} models",
+            f"{' and '.join(TRAINABLE)} models",
             param="model",
         )
     if not cfg.lora_dir:

@@ -1,6 +1,6 @@
-"""Run any backend in a child process, so that unloading really frees its memory.
+"""A model in its own process, so that unloading really frees its memory.
 
-``IsolatedBackend`` implements the Backend protocol by forwarding to a backend that
+``ModelProcess`` implements the Backend protocol by forwarding to a backend that
 lives in a ``multiprocessing`` *spawn* child: ``load`` starts the child and loads the
 model there, ``run`` sends the ``WorkItem`` (PIL images pickle) and relays every step,
 preview and the result back, ``unload`` stops the child — the operating system then
@@ -9,6 +9,14 @@ heap of a long-lived process do not give back.
 
 Every backend but the stub and the upscaler runs this way by default (``backends.runs_isolated``): the
 server's event loop then never shares a GIL with a pipeline.
+
+One call at a time: the pipe carries one conversation, so every call holds the
+process's lock (two jobs never read each other's steps or images).
+
+A device error that is not out-of-memory (an illegal address, a device-side assert)
+leaves CUDA's context broken for good: the child reports it and exits, and the call
+raises ``ModelProcessLost``, as it does when the process dies (killed for memory);
+the model host then starts a new process before the model's next job.
 
 The step protocol never makes the model wait for the server: after each denoising
 step the child sends ``("step", i, total, when)`` and goes on.  The parent answers
@@ -25,35 +33,44 @@ not the moment the parent got to read them; a preview says which step it is of. 
 LoRA-training job runs in the child too (``train``): its status (``set_extra``) goes
 to the parent as it comes, and ``ctx.cancelled`` asks the parent.
 
-The child measures the model's size after loading (``residency.measure_mib``: on a
+The child measures the model's size after loading (``backends.memory.measure_mib``: on a
 CUDA device the growth of its own ``torch.cuda.memory_allocated``) and sends it with
 the load's answer (``size_mib``); the parent never touches the model's device.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing as mp
+import os
+import threading
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
 from .. import hostmem
-from .base import BackendError, Capabilities, JobCancelled, WorkItem, count_tokens, model_capabilities
+from ..backends import create_backend
+from ..backends.base import BackendError, Capabilities, JobCancelled, WorkItem, device_fault, model_capabilities
+from ..backends.memory import load_and_measure
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from PIL.Image import Image
 
+    from ..backends.base import StepContext
     from ..config import ModelConfig, Settings
     from ..training.lora_trainer import TrainContext
     from ..training.plan import TrainPlan
-    from .base import StepContext
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0
+FAULT_EXIT = 70  # the child's exit code after a device fault
+
+
+class ModelProcessLost(BackendError):
+    """The model's process ended during a call (a device fault, or killed: for memory,
+    or after a stalled job); the model host starts a new one."""
 
 
 class _ChildContext:
@@ -115,11 +132,8 @@ class _ChildContext:
 
 
 def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Settings) -> None:
-    from .. import residency
-    from . import create_backend
-
     hostmem.tune(settings.host_memory.retain_mib)
-    backend = create_backend(name, cfg, settings, isolate=False)
+    backend = create_backend(name, cfg, settings)
     while True:
         try:
             command, payload = conn.recv()
@@ -127,7 +141,7 @@ def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Setting
             return
         try:
             if command == "load":
-                conn.send(("done", residency.load_and_measure(backend, name, cfg)))
+                conn.send(("done", load_and_measure(backend, name, cfg)))
             elif command == "run":
                 ctx = _ChildContext(conn)
                 try:
@@ -144,7 +158,9 @@ def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Setting
                 finally:
                     ctx.finish()
             elif command == "tokens":
-                conn.send(("done", count_tokens(backend, payload)))
+                conn.send(("done", backend.count_tokens(payload)))
+            elif command == "after_job":
+                conn.send(("done", backend.after_job(payload)))
             elif command == "stop":
                 backend.unload()
                 conn.send(("done", None))
@@ -153,24 +169,27 @@ def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Setting
             conn.send(("cancelled", str(exc)))
         except BackendError as exc:
             conn.send(("backend_error", str(exc)))
-        except Exception as exc:  # report, keep serving: the model may still be usable
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        except Exception as exc:
+            if device_fault(exc):  # CUDA's context is broken: every later call would fail too
+                conn.send(("fault", f"{type(exc).__name__}: {str(exc)[:300]}"))
+                conn.close()
+                os._exit(FAULT_EXIT)
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))  # keep serving
 
 
-class IsolatedBackend:
+class ModelProcess:
     """A Backend proxy whose model lives in its own process (see module docstring)."""
 
-    def __init__(self, name: str, cfg: ModelConfig, settings: Settings) -> None:
-        from . import BACKENDS
+    isolated = True
 
+    def __init__(self, name: str, cfg: ModelConfig, settings: Settings) -> None:
         self.name = name
         self.cfg = cfg
         self.settings = settings
-        module_name, _, cls_name = BACKENDS[cfg.backend].partition(":")
-        inner = getattr(importlib.import_module(f"{__package__}.{module_name}"), cls_name)
-        self.capabilities: Capabilities = model_capabilities(cfg, getattr(inner, "default_tasks", ("generate",)))
+        self.capabilities: Capabilities = model_capabilities(cfg)
         self._proc: Any = None
         self._conn: Connection | None = None
+        self._lock = threading.Lock()  # one call at a time: the pipe is one conversation
         self.size_mib: float | None = None  # measured in the child after its load
 
     @property
@@ -225,6 +244,13 @@ class IsolatedBackend:
         tokens, limit = self._call("tokens", prompt, None)
         return int(tokens), limit
 
+    def after_job(self, release_cache: bool) -> float | None:
+        """Measured in the model's process (its device, its allocator)."""
+        if self._conn is None:
+            return None
+        peak: float | None = self._call("after_job", release_cache, None)
+        return peak
+
     def kill(self) -> None:
         """Kill the model's process now (a hung job, any thread): the ``run`` blocked on
         it raises ``BackendError`` and cleans up; ``load`` then starts a new process."""
@@ -234,10 +260,15 @@ class IsolatedBackend:
 
     def _call(self, command: str, payload: Any, ctx: Any) -> Any:
         """Send ``command`` and serve the child's requests until its answer; ``ctx``: the
-        job's context (the runner's JobContext: a StepContext, with ``set_extra`` for a
-        training job) or None."""
-        assert self._conn is not None
+        job's context (the worker's JobContext: a StepContext, with ``set_extra`` for a
+        training job) or None.  One call at a time (the lock)."""
+        with self._lock:
+            return self._converse(command, payload, ctx)
+
+    def _converse(self, command: str, payload: Any, ctx: Any) -> Any:
         conn = self._conn
+        if conn is None:
+            raise ModelProcessLost(f"the process of model {self.name!r} is gone; it is being started again")
         cancelled = False
 
         def answer(i: int) -> None:  # after step i (0: the start): a preview after the next? cancelled?
@@ -272,12 +303,19 @@ class IsolatedBackend:
                 elif kind == "error":
                     log.error("model process of %s failed: %s", self.name, rest[0])
                     raise BackendError(f"model {self.name!r} failed: {rest[0].splitlines()[0]}")
-        except (EOFError, BrokenPipeError, ConnectionResetError):
+                elif kind == "fault":
+                    log.error("model process of %s: device fault, the process ends: %s", self.name, rest[0])
+                    self._kill()
+                    raise ModelProcessLost(
+                        f"the device failed while model {self.name!r} ran this job ({rest[0]}); "
+                        "its process was ended and is started again for the next job"
+                    )
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             code = self._proc.exitcode if self._proc is not None else None
             self._kill()
-            raise BackendError(
-                f"the process of model {self.name!r} exited unexpectedly (exit code {code}); "
-                "it was probably killed for lack of memory — load the model again, with a smaller size or offload"
+            raise ModelProcessLost(
+                f"the process of model {self.name!r} exited unexpectedly (exit code {code}), probably killed for lack of "
+                "memory; it is started again for the next job — try a smaller size, fewer images, or offload"
             ) from None
 
     def _kill(self) -> None:

@@ -1,0 +1,74 @@
+"""Model families: everything easel knows about a backend key, in one place.
+
+A family is what ``models.NAME.backend`` names.  Its record says what its models do
+by default, what they support and how they run; config validation, capabilities,
+the CLI's ``--model NAME=PATH``, residency, training and upscaling all read it from
+here.  Adding a family is its backend module (``server/backends/<module>.py``, the
+class ``implementation`` names) and one ``Family`` below.  Nothing here imports the
+backend: a server with only the stub never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    key: str  # models.NAME.backend
+    implementation: str  # "module:Class" under server.backends, imported when a model of it loads
+    tasks: tuple[str, ...]  # what its models do unless models.NAME.tasks says
+    pipelines: tuple[str, ...] = ()  # Diffusers pipeline classes (model_index.json) it serves: the CLI's --model NAME=PATH
+    inpaint: bool = False  # masked edits and outpainting (an inpaint pipeline)
+    trainable: str | None = None  # LoRA training: the /v1/fine_tuning endpoint name of its trainer
+    quantizes: bool = False  # models.NAME.quantization other than "none"
+    in_process: bool = False  # runs in the server's process by default (models.NAME.isolate: null)
+    isolatable: bool = True  # may run in its own process (an upscaler is called image by image: never)
+    steps: int = 4  # denoising steps when neither the request nor models.NAME.recommended_steps says
+    guidance: float = 0.0  # guidance when neither the request nor models.NAME.recommended_guidance says
+    simulated: bool = False  # sizes and costs come from the config's simulate_* keys (the stub)
+
+
+FAMILIES: dict[str, Family] = {
+    f.key: f
+    for f in (
+        Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True),
+        Family(
+            "flux2_klein", "flux2_klein:Flux2KleinBackend", ("generate", "edit"), ("Flux2KleinPipeline",),
+            inpaint=True, trainable="flux-lora", quantizes=True, guidance=1.0,
+        ),
+        Family("sdxl", "sdxl:SDXLBackend", ("generate", "edit"), ("StableDiffusionXLPipeline",), inpaint=True, guidance=5.0),
+        Family("z_image", "z_image:ZImageBackend", ("generate", "edit"), ("ZImagePipeline",), inpaint=True, trainable="z-image-lora"),
+        Family("qwen_edit_gguf", "qwen_edit_gguf:QwenEditGGUFBackend", ("edit",), ("QwenImageEditPlusPipeline",), inpaint=True, guidance=4.0),
+        Family("upscale_esrgan", "upscale:UpscaleBackend", ("upscale",), in_process=True, isolatable=False, steps=1),
+    )
+}  # fmt: skip
+UPSCALERS = tuple(k for k, f in FAMILIES.items() if f.tasks == ("upscale",))
+TRAINABLE = tuple(k for k, f in FAMILIES.items() if f.trainable)
+
+
+def family(cfg: ModelConfig) -> Family:
+    return FAMILIES[cfg.backend]
+
+
+def default_steps(cfg: ModelConfig) -> int:
+    """A job's steps when the request does not say: the model's, else its family's."""
+    return cfg.recommended_steps or FAMILIES[cfg.backend].steps
+
+
+def default_guidance(cfg: ModelConfig) -> float:
+    """A job's guidance when the request does not say: the model's, else its family's."""
+    return cfg.recommended_guidance if cfg.recommended_guidance is not None else FAMILIES[cfg.backend].guidance
+
+
+def runs_isolated(cfg: ModelConfig) -> bool:
+    """Whether the model runs in its own process (``server/worker/process.py``):
+    ``models.NAME.isolate``, by default every family but the stub and the upscaler.
+    A model that runs torch in the server's process shares the GIL with the event
+    loop: each request the server handles meanwhile holds up the model's Python (a GPU
+    pipeline waits for its next kernel launch), and unloading gives back less memory."""
+    return cfg.isolate if cfg.isolate is not None else not FAMILIES[cfg.backend].in_process

@@ -1,0 +1,1 @@
+"""HTTP routes: thin handlers (decode -> service -> encode), one module per route family."""
