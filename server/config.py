@@ -154,6 +154,9 @@ class BrokerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     lease_seconds: Annotated[float, Meta(gt=0)] = 15.0  # a running job's lease; a dead worker's jobs rerun after it
     heartbeat_seconds: Annotated[float, Meta(gt=0)] = 2.0  # leases and presence are renewed this often
     prefix: str = "easel:"  # of every Redis key: several easels can share one Redis
+    # a call to Redis that has no answer after this long fails: the API answers 503 with
+    # Retry-After at once instead of hanging while Redis is stalled
+    timeout_seconds: Annotated[float, Meta(gt=0)] = 2.0
     worker_id: str | None = None  # default: host:pid:random
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
+from server.broker.base import Broker, BrokerUnavailable, QueueFullError, SubmitKey, WorkerInfo
 from server.forecast import DECAYED, DIM, STATS, WIDTH, apply, call_features, job_vector, observation
 from server.jobs import Item, JobRecord, JobStatus, input_key, result_key
 
@@ -364,12 +364,23 @@ async def test_cost_stats_and_priors(broker: Broker) -> None:
     assert await broker.priors("other") == {}
 
 
-async def test_an_idempotency_key_is_kept_once_and_can_be_forgotten(broker: Broker) -> None:
-    assert await broker.remember_submit("alice:k1", "job1", "fp1", ttl=60) is None
-    assert await broker.remember_submit("alice:k1", "job2", "fp2", ttl=60) == ("job1", "fp1")  # nothing changed
-    assert await broker.remember_submit("bob:k1", "job3", "fp1", ttl=60) is None  # another owner's key
-    await broker.forget_submit("alice:k1")
-    assert await broker.remember_submit("alice:k1", "job4", "fp4", ttl=60) is None
+async def test_an_idempotency_key_is_bound_to_its_job_in_the_submit_that_queues_it(broker: Broker) -> None:
+    first, second, other = make_job(), make_job(), make_job()
+    assert await broker.submitted("alice:k1") is None
+    assert await broker.submit(first, {}, capacity=10, idempotency=SubmitKey("alice:k1", "fp1", 60)) is None
+    assert await broker.submitted("alice:k1") == (first.id, "fp1")
+    # the key is bound: a second submit with it queues nothing and names the first job
+    assert await broker.submit(second, {}, capacity=10, idempotency=SubmitKey("alice:k1", "fp2", 60)) == (first.id, "fp1")
+    assert await broker.get(second.id) is None and await broker.depth("m") == (1, 0)
+    assert await broker.submit(other, {}, capacity=10, idempotency=SubmitKey("bob:k1", "fp1", 60)) is None  # another owner
+    # a submit refused (queue full) binds nothing: the key stays free
+    refused = make_job()
+    with pytest.raises(QueueFullError):
+        await broker.submit(refused, {}, capacity=2, idempotency=SubmitKey("alice:k2", "fp", 60))
+    assert await broker.submitted("alice:k2") is None
+    # a retried submit of the same id (its first answer lost) changes nothing
+    assert await broker.submit(first, {}, capacity=10) is None
+    assert await broker.depth("m") == (2, 0)
 
 
 async def test_the_ledger_books_settles_and_forgets_old_settled_entries(broker: Broker) -> None:

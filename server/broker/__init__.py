@@ -22,4 +22,10 @@ def create_broker(settings: Settings) -> Broker:
     from .redis import RedisBroker
 
     all_events = settings.broker.role != "worker"  # a worker-only process needs submit/cancel/command only
-    return RedisBroker(url, result_ttl=queue.result_ttl_seconds, prefix=settings.broker.prefix, all_events=all_events)
+    return RedisBroker(
+        url,
+        result_ttl=queue.result_ttl_seconds,
+        prefix=settings.broker.prefix,
+        all_events=all_events,
+        timeout=settings.broker.timeout_seconds,
+    )

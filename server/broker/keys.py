@@ -29,7 +29,8 @@ key                     type         holds
 ``task:{task}``         set          ids of the jobs of a task (dropped lazily)
 ``cost4:{m}``           hash         fit -> JSON list: forecast statistics (forecast.py)
 ``prior4:{m}``          hash         fit -> JSON list: the backend's prior
-``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX)
+``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX),
+                                     set by the submit script that queues the job
 ``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
 ``wev``                 stream       the ``submit``, ``cancel`` and ``command`` events only: what
                                      a worker-only process reads

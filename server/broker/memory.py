@@ -21,7 +21,7 @@ from ..forecast import STATS, apply, job_vector
 from ..jobs import JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
-from .base import QueueFullError, Standing, WorkerInfo
+from .base import QueueFullError, Standing, SubmitKey, WorkerInfo
 from .notify import LocalEvents
 
 PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
@@ -74,7 +74,13 @@ class MemoryBroker(LocalEvents):
 
     # ----- queue ---------------------------------------------------------------------
 
-    async def submit(self, job: JobRecord, blobs: dict[str, bytes], capacity: int) -> None:
+    async def submit(
+        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
+    ) -> tuple[str, str] | None:
+        if job.id in self._jobs:
+            return None  # submitted already
+        if idempotency is not None and (held := await self.submitted(idempotency.key)) is not None:
+            return held
         q = self._queue(job.model)
         if len(q) >= capacity:
             raise QueueFullError(len(q))
@@ -85,6 +91,9 @@ class MemoryBroker(LocalEvents):
         self._blobs.update(blobs)
         self._jobs[job.id] = job
         q.push(_entry(job))
+        if idempotency is not None:
+            self._remember(idempotency, job.id)
+        return None
 
     async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
         entry = await self._queue(model).get(timeout)
@@ -294,18 +303,17 @@ class MemoryBroker(LocalEvents):
 
     # ----- idempotent submits and quotas ------------------------------------------------
 
-    async def remember_submit(self, key: str, job_id: str, fingerprint: str, ttl: float) -> tuple[str, str] | None:
+    def _remember(self, idem: SubmitKey, job_id: str) -> None:
         now = self.now()
-        kept = self._submits.get(key)
-        if kept is not None and kept[2] > now:
-            return kept[0], kept[1]
-        self._submits[key] = (job_id, fingerprint, now + ttl)
+        self._submits[idem.key] = (job_id, idem.fingerprint, now + idem.ttl)
         if len(self._submits) > 2 * len(self._jobs) + 1024:  # forget expired keys now and then
             self._submits = {k: v for k, v in self._submits.items() if v[2] > now}
-        return None
 
-    async def forget_submit(self, key: str) -> None:
-        self._submits.pop(key, None)
+    async def submitted(self, key: str) -> tuple[str, str] | None:
+        kept = self._submits.get(key)
+        if kept is None or kept[2] <= self.now() or kept[0] not in self._jobs:
+            return None
+        return kept[0], kept[1]
 
     async def charge(self, owner: str, job_id: str, seconds: float) -> None:
         self._ledgers.setdefault(owner, {})[job_id] = (self.now(), seconds, True)

@@ -169,23 +169,41 @@ end
 """
 
 # submit: ARGV[3] id, [4] model, [5] level, [6] vec, [7] capacity, [8] task,
-# [9] created_at ('' = Redis TIME), then field/JSON pairs of the record.  Refuses (returns {-1, depth}) when the
-# queue is full; else stores the record with ``seq`` and ``created_at`` (Redis
-# TIME), queues it at the tail of its level, and returns {seq, created_at}.
+# [9] created_at ('' = Redis TIME), [10] valid until (Redis TIME; '' = always),
+# [11] idempotency key ('' = none; without the prefix), [12] its value
+# ``job_id fingerprint``, [13] its TTL (whole seconds), [14] number of input blobs,
+# then (key, bytes) per blob, then field/JSON pairs of the record.
+# Returns {seq, created_at} when queued (or when the id exists already: a retried
+# submit); {-1, depth} when the queue is full; {-2, value} when the key is bound to
+# a job that exists (nothing queued); {-3, 0} when it runs after ``valid until``
+# (its sender has given up on the answer: nothing is written).  The key is bound in
+# the same step that queues the job, so a key never names a job that does not exist.
 SUBMIT = PRELUDE + r"""
 local id, m, level, vec, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local depth = redis.call('ZCARD', k_q(m))
-if depth >= cap then return {-1, depth} end
+if ARGV[10] ~= '' and now() > tonumber(ARGV[10]) then return {-3, 0} end
 local jk = k_job(id)
-if redis.call('ZSCORE', k_q(m), id) then  -- a retried submit: already queued
+if redis.call('EXISTS', jk) == 1 then  -- a retried submit: it stands as it is
   return {tonumber(redis.call('HGET', jk, 'seq')), redis.call('HGET', jk, 'created_at')}
 end
+local ik = ''
+if ARGV[11] ~= '' then
+  ik = P .. 'idem:' .. ARGV[11]
+  local held = redis.call('GET', ik)
+  if held and redis.call('EXISTS', k_job(string.match(held, '^(%S+)'))) == 1 then return {-2, held} end
+end
+local depth = redis.call('ZCARD', k_q(m))
+if depth >= cap then return {-1, depth} end
 local seq = redis.call('INCR', P .. 'seq')
 local t = ARGV[9]
 if t == '' then t = ts(now()) end
-redis.call('DEL', jk)
-set_pairs(jk, 10)
+local i = 15
+for _ = 1, tonumber(ARGV[14]) do
+  redis.call('SET', P .. ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+set_pairs(jk, i)
 redis.call('HSET', jk, 'seq', seq, 'created_at', t, 'status', '"waiting"', 'vec', vec, 'cancel', '0')
+if ik ~= '' then redis.call('SET', ik, ARGV[12], 'EX', ARGV[13]) end
 redis.call('SADD', P .. 'task:' .. ARGV[8], id)
 redis.call('SADD', K_MODELS, m)
 q_push(m, id, level, false, vec)
@@ -193,11 +211,15 @@ event(id, m, 'submit')
 return {seq, t}
 """
 
-# claim: ARGV[3] model, [4] worker (JSON), [5] lease seconds.  Pops the head of
-# the queue: attempt + 1, running on the worker from Redis TIME, into run:{m}
-# with the lease deadline.  Returns the record's HGETALL, or false.
+# claim: ARGV[3] model, [4] worker (JSON), [5] lease seconds, [6] valid until
+# (Redis TIME; '' = always).  Pops the head of the queue: attempt + 1, running on
+# the worker from Redis TIME, into run:{m} with the lease deadline.  Returns the
+# record's HGETALL, or false (also when it runs after ``valid until``: a claim whose
+# sender gave up waiting takes nothing, or the job would run nowhere until its lease
+# expired and count as lost).
 CLAIM = PRELUDE + r"""
 local m, worker, lease = ARGV[3], ARGV[4], tonumber(ARGV[5])
+if ARGV[6] and ARGV[6] ~= '' and now() > tonumber(ARGV[6]) then return false end
 for _ = 1, 16 do
   local top = redis.call('ZRANGE', k_q(m), 0, 0, 'WITHSCORES')
   if #top == 0 then return false end
