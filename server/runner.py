@@ -239,7 +239,7 @@ class JobContext:
                 blobs, self._blobs = self._blobs, []
                 fields, self._dirty = self._dirty, {}
                 for key, data in blobs:
-                    await self.broker.put_blob(key, data)
+                    await self.broker.put_attempt_blob(self.job_id, self.job.attempt, key, data)  # fenced (issue 32)
                 if fields:
                     await self.broker.update(self.job, fields, attempt=self.job.attempt)
         except BrokerUnavailable as exc:

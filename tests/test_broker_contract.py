@@ -600,3 +600,19 @@ async def test_a_reader_behind_a_trimmed_stream_wakes_everyone(redis_flushed: Re
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_fenced_blob_is_stored_only_while_its_attempt_runs(broker: Broker) -> None:
+    job = make_job()
+    await broker.submit(job, {}, capacity=10)
+    assert not await broker.put_attempt_blob(job.id, 1, "prev:x:0", b"waiting")  # not running yet
+    claimed = await broker.claim("m", "w", lease=TTL, timeout=1)
+    assert claimed is not None
+    assert not await broker.put_attempt_blob(job.id, claimed.attempt + 1, "prev:x:0", b"another attempt")
+    assert await broker.get_blob("prev:x:0") is None
+    assert await broker.put_attempt_blob(job.id, claimed.attempt, "prev:x:0", b"ours")
+    assert await broker.get_blob("prev:x:0") == b"ours"
+    assert await broker.finish(claimed, JobStatus.DONE, {}, attempt=claimed.attempt, blobs={result_key(job.id, 0): b"img"})
+    assert not await broker.put_attempt_blob(job.id, claimed.attempt, "prev:x:1", b"after the end")
+    assert not await broker.finish(claimed, JobStatus.DONE, {}, attempt=claimed.attempt, blobs={result_key(job.id, 0): b"again"})
+    assert await broker.get_blob(result_key(job.id, 0)) == b"img"

@@ -202,3 +202,45 @@ def test_6_every_api_call_fails_fast_with_retry_after_while_redis_stalls(cluster
             assert res.status_code == 503, res.text
             assert time.monotonic() - t0 < TIMEOUT * 3
             assert int(res.headers["Retry-After"]) >= 1
+
+
+# ----- 3: fenced image writes ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_3_a_fenced_attempts_images_and_previews_never_become_the_jobs(
+    redis_server_fresh: RedisServer,  # noqa: F811
+) -> None:
+    """Attempt 1 loses its lease (reaped), attempt 2 finishes with its image; attempt 1's
+    late finish and late preview are refused and store nothing: the job's image is
+    attempt 2's, and attempt 1's previews went when it was reaped."""
+    from server.broker.redis import RedisBroker
+    from server.jobs import Item, JobRecord, JobStatus, preview_key, result_key
+
+    a = RedisBroker(redis_server_fresh.url, result_ttl=60, timeout=2)
+    b = RedisBroker(redis_server_fresh.url, result_ttl=60, timeout=2)
+    await a.start()
+    await b.start()
+    try:
+        job = JobRecord(model="m", task="generate", items=[Item(prompt="p", width=64, height=64, steps=2, seed=0)], features=[1.0])
+        await a.submit(job, {}, capacity=10)
+        first = await a.claim("m", "worker-a", lease=0.05, timeout=1)
+        assert first is not None and first.attempt == 1
+        assert await a.put_attempt_blob(job.id, 1, preview_key(job.id, 0), b"preview of attempt 1")
+        await a.update(first, {"previews": 1}, attempt=1)
+        deadline = time.monotonic() + 5
+        while (await b.get(job.id)).status is not JobStatus.WAITING:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await b.reap()  # the lease runs out on Redis's clock
+        assert await b.get_blob(preview_key(job.id, 0)) is None  # the lost attempt's preview went
+        second = await b.claim("m", "worker-b", lease=30, timeout=1)
+        assert second is not None and second.attempt == 2
+        assert await b.finish(second, JobStatus.DONE, {}, attempt=2, blobs={result_key(job.id, 0): b"image of attempt 2"})
+        # attempt 1 wakes up late
+        assert not await a.put_attempt_blob(job.id, 1, preview_key(job.id, 1), b"late preview")
+        assert not await a.finish(first, JobStatus.DONE, {}, attempt=1, blobs={result_key(job.id, 0): b"image of attempt 1"})
+        assert await b.get_blob(result_key(job.id, 0)) == b"image of attempt 2"
+        assert await b.get_blob(preview_key(job.id, 1)) is None
+    finally:
+        await a.close()
+        await b.close()

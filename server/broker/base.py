@@ -146,10 +146,11 @@ class Broker(Protocol):
         blobs: dict[str, bytes],
         only_waiting: bool = False,
     ) -> bool:
-        """End the job: result blobs first (with the result TTL), then the record's
-        ``fields``, ``status`` and ``finished_at``, out of the running set, then the
+        """End the job, in one step: the result blobs (with the result TTL), the
+        record's ``fields``, ``status`` and ``finished_at``, out of the running set, the
         event.  With ``attempt``: refused (False) unless it is the job's current attempt
-        and the job runs (a late result of a lost lease is refused).  With
+        and the job runs (a late result of a lost lease is refused, and none of its
+        blobs is stored).  With
         ``only_waiting``: refused unless the job is still waiting (it never ran)."""
 
     async def release(self, job: JobRecord, attempt: int) -> bool:
@@ -166,6 +167,10 @@ class Broker(Protocol):
 
     async def put_blob(self, key: str, data: bytes) -> None:
         """Store bytes kept for the result TTL (partial images)."""
+
+    async def put_attempt_blob(self, job_id: str, attempt: int, key: str, data: bytes) -> bool:
+        """``put_blob`` fenced: only while ``attempt`` is the job's current one and it
+        runs (a worker that lost its lease stores no preview); False when refused."""
 
     async def get_blob(self, key: str) -> bytes | None: ...
 

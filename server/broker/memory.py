@@ -234,6 +234,13 @@ class MemoryBroker(LocalEvents):
     async def put_blob(self, key: str, data: bytes) -> None:
         self._blobs[key] = data  # partial images: forgotten with their job
 
+    async def put_attempt_blob(self, job_id: str, attempt: int, key: str, data: bytes) -> bool:
+        stored = self._jobs.get(job_id)
+        if stored is None or stored.attempt != attempt or stored.status is not JobStatus.RUNNING:
+            return False
+        self._blobs[key] = data
+        return True
+
     async def get_blob(self, key: str) -> bytes | None:
         return self._blobs.get(key)
 

@@ -435,11 +435,6 @@ class RedisBroker(LocalEvents):
         only_waiting: bool = False,
     ) -> bool:
         ttl = self._ttl_seconds()
-        if blobs:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, data in blobs.items():
-                    pipe.set(self.keys.blob(key), data, ex=ttl)
-                await pipe.execute()
         fields = {k: v for k, v in fields.items() if k not in ("status", "finished_at")}  # the broker sets those
         unknown = set(fields) - _FIELD_SET
         if unknown:
@@ -448,7 +443,8 @@ class RedisBroker(LocalEvents):
         for name, value in fields.items():
             pairs += [name, _json(value)]
         fence = "waiting" if only_waiting else "" if attempt is None else str(attempt)
-        res = await self._script("finish", job.id, fence, _json(JobStatus(status)), ttl, *pairs)
+        stored = (x for k, v in blobs.items() for x in (k, v))  # written by the script, past the fence only
+        res = await self._script("finish", job.id, fence, _json(JobStatus(status)), ttl, len(blobs), *stored, *pairs)
         if not res:
             return False
         for name, value in fields.items():
@@ -501,6 +497,10 @@ class RedisBroker(LocalEvents):
     @_guarded
     async def put_blob(self, key: str, data: bytes) -> None:
         await self._redis.set(self.keys.blob(key), data, ex=self._ttl_seconds())
+
+    @_guarded
+    async def put_attempt_blob(self, job_id: str, attempt: int, key: str, data: bytes) -> bool:
+        return bool(int(await self._script("put_attempt_blob", job_id, str(attempt), key, data, self._ttl_seconds())))
 
     @_guarded
     async def get_blob(self, key: str) -> bytes | None:

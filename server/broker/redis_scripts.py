@@ -163,6 +163,14 @@ local function expire_job(jk, ttl)
   end
 end
 
+-- a lost attempt's previews go with it (its re-run makes its own)
+local function drop_previews(jk, id)
+  local n = tonumber(redis.call('HGET', jk, 'previews') or '0') or 0
+  for k = 0, n - 1 do redis.call('DEL', P .. 'prev:' .. id .. ':' .. k) end
+  redis.call('DEL', P .. 'prev:' .. id .. ':live')
+  redis.call('HSET', jk, 'previews', '0', 'preview_seq', '0', 'preview_step', '0')
+end
+
 local function set_pairs(jk, first)
   for i = first, #ARGV, 2 do redis.call('HSET', jk, ARGV[i], ARGV[i + 1]) end
 end
@@ -319,10 +327,13 @@ return 1
 """
 
 # finish: ARGV[3] id, [4] attempt or '', [5] status JSON, [6] result TTL (whole
-# seconds), then field/JSON pairs.  Refused (false) for an unknown or finished job,
-# or with an attempt that is stale or whose job no longer runs (requeued).  Else sets the fields, status and finished_at (Redis TIME),
-# takes the job out of run:{m} and q:{m} (and the sums), into ``done``, sets the
-# TTL of the record and its inputs; returns finished_at.
+# seconds), [7] number of result blobs, then (key, bytes) per blob, then field/JSON
+# pairs.  Refused (false) for an unknown or finished job, or with an attempt that is
+# stale or whose job no longer runs (requeued): then nothing is written, the blobs
+# included (a fenced attempt's images never become the job's).  Else stores the
+# blobs (with the TTL), sets the fields, status and finished_at (Redis TIME), takes
+# the job out of run:{m} and q:{m} (and the sums), into ``done``, sets the TTL of
+# the record and its inputs; returns finished_at.
 FINISH = PRELUDE + r"""
 local id, attempt, status, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local jk = k_job(id)
@@ -336,7 +347,12 @@ elseif attempt ~= '' and (redis.call('HGET', jk, 'attempt') ~= attempt or curren
 end
 local m = model_of(jk)
 local t = now()
-set_pairs(jk, 7)
+local i = 8
+for _ = 1, tonumber(ARGV[7]) do
+  redis.call('SET', P .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  i = i + 2
+end
+set_pairs(jk, i)
 redis.call('HSET', jk, 'status', status, 'finished_at', ts(t))
 redis.call('ZREM', k_run(m), id)
 q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
@@ -357,6 +373,7 @@ if redis.call('HGET', jk, 'status') ~= '"running"' then return 0 end
 local m = model_of(jk)
 redis.call('ZREM', k_run(m), id)
 redis.call('HSET', jk, 'status', '"waiting"', 'worker', 'null', 'step', '0', 'first_step_at', 'null', 'last_step_at', 'null')
+drop_previews(jk, id)
 q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
 event(id, m, 'change')
 return 1
@@ -383,6 +400,16 @@ elseif status == '"running"' then
   event(id, m, 'cancel')
 end
 return {status, redis.call('HGETALL', jk)}
+"""
+
+# put_attempt_blob: ARGV[3] id, [4] attempt, [5] blob key, [6] bytes, [7] TTL.
+# Stores the blob (a preview) only while that attempt is the job's current one and
+# it runs: a worker that lost its lease writes nothing.  Returns 1 or 0.
+PUT_ATTEMPT_BLOB = PRELUDE + r"""
+local jk = k_job(ARGV[3])
+if redis.call('HGET', jk, 'attempt') ~= ARGV[4] or redis.call('HGET', jk, 'status') ~= '"running"' then return 0 end
+redis.call('SET', P .. ARGV[5], ARGV[6], 'EX', ARGV[7])
+return 1
 """
 
 # heartbeat: ARGV[3] lease, [4] number of infos, then (model, worker, info JSON)
@@ -434,6 +461,7 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
       if tonumber(redis.call('HGET', jk, 'lost') or '0') == 0 then
         redis.call('HSET', jk, 'lost', '1', 'status', '"waiting"', 'worker', 'null', 'step', '0',
           'first_step_at', 'null', 'last_step_at', 'null')
+        drop_previews(jk, id)
         q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
       else
         redis.call('HINCRBY', jk, 'lost', 1)
@@ -485,6 +513,7 @@ SCRIPTS: dict[str, str] = {
     "finish": FINISH,
     "release": RELEASE,
     "cancel": CANCEL,
+    "put_attempt_blob": PUT_ATTEMPT_BLOB,
     "heartbeat": HEARTBEAT,
     "reap": REAP,
     "observe_cost": OBSERVE_COST,
