@@ -32,6 +32,8 @@ from .broker.base import BrokerUnavailable
 from .config import Settings
 from .csp import WithCsp
 from .delivery.hooks import Delivery
+from .delivery.outbox import Outbox
+from .delivery.outbox import stop as stop_outbox
 from .errors import (
     ApiError,
     NotFound,
@@ -77,6 +79,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
         if runner is not None:
             await runner.start()  # its heartbeat task also runs the reaper
         reaper = asyncio.create_task(service.reap_forever()) if runner is None and broker.distributed else None
+        drainer = Outbox(delivery, broker).start()  # every node delivers webhooks from the outbox
         log.info("easel: role %s, broker %s%s", role, broker.name, f", worker {runner.id}" if runner else "")
         try:
             yield
@@ -84,6 +87,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
             service.accepting = False
             if reaper is not None:
                 reaper.cancel()
+            await stop_outbox(drainer)
             if runner is not None:
                 await runner.stop(settings.queue.shutdown_grace_seconds)
             await broker.close()

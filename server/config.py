@@ -166,6 +166,9 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_download_mib: PositiveInt = 32
     retries: Annotated[int, Meta(ge=0, le=10)] = 3
     backoff_seconds: NonNegFloat = 1.0  # first retry delay; doubles on each retry
+    # a webhook that keeps failing is tried again (from any node) until this long after
+    # its job ended; then its status reads failed
+    give_up_seconds: NonNegFloat = 3600.0
     # Standard Webhooks signing key ("whsec_" + base64); the EASEL_WEBHOOK_SECRET
     # environment variable, when set, takes its place (keeps the secret out of files)
     webhook_secret: str | None = None

@@ -616,3 +616,25 @@ async def test_a_fenced_blob_is_stored_only_while_its_attempt_runs(broker: Broke
     assert not await broker.put_attempt_blob(job.id, claimed.attempt, "prev:x:1", b"after the end")
     assert not await broker.finish(claimed, JobStatus.DONE, {}, attempt=claimed.attempt, blobs={result_key(job.id, 0): b"again"})
     assert await broker.get_blob(result_key(job.id, 0)) == b"img"
+
+
+async def test_a_job_that_ends_with_a_webhook_to_send_joins_the_outbox_in_the_same_step(broker: Broker) -> None:
+    hooked, plain, cancelled = make_job(webhook_url="http://h/x", webhook="pending"), make_job(), make_job(webhook_url="http://h/y", webhook="pending")
+    for job in (hooked, plain, cancelled):
+        await broker.submit(job, {}, capacity=10)
+    assert await broker.claim_deliveries(60, 10) == []  # nothing ended yet
+    await broker.cancel(cancelled.id, "cancelled before it ran")
+    run = await broker.claim("m", "w", lease=TTL, timeout=1)
+    assert run is not None and run.id == hooked.id
+    assert await broker.finish(run, JobStatus.DONE, {}, attempt=run.attempt, blobs={})
+    other = await broker.claim("m", "w", lease=TTL, timeout=1)
+    assert other is not None and await broker.finish(other, JobStatus.DONE, {}, attempt=other.attempt, blobs={})
+    assert sorted(await broker.claim_deliveries(60, 10)) == sorted([hooked.id, cancelled.id])
+    assert await broker.claim_deliveries(60, 10) == []  # claimed: not due again within the claim
+    await broker.end_delivery(hooked.id, {"webhook": "ok"})
+    got = await broker.get(hooked.id)
+    assert got is not None and got.webhook == "ok"
+    await broker.end_delivery(cancelled.id, {}, retry_in=0.0)  # failed: due again at once
+    assert await broker.claim_deliveries(60, 10, cancelled.id) == [cancelled.id]
+    await broker.end_delivery(cancelled.id, {})
+    assert await broker.claim_deliveries(0, 10) == []

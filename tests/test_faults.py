@@ -10,6 +10,7 @@ seconds."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -24,7 +25,7 @@ import pytest
 import redis
 
 from .conftest import RunningServer, start_server, stub_settings
-from .loopback_http import LoopbackServer
+from .loopback_http import LoopbackServer, Reply
 from .redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
 
 TIMEOUT = 1.0  # broker.timeout_seconds of every node here
@@ -244,3 +245,114 @@ async def test_3_a_fenced_attempts_images_and_previews_never_become_the_jobs(
     finally:
         await a.close()
         await b.close()
+
+
+# ----- 4, 5: webhooks for every final state, retried through outages ---------------------------
+
+
+def hooked(node: RunningServer, receiver: LoopbackServer, path: str, **body: Any) -> str:
+    r = node.client.post("/api/generate", json={"prompt": "a fox", "webhook_url": receiver.url(path), **body})
+    assert r.status_code == 200, r.text
+    return str(r.json()["task_id"])
+
+
+def payloads(receiver: LoopbackServer, path: str, count: int = 1, timeout: float = 30) -> list[dict[str, Any]]:
+    calls = receiver.wait_count(path, count, timeout)
+    return [{**json.loads(c.body), "webhook-id": c.headers.get("webhook-id")} for c in calls]
+
+
+def wait_running(node: RunningServer, task_id: str, attempt: int = 1, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = status(node, task_id, wait=0.5).json()
+        if body["status"] == "running" and body["attempt"] == attempt:
+            return body
+        assert time.monotonic() < deadline and body["status"] in ("waiting", "running"), body
+
+
+def delivered(body: dict[str, Any]) -> bool:
+    return body["webhook"] != "pending"
+
+
+def test_4_every_final_state_gets_its_webhook_on_redis(cluster: Cluster) -> None:
+    """Done, cancelled while waiting, cancelled while running, and error (its workers
+    lost twice, ended by the reaper on an API node): one webhook each, for that state,
+    and the record says ``ok``; a long-poll on a delivered job answers at once."""
+    with LoopbackServer() as receiver:
+        cfg = settings(receiver, simulate_step_seconds=20.0, recommended_steps=4)
+        api = cluster.start("api", cfg)
+        waiting = hooked(api, receiver, "/waiting")
+        assert api.client.post("/api/cancel", params={"task_id": waiting}).status_code == 200
+        assert [p["status"] for p in payloads(receiver, "/waiting")] == ["cancelled"]
+        assert final(api, waiting, delivered)["webhook"] == "ok"
+        t0 = time.monotonic()
+        assert status(api, waiting, wait=5).status_code == 200 and time.monotonic() - t0 < 2  # no full wait
+
+        workers = [cluster.start("worker", cfg) for _ in range(2)]
+        done = hooked(api, receiver, "/done")
+        assert [p["status"] for p in payloads(receiver, "/done")] == ["done"]
+        assert final(api, done, delivered)["webhook"] == "ok"
+
+        running = hooked(api, receiver, "/running", prompt="hang 30")
+        wait_running(api, running)
+        assert api.client.post("/api/cancel", params={"task_id": running}).status_code == 200
+        assert [p["status"] for p in payloads(receiver, "/running")] == ["cancelled"]
+
+        lost = hooked(api, receiver, "/lost", prompt="hang 30")
+        for attempt in (1, 2):  # whichever worker runs it dies, twice
+            st = wait_running(api, lost, attempt)
+            victim = next(w for w in workers if f":{w.proc.pid}:" in st["worker"])
+            victim.stop(signal.SIGKILL)
+            workers.remove(victim)
+        [p] = payloads(receiver, "/lost")
+        assert p["status"] == "error" and "lost twice" in p["message"], p
+        assert final(api, lost, delivered)["webhook"] == "ok"
+        ids = [r.headers.get("webhook-id") for r in receiver.requests]
+        assert len(ids) == len(set(ids)) == 4  # one per job outcome, each sent once here
+
+
+def test_4_cancelled_jobs_get_their_webhook_on_the_memory_broker(tmp_path: Path) -> None:
+    with LoopbackServer() as receiver:
+        cfg = settings(receiver, simulate_step_seconds=20.0, recommended_steps=4)
+        del cfg["broker"]
+        node = start_server(tmp_path, cfg)
+        try:
+            running = hooked(node, receiver, "/running", prompt="hang 30")
+            wait_running(node, running)
+            waiting = hooked(node, receiver, "/waiting")
+            assert node.client.post("/api/cancel", params={"task_id": waiting}).status_code == 200
+            assert node.client.post("/api/cancel", params={"task_id": running}).status_code == 200
+            for path, task_id in (("/waiting", waiting), ("/running", running)):
+                [p] = payloads(receiver, path)
+                assert p["status"] == "cancelled" and p["task_id"] == task_id and p["webhook-id"] == f"msg_{task_id}"
+                assert final(node, task_id, delivered)["webhook"] == "ok"
+        finally:
+            node.stop(signal.SIGKILL)
+
+
+def test_5_a_webhook_is_retried_when_the_receiver_is_down_and_across_a_redis_crash(cluster: Cluster) -> None:
+    """The receiver fails the first POST: it is tried again a second later, from the
+    outbox.  Then Redis is killed (SIGKILL) while a second POST is in flight: the
+    receiver gets it (200), the outcome is recorded once Redis is back (restarted from
+    its append-only file), and the record reads ``ok``: never ``pending`` forever."""
+    with LoopbackServer([Reply(503), Reply(200), Reply(200, delay=1.5)]) as receiver:
+        cfg = settings(receiver)
+        api = cluster.start("api", cfg)
+        cluster.start("worker", cfg)
+        first = hooked(api, receiver, "/first")
+        calls = payloads(receiver, "/first", 2)
+        assert [c["status"] for c in calls] == ["done", "done"]
+        assert {c["webhook-id"] for c in calls} == {f"msg_{first}"}
+        assert final(api, first, delivered)["webhook"] == "ok"
+
+        second = hooked(api, receiver, "/second")  # its POST is answered after 1.5 s
+        receiver.wait_for("/second")
+        assert cluster.redis.proc is not None
+        os.kill(cluster.redis.proc.pid, signal.SIGKILL)  # the POST's answer comes while Redis is dead
+        cluster.redis.proc.wait()
+        cluster.redis.proc = None
+        time.sleep(2.0)  # Redis stays down past the answer: the outcome cannot be recorded yet
+        cluster.redis.start()
+        body = final(api, second, delivered, timeout=40)
+        assert body["status"] == "done" and body["webhook"] == "ok"
+        assert {c["webhook-id"] for c in payloads(receiver, "/second")} == {f"msg_{second}"}

@@ -176,6 +176,19 @@ class Broker(Protocol):
 
     async def delete_blob(self, key: str) -> None: ...
 
+    # ----- the delivery outbox ----------------------------------------------------------
+    # Every step that ends a job (finish, cancel, reap) puts it in the outbox when it has
+    # a delivery to make (``webhook`` pending, or a done job's ``upload_urls``), in the
+    # same step: any node drains it (server/delivery/outbox.py), at least once.
+
+    async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
+        """Due outbox entries (``job_id``'s only, or the first ``limit``), each claimed
+        for ``lease`` seconds (then due again: its drainer died)."""
+
+    async def end_delivery(self, job_id: str, fields: dict[str, Any], retry_in: float | None = None) -> None:
+        """Record a delivery's outcome ``fields`` on the job (when it still exists) and
+        take it out of the outbox; with ``retry_in``: keep it, due again that much later."""
+
     # ----- events --------------------------------------------------------------------
 
     async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:

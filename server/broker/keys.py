@@ -32,6 +32,9 @@ key                     type         holds
 ``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX),
                                      set by the submit script that queues the job
 ``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
+``outbox``              sorted set   finished job with a delivery (webhook, uploads) to
+                                     make -> when it is due (Redis TIME; a claimed one:
+                                     when its claim runs out)
 ``wev``                 stream       the ``submit``, ``cancel`` and ``command`` events only: what
                                      a worker-only process reads
 ``ev``                  stream       ``{job, model, kind[, action]}`` wake-up hints
@@ -101,6 +104,9 @@ class Keys:
 
     def events(self) -> str:
         return f"{self.prefix}ev"
+
+    def outbox(self) -> str:
+        return f"{self.prefix}outbox"
 
     def worker_events(self) -> str:
         return f"{self.prefix}wev"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..forecast import STATS, apply, job_vector
-from ..jobs import JobRecord, JobStatus, live_preview_key, preview_key, result_key
+from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
 from .base import QueueFullError, Standing, SubmitKey, WorkerInfo
@@ -47,6 +47,7 @@ class MemoryBroker(LocalEvents):
         self._stats: dict[str, dict[str, np.ndarray]] = {}
         self._stats_version: dict[str, int] = {}
         self._priors: dict[str, dict[str, list[float]]] = {}
+        self._outbox: dict[str, float] = {}  # job -> when its delivery is due (the delivery outbox)
         self._submits: dict[str, tuple[str, str, float]] = {}  # idempotency key -> (job, fingerprint, expiry)
         self._ledgers: dict[str, dict[str, tuple[float, float, bool]]] = {}  # owner -> job -> (at, seconds, open)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,6 +195,8 @@ class MemoryBroker(LocalEvents):
         self._running[stored.model].pop(stored.id, None)
         self._cancel_asked.discard(stored.id)
         self._finished[stored.id] = stored
+        if stored.webhook == PENDING or (stored.upload_urls and status is JobStatus.DONE):
+            self._outbox.setdefault(stored.id, stored.finished_at)
         self._evict()
         self.notifier.changed(stored.id)
         return True
@@ -281,6 +284,23 @@ class MemoryBroker(LocalEvents):
             self._evict()
 
     # ----- events --------------------------------------------------------------------
+
+    async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
+        now = self.now()
+        ids = [job_id] if job_id is not None else list(self._outbox)
+        due = [i for i in ids if self._outbox.get(i, now + 1) <= now][:limit]
+        for i in due:
+            self._outbox[i] = now + lease
+        return due
+
+    async def end_delivery(self, job_id: str, fields: dict[str, Any], retry_in: float | None = None) -> None:
+        if retry_in is None:
+            self._outbox.pop(job_id, None)
+        elif job_id in self._outbox:
+            self._outbox[job_id] = self.now() + retry_in
+        stored = self._jobs.get(job_id)
+        if stored is not None and fields:
+            await self.update(stored, fields)
 
     async def command(self, model: str, action: str) -> None:
         for callback in self.command_callbacks:

@@ -511,6 +511,21 @@ class RedisBroker(LocalEvents):
     async def delete_blob(self, key: str) -> None:
         await self._redis.delete(self.keys.blob(key))
 
+    # ----- the delivery outbox ----------------------------------------------------------
+
+    @_guarded
+    async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
+        ids = await self._script("claim_deliveries", job_id or "", float(lease), int(limit))
+        return [i.decode() for i in ids]
+
+    @_guarded
+    async def end_delivery(self, job_id: str, fields: dict[str, Any], retry_in: float | None = None) -> None:
+        unknown = set(fields) - _FIELD_SET
+        if unknown:
+            raise ValueError(f"not job record fields: {sorted(unknown)}")
+        pairs = [x for name, value in fields.items() for x in (name, _json(value))]
+        await self._script("end_delivery", job_id, "" if retry_in is None else repr(float(retry_in)), *pairs)
+
     # ----- events --------------------------------------------------------------------
 
     @_guarded

@@ -51,6 +51,7 @@ local K_MODELS = P .. 'models'
 local K_DONE = P .. 'done'
 local K_EV = P .. 'ev'
 local K_WEV = P .. 'wev'
+local K_OUTBOX = P .. 'outbox'
 local FOR_WORKERS = {submit = true, cancel = true, command = true}
 
 local function now()
@@ -160,6 +161,16 @@ local function expire_job(jk, ttl)
   local inputs = redis.call('HGET', jk, 'inputs')
   if inputs then
     for _, key in ipairs(cjson.decode(inputs)) do redis.call('EXPIRE', P .. key, ttl) end
+  end
+end
+
+-- a job that has just ended with a delivery to make (its webhook, or the uploads of
+-- a done job) joins the outbox, due now: any node's drainer delivers it
+local function to_outbox(jk, id, t)
+  local uploads = redis.call('HGET', jk, 'upload_urls')
+  if redis.call('HGET', jk, 'webhook') == '"pending"'
+      or (uploads and uploads ~= 'null' and redis.call('HGET', jk, 'status') == '"done"') then
+    redis.call('ZADD', K_OUTBOX, 'NX', ts(t), id)
   end
 end
 
@@ -358,6 +369,7 @@ redis.call('ZREM', k_run(m), id)
 q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
 redis.call('ZADD', K_DONE, ts(t), id)
 expire_job(jk, ttl)
+to_outbox(jk, id, t)
 event(id, m, 'change')
 return ts(t)
 """
@@ -394,6 +406,7 @@ if status == '"waiting"' then
   redis.call('HSET', jk, 'status', '"cancelled"', 'message', message, 'finished_at', ts(t))
   redis.call('ZADD', K_DONE, ts(t), id)
   expire_job(jk, ttl)
+  to_outbox(jk, id, t)
   event(id, m, 'change')
 elseif status == '"running"' then
   redis.call('HSET', jk, 'cancel', '1')
@@ -468,6 +481,7 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
         redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))
         redis.call('ZADD', K_DONE, ts(t), id)
         expire_job(jk, ttl)
+        to_outbox(jk, id, t)
       end
       event(id, m, 'change')
     end
@@ -479,6 +493,43 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
   end
 end
 return {ts(t), handled}
+"""
+
+# claim_deliveries: ARGV[3] job id ('' = any), [4] lease seconds, [5] how many.
+# Due outbox entries (that one, or the first ``how many``) become due again only
+# after the lease (a drainer that dies mid-delivery leaves them to another).
+# Returns their ids.
+CLAIM_DELIVERIES = PRELUDE + r"""
+local t = now()
+local lease = tonumber(ARGV[4])
+local ids
+if ARGV[3] ~= '' then
+  local s = redis.call('ZSCORE', K_OUTBOX, ARGV[3])
+  if not s or tonumber(s) > t then return {} end
+  ids = {ARGV[3]}
+else
+  ids = redis.call('ZRANGEBYSCORE', K_OUTBOX, '-inf', ts(t), 'LIMIT', 0, tonumber(ARGV[5]))
+end
+for _, id in ipairs(ids) do redis.call('ZADD', K_OUTBOX, 'XX', ts(t + lease), id) end
+return ids
+"""
+
+# end_delivery: ARGV[3] job id, [4] retry in seconds ('' = delivered or given up:
+# out of the outbox), then field/JSON pairs set on the record (the outcomes), with
+# a change event, when it still exists.
+END_DELIVERY = PRELUDE + r"""
+local id = ARGV[3]
+if ARGV[4] == '' then
+  redis.call('ZREM', K_OUTBOX, id)
+else
+  redis.call('ZADD', K_OUTBOX, 'XX', ts(now() + tonumber(ARGV[4])), id)
+end
+local jk = k_job(id)
+if #ARGV >= 5 and redis.call('EXISTS', jk) == 1 then
+  set_pairs(jk, 5)
+  event(id, model_of(jk), 'change')
+end
+return 1
 """
 
 # observe_cost: ARGV[3] model, [4] fit, [5] forget, [6] len(decayed), then the
@@ -517,4 +568,6 @@ SCRIPTS: dict[str, str] = {
     "heartbeat": HEARTBEAT,
     "reap": REAP,
     "observe_cost": OBSERVE_COST,
+    "claim_deliveries": CLAIM_DELIVERIES,
+    "end_delivery": END_DELIVERY,
 }
