@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from ..config import DeliveryConfig, Settings
 
 log = logging.getLogger("easel")
-UNFINISHED = "failed: delivery was interrupted (server shutdown or an internal error; see the server log)"
 
 
 def _first_unsafe(targets: Iterable[tuple[str, str]], allowed_hosts: list[str]) -> tuple[str, str] | None:
@@ -115,13 +114,12 @@ class Delivery:
         retry_in: float | None = None
         try:
             async with make_client(self.cfg) as http:
-                pending = [r for r in job.results if r.upload == PENDING] if job.status is JobStatus.DONE else []
-                urls = job.upload_urls or []
-                if pending:
-                    outcomes = await asyncio.gather(*(self._upload(http, job, r, urls[r.index]) for r in pending if r.index < len(urls)))
-                    done = {r.index: o for r, o in zip([r for r in pending if r.index < len(urls)], outcomes, strict=True)}
-                    results = [msgspec.structs.replace(r, upload=done.get(r.index, UNFINISHED)) if r.upload == PENDING else r
-                               for r in job.results]  # fmt: skip
+                urls = (job.upload_urls or []) if job.status is JobStatus.DONE else []
+                uploads = [(r, urls[r.index]) for r in job.results if r.upload == PENDING and r.index < len(urls)]
+                if uploads:
+                    outcomes = await asyncio.gather(*(self._upload(http, job, r, url) for r, url in uploads))
+                    done = {r.index: outcome for (r, _), outcome in zip(uploads, outcomes, strict=True)}
+                    results = [msgspec.structs.replace(r, upload=done[r.index]) if r.index in done else r for r in job.results]
                     await self.broker.update(job, {"results": results})  # the webhook's payload shows them
                 if job.webhook_url is not None and job.webhook == PENDING:
                     outcome = await self._webhook(http, job, job.webhook_url)
