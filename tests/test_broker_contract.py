@@ -638,3 +638,7 @@ async def test_a_job_that_ends_with_a_webhook_to_send_joins_the_outbox_in_the_sa
     assert await broker.claim_deliveries(60, 10, cancelled.id) == [cancelled.id]
     await broker.end_delivery(cancelled.id, {})
     assert await broker.claim_deliveries(0, 10) == []
+    missed = make_job(webhook_url="http://h/z", webhook="pending")  # a missed deadline ends a waiting job
+    await broker.submit(missed, {}, capacity=10)
+    assert await broker.finish(missed, JobStatus.ERROR, {"message": "deadline missed"}, attempt=None, blobs={}, only_waiting=True)
+    assert await broker.claim_deliveries(60, 10) == [missed.id]
