@@ -4,7 +4,7 @@
 * ``api``: the job API only (a shared broker's workers run the jobs);
 * ``worker``: the workers only, with ``/healthz`` and ``/metrics``.
 
-The lifespan starts the broker and the runner (loading enabled models) and stops
+The lifespan starts the broker and the worker (loading enabled models) and stops
 them on shutdown: a single process cancels what is still queued; a node of a
 shared broker leaves the queue to the others."""
 
@@ -32,6 +32,8 @@ from .broker.base import BrokerUnavailable
 from .config import Settings
 from .csp import WithCsp
 from .delivery.hooks import Delivery
+from .delivery.outbox import Outbox
+from .delivery.outbox import stop as stop_outbox
 from .errors import (
     ApiError,
     NotFound,
@@ -73,6 +75,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
         if worker is not None:
             await worker.start()  # its heartbeat task also runs the reaper
         reaper = asyncio.create_task(service.reap_forever()) if worker is None and broker.distributed else None
+        drainer = Outbox(delivery, broker).start()  # every node delivers webhooks from the outbox
         log.info("easel: role %s, broker %s%s", role, broker.name, f", worker {worker.id}" if worker else "")
         try:
             yield
@@ -80,6 +83,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
             service.accepting = False
             if reaper is not None:
                 reaper.cancel()
+            await stop_outbox(drainer)
             if worker is not None:
                 await worker.stop(settings.queue.shutdown_grace_seconds)
             await broker.close()

@@ -156,6 +156,9 @@ class BrokerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     lease_seconds: Annotated[float, Meta(gt=0)] = 15.0  # a running job's lease; a dead worker's jobs rerun after it
     heartbeat_seconds: Annotated[float, Meta(gt=0)] = 2.0  # leases and presence are renewed this often
     prefix: str = "easel:"  # of every Redis key: several easels can share one Redis
+    # a call to Redis that has no answer after this long fails: the API answers 503 with
+    # Retry-After at once instead of hanging while Redis is stalled
+    timeout_seconds: Annotated[float, Meta(gt=0)] = 2.0
     worker_id: str | None = None  # default: host:pid:random
 
 
@@ -165,6 +168,9 @@ class DeliveryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_download_mib: PositiveInt = 32
     retries: Annotated[int, Meta(ge=0, le=10)] = 3
     backoff_seconds: NonNegFloat = 1.0  # first retry delay; doubles on each retry
+    # a webhook that keeps failing is tried again (from any node) until this long after
+    # its job ended; then its status reads failed
+    give_up_seconds: NonNegFloat = 3600.0
     # Standard Webhooks signing key ("whsec_" + base64); the EASEL_WEBHOOK_SECRET
     # environment variable, when set, takes its place (keeps the secret out of files)
     webhook_secret: str | None = None

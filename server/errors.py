@@ -8,6 +8,7 @@ exceptions answer a fixed 500 message; the traceback goes to the log only.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -34,7 +35,7 @@ class ApiError(Exception):
     def headers(self) -> dict[str, str]:
         return {} if self.retryable else {"x-should-retry": "false"}
 
-    def details(self) -> dict[str, float]:
+    def details(self) -> dict[str, float | str]:
         """Extra fields of the error body (``ErrorDetail``)."""
         return {}
 
@@ -121,7 +122,7 @@ class DeadlineUnreachable(ApiError):
         self.earliest = earliest_deadline_at
         self.now = now
 
-    def details(self) -> dict[str, float]:
+    def details(self) -> dict[str, float | str]:
         return {
             "forecast_finish_at": round(self.finish, 3),
             "earliest_deadline_at": round(self.earliest, 3),
@@ -135,6 +136,17 @@ class Unavailable(ApiError):
     code = "unavailable"
     retryable = True
 
+    def __init__(self, message: str, *, retry_after: float = 1.0, task_id: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after + 0.999))
+        self.task_id = task_id
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+    def details(self) -> dict[str, float | str]:
+        return {"task_id": self.task_id} if self.task_id is not None else {}
+
 
 class JobFailed(ApiError):
     """A job that ran and failed; retrying the same request will not help."""
@@ -147,7 +159,7 @@ class JobFailed(ApiError):
 _encoder = msgspec.json.Encoder()
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None, **details: float) -> bytes:
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None, **details: Any) -> bytes:
     return _encoder.encode(ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code, **details)))
 
 
@@ -184,8 +196,14 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 
 
 async def broker_unavailable_handler(request: Request, exc: Exception) -> Response:
-    """The shared broker (Redis) is down: 503, and nothing already accepted is lost."""
+    """The shared broker (Redis) is down or slow: 503 with ``Retry-After``; nothing
+    already accepted is lost.  A submit whose outcome the broker did not tell
+    (``SubmitUnknown``) names its ``task_id``: ``GET /api/status`` says whether it was
+    queued (it cannot be any more), and a retry with the same ``Idempotency-Key`` is
+    always safe."""
     log.warning("%s %s: %s", request.method, request.url.path, exc)
+    if (task_id := getattr(exc, "task_id", None)) is not None:  # broker.base.SubmitUnknown
+        return render(Unavailable(f"{exc}; retry with the same Idempotency-Key, or look the task up", task_id=task_id))
     return render(Unavailable(f"{exc}; jobs already accepted are kept; retry shortly"))
 
 

@@ -355,6 +355,9 @@ class ErrorDetail(Struct, kw_only=True, omit_defaults=True):
     forecast_finish_at: float | None = None
     earliest_deadline_at: float | None = None
     earliest_deadline_seconds: float | None = None
+    # unavailable, on a submit whose outcome the broker did not tell: the job's id
+    # (GET /api/status says whether it was queued; it cannot be queued any more)
+    task_id: str | None = None
 
 
 class ErrorResponse(Struct, kw_only=True):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .auth import OPEN, Caller, Keys
-from .broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
+from .broker.base import Broker, BrokerUnavailable, QueueFullError, SubmitKey, WorkerInfo
 from .deadlines import end_if_missed, refuse_unreachable
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .families import default_steps
@@ -196,24 +196,28 @@ class Service:
         self, job: JobRecord, blobs: dict[str, bytes], caller: Caller, idempotency: Idempotency | None = None
     ) -> JobRecord:
         """Checks, forecast, quota, then into the broker's queue; ``job`` gets its
-        standing.  With an idempotency key seen before: the job it made (nothing new)."""
+        standing.  With an idempotency key bound to a job: that job (nothing new).
+
+        A submit is accepted or not, never both: the broker queues the job and binds
+        its key in one step, and refuses that step once the call has given up on its
+        answer (``SubmitUnknown``: a 503 naming the task id, whose fate
+        ``GET /api/status`` tells).  After the job is queued nothing fails the
+        request: the standing written back is a nicety."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and accepts no new jobs")
         job.owner = caller.key_id
+        key = None
         if idempotency is not None:
-            kept = await self.broker.remember_submit(
-                idempotency.scope(caller), job.id, idempotency.fingerprint, self.settings.queue.result_ttl_seconds
-            )
-            if kept is not None:
-                return await self._same_submit(caller, idempotency, *kept)
-        try:
-            return await self._submit(job, blobs, caller)
-        except BaseException:
-            if idempotency is not None:  # refused: the key may be used again
-                await self.broker.forget_submit(idempotency.scope(caller))
-            raise
+            key = SubmitKey(idempotency.scope(caller), idempotency.fingerprint, self.settings.queue.result_ttl_seconds)
+            held = await self.broker.submitted(key.key)
+            if held is not None:
+                return await self._same_submit(idempotency, *held)
+        held = await self._submit(job, blobs, caller, key)
+        if held is not None and idempotency is not None:  # another request with the key won the race
+            return await self._same_submit(idempotency, *held)
+        return job
 
-    async def _same_submit(self, caller: Caller, idempotency: Idempotency, job_id: str, fingerprint: str) -> JobRecord:
+    async def _same_submit(self, idempotency: Idempotency, job_id: str, fingerprint: str) -> JobRecord:
         if fingerprint != idempotency.fingerprint:
             raise Conflict(
                 f"Idempotency-Key {idempotency.key!r} was already used for a different request (task {job_id}); "
@@ -221,15 +225,15 @@ class Service:
                 param="Idempotency-Key",
                 code="idempotency_key_reused",
             )
-        deadline = time.monotonic() + 10
-        while (job := await self.broker.get(job_id)) is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # the first request is still queueing it (no event exists yet)
-        if job is None:
-            raise Conflict(f"the request with Idempotency-Key {idempotency.key!r} is still being queued; retry", param="Idempotency-Key")
+        job = await self.broker.get(job_id)
+        if job is None:  # expired between the two reads
+            raise Conflict(f"the job of Idempotency-Key {idempotency.key!r} just expired; retry", param="Idempotency-Key")
         log.info("job %s: the same request again (Idempotency-Key); nothing new queued", job.id)
         return job
 
-    async def _submit(self, job: JobRecord, blobs: dict[str, bytes], caller: Caller) -> JobRecord:
+    async def _submit(
+        self, job: JobRecord, blobs: dict[str, bytes], caller: Caller, key: SubmitKey | None
+    ) -> tuple[str, str] | None:
         for check in self.submit_checks:
             await check(job)
         if not job.features:  # training jobs bring their own
@@ -241,23 +245,39 @@ class Service:
         await refuse_unreachable(self.forecasts, job)
         await check_and_charge(self.forecasts, caller, job)
         try:
-            await self.broker.submit(job, blobs, self.settings.queue.capacity)
+            held = await self.broker.submit(job, blobs, self.settings.queue.capacity, key)
         except QueueFullError:
+            await self._refund(caller, job)
             raise QueueFull(
                 f"the queue of model {job.model!r} is full ({self.settings.queue.capacity} jobs); retry later",
                 retry_after=await queue_seconds(self.forecasts, job.model),
             ) from None
+        if held is not None:
+            await self._refund(caller, job)
+            return held
+        self.metrics.submitted.labels(job.model, job.task).inc()
         if self.worker is not None:  # a load_on_demand model that is not loaded loads now
             self.worker.host.want(job.model)
-        where = await standing(self.forecasts, job)
-        await self.broker.update(job, {"pos_at_submit": where.pos, "expected_at_submit": where.wait or 0.0})
-        self.metrics.submitted.labels(job.model, job.task).inc()
+        try:
+            where = await standing(self.forecasts, job)
+            await self.broker.update(job, {"pos_at_submit": where.pos, "expected_at_submit": where.wait or 0.0})
+        except BrokerUnavailable as exc:  # queued all the same: the answer says so
+            log.warning("job %s: queued, its standing not stored (%s)", job.id, exc)
+            return None
         log.info(
             "job %s %s on %s: waiting (pos %d, expected %s, priority %d)",
             job.id, job.task, job.model, where.pos,
             f"{where.wait:.2f}s" if where.wait is not None else "unknown: no worker", job.priority,
         )
-        return job
+        return None
+
+    async def _refund(self, caller: Caller, job: JobRecord) -> None:
+        """The job was not queued: its quota booking goes (best effort)."""
+        if caller.key_id is not None:
+            try:
+                await self.broker.settle(caller.key_id, job.id, 0.0)
+            except BrokerUnavailable:
+                pass
 
     # ----- reading -----------------------------------------------------------------------
 

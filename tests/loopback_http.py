@@ -99,6 +99,15 @@ class LoopbackServer:
             raise TimeoutError(f"no request for {path} within {timeout} s")
         return found[0]
 
+    def wait_count(self, path: str, count: int, timeout: float = 30.0) -> list[Recorded]:
+        """The requests for ``path`` once there are at least ``count`` (waited for as
+        in ``wait_for``)."""
+        with self._arrived:
+            found = self._arrived.wait_for(lambda: len([r for r in self.requests if r.path == path]) >= count, timeout)
+            if not found:
+                raise TimeoutError(f"fewer than {count} requests for {path} within {timeout} s")
+            return [r for r in self.requests if r.path == path]
+
     def __enter__(self) -> LoopbackServer:
         self._thread.start()
         return self

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.broker.base import Broker, BrokerUnavailable, QueueFullError, WorkerInfo
+from server.broker.base import Broker, BrokerUnavailable, QueueFullError, SubmitKey, WorkerInfo
 from server.forecast import DECAYED, DIM, STATS, WIDTH, apply, call_features, job_vector, observation
 from server.jobs import Item, JobRecord, JobStatus, input_key, result_key
 
@@ -364,12 +364,23 @@ async def test_cost_stats_and_priors(broker: Broker) -> None:
     assert await broker.priors("other") == {}
 
 
-async def test_an_idempotency_key_is_kept_once_and_can_be_forgotten(broker: Broker) -> None:
-    assert await broker.remember_submit("alice:k1", "job1", "fp1", ttl=60) is None
-    assert await broker.remember_submit("alice:k1", "job2", "fp2", ttl=60) == ("job1", "fp1")  # nothing changed
-    assert await broker.remember_submit("bob:k1", "job3", "fp1", ttl=60) is None  # another owner's key
-    await broker.forget_submit("alice:k1")
-    assert await broker.remember_submit("alice:k1", "job4", "fp4", ttl=60) is None
+async def test_an_idempotency_key_is_bound_to_its_job_in_the_submit_that_queues_it(broker: Broker) -> None:
+    first, second, other = make_job(), make_job(), make_job()
+    assert await broker.submitted("alice:k1") is None
+    assert await broker.submit(first, {}, capacity=10, idempotency=SubmitKey("alice:k1", "fp1", 60)) is None
+    assert await broker.submitted("alice:k1") == (first.id, "fp1")
+    # the key is bound: a second submit with it queues nothing and names the first job
+    assert await broker.submit(second, {}, capacity=10, idempotency=SubmitKey("alice:k1", "fp2", 60)) == (first.id, "fp1")
+    assert await broker.get(second.id) is None and await broker.depth("m") == (1, 0)
+    assert await broker.submit(other, {}, capacity=10, idempotency=SubmitKey("bob:k1", "fp1", 60)) is None  # another owner
+    # a submit refused (queue full) binds nothing: the key stays free
+    refused = make_job()
+    with pytest.raises(QueueFullError):
+        await broker.submit(refused, {}, capacity=2, idempotency=SubmitKey("alice:k2", "fp", 60))
+    assert await broker.submitted("alice:k2") is None
+    # a retried submit of the same id (its first answer lost) changes nothing
+    assert await broker.submit(first, {}, capacity=10) is None
+    assert await broker.depth("m") == (2, 0)
 
 
 async def test_the_ledger_books_settles_and_forgets_old_settled_entries(broker: Broker) -> None:
@@ -589,3 +600,45 @@ async def test_a_reader_behind_a_trimmed_stream_wakes_everyone(redis_flushed: Re
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_fenced_blob_is_stored_only_while_its_attempt_runs(broker: Broker) -> None:
+    job = make_job()
+    await broker.submit(job, {}, capacity=10)
+    assert not await broker.put_attempt_blob(job.id, 1, "prev:x:0", b"waiting")  # not running yet
+    claimed = await broker.claim("m", "w", lease=TTL, timeout=1)
+    assert claimed is not None
+    assert not await broker.put_attempt_blob(job.id, claimed.attempt + 1, "prev:x:0", b"another attempt")
+    assert await broker.get_blob("prev:x:0") is None
+    assert await broker.put_attempt_blob(job.id, claimed.attempt, "prev:x:0", b"ours")
+    assert await broker.get_blob("prev:x:0") == b"ours"
+    assert await broker.finish(claimed, JobStatus.DONE, {}, attempt=claimed.attempt, blobs={result_key(job.id, 0): b"img"})
+    assert not await broker.put_attempt_blob(job.id, claimed.attempt, "prev:x:1", b"after the end")
+    assert not await broker.finish(claimed, JobStatus.DONE, {}, attempt=claimed.attempt, blobs={result_key(job.id, 0): b"again"})
+    assert await broker.get_blob(result_key(job.id, 0)) == b"img"
+
+
+async def test_a_job_that_ends_with_a_webhook_to_send_joins_the_outbox_in_the_same_step(broker: Broker) -> None:
+    hooked, plain, cancelled = make_job(webhook_url="http://h/x", webhook="pending"), make_job(), make_job(webhook_url="http://h/y", webhook="pending")
+    for job in (hooked, plain, cancelled):
+        await broker.submit(job, {}, capacity=10)
+    assert await broker.claim_deliveries(60, 10) == []  # nothing ended yet
+    await broker.cancel(cancelled.id, "cancelled before it ran")
+    run = await broker.claim("m", "w", lease=TTL, timeout=1)
+    assert run is not None and run.id == hooked.id
+    assert await broker.finish(run, JobStatus.DONE, {}, attempt=run.attempt, blobs={})
+    other = await broker.claim("m", "w", lease=TTL, timeout=1)
+    assert other is not None and await broker.finish(other, JobStatus.DONE, {}, attempt=other.attempt, blobs={})
+    assert sorted(await broker.claim_deliveries(60, 10)) == sorted([hooked.id, cancelled.id])
+    assert await broker.claim_deliveries(60, 10) == []  # claimed: not due again within the claim
+    await broker.end_delivery(hooked.id, {"webhook": "ok"})
+    got = await broker.get(hooked.id)
+    assert got is not None and got.webhook == "ok"
+    await broker.end_delivery(cancelled.id, {}, retry_in=0.0)  # failed: due again at once
+    assert await broker.claim_deliveries(60, 10, cancelled.id) == [cancelled.id]
+    await broker.end_delivery(cancelled.id, {})
+    assert await broker.claim_deliveries(0, 10) == []
+    missed = make_job(webhook_url="http://h/z", webhook="pending")  # a missed deadline ends a waiting job
+    await broker.submit(missed, {}, capacity=10)
+    assert await broker.finish(missed, JobStatus.ERROR, {"message": "deadline missed"}, attempt=None, blobs={}, only_waiting=True)
+    assert await broker.claim_deliveries(60, 10) == [missed.id]

@@ -10,6 +10,8 @@ from .base import Broker
 if TYPE_CHECKING:
     from ..config import Settings
 
+WORKER_TIMEOUT = 10.0  # seconds a worker-only process waits for Redis at least
+
 
 def create_broker(settings: Settings) -> Broker:
     """The broker ``settings.broker.url`` names (redis-py is imported only for Redis)."""
@@ -22,4 +24,7 @@ def create_broker(settings: Settings) -> Broker:
     from .redis import RedisBroker
 
     all_events = settings.broker.role != "worker"  # a worker-only process needs submit/cancel/command only
-    return RedisBroker(url, result_ttl=queue.result_ttl_seconds, prefix=settings.broker.prefix, all_events=all_events)
+    timeout = settings.broker.timeout_seconds
+    if settings.broker.role == "worker":  # nobody waits on a worker's answer: a stall it outlasts loses no result
+        timeout = max(timeout, WORKER_TIMEOUT)
+    return RedisBroker(url, result_ttl=queue.result_ttl_seconds, prefix=settings.broker.prefix, all_events=all_events, timeout=timeout)

@@ -54,9 +54,27 @@ class QueueFullError(Exception):
 
 
 class BrokerUnavailable(Exception):
-    """The broker cannot be reached (Redis down); routes answer 503."""
+    """The broker cannot be reached (Redis down, or it did not answer within
+    ``broker.timeout_seconds``); routes answer 503 with ``Retry-After``."""
 
 
+class SubmitUnknown(BrokerUnavailable):
+    """A submit's script was sent but no answer came in time.  The script refuses to
+    queue the job once ``valid_until`` (broker clock) has passed, so by the time this
+    is raised the outcome is settled: ``task_id`` exists or never will."""
+
+    def __init__(self, message: str, task_id: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+
+
+class SubmitKey(Struct, frozen=True):
+    """An idempotent submit: its owner-scoped key, the request's fingerprint, and
+    how long the key is kept (seconds)."""
+
+    key: str
+    fingerprint: str
+    ttl: float
 
 
 class Broker(Protocol):
@@ -72,9 +90,15 @@ class Broker(Protocol):
 
     # ----- queue ---------------------------------------------------------------------
 
-    async def submit(self, job: JobRecord, blobs: dict[str, bytes], capacity: int) -> None:
-        """Store ``job`` and its input blobs and queue it: sets ``seq`` and
-        ``created_at``; raises ``QueueFullError`` when ``capacity`` jobs already wait."""
+    async def submit(
+        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
+    ) -> tuple[str, str] | None:
+        """Store ``job`` and its input blobs and queue it, in one step: sets ``seq``
+        and ``created_at``; raises ``QueueFullError`` when ``capacity`` jobs already
+        wait.  With ``idempotency``: the key is bound to the job in the same step; a key
+        already bound to a job that exists returns (that job's id, its fingerprint) and
+        queues nothing.  A submit of an id that exists already is a no-op (a retry).
+        Raises ``SubmitUnknown`` when the answer did not come in time (see there)."""
 
     async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
         """The next waiting job of ``model`` (priority, then arrival), now running on
@@ -122,10 +146,11 @@ class Broker(Protocol):
         blobs: dict[str, bytes],
         only_waiting: bool = False,
     ) -> bool:
-        """End the job: result blobs first (with the result TTL), then the record's
-        ``fields``, ``status`` and ``finished_at``, out of the running set, then the
+        """End the job, in one step: the result blobs (with the result TTL), the
+        record's ``fields``, ``status`` and ``finished_at``, out of the running set, the
         event.  With ``attempt``: refused (False) unless it is the job's current attempt
-        and the job runs (a late result of a lost lease is refused).  With
+        and the job runs (a late result of a lost lease is refused, and none of its
+        blobs is stored).  With
         ``only_waiting``: refused unless the job is still waiting (it never ran)."""
 
     async def release(self, job: JobRecord, attempt: int) -> bool:
@@ -143,9 +168,26 @@ class Broker(Protocol):
     async def put_blob(self, key: str, data: bytes) -> None:
         """Store bytes kept for the result TTL (partial images)."""
 
+    async def put_attempt_blob(self, job_id: str, attempt: int, key: str, data: bytes) -> bool:
+        """``put_blob`` fenced: only while ``attempt`` is the job's current one and it
+        runs (a worker that lost its lease stores no preview); False when refused."""
+
     async def get_blob(self, key: str) -> bytes | None: ...
 
     async def delete_blob(self, key: str) -> None: ...
+
+    # ----- the delivery outbox ----------------------------------------------------------
+    # Every step that ends a job (finish, cancel, reap) puts it in the outbox when it has
+    # a delivery to make (``webhook`` pending, or a done job's ``upload_urls``), in the
+    # same step: any node drains it (server/delivery/outbox.py), at least once.
+
+    async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
+        """Due outbox entries (``job_id``'s only, or the first ``limit``), each claimed
+        for ``lease`` seconds (then due again: its drainer died)."""
+
+    async def end_delivery(self, job_id: str, fields: dict[str, Any], retry_in: float | None = None) -> None:
+        """Record a delivery's outcome ``fields`` on the job (when it still exists) and
+        take it out of the outbox; with ``retry_in``: keep it, due again that much later."""
 
     # ----- events --------------------------------------------------------------------
 
@@ -181,12 +223,8 @@ class Broker(Protocol):
 
     # ----- idempotent submits and quotas ------------------------------------------------
 
-    async def remember_submit(self, key: str, job_id: str, fingerprint: str, ttl: float) -> tuple[str, str] | None:
-        """Keep ``key`` -> (job id, request fingerprint) for ``ttl`` seconds, unless the
-        key is already kept: then return what it holds (nothing is changed)."""
-
-    async def forget_submit(self, key: str) -> None:
-        """Drop ``key`` (its submission was refused)."""
+    async def submitted(self, key: str) -> tuple[str, str] | None:
+        """(job id, fingerprint) an idempotency key is bound to, if its job exists."""
 
     async def charge(self, owner: str, job_id: str, seconds: float) -> None:
         """Book ``seconds`` of GPU time for ``owner``'s job, now (broker clock)."""

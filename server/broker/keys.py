@@ -29,8 +29,12 @@ key                     type         holds
 ``task:{task}``         set          ids of the jobs of a task (dropped lazily)
 ``cost4:{m}``           hash         fit -> JSON list: forecast statistics (forecast.py)
 ``prior4:{m}``          hash         fit -> JSON list: the backend's prior
-``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX)
+``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX),
+                                     set by the submit script that queues the job
 ``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
+``outbox``              sorted set   finished job with a delivery (webhook, uploads) to
+                                     make -> when it is due (Redis TIME; a claimed one:
+                                     when its claim runs out)
 ``wev``                 stream       the ``submit``, ``cancel`` and ``command`` events only: what
                                      a worker-only process reads
 ``ev``                  stream       ``{job, model, kind[, action]}`` wake-up hints
@@ -100,6 +104,9 @@ class Keys:
 
     def events(self) -> str:
         return f"{self.prefix}ev"
+
+    def outbox(self) -> str:
+        return f"{self.prefix}outbox"
 
     def worker_events(self) -> str:
         return f"{self.prefix}wev"

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..forecast import STATS, apply, job_vector
-from ..jobs import JobRecord, JobStatus, live_preview_key, preview_key, result_key
+from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
-from .base import QueueFullError, Standing, WorkerInfo
+from .base import QueueFullError, Standing, SubmitKey, WorkerInfo
 from .notify import LocalEvents
 
 PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
@@ -47,6 +47,7 @@ class MemoryBroker(LocalEvents):
         self._stats: dict[str, dict[str, np.ndarray]] = {}
         self._stats_version: dict[str, int] = {}
         self._priors: dict[str, dict[str, list[float]]] = {}
+        self._outbox: dict[str, float] = {}  # job -> when its delivery is due (the delivery outbox)
         self._submits: dict[str, tuple[str, str, float]] = {}  # idempotency key -> (job, fingerprint, expiry)
         self._ledgers: dict[str, dict[str, tuple[float, float, bool]]] = {}  # owner -> job -> (at, seconds, open)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,7 +75,13 @@ class MemoryBroker(LocalEvents):
 
     # ----- queue ---------------------------------------------------------------------
 
-    async def submit(self, job: JobRecord, blobs: dict[str, bytes], capacity: int) -> None:
+    async def submit(
+        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
+    ) -> tuple[str, str] | None:
+        if job.id in self._jobs:
+            return None  # submitted already
+        if idempotency is not None and (held := await self.submitted(idempotency.key)) is not None:
+            return held
         q = self._queue(job.model)
         if len(q) >= capacity:
             raise QueueFullError(len(q))
@@ -85,6 +92,9 @@ class MemoryBroker(LocalEvents):
         self._blobs.update(blobs)
         self._jobs[job.id] = job
         q.push(_entry(job))
+        if idempotency is not None:
+            self._remember(idempotency, job.id)
+        return None
 
     async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
         entry = await self._queue(model).get(timeout)
@@ -185,6 +195,8 @@ class MemoryBroker(LocalEvents):
         self._running[stored.model].pop(stored.id, None)
         self._cancel_asked.discard(stored.id)
         self._finished[stored.id] = stored
+        if stored.webhook == PENDING or (stored.upload_urls and status is JobStatus.DONE):
+            self._outbox.setdefault(stored.id, stored.finished_at)
         self._evict()
         self.notifier.changed(stored.id)
         return True
@@ -224,6 +236,13 @@ class MemoryBroker(LocalEvents):
 
     async def put_blob(self, key: str, data: bytes) -> None:
         self._blobs[key] = data  # partial images: forgotten with their job
+
+    async def put_attempt_blob(self, job_id: str, attempt: int, key: str, data: bytes) -> bool:
+        stored = self._jobs.get(job_id)
+        if stored is None or stored.attempt != attempt or stored.status is not JobStatus.RUNNING:
+            return False
+        self._blobs[key] = data
+        return True
 
     async def get_blob(self, key: str) -> bytes | None:
         return self._blobs.get(key)
@@ -266,6 +285,23 @@ class MemoryBroker(LocalEvents):
 
     # ----- events --------------------------------------------------------------------
 
+    async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
+        now = self.now()
+        ids = [job_id] if job_id is not None else list(self._outbox)
+        due = [i for i in ids if self._outbox.get(i, now + 1) <= now][:limit]
+        for i in due:
+            self._outbox[i] = now + lease
+        return due
+
+    async def end_delivery(self, job_id: str, fields: dict[str, Any], retry_in: float | None = None) -> None:
+        if retry_in is None:
+            self._outbox.pop(job_id, None)
+        elif job_id in self._outbox:
+            self._outbox[job_id] = self.now() + retry_in
+        stored = self._jobs.get(job_id)
+        if stored is not None and fields:
+            await self.update(stored, fields)
+
     async def command(self, model: str, action: str) -> None:
         for callback in self.command_callbacks:
             callback(model, action)
@@ -294,18 +330,17 @@ class MemoryBroker(LocalEvents):
 
     # ----- idempotent submits and quotas ------------------------------------------------
 
-    async def remember_submit(self, key: str, job_id: str, fingerprint: str, ttl: float) -> tuple[str, str] | None:
+    def _remember(self, idem: SubmitKey, job_id: str) -> None:
         now = self.now()
-        kept = self._submits.get(key)
-        if kept is not None and kept[2] > now:
-            return kept[0], kept[1]
-        self._submits[key] = (job_id, fingerprint, now + ttl)
+        self._submits[idem.key] = (job_id, idem.fingerprint, now + idem.ttl)
         if len(self._submits) > 2 * len(self._jobs) + 1024:  # forget expired keys now and then
             self._submits = {k: v for k, v in self._submits.items() if v[2] > now}
-        return None
 
-    async def forget_submit(self, key: str) -> None:
-        self._submits.pop(key, None)
+    async def submitted(self, key: str) -> tuple[str, str] | None:
+        kept = self._submits.get(key)
+        if kept is None or kept[2] <= self.now() or kept[0] not in self._jobs:
+            return None
+        return kept[0], kept[1]
 
     async def charge(self, owner: str, job_id: str, seconds: float) -> None:
         self._ledgers.setdefault(owner, {})[job_id] = (self.now(), seconds, True)

@@ -31,7 +31,7 @@ from redis.backoff import ExponentialBackoff
 from ..forecast import WIDTH, job_vector
 from ..jobs import FIELDS, JobRecord, JobStatus
 from . import redis_scripts
-from .base import BrokerUnavailable, QueueFullError, Standing, WorkerInfo
+from .base import BrokerUnavailable, QueueFullError, Standing, SubmitKey, SubmitUnknown, WorkerInfo
 from .keys import Keys
 from .notify import LocalEvents
 
@@ -111,19 +111,28 @@ class RedisBroker(LocalEvents):
     distributed = True
 
     def __init__(
-        self, url: str, *, result_ttl: float, prefix: str = "easel:", events_maxlen: int = 10000, all_events: bool = True
+        self,
+        url: str,
+        *,
+        result_ttl: float,
+        prefix: str = "easel:",
+        events_maxlen: int = 10000,
+        all_events: bool = True,
+        timeout: float = 2.0,
     ) -> None:
         """``all_events`` False (a worker-only process): read only the workers' stream
         (submit, cancel, command), so the worker's loop is not woken by every change
-        and step of every job while its model runs."""
+        and step of every job while its model runs.  ``timeout``: seconds a call waits
+        for Redis's answer before it fails (``BrokerUnavailable``)."""
         self.url = url
+        self.timeout = timeout
         self.ttl = result_ttl
         self.keys = Keys(prefix)
         self.events_key = self.keys.events() if all_events else self.keys.worker_events()
         self.prefix = prefix
         self.events_maxlen = events_maxlen
         LocalEvents.__init__(self)
-        self._redis: Any = aioredis.Redis.from_url(url, **_client_options(socket_timeout=10))  # redis-py types are loose
+        self._redis: Any = aioredis.Redis.from_url(url, **_client_options(socket_timeout=timeout))  # redis-py types are loose
         kw = self._redis.connection_pool.connection_kwargs
         self.address = f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
         self._scripts = {name: self._redis.register_script(text) for name, text in redis_scripts.SCRIPTS.items()}
@@ -196,29 +205,54 @@ class RedisBroker(LocalEvents):
 
     # ----- queue ---------------------------------------------------------------------
 
+    def _valid_until(self) -> str:
+        """The broker time after which a script sent now must not act: its answer
+        would come after this call gave up (half the timeout leaves room for the
+        answer's way back and the clock offset's error)."""
+        return repr(self.now() + self.timeout / 2)
+
     @_guarded
-    async def submit(self, job: JobRecord, blobs: dict[str, bytes], capacity: int) -> None:
-        if blobs:
-            await self._redis.mset({self.keys.blob(k): v for k, v in blobs.items()})
+    async def submit(
+        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
+    ) -> tuple[str, str] | None:
         job.status = JobStatus.WAITING
         names = [f for f in FIELDS if f not in ("seq", "created_at", "status")]
-        res = await self._script(
-            "submit",
-            job.id,
-            job.model,
-            job.priority + LEVEL_SHIFT,
-            vector_text(job),
-            capacity,
-            job.task,
-            repr(float(job.created_at)) if job.created_at else "",
-            *encode_fields(job, names),
-        )
-        if int(res[0]) < 0:
-            if blobs:
-                await self._redis.delete(*(self.keys.blob(k) for k in blobs))
+        idem: list[Any] = ["", "", 0]
+        if idempotency is not None:
+            idem = [idempotency.key, f"{job.id} {idempotency.fingerprint}", max(1, math.ceil(idempotency.ttl))]
+        try:
+            res = await self._script(
+                "submit",
+                job.id,
+                job.model,
+                job.priority + LEVEL_SHIFT,
+                vector_text(job),
+                capacity,
+                job.task,
+                repr(float(job.created_at)) if job.created_at else "",
+                self._valid_until(),
+                *idem,
+                len(blobs),
+                *(x for k, v in blobs.items() for x in (k, v)),
+                *encode_fields(job, names),
+            )
+        except _ERRORS as exc:  # sent, perhaps run: settled by now (valid_until), read it back to know
+            raise SubmitUnknown(
+                f"Redis at {self.address} is not reachable or did not answer ({exc}); the job was queued only if "
+                f"GET /api/status?task_id={job.id} finds it (it cannot be queued any more)",
+                job.id,
+            ) from exc
+        code = int(res[0])
+        if code == -3:  # reached Redis only after our deadline: nothing was written
+            raise SubmitUnknown(f"Redis at {self.address} answered too late; the job was not queued", job.id)
+        if code == -2:
+            held_id, _, held_fp = res[1].decode().partition(" ")
+            return held_id, held_fp
+        if code < 0:
             raise QueueFullError(int(res[1]))
-        job.seq = int(res[0])
+        job.seq = code
         job.created_at = float(res[1])
+        return None
 
     @_guarded
     async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
@@ -228,7 +262,7 @@ class RedisBroker(LocalEvents):
             waiters = self._claim_waiters.setdefault(model, set())
             waiters.add(wake)  # registered before the try: a submit in between still wakes us
             try:
-                raw = await self._script("claim", model, _json(worker), float(lease))
+                raw = await self._script("claim", model, _json(worker), float(lease), self._valid_until())
                 if raw:
                     return decode_record(raw)
                 left = deadline - time.monotonic()
@@ -401,11 +435,6 @@ class RedisBroker(LocalEvents):
         only_waiting: bool = False,
     ) -> bool:
         ttl = self._ttl_seconds()
-        if blobs:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, data in blobs.items():
-                    pipe.set(self.keys.blob(key), data, ex=ttl)
-                await pipe.execute()
         fields = {k: v for k, v in fields.items() if k not in ("status", "finished_at")}  # the broker sets those
         unknown = set(fields) - _FIELD_SET
         if unknown:
@@ -414,7 +443,8 @@ class RedisBroker(LocalEvents):
         for name, value in fields.items():
             pairs += [name, _json(value)]
         fence = "waiting" if only_waiting else "" if attempt is None else str(attempt)
-        res = await self._script("finish", job.id, fence, _json(JobStatus(status)), ttl, *pairs)
+        stored = (x for k, v in blobs.items() for x in (k, v))  # written by the script, past the fence only
+        res = await self._script("finish", job.id, fence, _json(JobStatus(status)), ttl, len(blobs), *stored, *pairs)
         if not res:
             return False
         for name, value in fields.items():
@@ -469,6 +499,10 @@ class RedisBroker(LocalEvents):
         await self._redis.set(self.keys.blob(key), data, ex=self._ttl_seconds())
 
     @_guarded
+    async def put_attempt_blob(self, job_id: str, attempt: int, key: str, data: bytes) -> bool:
+        return bool(int(await self._script("put_attempt_blob", job_id, str(attempt), key, data, self._ttl_seconds())))
+
+    @_guarded
     async def get_blob(self, key: str) -> bytes | None:
         data = await self._redis.get(self.keys.blob(key))
         return bytes(data) if data is not None else None
@@ -476,6 +510,21 @@ class RedisBroker(LocalEvents):
     @_guarded
     async def delete_blob(self, key: str) -> None:
         await self._redis.delete(self.keys.blob(key))
+
+    # ----- the delivery outbox ----------------------------------------------------------
+
+    @_guarded
+    async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
+        ids = await self._script("claim_deliveries", job_id or "", float(lease), int(limit))
+        return [i.decode() for i in ids]
+
+    @_guarded
+    async def end_delivery(self, job_id: str, fields: dict[str, Any], retry_in: float | None = None) -> None:
+        unknown = set(fields) - _FIELD_SET
+        if unknown:
+            raise ValueError(f"not job record fields: {sorted(unknown)}")
+        pairs = [x for name, value in fields.items() for x in (name, _json(value))]
+        await self._script("end_delivery", job_id, "" if retry_in is None else repr(float(retry_in)), *pairs)
 
     # ----- events --------------------------------------------------------------------
 
@@ -636,19 +685,14 @@ class RedisBroker(LocalEvents):
     # ----- idempotent submits and quotas ------------------------------------------------
 
     @_guarded
-    async def remember_submit(self, key: str, job_id: str, fingerprint: str, ttl: float) -> tuple[str, str] | None:
-        name = self.keys.submit(key)
-        if await self._redis.set(name, f"{job_id} {fingerprint}", nx=True, ex=max(1, math.ceil(ttl))):
+    async def submitted(self, key: str) -> tuple[str, str] | None:
+        kept = await self._redis.get(self.keys.submit(key))
+        if kept is None:
             return None
-        kept = await self._redis.get(name)
-        if kept is None:  # expired in between: take it
-            return await self.remember_submit(key, job_id, fingerprint, ttl)
         held_id, _, held_fp = kept.decode().partition(" ")
+        if not await self._redis.exists(self.keys.job(held_id)):
+            return None
         return held_id, held_fp
-
-    @_guarded
-    async def forget_submit(self, key: str) -> None:
-        await self._redis.delete(self.keys.submit(key))
 
     @_guarded
     async def charge(self, owner: str, job_id: str, seconds: float) -> None:

@@ -51,6 +51,7 @@ local K_MODELS = P .. 'models'
 local K_DONE = P .. 'done'
 local K_EV = P .. 'ev'
 local K_WEV = P .. 'wev'
+local K_OUTBOX = P .. 'outbox'
 local FOR_WORKERS = {submit = true, cancel = true, command = true}
 
 local function now()
@@ -163,29 +164,65 @@ local function expire_job(jk, ttl)
   end
 end
 
+-- a job that has just ended with a delivery to make (its webhook, or the uploads of
+-- a done job) joins the outbox, due now: any node's drainer delivers it
+local function to_outbox(jk, id, t)
+  local uploads = redis.call('HGET', jk, 'upload_urls')
+  if redis.call('HGET', jk, 'webhook') == '"pending"'
+      or (uploads and uploads ~= 'null' and redis.call('HGET', jk, 'status') == '"done"') then
+    redis.call('ZADD', K_OUTBOX, 'NX', ts(t), id)
+  end
+end
+
+-- a lost attempt's previews go with it (its re-run makes its own)
+local function drop_previews(jk, id)
+  local n = tonumber(redis.call('HGET', jk, 'previews') or '0') or 0
+  for k = 0, n - 1 do redis.call('DEL', P .. 'prev:' .. id .. ':' .. k) end
+  redis.call('DEL', P .. 'prev:' .. id .. ':live')
+  redis.call('HSET', jk, 'previews', '0', 'preview_seq', '0', 'preview_step', '0')
+end
+
 local function set_pairs(jk, first)
   for i = first, #ARGV, 2 do redis.call('HSET', jk, ARGV[i], ARGV[i + 1]) end
 end
 """
 
 # submit: ARGV[3] id, [4] model, [5] level, [6] vec, [7] capacity, [8] task,
-# [9] created_at ('' = Redis TIME), then field/JSON pairs of the record.  Refuses (returns {-1, depth}) when the
-# queue is full; else stores the record with ``seq`` and ``created_at`` (Redis
-# TIME), queues it at the tail of its level, and returns {seq, created_at}.
+# [9] created_at ('' = Redis TIME), [10] valid until (Redis TIME; '' = always),
+# [11] idempotency key ('' = none; without the prefix), [12] its value
+# ``job_id fingerprint``, [13] its TTL (whole seconds), [14] number of input blobs,
+# then (key, bytes) per blob, then field/JSON pairs of the record.
+# Returns {seq, created_at} when queued (or when the id exists already: a retried
+# submit); {-1, depth} when the queue is full; {-2, value} when the key is bound to
+# a job that exists (nothing queued); {-3, 0} when it runs after ``valid until``
+# (its sender has given up on the answer: nothing is written).  The key is bound in
+# the same step that queues the job, so a key never names a job that does not exist.
 SUBMIT = PRELUDE + r"""
 local id, m, level, vec, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local depth = redis.call('ZCARD', k_q(m))
-if depth >= cap then return {-1, depth} end
+if ARGV[10] ~= '' and now() > tonumber(ARGV[10]) then return {-3, 0} end
 local jk = k_job(id)
-if redis.call('ZSCORE', k_q(m), id) then  -- a retried submit: already queued
+if redis.call('EXISTS', jk) == 1 then  -- a retried submit: it stands as it is
   return {tonumber(redis.call('HGET', jk, 'seq')), redis.call('HGET', jk, 'created_at')}
 end
+local ik = ''
+if ARGV[11] ~= '' then
+  ik = P .. 'idem:' .. ARGV[11]
+  local held = redis.call('GET', ik)
+  if held and redis.call('EXISTS', k_job(string.match(held, '^(%S+)'))) == 1 then return {-2, held} end
+end
+local depth = redis.call('ZCARD', k_q(m))
+if depth >= cap then return {-1, depth} end
 local seq = redis.call('INCR', P .. 'seq')
 local t = ARGV[9]
 if t == '' then t = ts(now()) end
-redis.call('DEL', jk)
-set_pairs(jk, 10)
+local i = 15
+for _ = 1, tonumber(ARGV[14]) do
+  redis.call('SET', P .. ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+set_pairs(jk, i)
 redis.call('HSET', jk, 'seq', seq, 'created_at', t, 'status', '"waiting"', 'vec', vec, 'cancel', '0')
+if ik ~= '' then redis.call('SET', ik, ARGV[12], 'EX', ARGV[13]) end
 redis.call('SADD', P .. 'task:' .. ARGV[8], id)
 redis.call('SADD', K_MODELS, m)
 q_push(m, id, level, false, vec)
@@ -193,11 +230,15 @@ event(id, m, 'submit')
 return {seq, t}
 """
 
-# claim: ARGV[3] model, [4] worker (JSON), [5] lease seconds.  Pops the head of
-# the queue: attempt + 1, running on the worker from Redis TIME, into run:{m}
-# with the lease deadline.  Returns the record's HGETALL, or false.
+# claim: ARGV[3] model, [4] worker (JSON), [5] lease seconds, [6] valid until
+# (Redis TIME; '' = always).  Pops the head of the queue: attempt + 1, running on
+# the worker from Redis TIME, into run:{m} with the lease deadline.  Returns the
+# record's HGETALL, or false (also when it runs after ``valid until``: a claim whose
+# sender gave up waiting takes nothing, or the job would run nowhere until its lease
+# expired and count as lost).
 CLAIM = PRELUDE + r"""
 local m, worker, lease = ARGV[3], ARGV[4], tonumber(ARGV[5])
+if ARGV[6] and ARGV[6] ~= '' and now() > tonumber(ARGV[6]) then return false end
 for _ = 1, 16 do
   local top = redis.call('ZRANGE', k_q(m), 0, 0, 'WITHSCORES')
   if #top == 0 then return false end
@@ -297,10 +338,13 @@ return 1
 """
 
 # finish: ARGV[3] id, [4] attempt or '', [5] status JSON, [6] result TTL (whole
-# seconds), then field/JSON pairs.  Refused (false) for an unknown or finished job,
-# or with an attempt that is stale or whose job no longer runs (requeued).  Else sets the fields, status and finished_at (Redis TIME),
-# takes the job out of run:{m} and q:{m} (and the sums), into ``done``, sets the
-# TTL of the record and its inputs; returns finished_at.
+# seconds), [7] number of result blobs, then (key, bytes) per blob, then field/JSON
+# pairs.  Refused (false) for an unknown or finished job, or with an attempt that is
+# stale or whose job no longer runs (requeued): then nothing is written, the blobs
+# included (a fenced attempt's images never become the job's).  Else stores the
+# blobs (with the TTL), sets the fields, status and finished_at (Redis TIME), takes
+# the job out of run:{m} and q:{m} (and the sums), into ``done``, sets the TTL of
+# the record and its inputs; returns finished_at.
 FINISH = PRELUDE + r"""
 local id, attempt, status, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local jk = k_job(id)
@@ -314,12 +358,18 @@ elseif attempt ~= '' and (redis.call('HGET', jk, 'attempt') ~= attempt or curren
 end
 local m = model_of(jk)
 local t = now()
-set_pairs(jk, 7)
+local i = 8
+for _ = 1, tonumber(ARGV[7]) do
+  redis.call('SET', P .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  i = i + 2
+end
+set_pairs(jk, i)
 redis.call('HSET', jk, 'status', status, 'finished_at', ts(t))
 redis.call('ZREM', k_run(m), id)
 q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
 redis.call('ZADD', K_DONE, ts(t), id)
 expire_job(jk, ttl)
+to_outbox(jk, id, t)
 event(id, m, 'change')
 return ts(t)
 """
@@ -335,6 +385,7 @@ if redis.call('HGET', jk, 'status') ~= '"running"' then return 0 end
 local m = model_of(jk)
 redis.call('ZREM', k_run(m), id)
 redis.call('HSET', jk, 'status', '"waiting"', 'worker', 'null', 'step', '0', 'first_step_at', 'null', 'last_step_at', 'null')
+drop_previews(jk, id)
 q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
 event(id, m, 'change')
 return 1
@@ -355,12 +406,23 @@ if status == '"waiting"' then
   redis.call('HSET', jk, 'status', '"cancelled"', 'message', message, 'finished_at', ts(t))
   redis.call('ZADD', K_DONE, ts(t), id)
   expire_job(jk, ttl)
+  to_outbox(jk, id, t)
   event(id, m, 'change')
 elseif status == '"running"' then
   redis.call('HSET', jk, 'cancel', '1')
   event(id, m, 'cancel')
 end
 return {status, redis.call('HGETALL', jk)}
+"""
+
+# put_attempt_blob: ARGV[3] id, [4] attempt, [5] blob key, [6] bytes, [7] TTL.
+# Stores the blob (a preview) only while that attempt is the job's current one and
+# it runs: a worker that lost its lease writes nothing.  Returns 1 or 0.
+PUT_ATTEMPT_BLOB = PRELUDE + r"""
+local jk = k_job(ARGV[3])
+if redis.call('HGET', jk, 'attempt') ~= ARGV[4] or redis.call('HGET', jk, 'status') ~= '"running"' then return 0 end
+redis.call('SET', P .. ARGV[5], ARGV[6], 'EX', ARGV[7])
+return 1
 """
 
 # heartbeat: ARGV[3] lease, [4] number of infos, then (model, worker, info JSON)
@@ -412,12 +474,14 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
       if tonumber(redis.call('HGET', jk, 'lost') or '0') == 0 then
         redis.call('HSET', jk, 'lost', '1', 'status', '"waiting"', 'worker', 'null', 'step', '0',
           'first_step_at', 'null', 'last_step_at', 'null')
+        drop_previews(jk, id)
         q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
       else
         redis.call('HINCRBY', jk, 'lost', 1)
         redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))
         redis.call('ZADD', K_DONE, ts(t), id)
         expire_job(jk, ttl)
+        to_outbox(jk, id, t)
       end
       event(id, m, 'change')
     end
@@ -429,6 +493,43 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
   end
 end
 return {ts(t), handled}
+"""
+
+# claim_deliveries: ARGV[3] job id ('' = any), [4] lease seconds, [5] how many.
+# Due outbox entries (that one, or the first ``how many``) become due again only
+# after the lease (a drainer that dies mid-delivery leaves them to another).
+# Returns their ids.
+CLAIM_DELIVERIES = PRELUDE + r"""
+local t = now()
+local lease = tonumber(ARGV[4])
+local ids
+if ARGV[3] ~= '' then
+  local s = redis.call('ZSCORE', K_OUTBOX, ARGV[3])
+  if not s or tonumber(s) > t then return {} end
+  ids = {ARGV[3]}
+else
+  ids = redis.call('ZRANGEBYSCORE', K_OUTBOX, '-inf', ts(t), 'LIMIT', 0, tonumber(ARGV[5]))
+end
+for _, id in ipairs(ids) do redis.call('ZADD', K_OUTBOX, 'XX', ts(t + lease), id) end
+return ids
+"""
+
+# end_delivery: ARGV[3] job id, [4] retry in seconds ('' = delivered or given up:
+# out of the outbox), then field/JSON pairs set on the record (the outcomes), with
+# a change event, when it still exists.
+END_DELIVERY = PRELUDE + r"""
+local id = ARGV[3]
+if ARGV[4] == '' then
+  redis.call('ZREM', K_OUTBOX, id)
+else
+  redis.call('ZADD', K_OUTBOX, 'XX', ts(now() + tonumber(ARGV[4])), id)
+end
+local jk = k_job(id)
+if #ARGV >= 5 and redis.call('EXISTS', jk) == 1 then
+  set_pairs(jk, 5)
+  event(id, model_of(jk), 'change')
+end
+return 1
 """
 
 # observe_cost: ARGV[3] model, [4] fit, [5] forget, [6] len(decayed), then the
@@ -463,7 +564,10 @@ SCRIPTS: dict[str, str] = {
     "finish": FINISH,
     "release": RELEASE,
     "cancel": CANCEL,
+    "put_attempt_blob": PUT_ATTEMPT_BLOB,
     "heartbeat": HEARTBEAT,
     "reap": REAP,
     "observe_cost": OBSERVE_COST,
+    "claim_deliveries": CLAIM_DELIVERIES,
+    "end_delivery": END_DELIVERY,
 }

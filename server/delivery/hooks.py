@@ -7,13 +7,18 @@ after a job ends.
   image) and ``webhook_url`` are validated against ``delivery.allowed_hosts`` (in
   a thread: DNS) before the job is queued; a refusal is a 400 naming the field and
   no job is created;
-* ``deliver`` (the runner's last step) — each image is PUT to its ``upload_urls[i]``
-  (``ImageResult.upload`` reads ``pending`` until then, then ``ok`` or ``failed:
-  <reason>``; a failed upload leaves the image fetchable), then the job's final
-  status (the ``/api/status`` shape, absolute image URLs) is POSTed to
-  ``webhook_url`` (``JobRecord.webhook``).  At least once: a worker lost between
-  the job's end and its webhook is not retried, but a re-run job posts again with
-  the same ``webhook-id``, which receivers use to drop the duplicate.
+* the outbox — every broker step that ends a job (done, error, cancelled, a missed
+  deadline, lost twice) puts it in the broker's outbox when it has a webhook or
+  uploads to deliver, in that same step; ``run`` delivers one entry: each pending
+  image is PUT to its ``upload_urls[i]`` (``ImageResult.upload`` reads ``pending``
+  until then, then ``ok`` or ``failed: <reason>``; a failed upload leaves the image
+  fetchable), then the job's final status (the ``/api/status`` shape, absolute image
+  URLs) is POSTed to ``webhook_url``.  ``JobRecord.webhook`` reads ``pending`` until
+  the receiver took it (``ok``) or ``delivery.give_up_seconds`` passed
+  (``failed: <reason>``); a failed POST stays in the outbox and is tried again, by
+  any node (``outbox.Outbox`` drains it).  ``deliver`` is the runner's last step: the
+  job it just finished, delivered at once unless a drainer has it.  At least once,
+  with one ``webhook-id`` per job, which receivers use to drop duplicates.
 """
 
 from __future__ import annotations
@@ -26,21 +31,21 @@ import anyio.to_thread
 import httpx
 import msgspec
 
+from ..broker.base import BrokerUnavailable
 from ..errors import BadRequest
 from ..jobs import PENDING, ImageResult, JobRecord, JobStatus, result_key
 from ..views import Signer, job_status
 from .client import make_client
 from .ssrf import UnsafeURL, validate_url
-from .transfer import FetchError, fetch_image, post_webhook, put_upload
+from .transfer import DeliveryOutcome, FetchError, fetch_image, post_webhook, put_upload
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from ..broker.base import Broker
-    from ..config import Settings
+    from ..config import DeliveryConfig, Settings
 
 log = logging.getLogger("easel")
-UNFINISHED = "failed: delivery was interrupted (server shutdown or an internal error; see the server log)"
 
 
 def _first_unsafe(targets: Iterable[tuple[str, str]], allowed_hosts: list[str]) -> tuple[str, str] | None:
@@ -59,6 +64,7 @@ class Delivery:
         self.broker = broker
         self.sign = sign  # image links in webhook payloads work without the key
         self.cfg = settings.delivery
+        self.unrecorded: dict[str, tuple[dict[str, object], float | None]] = {}  # job -> outcome not yet in the broker
 
     async def fetch_url(self, url: str, field: str) -> bytes:
         try:
@@ -87,34 +93,61 @@ class Delivery:
             job.webhook = PENDING
 
     async def deliver(self, job: JobRecord) -> None:
-        """Uploads first, then the webhook with the final status."""
-        job = await self.broker.get(job.id) or job  # as stored: a delete=true fetch may have come first
-        urls = job.upload_urls or []
-        uploads = list(zip(job.results, urls, strict=False)) if job.status is JobStatus.DONE else []
-        results = list(job.results)
-        webhook = job.webhook
+        """The job just ended here: deliver it now, if no drainer has claimed it (with
+        the broker away, the outbox delivers it, or records its outcome, later)."""
+        try:
+            if await self.broker.claim_deliveries(claim_seconds(self.cfg), 1, job.id):
+                await self.run(job.id)
+        except BrokerUnavailable as exc:
+            log.warning("job %s: delivery left to the outbox (%s)", job.id, exc)
+
+    async def run(self, job_id: str) -> None:
+        """One claimed outbox entry: the uploads still pending, then the webhook with
+        the final status; the outcomes recorded and the entry ended in one broker step.
+        A webhook that failed stays in the outbox, due again later (any node), until
+        ``delivery.give_up_seconds`` after the job ended; then it reads ``failed``."""
+        job = await self.broker.get(job_id)
+        if job is None:  # expired: nothing to deliver any more
+            await self.broker.end_delivery(job_id, {})
+            return
+        fields: dict[str, object] = {}
+        retry_in: float | None = None
         try:
             async with make_client(self.cfg) as http:
-                outcomes = await asyncio.gather(*(self._upload(http, job, result, url) for result, url in uploads))
-                for result, outcome in zip([r for r, _ in uploads], outcomes, strict=True):
-                    results[result.index] = msgspec.structs.replace(result, upload=outcome)
+                urls = (job.upload_urls or []) if job.status is JobStatus.DONE else []
+                uploads = [(r, urls[r.index]) for r in job.results if r.upload == PENDING and r.index < len(urls)]
                 if uploads:
-                    await self.broker.update(job, {"results": results})
-                if job.webhook_url is not None:
-                    webhook = await self._webhook(http, job, job.webhook_url)
+                    outcomes = await asyncio.gather(*(self._upload(http, job, r, url) for r, url in uploads))
+                    done = {r.index: outcome for (r, _), outcome in zip(uploads, outcomes, strict=True)}
+                    results = [msgspec.structs.replace(r, upload=done[r.index]) if r.index in done else r for r in job.results]
+                    await self.broker.update(job, {"results": results})  # the webhook's payload shows them
+                if job.webhook_url is not None and job.webhook == PENDING:
+                    outcome = await self._webhook(http, job, job.webhook_url)
+                    if outcome.ok:
+                        fields["webhook"] = "ok"
+                    elif self.broker.now() - (job.finished_at or 0.0) < self.cfg.give_up_seconds:
+                        retry_in = retry_delay(self.broker.now() - (job.finished_at or 0.0))
+                        log.warning("job %s webhook: %s; retrying in %.0fs", job.id, outcome.error, retry_in)
+                    else:
+                        fields["webhook"] = f"failed: {outcome.error}"
+        except BrokerUnavailable:
+            raise
         except Exception:
             log.exception("delivery of job %s failed", job.id)
-        finally:  # never leave a state at pending
-            fields: dict[str, object] = {}
-            if any(r.upload == PENDING for r in results):
-                fields["results"] = [msgspec.structs.replace(r, upload=UNFINISHED) if r.upload == PENDING else r for r in results]
-            if webhook == PENDING:
-                fields["webhook"] = UNFINISHED
-            if fields:
-                try:
-                    await self.broker.update(job, fields)
-                except Exception:
-                    log.exception("job %s: could not record the delivery outcome", job.id)
+            retry_in = retry_delay(self.broker.now() - (job.finished_at or 0.0))
+        if fields.get("webhook"):
+            log.info("job %s webhook: %s", job.id, fields["webhook"])
+        try:
+            await self.broker.end_delivery(job.id, fields, retry_in)
+        except BrokerUnavailable:
+            self.unrecorded[job.id] = (fields, retry_in)  # recorded later (Outbox); else its claim runs out: sent again
+            raise
+
+    async def record_pending(self) -> None:
+        """Outcomes a broker outage kept from being recorded, recorded now."""
+        for job_id, (fields, retry_in) in list(self.unrecorded.items()):
+            await self.broker.end_delivery(job_id, fields, retry_in)
+            self.unrecorded.pop(job_id, None)
 
     async def _upload(self, http: httpx.AsyncClient, job: JobRecord, result: ImageResult, url: str) -> str:
         data = None if result.gone else await self.broker.get_blob(result_key(job.id, result.index))
@@ -126,12 +159,27 @@ class Delivery:
         log.info("job %s image %d upload: %s", job.id, result.index, outcome)
         return outcome
 
-    async def _webhook(self, http: httpx.AsyncClient, job: JobRecord, url: str) -> str:
+    async def _webhook(self, http: httpx.AsyncClient, job: JobRecord, url: str) -> DeliveryOutcome:
         job = await self.broker.get(job.id) or job  # with the upload outcomes
         base_url = job.base_url or f"http://{self.settings.host}:{self.settings.port}/"
         payload = msgspec.structs.replace(job_status(job, base_url, sign=self.sign), webhook=None)
-        outcome = await post_webhook(url, msgspec.to_builtins(payload), self.cfg, client=http, msg_id=f"msg_{job.id}")
-        webhook = "ok" if outcome.ok else f"failed: {outcome.error}"
-        await self.broker.update(job, {"webhook": webhook})
-        log.info("job %s webhook: %s", job.id, webhook)
-        return webhook
+        return await post_webhook(url, msgspec.to_builtins(payload), self.cfg, client=http, msg_id=webhook_id(job))
+
+
+def webhook_id(job: JobRecord) -> str:
+    """One ``webhook-id`` per job outcome (a job ends once): the same on every retry and
+    from every node, so receivers drop duplicates by it."""
+    return f"msg_{job.id}"
+
+
+def claim_seconds(cfg: DeliveryConfig) -> float:
+    """How long a drainer holds an outbox entry: longer than one delivery can take
+    (each transfer with its retries and back-off), so only a dead drainer's is taken over."""
+    one = cfg.timeout_seconds * (cfg.retries + 1) + cfg.backoff_seconds * (2 ** cfg.retries)
+    return 2 * one + 5.0
+
+
+def retry_delay(age: float) -> float:
+    """Seconds until a failed webhook is tried again, by how long ago the job ended:
+    1 s at first, growing to a minute."""
+    return min(60.0, max(1.0, age / 2))

@@ -220,8 +220,9 @@ async def post_webhook(
     """POST ``payload`` as JSON (msgspec-encoded: Structs and dataclasses are fine),
     signed when ``cfg.webhook_secret`` is set (see the module docstring)."""
     body = msgspec.json.encode(payload)
-    if cfg.webhook_secret is None:
-        return await _deliver("webhook", "POST", url, cfg, client, {"content": body, "headers": {"Content-Type": "application/json"}})
+    if cfg.webhook_secret is None:  # unsigned: the id still lets a receiver drop a duplicate
+        headers = {"Content-Type": "application/json", **({"webhook-id": msg_id} if msg_id else {})}
+        return await _deliver("webhook", "POST", url, cfg, client, {"content": body, "headers": headers})
     key = webhook_key(cfg.webhook_secret)
     ident = msg_id or f"msg_{uuid.uuid4().hex}"
 

@@ -211,8 +211,8 @@ class JobContext:
             while self._dirty or self._blobs:
                 blobs, self._blobs = self._blobs, []
                 fields, self._dirty = self._dirty, {}
-                for key, data in blobs:
-                    await self.broker.put_blob(key, data)
+                for key, data in blobs:  # fenced: a lost attempt's previews never become the job's
+                    await self.broker.put_attempt_blob(self.job_id, self.job.attempt, key, data)
                 if fields:
                     await self.broker.update(self.job, fields, attempt=self.job.attempt)
         except BrokerUnavailable as exc:
