@@ -45,7 +45,7 @@ function openLightbox(src, rows) {
 
 function card(status, img) {
   const el = fromTemplate("gallery-item");
-  const src = imageUrl(status.task_id, img.index);
+  const src = imageUrl(status.task_id, img.index, img.url);
   const rows = describe(status, img);
   el.dataset.taskId = status.task_id;
   el.dataset.seed = String(img.seed);
