@@ -46,6 +46,7 @@ from .registry import Registry
 from .routes import api, meta, models, openai, training
 from .runner import Runner
 from .service import Service
+from .textcheck import QueryCheckMiddleware
 from .upscaling import Upscaler
 
 log = logging.getLogger("easel")
@@ -112,6 +113,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     app.state.openapi = build_document(routes)
     # first added, so innermost: auth (and CORS) answer before a body is read
     app.add_middleware(BodyLimitMiddleware, limit=settings.limits.max_body_mib * 2**20)
+    app.add_middleware(QueryCheckMiddleware)
     if keys.enabled:
         app.add_middleware(AuthMiddleware, keys=keys)
     if settings.http.cors_origins:

@@ -18,13 +18,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .backends.base import BackendError
 from .backends.lora import resolve_lora
 from .errors import BadRequest
 from .jobs import Item, JobRecord, Lora, input_key, new_id
-from .masking import DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
+from .masking import BAD_IMAGE, DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
 from .schemas import GenerateRequest, ImageRef
 
 if TYPE_CHECKING:
@@ -64,7 +64,6 @@ def parse_seed(value: int | str | None) -> int:
 
 
 OFF_LOOP_PIXELS = 512 * 512  # a larger image is decoded on a worker thread (``decode_off_loop``)
-BAD_IMAGE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:

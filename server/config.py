@@ -94,6 +94,11 @@ class LimitsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_steps: PositiveInt = 200
     max_prompts: PositiveInt = 64
     max_image_pixels: PositiveInt = 40_000_000  # decoded reference images
+    # text fields (server/textcheck.py): each prompt (prompt, negative_prompt, each of prompts),
+    # metadata as JSON, and any other text (names, URLs, paths); beyond them a 400 names the field
+    max_prompt_chars: PositiveInt = 32_000
+    max_metadata_bytes: PositiveInt = 262_144
+    max_text_chars: PositiveInt = 8_192
     # a running job past this many seconds stops at its next step, as an error (null = no limit)
     job_timeout_seconds: Annotated[float, Meta(gt=0)] | None = None
     # a running job that reports no step for this long ends as an error; its model is

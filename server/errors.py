@@ -148,7 +148,14 @@ _encoder = msgspec.json.Encoder()
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None, **details: float) -> bytes:
-    return _encoder.encode(ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code, **details)))
+    detail = ErrorDetail(message=printable(message), type=type_, param=None if param is None else printable(param), code=code, **details)
+    return _encoder.encode(ErrorResponse(error=detail))
+
+
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (from a ``\\ud800`` escape in
+    a request's field name) becomes its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def render(exc: ApiError) -> Response:
@@ -212,6 +219,11 @@ def validation_message(exc: msgspec.ValidationError | msgspec.DecodeError) -> tu
     elif text.startswith("Object contains unknown field"):
         param = text.split("`")[1] if "`" in text else None
         text = f"{text}; remove it (see /openapi.json for the accepted fields)"
-    elif isinstance(exc, msgspec.DecodeError):
+    elif text.startswith("Object missing required field"):
+        param = text.split("`")[1] if "`" in text else None
+        text = f"{param} is required; add it (see /openapi.json for the fields)"
+    elif isinstance(exc, msgspec.ValidationError):  # the body as a whole, e.g. an array
+        text = f"the request body must be a JSON object ({text})"
+    else:
         text = f"the request body is not valid JSON ({text})"
     return text, param

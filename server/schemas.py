@@ -15,12 +15,14 @@ Dimension = Annotated[
 ]
 Steps = Annotated[int, Meta(ge=1, le=10_000, description="Denoising steps.")]
 Quality = Annotated[int, Meta(ge=1, le=100, description="JPEG/WEBP quality.")]
+SeedInt = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PriorityInt = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
 Seed = Annotated[
-    Union[int, str],
+    Union[SeedInt, str],
     Meta(description="Integer seed (or a numeric string). Random when absent; the seed used is reported."),
 ]
 Priority = Annotated[
-    Union[bool, int],
+    Union[bool, PriorityInt],
     Meta(description="true jumps ahead of every non-priority job; an int orders jobs, lower first (false = 0, true = -1)."),
 ]
 Format = Annotated[str, Meta(description="PNG, JPEG or WEBP.", examples=["PNG"])]
@@ -120,8 +122,8 @@ class TrainRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     resolution: Annotated[
         int, Meta(ge=16, le=4096, multiple_of=16, description="Images are resized to about resolution² pixels, aspect kept, sides multiples of 16.")
     ] = 512
-    seed: int | None = None
-    save_every: Annotated[int, Meta(ge=1, description="Save a checkpoint every this many steps.")] | None = None
+    seed: SeedInt | None = None
+    save_every: Annotated[int, Meta(ge=1, le=100_000, description="Save a checkpoint every this many steps.")] | None = None
     gradient_checkpointing: bool = False
     overwrite: Annotated[bool, Meta(description="Replace an existing adapter of the same name.")] = False
     priority: Priority = False
@@ -141,8 +143,8 @@ class SeedTrainRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     learning_rate: Annotated[float, Meta(gt=0, le=1)] = 1e-4
     train_batch_size: Annotated[int, Meta(ge=1, le=64)] = 1
     resolution: Annotated[int, Meta(ge=16, le=4096, multiple_of=16)] = 512
-    seed: int | None = None
-    checkpointing_steps: Annotated[int, Meta(ge=1)] | None = None
+    seed: SeedInt | None = None
+    checkpointing_steps: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     gradient_checkpointing: bool = False
     overwrite: bool = False
 
