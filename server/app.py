@@ -40,6 +40,7 @@ from .errors import (
     http_exception_handler,
     unhandled_error_handler,
 )
+from .forwarded import ForwardedMiddleware
 from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
@@ -127,7 +128,9 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
             expose_headers=CORS_EXPOSE,
             allow_private_network=True,
         )
-    app.add_middleware(openai.RequestIdMiddleware)  # outermost: a 401 or 413 of /v1 carries it too
+    app.add_middleware(openai.RequestIdMiddleware)  # a 401 or 413 of /v1 carries it too
+    if settings.http.trusted_proxies:
+        app.add_middleware(ForwardedMiddleware, trusted=settings.http.trusted_proxies)  # outermost
     return app
 
 

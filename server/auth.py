@@ -8,8 +8,11 @@ admin key sees all).  A job records its owner's *key id* (the key's ``name``, or
 
 Image links given out (status, OpenAI ``url`` responses, webhooks) carry an
 expiring HMAC signature (``expires``, ``sig``), so a browser ``<img>`` or a
-webhook receiver can fetch the image without the key.  With no keys configured
-everything is open, as on a single-user machine.
+webhook receiver can fetch the image without the key.  The signature covers the
+task, the image's index and what the link may do (``fetch``): a link opens one
+image, read-only (``delete=true`` needs the owner's key).  Links last
+``auth.link_ttl_seconds`` (default: ``queue.result_ttl_seconds``).  With no keys
+configured everything is open, as on a single-user machine.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .errors import ApiError, Forbidden, Unauthorized, render
 ADMIN_PREFIXES = ("/v1/admin", "/api/load", "/api/train", "/v1/training")
 OPEN_PATHS = ("/healthz",)
 SIGNED_PATH = "/api/image"
+LINK_ACTION = "fetch"  # what a signed link may do: read its one image
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class Caller:
     key_id: str | None  # None: no key (an open server, or a signed link)
     admin: bool = False  # sees and cancels every job
     quota: QuotaConfig = field(default_factory=QuotaConfig)
-    signed_for: str | None = None  # a signed image link: this task id only
+    signed_for: str | None = None  # a signed image link: this task id only (one image, fetch only)
 
     def sees(self, owner: str | None, job_id: str) -> bool:
         return self.admin or owner == self.key_id or self.signed_for == job_id
@@ -66,7 +70,7 @@ class Keys:
                 self._callers[key.encode()] = Caller(key_id(entry), admin=admin, quota=_quota(entry, auth.quota))
         secret = auth.url_secret or "\n".join(sorted(k.decode() for k in self._callers))
         self._signing_key = hashlib.sha256(b"easel image links\n" + secret.encode()).digest()
-        self.link_ttl = settings.queue.result_ttl_seconds
+        self.link_ttl = auth.link_ttl_seconds or settings.queue.result_ttl_seconds
         self.anonymous = Caller(None, quota=auth.quota) if self.enabled else OPEN
 
     def caller(self, token: bytes) -> Caller | None:
@@ -77,24 +81,29 @@ class Keys:
 
     # ----- signed links ------------------------------------------------------------
 
-    def _sig(self, task_id: str, expires: int) -> str:
-        return hmac.new(self._signing_key, f"{task_id}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
+    def _sig(self, task_id: str, index: int, expires: int) -> str:
+        message = f"{task_id}:{index}:{LINK_ACTION}:{expires}".encode()
+        return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()[:32]
 
-    def sign(self, url: str, task_id: str) -> str:
-        """``url`` (an /api/image link of ``task_id``) with an expiring signature."""
+    def sign(self, url: str, task_id: str, index: int) -> str:
+        """``url`` (the /api/image link of image ``index`` of ``task_id``) with an expiring
+        signature that lets it fetch that image and nothing else."""
         if not self.enabled:
             return url
         expires = int(time.time() + self.link_ttl)
-        return f"{url}&expires={expires}&sig={self._sig(task_id, expires)}"
+        return f"{url}&expires={expires}&sig={self._sig(task_id, index, expires)}"
 
     def signed_task(self, query: str) -> str | None:
-        """The task id a valid, unexpired signed link names, else None."""
+        """The task id a valid, unexpired signed link names (for the index it names), else None."""
         params = parse_qs(query)
+        if any(len(values) > 1 for values in params.values()):  # which one the route reads would be a guess
+            return None
         try:
             task_id, expires, sig = params["task_id"][0], int(params["expires"][0]), params["sig"][0]
+            index = int(params.get("index", ["0"])[0])
         except (KeyError, ValueError, IndexError):
             return None
-        if expires < time.time() or not hmac.compare_digest(sig, self._sig(task_id, expires)):
+        if expires < time.time() or not hmac.compare_digest(sig, self._sig(task_id, index, expires)):
             return None
         return task_id
 
@@ -106,6 +115,10 @@ def _quota(entry: str | KeyConfig, default: QuotaConfig) -> QuotaConfig:
         max_queued=entry.max_queued if entry.max_queued is not None else default.max_queued,
         gpu_seconds_per_hour=entry.gpu_seconds_per_hour if entry.gpu_seconds_per_hour is not None else default.gpu_seconds_per_hour,
     )
+
+
+def _asks_delete(query: str) -> bool:
+    return any(v.lower() in ("1", "true", "yes") for v in parse_qs(query).get("delete", []))
 
 
 def caller_of(scope: Scope) -> Caller:
@@ -132,8 +145,16 @@ class AuthMiddleware:
         admin = path.startswith(ADMIN_PREFIXES)
         guarded = path.startswith(("/api/", "/v1/")) and path not in OPEN_PATHS
         error: ApiError | None = None
-        if caller is None and path == SIGNED_PATH and (task_id := keys.signed_task(scope["query_string"].decode())):
+        query = scope["query_string"].decode("latin-1")
+        if caller is None and path == SIGNED_PATH and (task_id := keys.signed_task(query)):
             caller = Caller(None, signed_for=task_id)
+            if _asks_delete(query):
+                error = Forbidden(
+                    "a signed image link only fetches the image; delete=true needs the owner's key: "
+                    "send Authorization: Bearer <key>",
+                    param="delete",
+                    code="link_read_only",
+                )
         elif guarded and admin and keys.has_admin and not (caller and caller.admin):
             error = (Forbidden if caller else Unauthorized)("this endpoint needs an admin key: send Authorization: Bearer <admin key>")
         elif guarded and (keys.guard_all or admin) and caller is None and keys.enabled:

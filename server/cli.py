@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        proxy_headers=False,  # X-Forwarded-*: only from http.trusted_proxies (server/forwarded.py)
         timeout_graceful_shutdown=5,  # open SSE/long-poll connections; jobs get queue.shutdown_grace_seconds
     )
     _Server(config).run()

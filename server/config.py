@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from .forecast import FEATURES, unknown_terms
+from .forwarded import parse_networks
 
 DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
 BACKENDS = ("stub", "flux2_klein", "sdxl", "z_image", "qwen_edit_gguf", "upscale_esrgan")
@@ -127,12 +128,19 @@ class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # signs the image links handed out (OpenAI url responses, webhooks, status); default:
     # derived from the configured keys, so every node with the same keys agrees
     url_secret: str | None = None
+    # how long a signed image link works (default: queue.result_ttl_seconds)
+    link_ttl_seconds: Annotated[float, Meta(gt=0)] | None = None
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # origins (scheme://host[:port]) whose pages may call the API from a browser; "*" = any,
     # "null" = pages opened from file://. Empty (the default): same origin only, no CORS headers
     cors_origins: list[str] = []
+    # the base of every URL easel hands out (image links in statuses, OpenAI url answers,
+    # webhooks), e.g. "https://images.example.com/"; default: as the request names this server
+    public_url: str | None = None
+    # addresses or networks of reverse proxies whose X-Forwarded-Proto/-Host/-For are believed
+    trusted_proxies: list[str] = []
 
 
 class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -278,6 +286,14 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
                 f"{source}: http.cors_origins entry {origin!r} must be an origin such as "
                 "'http://localhost:8080' (scheme and host, no path or trailing slash), '*' or 'null'"
             )
+    if (public := settings.http.public_url) is not None:
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", public):
+            raise ConfigError(f"{source}: http.public_url {public!r} must be an http(s) URL such as 'https://images.example.com/'")
+        settings.http.public_url = public.rstrip("/") + "/"
+    try:
+        parse_networks(settings.http.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: http.trusted_proxies {exc}") from None
     if broker.heartbeat_seconds >= broker.lease_seconds:
         raise ConfigError(f"{source}: broker.heartbeat_seconds must be shorter than broker.lease_seconds")
     for name, model in settings.models.items():

@@ -362,9 +362,9 @@ class Service:
             except Exception:
                 log.exception("reaper failed")
 
-    def sign(self, url: str, job: JobRecord) -> str:
-        """An image link of ``job`` that works without the key until the result expires."""
-        return self.keys.sign(url, job.id)
+    def sign(self, url: str, job: JobRecord, index: int) -> str:
+        """The link to image ``index`` of ``job``, fetching it without the key until it expires."""
+        return self.keys.sign(url, job.id, index)
 
     async def depths(self) -> dict[str, tuple[int, int]]:
         out = {}

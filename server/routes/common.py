@@ -214,5 +214,7 @@ def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
 
 
 def base_url(request: Request) -> str:
-    """The server's URL as the client sees it (image links, webhook payloads)."""
-    return str(request.base_url)
+    """The base of the URLs easel hands out (image links, webhook payloads):
+    ``http.public_url``, else the server's URL as the request names it (its Host, and
+    X-Forwarded-* from a trusted proxy: ``forwarded.py``)."""
+    return service_of(request).settings.http.public_url or str(request.base_url)
