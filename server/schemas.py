@@ -348,6 +348,13 @@ class Healthz(Struct):
     status: str
 
 
+class Readiness(Struct, kw_only=True):
+    status: Annotated[str, Meta(description="ready (200) or not_ready (503).")]
+    broker: Annotated[str, Meta(description="ok, or why the broker cannot be reached.")]
+    models: Annotated[dict[str, str], Meta(description="Nodes with workers: each enabled model's state.")] = {}
+    problems: Annotated[list[str], Meta(description="What keeps the node from being ready.")] = []
+
+
 class ErrorDetail(Struct, kw_only=True, omit_defaults=True):
     message: str
     type: str
@@ -382,6 +389,7 @@ WIRE_TYPES: tuple[type, ...] = (
     ModelsResponse,
     HealthResponse,
     Healthz,
+    Readiness,
     ErrorResponse,
     *OPENAI_WIRE_TYPES,
 )

@@ -67,6 +67,9 @@ class Broker(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Return when the broker answers; ``BrokerUnavailable`` when it does not (/readyz)."""
+
     def now(self) -> float:
         """The broker's clock (see the module docstring)."""
 

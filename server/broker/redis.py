@@ -167,6 +167,10 @@ class RedisBroker(LocalEvents):
         self.last_event_id = last_id
         self._reader = asyncio.create_task(self._read_events(last_id))
 
+    @_guarded
+    async def ping(self) -> None:
+        await self._redis.ping()
+
     async def close(self) -> None:
         self._closed = True
         tasks = [t for t in (self._reader, *self._progress_tasks.values()) if t is not None]

@@ -9,8 +9,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ..openapi import Doc, route
+from ..readiness import readiness
 from ..registry import device_report
-from ..schemas import HealthResponse, Healthz
+from ..schemas import HealthResponse, Healthz, Readiness
 from .common import json_response, service_of
 from .models import models_response
 
@@ -26,6 +27,11 @@ SWAGGER_HTML = """<!doctype html>
 
 async def healthz(request: Request) -> Response:
     return json_response(Healthz(status="ok"))
+
+
+async def readyz(request: Request) -> Response:
+    ready = await readiness(service_of(request))
+    return json_response(ready, status_code=200 if ready.status == "ready" else 503, headers={"Cache-Control": "no-store"})
 
 
 async def health(request: Request) -> Response:
@@ -64,12 +70,13 @@ async def docs(request: Request) -> Response:
 
 
 ROUTES = [
-    route("/healthz", healthz, ["GET"], Doc("Liveness", response=Healthz, tags=("meta",), statuses=())),
+    route("/healthz", healthz, ["GET"], Doc("Liveness: the process answers", response=Healthz, tags=("meta",), statuses=())),
+    route("/readyz", readyz, ["GET"], Doc("Readiness: the broker answers and (nodes with workers) the enabled models are loaded; 503 otherwise", response=Readiness, tags=("meta",), statuses=())),
     route("/health", health, ["GET"], Doc("Models, devices, memory and learned forecasts", response=HealthResponse, tags=("meta",), statuses=())),
     route("/metrics", metrics, ["GET"], Doc("Prometheus metrics", content="text/plain", tags=("meta",), statuses=())),
     route("/openapi.json", openapi_json, ["GET"], Doc("This document", tags=("meta",), statuses=())),
     route("/swagger", swagger, ["GET"], Doc("Swagger UI", content="text/html", tags=("meta",), statuses=())),
     route("/docs", docs, ["GET"], Doc("Redirect to /swagger", content="text/html", tags=("meta",), statuses=())),
 ]
-# a worker node (role worker) serves no job API: liveness, health and metrics only
-WORKER_ROUTES = ROUTES[:3]
+# a worker node (role worker) serves no job API: liveness, readiness, health and metrics only
+WORKER_ROUTES = ROUTES[:4]
