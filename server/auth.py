@@ -1,7 +1,9 @@
 """Who is calling: API keys, key ids, admin rights, quotas and signed image links.
 
-With keys configured, ``/api`` and ``/v1`` need ``Authorization: Bearer <key>``
-and admin routes an admin key.  The middleware puts the ``Caller`` in the request
+With keys configured (user or admin keys alike), ``/api``, ``/v1`` and
+``/metrics`` need ``Authorization: Bearer <key>`` and admin routes an admin key;
+``auth.anonymous`` opens the job API to callers without a key, and
+``metrics.public`` opens ``/metrics``.  The middleware puts the ``Caller`` in the request
 scope; routes hand it to the service, which shows a key only its own jobs (an
 admin key sees all).  A job records its owner's *key id* (the key's ``name``, or
 ``key-`` and a hash of the key), never the key.
@@ -29,7 +31,7 @@ from .config import KeyConfig, QuotaConfig, Settings
 from .errors import ApiError, Forbidden, Unauthorized, render
 
 ADMIN_PREFIXES = ("/v1/admin", "/api/load", "/api/train", "/v1/training")
-OPEN_PATHS = ("/healthz",)
+METRICS_PATH = "/metrics"  # guarded too, unless metrics.public
 SIGNED_PATH = "/api/image"
 LINK_ACTION = "fetch"  # what a signed link may do: read its one image
 
@@ -61,7 +63,8 @@ class Keys:
     def __init__(self, settings: Settings) -> None:
         auth = settings.auth
         self.enabled = bool(auth.api_keys or auth.admin_keys)
-        self.guard_all = bool(auth.api_keys)  # only admin keys: the job API stays open
+        self.guard_all = self.enabled and not auth.anonymous  # auth.anonymous: the job API stays open
+        self.guard_metrics = self.enabled and not settings.metrics.public
         self.has_admin = bool(auth.admin_keys)  # none: any API key may use the admin routes
         self._callers: dict[bytes, Caller] = {}
         for entries, admin in ((auth.api_keys, False), (auth.admin_keys, True)):
@@ -143,7 +146,7 @@ class AuthMiddleware:
                 token = value[7:].strip()
         caller = keys.caller(token) if token else None
         admin = path.startswith(ADMIN_PREFIXES)
-        guarded = path.startswith(("/api/", "/v1/")) and path not in OPEN_PATHS
+        guarded = path.startswith(("/api/", "/v1/")) or (path == METRICS_PATH and keys.guard_metrics)
         error: ApiError | None = None
         query = scope["query_string"].decode("latin-1")
         if caller is None and path == SIGNED_PATH and (task_id := keys.signed_task(query)):
@@ -158,7 +161,10 @@ class AuthMiddleware:
         elif guarded and admin and keys.has_admin and not (caller and caller.admin):
             error = (Forbidden if caller else Unauthorized)("this endpoint needs an admin key: send Authorization: Bearer <admin key>")
         elif guarded and (keys.guard_all or admin) and caller is None and keys.enabled:
-            error = Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+            error = Unauthorized(
+                "missing or invalid API key: send Authorization: Bearer <key> (this server has keys configured; "
+                "auth.anonymous: true would let callers without one use the job API)"
+            )
         if error is not None and scope["method"] != "OPTIONS":  # CORS preflights carry no key
             return await render(error)(scope, receive, send)
         scope.setdefault("state", {})["caller"] = caller or keys.anonymous

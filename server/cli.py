@@ -15,6 +15,7 @@ import uvicorn
 
 from . import hostmem, logs
 from .app import create_app
+from .broker import unreachable
 from .config import ConfigError, load_settings
 
 
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, overrides_from(args, list(base.models)))
     except ConfigError as exc:
         print(f"easel: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if (why := unreachable(settings.broker.url)) is not None:
+        print(f"easel: {why}; start Redis, or fix broker.url (--broker)", file=sys.stderr)
         return 2
     logs.setup(settings.log_level)
     hostmem.tune(settings.host_memory.retain_mib)  # before any model allocates

@@ -130,6 +130,15 @@ class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     url_secret: str | None = None
     # how long a signed image link works (default: queue.result_ttl_seconds)
     link_ttl_seconds: Annotated[float, Meta(gt=0)] | None = None
+    # with any key configured, callers without one are refused (401) unless this is true:
+    # then they use /api and /v1 (not the admin routes) and own their jobs together
+    anonymous: bool = False
+
+
+class MetricsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # with keys configured, /metrics needs a key unless this is true; an anonymous scrape
+    # then sees GPU-seconds per model only, never per key
+    public: bool = False
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -190,6 +199,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)

@@ -8,6 +8,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from ..auth import caller_of
 from ..openapi import Doc, route
 from ..readiness import readiness
 from ..registry import device_report
@@ -53,7 +54,8 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     service = service_of(request)
-    body = service.metrics.render(await service.depths())
+    caller = caller_of(request.scope)
+    body = service.metrics.render(await service.depths(), key_ids=not service.keys.enabled or caller.key_id is not None)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
