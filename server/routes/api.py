@@ -98,6 +98,19 @@ def _float_param(request: Request, name: str, default: float, maximum: float) ->
     return min(max(value, 0.0), maximum)
 
 
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} {raw[:40]!r} is not a whole number; send one from {lo} to {hi}", param=name) from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} {value} is out of range; send one from {lo} to {hi}", param=name)
+    return value
+
+
 async def status_of(request: Request, job: JobRecord) -> JobStatusResponse:
     service = service_of(request)
     job, where = await service.where(job)
@@ -181,12 +194,12 @@ async def events(request: Request) -> Response:
 
 async def image(request: Request) -> Response:
     service = service_of(request)
-    job = await _job(request)
     q = request.query_params
     try:
         index = int(q.get("index", "0"))
     except ValueError:
-        raise BadRequest("index must be an integer", param="index") from None
+        raise BadRequest(f"index {q.get('index', '')[:40]!r} is not a whole number; send 0 for the first image", param="index") from None
+    job = await _job(request)
     as_b64 = q.get("base64", "false").lower() in ("1", "true", "yes")
     delete = q.get("delete", "false").lower() in ("1", "true", "yes")
     wait = _float_param(request, "wait", 0.0, 300.0)
@@ -204,7 +217,7 @@ async def image(request: Request) -> Response:
 
 async def tasks(request: Request) -> Response:
     service = service_of(request)
-    limit = int(_float_param(request, "limit", 50, 1000))
+    limit = _int_param(request, "limit", 50, 1, 1000)
     base = base_url(request)
     caller = caller_of(request.scope)
     queue = []

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..config import LimitsConfig
-from ..errors import BadRequest, PayloadTooLarge, validation_message
+from ..errors import BadRequest, PayloadTooLarge, explain, validation_message
 from ..textcheck import MAX_DEPTH, check_request
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+MAX_SIDE = 8192  # the schema's largest width or height
 
 
 def service_of(request: Request) -> Service:
@@ -84,6 +85,8 @@ def decode(data: bytes | dict[str, Any], typ: type[T], limits: LimitsConfig | No
         if isinstance(data, bytes) and (error := _surrogate_error(data, str(exc))) is not None:
             raise error from None
         message, param = validation_message(exc)
+        if param is not None and isinstance(exc, msgspec.ValidationError):
+            message = _with_value(data, param, str(exc).rpartition(" - at `$.")[0]) or message
         code = "invalid_value" if isinstance(exc, msgspec.ValidationError) else "invalid_json"
         raise BadRequest(message, param=param, code=code) from None
     except UnicodeDecodeError as exc:
@@ -101,6 +104,23 @@ def decode(data: bytes | dict[str, Any], typ: type[T], limits: LimitsConfig | No
     if limits is not None:
         check_request(req, limits)
     return req  # type: ignore[no-any-return]
+
+
+def _with_value(data: bytes | dict[str, Any], param: str, text: str) -> str | None:
+    """``explain``'s sentence for a top-level field, with the value the request sent."""
+    try:
+        fields = msgspec.json.decode(data) if isinstance(data, bytes) else data
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if not isinstance(fields, dict) or param not in fields:
+        return None
+    value = fields[param]
+    if isinstance(value, str):  # a form field: numbers arrive as text
+        try:
+            value = int(value)
+        except ValueError:
+            return None
+    return explain(param, value, text, hi=MAX_SIDE if param in ("width", "height") else None)
 
 
 def _field_with(text: str, bad: Callable[[str], bool]) -> str | None:
