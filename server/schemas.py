@@ -225,6 +225,7 @@ class ImageInfo(Struct, kw_only=True):
     url: str
     upload: Annotated[str, Meta(description="With upload_urls: pending, ok, or failed: <reason>.")] | None = None
     seconds: Annotated[float, Meta(description="Generation seconds: the image's pipeline call divided by n.")] | None = None
+    steps: Annotated[int, Meta(description="Denoising steps of this image (a batch's total_steps counts every prompt's).")] | None = None
 
 
 class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):

@@ -27,6 +27,7 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Sig
     """``job`` as the status API shows it; image URLs are absolute under ``base_url``
     (and signed with ``sign``, so they work without the key)."""
     sign = sign or _unsigned
+    steps = [item.steps for item in job.items for _ in range(item.n)]  # image index -> its item's steps
     return JobStatusResponse(
         task_id=job.id,
         status=job.status.value,  # type: ignore[arg-type]
@@ -56,6 +57,7 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Sig
                 url=sign(image_url(base_url, job, r.index), job, r.index),
                 upload=r.upload,
                 seconds=r.seconds,
+                steps=steps[r.index] if r.index < len(steps) else None,
             )
             for r in job.results
         ],

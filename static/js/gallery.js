@@ -18,7 +18,7 @@ function describe(status, img) {
     ["Model", status.model],
     ["LoRA", p.lora],
     ["Task", status.task],
-    ["Steps", status.total_steps || p.steps],
+    ["Steps", img.steps ?? p.steps ?? status.total_steps], // total_steps counts every prompt of a batch
     ["Guidance", p.guidance],
     ["Format", img.format],
     ["Time", status.started_at && status.finished_at ? `${(status.finished_at - status.started_at).toFixed(1)} s` : null],
