@@ -282,8 +282,11 @@ class PngInfoResponse(Struct, kw_only=True, omit_defaults=False):
 
 
 class TasksResponse(Struct, kw_only=True):
-    queue: list[JobStatusResponse]
-    recent: list[JobStatusResponse]
+    queue: Annotated[list[JobStatusResponse], Meta(description="Running, then waiting jobs (at most limit waiting per model).")]
+    recent: Annotated[list[JobStatusResponse], Meta(description="Finished jobs, the most recent first: one page of at most limit.")]
+    queue_total: Annotated[int, Meta(description="How many unfinished jobs the caller may list.")] = 0
+    recent_total: Annotated[int, Meta(description="How many finished jobs the caller may list (kept for queue.result_ttl_seconds).")] = 0
+    next_cursor: Annotated[str, Meta(description="Pass as cursor for the next page of recent; null on the last page.")] | None = None
 
 
 class ImageBase64(Struct, kw_only=True):

@@ -110,7 +110,7 @@ def _with_value(data: bytes | dict[str, Any], param: str, text: str) -> str | No
     """``explain``'s sentence for a top-level field, with the value the request sent."""
     try:
         fields = msgspec.json.decode(data) if isinstance(data, bytes) else data
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
     if not isinstance(fields, dict) or param not in fields:
         return None
