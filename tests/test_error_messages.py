@@ -90,3 +90,11 @@ def test_the_outpaint_hint_makes_the_expanded_size_multiples_of_16(server: Runni
         fixed[side] = int(value)
     again = server.client.post("/api/edit", json={"prompt": "x", "images": [image], "expand": fixed})
     assert again.status_code == 200, (message, fixed, again.text)
+
+
+@pytest.mark.parametrize("value", ["nan", "abc"])
+def test_a_wait_that_is_not_a_number_is_a_400(server: RunningServer, value: str) -> None:
+    task_id = server.client.post("/api/generate", json={"prompt": "x"}).json()["task_id"]
+    for path in ("/api/status", "/api/image"):
+        r = server.client.get(path, params={"task_id": task_id, "wait": value}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "wait", r.text

@@ -94,7 +94,9 @@ def _float_param(request: Request, name: str, default: float, maximum: float) ->
     try:
         value = float(raw)
     except ValueError:
-        raise BadRequest(f"{name} must be a number of seconds", param=name) from None
+        value = float("nan")
+    if value != value:  # not a number (nan included)
+        raise BadRequest(f"{name} {raw[:40]!r} is not a number; send seconds from 0 to {maximum:g}", param=name)
     return min(max(value, 0.0), maximum)
 
 
