@@ -160,10 +160,12 @@ class AuthMiddleware:
                 )
         elif guarded and admin and keys.has_admin and not (caller and caller.admin):
             error = (Forbidden if caller else Unauthorized)("this endpoint needs an admin key: send Authorization: Bearer <admin key>")
-        elif guarded and (keys.guard_all or admin) and caller is None and keys.enabled:
+        elif guarded and (keys.guard_all or admin or path == METRICS_PATH) and caller is None and keys.enabled:
+            opener = "metrics.public: true would open /metrics" if path == METRICS_PATH else (
+                "auth.anonymous: true would let callers without one use the job API"
+            )
             error = Unauthorized(
-                "missing or invalid API key: send Authorization: Bearer <key> (this server has keys configured; "
-                "auth.anonymous: true would let callers without one use the job API)"
+                f"missing or invalid API key: send Authorization: Bearer <key> (this server has keys configured; {opener})"
             )
         if error is not None and scope["method"] != "OPTIONS":  # CORS preflights carry no key
             return await render(error)(scope, receive, send)

@@ -35,6 +35,7 @@ def test_auth_anonymous_opens_the_job_api_but_not_the_admin_routes(server_factor
     r = srv.client.post("/api/generate", json={"prompt": "x"})
     assert r.status_code == 200, r.text
     assert srv.client.get("/v1/admin/models").status_code == 401
+    assert srv.client.get("/metrics").status_code == 401  # auth.anonymous opens the job API, not the metrics
     assert srv.client.get("/v1/admin/models", headers=ROOT_KEY).status_code == 200
 
 
