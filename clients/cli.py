@@ -44,7 +44,12 @@ class ProgressBar:
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         state = st["status"]
         where = f"#{st['pos'] + 1} in queue" if state == "waiting" else f"step {st.get('step', 0)}/{st.get('total_steps', 0)}"
-        line = f"[{bar}] {st.get('progress', 0) * 100:3.0f}% {state:<9} {where:<14} ETA {st.get('wait_remaining', 0):6.1f} s"
+        eta = st.get("wait_remaining")  # absent: no live worker serves the model (the message says so)
+        if isinstance(eta, (int, float)):
+            tail = f"ETA {eta:6.1f} s"
+        else:
+            tail = f"no ETA: {st.get('message') or 'no live worker serves this model'}"
+        line = f"[{bar}] {st.get('progress', 0) * 100:3.0f}% {state:<9} {where:<14} {tail}"
         if line == self.last:
             return
         self.last = line

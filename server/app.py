@@ -42,11 +42,13 @@ from .errors import (
     http_exception_handler,
     unhandled_error_handler,
 )
+from .forwarded import ForwardedMiddleware
 from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
 from .routes import api, meta, models, openai, training
 from .service import Service
+from .textcheck import QueryCheckMiddleware
 from .upscaling import Upscaler
 from .worker.loop import Worker
 
@@ -60,7 +62,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     registry = Registry(settings)
     metrics = Metrics()
     keys = Keys(settings)
-    delivery = Delivery(settings, broker, lambda url, job: keys.sign(url, job.id))
+    delivery = Delivery(settings, broker, keys.signer)
     worker = Worker(settings, broker, registry, metrics, delivery) if role in ("all", "worker") else None
     upscaler = Upscaler(settings, registry, worker.host if worker is not None else None)
     service = Service(
@@ -112,6 +114,7 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     app.state.openapi = build_document(routes)
     # first added, so innermost: auth (and CORS) answer before a body is read
     app.add_middleware(BodyLimitMiddleware, limit=settings.limits.max_body_mib * 2**20)
+    app.add_middleware(QueryCheckMiddleware)
     if keys.enabled:
         app.add_middleware(AuthMiddleware, keys=keys)
     if settings.http.cors_origins:
@@ -125,7 +128,9 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
             expose_headers=CORS_EXPOSE,
             allow_private_network=True,
         )
-    app.add_middleware(openai.RequestIdMiddleware)  # outermost: a 401 or 413 of /v1 carries it too
+    app.add_middleware(openai.RequestIdMiddleware)  # a 401 or 413 of /v1 carries it too
+    if settings.http.trusted_proxies:
+        app.add_middleware(ForwardedMiddleware, trusted=settings.http.trusted_proxies)  # outermost
     return app
 
 

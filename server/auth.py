@@ -1,15 +1,20 @@
 """Who is calling: API keys, key ids, admin rights, quotas and signed image links.
 
-With keys configured, ``/api`` and ``/v1`` need ``Authorization: Bearer <key>``
-and admin routes an admin key.  The middleware puts the ``Caller`` in the request
+With keys configured (user or admin keys alike), ``/api``, ``/v1`` and
+``/metrics`` need ``Authorization: Bearer <key>`` and admin routes an admin key;
+``auth.anonymous`` opens the job API to callers without a key, and
+``metrics.public`` opens ``/metrics``.  The middleware puts the ``Caller`` in the request
 scope; routes hand it to the service, which shows a key only its own jobs (an
 admin key sees all).  A job records its owner's *key id* (the key's ``name``, or
 ``key-`` and a hash of the key), never the key.
 
 Image links given out (status, OpenAI ``url`` responses, webhooks) carry an
 expiring HMAC signature (``expires``, ``sig``), so a browser ``<img>`` or a
-webhook receiver can fetch the image without the key.  With no keys configured
-everything is open, as on a single-user machine.
+webhook receiver can fetch the image without the key.  The signature covers the
+task, the image's index and what the link may do (``fetch``): a link opens one
+image, read-only (``delete=true`` needs the owner's key).  Links last
+``auth.link_ttl_seconds`` (default: ``queue.result_ttl_seconds``).  With no keys
+configured everything is open, as on a single-user machine.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,9 +31,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .config import KeyConfig, QuotaConfig, Settings
 from .errors import ApiError, Forbidden, Unauthorized, render
 
+if TYPE_CHECKING:
+    from .jobs import JobRecord
+
 ADMIN_PREFIXES = ("/v1/admin", "/api/load", "/api/train", "/v1/training")
-OPEN_PATHS = ("/healthz",)
+METRICS_PATH = "/metrics"  # guarded too, unless metrics.public
 SIGNED_PATH = "/api/image"
+LINK_ACTION = "fetch"  # what a signed link may do: read its one image
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class Caller:
     key_id: str | None  # None: no key (an open server, or a signed link)
     admin: bool = False  # sees and cancels every job
     quota: QuotaConfig = field(default_factory=QuotaConfig)
-    signed_for: str | None = None  # a signed image link: this task id only
+    signed_for: str | None = None  # a signed image link: this task id only (one image, fetch only)
 
     def sees(self, owner: str | None, job_id: str) -> bool:
         return self.admin or owner == self.key_id or self.signed_for == job_id
@@ -57,7 +67,8 @@ class Keys:
     def __init__(self, settings: Settings) -> None:
         auth = settings.auth
         self.enabled = bool(auth.api_keys or auth.admin_keys)
-        self.guard_all = bool(auth.api_keys)  # only admin keys: the job API stays open
+        self.guard_all = self.enabled and not auth.anonymous  # auth.anonymous: the job API stays open
+        self.guard_metrics = self.enabled and not settings.metrics.public
         self.has_admin = bool(auth.admin_keys)  # none: any API key may use the admin routes
         self._callers: dict[bytes, Caller] = {}
         for entries, admin in ((auth.api_keys, False), (auth.admin_keys, True)):
@@ -66,7 +77,7 @@ class Keys:
                 self._callers[key.encode()] = Caller(key_id(entry), admin=admin, quota=_quota(entry, auth.quota))
         secret = auth.url_secret or "\n".join(sorted(k.decode() for k in self._callers))
         self._signing_key = hashlib.sha256(b"easel image links\n" + secret.encode()).digest()
-        self.link_ttl = settings.queue.result_ttl_seconds
+        self.link_ttl = auth.link_ttl_seconds or settings.queue.result_ttl_seconds
         self.anonymous = Caller(None, quota=auth.quota) if self.enabled else OPEN
 
     def caller(self, token: bytes) -> Caller | None:
@@ -77,24 +88,33 @@ class Keys:
 
     # ----- signed links ------------------------------------------------------------
 
-    def _sig(self, task_id: str, expires: int) -> str:
-        return hmac.new(self._signing_key, f"{task_id}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
+    def _sig(self, task_id: str, index: int, expires: int) -> str:
+        message = f"{task_id}:{index}:{LINK_ACTION}:{expires}".encode()
+        return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()[:32]
 
-    def sign(self, url: str, task_id: str) -> str:
-        """``url`` (an /api/image link of ``task_id``) with an expiring signature."""
+    def sign(self, url: str, task_id: str, index: int) -> str:
+        """``url`` (the /api/image link of image ``index`` of ``task_id``) with an expiring
+        signature that lets it fetch that image and nothing else."""
         if not self.enabled:
             return url
         expires = int(time.time() + self.link_ttl)
-        return f"{url}&expires={expires}&sig={self._sig(task_id, expires)}"
+        return f"{url}&expires={expires}&sig={self._sig(task_id, index, expires)}"
+
+    def signer(self, url: str, job: JobRecord, index: int) -> str:
+        """``sign`` for a job record (the shape views and delivery take)."""
+        return self.sign(url, job.id, index)
 
     def signed_task(self, query: str) -> str | None:
-        """The task id a valid, unexpired signed link names, else None."""
+        """The task id a valid, unexpired signed link names (for the index it names), else None."""
         params = parse_qs(query)
+        if any(len(values) > 1 for values in params.values()):  # which one the route reads would be a guess
+            return None
         try:
             task_id, expires, sig = params["task_id"][0], int(params["expires"][0]), params["sig"][0]
+            index = int(params.get("index", ["0"])[0])
         except (KeyError, ValueError, IndexError):
             return None
-        if expires < time.time() or not hmac.compare_digest(sig, self._sig(task_id, expires)):
+        if expires < time.time() or not hmac.compare_digest(sig, self._sig(task_id, index, expires)):
             return None
         return task_id
 
@@ -106,6 +126,10 @@ def _quota(entry: str | KeyConfig, default: QuotaConfig) -> QuotaConfig:
         max_queued=entry.max_queued if entry.max_queued is not None else default.max_queued,
         gpu_seconds_per_hour=entry.gpu_seconds_per_hour if entry.gpu_seconds_per_hour is not None else default.gpu_seconds_per_hour,
     )
+
+
+def _asks_delete(query: str) -> bool:
+    return any(v.lower() in ("1", "true", "yes") for v in parse_qs(query).get("delete", []))
 
 
 def caller_of(scope: Scope) -> Caller:
@@ -130,14 +154,27 @@ class AuthMiddleware:
                 token = value[7:].strip()
         caller = keys.caller(token) if token else None
         admin = path.startswith(ADMIN_PREFIXES)
-        guarded = path.startswith(("/api/", "/v1/")) and path not in OPEN_PATHS
+        guarded = path.startswith(("/api/", "/v1/")) or (path == METRICS_PATH and keys.guard_metrics)
         error: ApiError | None = None
-        if caller is None and path == SIGNED_PATH and (task_id := keys.signed_task(scope["query_string"].decode())):
+        query = scope["query_string"].decode("latin-1")
+        if caller is None and path == SIGNED_PATH and (task_id := keys.signed_task(query)):
             caller = Caller(None, signed_for=task_id)
+            if _asks_delete(query):
+                error = Forbidden(
+                    "a signed image link only fetches the image; delete=true needs the owner's key: "
+                    "send Authorization: Bearer <key>",
+                    param="delete",
+                    code="link_read_only",
+                )
         elif guarded and admin and keys.has_admin and not (caller and caller.admin):
             error = (Forbidden if caller else Unauthorized)("this endpoint needs an admin key: send Authorization: Bearer <admin key>")
-        elif guarded and (keys.guard_all or admin) and caller is None and keys.enabled:
-            error = Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+        elif guarded and (keys.guard_all or admin or path == METRICS_PATH) and caller is None and keys.enabled:
+            opener = "metrics.public: true would open /metrics" if path == METRICS_PATH else (
+                "auth.anonymous: true would let callers without one use the job API"
+            )
+            error = Unauthorized(
+                f"missing or invalid API key: send Authorization: Bearer <key> (this server has keys configured; {opener})"
+            )
         if error is not None and scope["method"] != "OPTIONS":  # CORS preflights carry no key
             return await render(error)(scope, receive, send)
         scope.setdefault("state", {})["caller"] = caller or keys.anonymous

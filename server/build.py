@@ -19,15 +19,15 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .backends.base import BackendError, run_steps
 from .backends.lora import resolve_lora
 from .errors import BadRequest
 from .families import default_steps
 from .jobs import Item, JobRecord, Lora, input_key, new_id
-from .masking import DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
-from .schemas import GenerateRequest, ImageRef
+from .masking import BAD_IMAGE, DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
+from .schemas import Expand, GenerateRequest, ImageRef
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -65,7 +65,6 @@ def parse_seed(value: int | str | None) -> int:
 
 
 OFF_LOOP_PIXELS = 512 * 512  # a larger image is decoded on a worker thread (``decode_off_loop``)
-BAD_IMAGE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
@@ -160,15 +159,43 @@ class Inputs:
         return key
 
 
-def check_size(ms: ModelState, width: int, height: int) -> None:
+MAX_SIDE = 8192  # the request schema's largest width or height
+
+
+def fit_size(width: int, height: int, max_pixels: int, step: int = 16) -> tuple[int, int]:
+    """The nearest size a request may ask for: sides multiples of ``step`` within the
+    schema's range, shrunk (aspect kept) to ``max_pixels`` (fix-it hints)."""
+    w = min(MAX_SIDE, max(step, round(width / step) * step))
+    h = min(MAX_SIDE, max(step, round(height / step) * step))
+    if w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        w, h = max(step, int(w * scale) // step * step), max(step, int(h * scale) // step * step)
+    return w, h
+
+
+def check_size(ms: ModelState, width: int, height: int, param: str = "width") -> None:
     """Within the model's max_pixels (each side is already a multiple of 16: the request
     schema and the config's default sizes require it)."""
     if width * height > ms.cfg.max_pixels:
+        w, h = fit_size(width, height, ms.cfg.max_pixels)
         raise BadRequest(
             f"{width}x{height} is {width * height} pixels, over model {ms.name!r}'s max_pixels of {ms.cfg.max_pixels}; "
-            "choose a smaller width or height",
-            param="width",
+            f"choose a smaller size, e.g. {w}x{h}",
+            param=param,
+            code="too_many_pixels",
         )
+
+
+def _expand_hint(e: Expand, grown: tuple[int, int], max_pixels: int) -> str:
+    """Paddings that make the expanded size multiples of 16 (more on right/bottom, or
+    less where more would pass max_pixels)."""
+    right, bottom = e.right + (-grown[0] % 16), e.bottom + (-grown[1] % 16)
+    size = (grown[0] + right - e.right, grown[1] + bottom - e.bottom)
+    if size[0] * size[1] > max_pixels:  # round down instead, where the padding allows
+        right, bottom = max(0, e.right - grown[0] % 16), max(0, e.bottom - grown[1] % 16)
+        size = (grown[0] + right - e.right, grown[1] + bottom - e.bottom)
+    parts = ([f"right {right}"] if grown[0] % 16 else []) + ([f"bottom {bottom}"] if grown[1] % 16 else [])
+    return f"{' and '.join(parts)} (an image of {size[0]}x{size[1]})"
 
 
 async def masked_edit(
@@ -217,14 +244,13 @@ async def masked_edit(
                 f"{ms.cfg.max_pixels}; expand less or send a smaller image",
                 param="expand",
             )
-        canvas, mask = expand_canvas(first, e.left, e.right, e.top, e.bottom, mask)
-        if canvas.width % 16 or canvas.height % 16:
+        if grown[0] % 16 or grown[1] % 16:
             raise BadRequest(
-                f"expand makes the image {canvas.width}x{canvas.height}; the result's width and height must be "
-                f"multiples of 16 (e.g. add {-first.width % 16} to left+right or {-first.height % 16} to top+bottom, "
-                "modulo 16)",
+                f"expand makes the image {grown[0]}x{grown[1]}; the result's width and height must be multiples of 16: "
+                f"e.g. {_expand_hint(e, grown, ms.cfg.max_pixels)}",
                 param="expand",
             )
+        canvas, mask = expand_canvas(first, e.left, e.right, e.top, e.bottom, mask)
         inputs.blobs[refs[0]] = encode_png(canvas)
         first = canvas
     if mask is None:

@@ -15,6 +15,7 @@ import uvicorn
 
 from . import hostmem, logs
 from .app import create_app
+from .broker import unreachable
 from .config import ConfigError, load_settings
 from .families import FAMILIES, UPSCALERS, Family
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"easel: bad configuration: {exc}", file=sys.stderr)
         return 2
+    if (why := unreachable(settings.broker.url)) is not None:
+        print(f"easel: {why}; start Redis, or fix broker.url (--broker)", file=sys.stderr)
+        return 2
     logs.setup(settings.log_level)
     hostmem.tune(settings.host_memory.retain_mib)  # before any model allocates
     app = create_app(settings)
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        proxy_headers=False,  # X-Forwarded-*: only from http.trusted_proxies (server/forwarded.py)
         timeout_graceful_shutdown=5,  # open SSE/long-poll connections; jobs get queue.shutdown_grace_seconds
     )
     _Server(config).run()

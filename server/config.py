@@ -19,6 +19,7 @@ from msgspec import Meta, Struct
 
 from .families import FAMILIES, UPSCALERS
 from .forecast import FEATURES, unknown_terms
+from .forwarded import parse_networks
 
 DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
 
@@ -96,6 +97,11 @@ class LimitsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_steps: PositiveInt = 200
     max_prompts: PositiveInt = 64
     max_image_pixels: PositiveInt = 40_000_000  # decoded reference images
+    # text fields (server/textcheck.py): each prompt (prompt, negative_prompt, each of prompts),
+    # metadata as JSON, and any other text (names, URLs, paths); beyond them a 400 names the field
+    max_prompt_chars: PositiveInt = 32_000
+    max_metadata_bytes: PositiveInt = 262_144
+    max_text_chars: PositiveInt = 8_192
     # a running job past this many seconds stops at its next step, as an error (null = no limit)
     job_timeout_seconds: Annotated[float, Meta(gt=0)] | None = None
     # a running job that reports no step for this long ends as an error; its model is
@@ -124,12 +130,28 @@ class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # signs the image links handed out (OpenAI url responses, webhooks, status); default:
     # derived from the configured keys, so every node with the same keys agrees
     url_secret: str | None = None
+    # how long a signed image link works (default: queue.result_ttl_seconds)
+    link_ttl_seconds: Annotated[float, Meta(gt=0)] | None = None
+    # with any key configured, callers without one are refused (401) unless this is true:
+    # then they use /api and /v1 (not the admin routes) and own their jobs together
+    anonymous: bool = False
+
+
+class MetricsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    # with keys configured, /metrics needs a key unless this is true; an anonymous scrape
+    # then sees GPU-seconds per model only, never per key
+    public: bool = False
 
 
 class HttpConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # origins (scheme://host[:port]) whose pages may call the API from a browser; "*" = any,
     # "null" = pages opened from file://. Empty (the default): same origin only, no CORS headers
     cors_origins: list[str] = []
+    # the base of every URL easel hands out (image links in statuses, OpenAI url answers,
+    # webhooks), e.g. "https://images.example.com/"; default: as the request names this server
+    public_url: str | None = None
+    # addresses or networks of reverse proxies whose X-Forwarded-Proto/-Host/-For are believed
+    trusted_proxies: list[str] = []
 
 
 class StorageConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -185,6 +207,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
@@ -287,6 +310,14 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
                 f"{source}: http.cors_origins entry {origin!r} must be an origin such as "
                 "'http://localhost:8080' (scheme and host, no path or trailing slash), '*' or 'null'"
             )
+    if (public := settings.http.public_url) is not None:
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", public):
+            raise ConfigError(f"{source}: http.public_url {public!r} must be an http(s) URL such as 'https://images.example.com/'")
+        settings.http.public_url = public.rstrip("/") + "/"
+    try:
+        parse_networks(settings.http.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: http.trusted_proxies {exc}") from None
     if broker.heartbeat_seconds >= broker.lease_seconds:
         raise ConfigError(f"{source}: broker.heartbeat_seconds must be shorter than broker.lease_seconds")
     for name, model in settings.models.items():

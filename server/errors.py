@@ -8,6 +8,7 @@ exceptions answer a fixed 500 message; the traceback goes to the log only.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import msgspec
@@ -22,7 +23,7 @@ log = logging.getLogger("easel")
 class ApiError(Exception):
     status = 400
     type = "invalid_request_error"
-    code: str | None = None
+    code: str | None = "invalid_request"
     retryable = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
@@ -42,6 +43,7 @@ class ApiError(Exception):
 
 class BadRequest(ApiError):
     status = 400
+    code = "invalid_request"  # the general one: routes name a more precise code where one helps
 
 
 class Unauthorized(ApiError):
@@ -53,6 +55,7 @@ class Unauthorized(ApiError):
 class Forbidden(ApiError):
     status = 403
     type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(ApiError):
@@ -70,6 +73,7 @@ class Gone(ApiError):
 class Conflict(ApiError):
     status = 409
     type = "conflict_error"
+    code = "conflict"
 
 
 class PayloadTooLarge(ApiError):
@@ -160,7 +164,14 @@ _encoder = msgspec.json.Encoder()
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None, **details: Any) -> bytes:
-    return _encoder.encode(ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code, **details)))
+    detail = ErrorDetail(message=printable(message), type=type_, param=None if param is None else printable(param), code=code, **details)
+    return _encoder.encode(ErrorResponse(error=detail))
+
+
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (from a ``\\ud800`` escape in
+    a request's field name) becomes its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def render(exc: ApiError) -> Response:
@@ -183,12 +194,15 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     typ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    code = "invalid_request"
     if exc.status_code == 404:
         message = f"no route for {request.method} {request.url.path}; see /openapi.json for the API"
+        code = "not_found"
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
+        code = "method_not_allowed"
     return Response(
-        error_body(message, typ),
+        error_body(message, typ, code=code),
         status_code=exc.status_code,
         media_type="application/json",
         headers=dict(exc.headers or {}),
@@ -210,10 +224,33 @@ async def broker_unavailable_handler(request: Request, exc: Exception) -> Respon
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(
-        error_body("internal server error; the server log has the details", "server_error"),
+        error_body("internal server error; the server log has the details", "server_error", code="internal_error"),
         status_code=500,
         media_type="application/json",
     )
+
+
+BOUND = re.compile(r"Expected `(int|float|number)` (>=|<=|>|<) (-?[0-9.e+]+)$")
+MULTIPLE = re.compile(r"Expected `int` that's a multiple of (\d+)$")
+
+
+def explain(param: str, value: object, text: str, lo: float | None = None, hi: float | None = None) -> str | None:
+    """A sentence for a bad number with the value sent and a valid suggestion, from
+    msgspec's ``text`` (e.g. "width 100 must be a positive multiple of 16 (e.g. 96)");
+    None when ``text`` is not about a bound or a multiple."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if (m := MULTIPLE.match(text)) is not None:
+        step = int(m[1])
+        near = max(step, round(value / step) * step)
+        if hi is not None:
+            near = min(near, int(hi // step) * step)
+        return f"{param} {value} must be a positive multiple of {step} (e.g. {near})"
+    if (m := BOUND.match(text)) is not None:
+        op, bound = m[2], m[3]
+        words = {">=": "at least", "<=": "at most", ">": "more than", "<": "less than"}[op]
+        return f"{param} {value} must be {words} {bound}"
+    return None
 
 
 def validation_message(exc: msgspec.ValidationError | msgspec.DecodeError) -> tuple[str, str | None]:
@@ -230,6 +267,11 @@ def validation_message(exc: msgspec.ValidationError | msgspec.DecodeError) -> tu
     elif text.startswith("Object contains unknown field"):
         param = text.split("`")[1] if "`" in text else None
         text = f"{text}; remove it (see /openapi.json for the accepted fields)"
-    elif isinstance(exc, msgspec.DecodeError):
+    elif text.startswith("Object missing required field"):
+        param = text.split("`")[1] if "`" in text else None
+        text = f"{param} is required; add it (see /openapi.json for the fields)"
+    elif isinstance(exc, msgspec.ValidationError):  # the body as a whole, e.g. an array
+        text = f"the request body must be a JSON object ({text})"
+    else:
         text = f"the request body is not valid JSON ({text})"
     return text, param

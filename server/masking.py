@@ -14,6 +14,7 @@ Pillow only (no torch): the API node uses it to validate, the worker to composit
 from __future__ import annotations
 
 import io
+import struct
 
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
@@ -24,6 +25,10 @@ DEFAULT_BLUR = 4  # px of feather inside the mask's edge when mask_blur is not g
 MULTIPLE = 16  # sides of the pipelines' canvas
 
 
+# what Pillow raises on a broken file (a corrupt PNG chunk is a SyntaxError, a short one EOFError or struct.error)
+BAD_IMAGE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
+
+
 def decode_mask(data: bytes, param: str, max_pixels: int) -> Image.Image:
     """Mask bytes -> the ``L`` convention (255 = edit); undecodable data is a 400."""
     try:
@@ -31,7 +36,7 @@ def decode_mask(data: bytes, param: str, max_pixels: int) -> Image.Image:
         if img.width * img.height > max_pixels:
             raise BadRequest(f"{param}: the mask is {img.width}x{img.height}, over the limit of {max_pixels} pixels", param=param)
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except BAD_IMAGE as exc:
         raise BadRequest(
             f"{param}: could not decode the mask ({type(exc).__name__}); send a PNG whose transparent pixels "
             "(or, without alpha, white pixels) mark the area to edit",

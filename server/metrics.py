@@ -8,7 +8,10 @@ so every node shows the same shared queue.  Scrape every node; sum in Prometheus
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 
 class Metrics:
@@ -37,8 +40,33 @@ class Metrics:
         self.queue_depth = Gauge("easel_queue_depth", "Jobs waiting per model (the broker's shared queue)", ["model"], registry=r)
         self.running = Gauge("easel_jobs_running", "Jobs running per model (on every worker)", ["model"], registry=r)
 
-    def render(self, depths: dict[str, tuple[int, int]]) -> bytes:
+    def render(self, depths: dict[str, tuple[int, int]], *, key_ids: bool = True) -> bytes:
+        """The exposition text; ``key_ids`` False (an anonymous scrape of a public
+        /metrics): GPU-seconds per model only, never labelled with key ids."""
         for model, (waiting, running) in depths.items():
             self.queue_depth.labels(model).set(waiting)
             self.running.labels(model).set(running)
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if key_ids else WithoutKeys(self.registry))
+
+
+class WithoutKeys:
+    """A registry's metrics with the ``key`` label summed away."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            if not any("key" in sample.labels for sample in metric.samples):
+                yield metric
+                continue
+            sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for sample in metric.samples:
+                if sample.name.endswith("_created"):
+                    continue  # a creation time per key: no meaning summed
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "key"))
+                sums[(sample.name, labels)] = sums.get((sample.name, labels), 0.0) + sample.value
+            out = Metric(metric.name, metric.documentation, metric.type)
+            for (name, labels), value in sums.items():
+                out.add_sample(name, dict(labels), value)
+            yield out

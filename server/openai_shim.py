@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .build import UrlFetcher, image_bytes, parse_format
+from .build import MAX_SIDE, UrlFetcher, fit_size, image_bytes, parse_format
 from .errors import ApiError, BadRequest, Conflict, JobFailed, Unavailable, validation_message
 from .families import default_steps
 from .jobs import JobRecord, JobStatus, image_tokens
@@ -41,17 +41,23 @@ BACKGROUND = "opaque"  # every easel backend draws opaque images
 BACKGROUNDS = ("opaque", "auto")  # accepted; both answer opaque
 
 
-def parse_size(size: str | None) -> tuple[int, int] | None:
-    """'WxH' -> (w, h); None or 'auto' -> None (the model's default size)."""
+def parse_size(size: str | None, max_pixels: int) -> tuple[int, int] | None:
+    """'WxH' -> (w, h); None or 'auto' -> None (the model's default size).  A refusal
+    suggests a size the model takes."""
     if size is None or size.strip().lower() in ("", "auto"):
         return None
     m = SIZE.match(size)
     if m is None:
         raise BadRequest(f"size {size!r} is not WIDTHxHEIGHT; send e.g. '1024x1024', or 'auto' for the model's default", param="size")
     w, h = int(m[1]), int(m[2])
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        near = f"{max(16, round(w / 16) * 16)}x{max(16, round(h / 16) * 16)}"
-        raise BadRequest(f"size {size!r}: width and height must each be a positive multiple of 16; try {near}", param="size")
+    near = "{}x{}".format(*fit_size(max(w, 1), max(h, 1), max_pixels))
+    if w <= 0 or h <= 0 or w % 16 or h % 16 or max(w, h) > MAX_SIDE:
+        raise BadRequest(
+            f"size {size!r}: width and height must each be a multiple of 16 from 16 to {MAX_SIDE}; try {near}", param="size"
+        )
+    if w * h > max_pixels:
+        raise BadRequest(f"size {size!r} is {w * h} pixels, over the model's max_pixels of {max_pixels}; try {near}",
+                         param="size", code="too_many_pixels")  # fmt: skip
     return w, h
 
 
@@ -100,7 +106,7 @@ def to_generate_request(req: OpenAIImageRequest, ms: ModelState) -> GenerateRequ
     fields: dict[str, Any] = {"prompt": req.prompt, "model": ms.name, "n": req.n, **knobs(req)}
     if "steps" not in fields and (steps := quality_steps(req.quality, ms)) is not None:
         fields["steps"] = steps
-    if (size := parse_size(req.size)) is not None:
+    if (size := parse_size(req.size, ms.cfg.max_pixels)) is not None:
         fields["width"], fields["height"] = size
     if req.output_format is not None:
         fields["format"] = parse_format(req.output_format, "output_format")

@@ -15,12 +15,14 @@ Dimension = Annotated[
 ]
 Steps = Annotated[int, Meta(ge=1, le=10_000, description="Denoising steps.")]
 Quality = Annotated[int, Meta(ge=1, le=100, description="JPEG/WEBP quality.")]
+SeedInt = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PriorityInt = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
 Seed = Annotated[
-    Union[int, str],
+    Union[SeedInt, str],
     Meta(description="Integer seed (or a numeric string). Random when absent; the seed used is reported."),
 ]
 Priority = Annotated[
-    Union[bool, int],
+    Union[bool, PriorityInt],
     Meta(description="true jumps ahead of every non-priority job; an int orders jobs, lower first (false = 0, true = -1)."),
 ]
 Format = Annotated[str, Meta(description="PNG, JPEG or WEBP.", examples=["PNG"])]
@@ -120,8 +122,8 @@ class TrainRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     resolution: Annotated[
         int, Meta(ge=16, le=4096, multiple_of=16, description="Images are resized to about resolution² pixels, aspect kept, sides multiples of 16.")
     ] = 512
-    seed: int | None = None
-    save_every: Annotated[int, Meta(ge=1, description="Save a checkpoint every this many steps.")] | None = None
+    seed: SeedInt | None = None
+    save_every: Annotated[int, Meta(ge=1, le=100_000, description="Save a checkpoint every this many steps.")] | None = None
     gradient_checkpointing: bool = False
     overwrite: Annotated[bool, Meta(description="Replace an existing adapter of the same name.")] = False
     priority: Priority = False
@@ -141,8 +143,8 @@ class SeedTrainRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     learning_rate: Annotated[float, Meta(gt=0, le=1)] = 1e-4
     train_batch_size: Annotated[int, Meta(ge=1, le=64)] = 1
     resolution: Annotated[int, Meta(ge=16, le=4096, multiple_of=16)] = 512
-    seed: int | None = None
-    checkpointing_steps: Annotated[int, Meta(ge=1)] | None = None
+    seed: SeedInt | None = None
+    checkpointing_steps: Annotated[int, Meta(ge=1, le=100_000)] | None = None
     gradient_checkpointing: bool = False
     overwrite: bool = False
 
@@ -223,6 +225,7 @@ class ImageInfo(Struct, kw_only=True):
     url: str
     upload: Annotated[str, Meta(description="With upload_urls: pending, ok, or failed: <reason>.")] | None = None
     seconds: Annotated[float, Meta(description="Generation seconds: the image's pipeline call divided by n.")] | None = None
+    steps: Annotated[int, Meta(description="Denoising steps of this image (a batch's total_steps counts every prompt's).")] | None = None
 
 
 class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
@@ -279,8 +282,11 @@ class PngInfoResponse(Struct, kw_only=True, omit_defaults=False):
 
 
 class TasksResponse(Struct, kw_only=True):
-    queue: list[JobStatusResponse]
-    recent: list[JobStatusResponse]
+    queue: Annotated[list[JobStatusResponse], Meta(description="Running, then waiting jobs (at most limit waiting per model).")]
+    recent: Annotated[list[JobStatusResponse], Meta(description="Finished jobs, the most recent first: one page of at most limit.")]
+    queue_total: Annotated[int, Meta(description="How many unfinished jobs the caller may list.")] = 0
+    recent_total: Annotated[int, Meta(description="How many finished jobs the caller may list (kept for queue.result_ttl_seconds).")] = 0
+    next_cursor: Annotated[str, Meta(description="Pass as cursor for the next page of recent; null on the last page.")] | None = None
 
 
 class ImageBase64(Struct, kw_only=True):
@@ -346,6 +352,13 @@ class Healthz(Struct):
     status: str
 
 
+class Readiness(Struct, kw_only=True):
+    status: Annotated[str, Meta(description="ready (200) or not_ready (503).")]
+    broker: Annotated[str, Meta(description="ok, or why the broker cannot be reached.")]
+    models: Annotated[dict[str, str], Meta(description="Nodes with workers: each enabled model's state.")] = {}
+    problems: Annotated[list[str], Meta(description="What keeps the node from being ready.")] = []
+
+
 class ErrorDetail(Struct, kw_only=True, omit_defaults=True):
     message: str
     type: str
@@ -383,6 +396,7 @@ WIRE_TYPES: tuple[type, ...] = (
     ModelsResponse,
     HealthResponse,
     Healthz,
+    Readiness,
     ErrorResponse,
     *OPENAI_WIRE_TYPES,
 )

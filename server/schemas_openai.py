@@ -44,12 +44,12 @@ class EaselKnobs(Struct, kw_only=True):
 
     steps: Annotated[int, Meta(ge=1, le=10_000, description="Denoising steps; wins over quality.")] | None = None
     guidance: float | None = None
-    seed: Annotated[Union[int, str], Meta(description="Integer seed; random when absent.")] | None = None
+    seed: Annotated[Union[Annotated[int, Meta(ge=0, le=2**63 - 1)], str], Meta(description="Integer seed; random when absent.")] | None = None
     negative_prompt: str | None = None
     strength: Annotated[float, Meta(ge=0, le=1, description="Edit strength (img2img-style models).")] | None = None
     mask_blur: Annotated[int, Meta(ge=0, le=256, description="With mask: feather (px) inside the mask's edge; default 4.")] | None = None
     loras: Annotated[list[dict[str, Any]], Meta(description="[{name, scale}] as in /api/generate.")] | None = None
-    priority: Annotated[Union[bool, int], Meta(description="As in /api/generate.")] | None = None
+    priority: Annotated[Union[bool, Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]], Meta(description="As in /api/generate: -1000000 to 1000000.")] | None = None
     deadline_seconds: Annotated[float, Meta(gt=0, description="As in /api/generate: refused (422) if it cannot be met.")] | None = None
 
 

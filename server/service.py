@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .worker.loop import Worker
 
 log = logging.getLogger("easel")
+RECENT_PAGE = 500  # finished jobs read from the broker at a time
 FOLLOW_SECONDS = 30.0  # a follow lasts this long unless renewed
 PREVIEW_WANT_SECONDS = 5.0  # a previews=true follow lasts this long unless renewed
 SubmitCheck = Callable[[JobRecord], Coroutine[Any, Any, None]]
@@ -358,9 +359,42 @@ class Service:
             out.extend(await self.broker.waiting(name, limit))
         return [j for j in out if caller.sees(j.owner, j.id)]
 
-    async def recent(self, limit: int, caller: Caller = OPEN) -> list[JobRecord]:
-        jobs = await self.broker.recent(limit if caller.admin else 4 * limit)
-        return [j for j in jobs if caller.sees(j.owner, j.id)][:limit]
+    async def recent(
+        self, limit: int, caller: Caller = OPEN, before: tuple[float, str] | None = None
+    ) -> tuple[list[JobRecord], tuple[float, str] | None]:
+        """Up to ``limit`` of ``caller``'s finished jobs after ``before`` (most recent
+        first), and the cursor of the next page (None: there is no more)."""
+        out: list[JobRecord] = []
+        page = max(limit + 1, RECENT_PAGE)
+        while True:
+            batch = await self.broker.recent(page, before)
+            for job in batch:
+                if not caller.sees(job.owner, job.id):
+                    continue
+                if len(out) == limit:
+                    return out, (out[-1].finished_at or 0.0, out[-1].id)
+                out.append(job)
+            if len(batch) < page:
+                return out, None
+            before = (batch[-1].finished_at or 0.0, batch[-1].id)
+
+    async def totals(self, caller: Caller = OPEN) -> tuple[int, int]:
+        """(unfinished, finished) jobs ``caller`` may list: counted by the broker for an
+        admin (or an open server), by a pass over the jobs for a key."""
+        if caller.admin:
+            depths = [await self.broker.depth(name) for name in self.registry.models]
+            return sum(w + r for w, r in depths), await self.broker.finished_count()
+        unfinished = 0
+        for name in self.registry.models:
+            jobs = [*await self.broker.running(name), *await self.broker.waiting(name, 2**31)]
+            unfinished += sum(1 for j in jobs if caller.sees(j.owner, j.id))
+        finished, before = 0, None
+        while True:
+            batch = await self.broker.recent(RECENT_PAGE, before)
+            finished += sum(1 for j in batch if caller.sees(j.owner, j.id))
+            if len(batch) < RECENT_PAGE:
+                return unfinished, finished
+            before = (batch[-1].finished_at or 0.0, batch[-1].id)
 
     # ----- cancel --------------------------------------------------------------------------
 
@@ -393,9 +427,9 @@ class Service:
             except Exception:
                 log.exception("reaper failed")
 
-    def sign(self, url: str, job: JobRecord) -> str:
-        """An image link of ``job`` that works without the key until the result expires."""
-        return self.keys.sign(url, job.id)
+    def sign(self, url: str, job: JobRecord, index: int) -> str:
+        """The link to image ``index`` of ``job``, fetching it without the key until it expires."""
+        return self.keys.signer(url, job, index)
 
     async def depths(self) -> dict[str, tuple[int, int]]:
         out = {}

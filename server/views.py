@@ -12,10 +12,10 @@ from .schemas import ImageInfo, JobStatusResponse, SubmitResponse
 from .standing import Where
 
 FINISHED = Where(0, 0.0)
-Signer = Callable[[str, JobRecord], str]  # (url, job) -> the url with a signature
+Signer = Callable[[str, JobRecord, int], str]  # (url, job, image index) -> the url with a signature
 
 
-def _unsigned(url: str, job: JobRecord) -> str:
+def _unsigned(url: str, job: JobRecord, index: int) -> str:
     return url
 
 
@@ -27,6 +27,7 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Sig
     """``job`` as the status API shows it; image URLs are absolute under ``base_url``
     (and signed with ``sign``, so they work without the key)."""
     sign = sign or _unsigned
+    steps = [item.steps for item in job.items for _ in range(item.n)]  # image index -> its item's steps
     return JobStatusResponse(
         task_id=job.id,
         status=job.status.value,  # type: ignore[arg-type]
@@ -53,9 +54,10 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Sig
                 format=r.format,
                 prompt=r.prompt,
                 bytes=0 if r.gone else r.bytes,
-                url=sign(image_url(base_url, job, r.index), job),
+                url=sign(image_url(base_url, job, r.index), job, r.index),
                 upload=r.upload,
                 seconds=r.seconds,
+                steps=steps[r.index] if r.index < len(steps) else None,
             )
             for r in job.results
         ],

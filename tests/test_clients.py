@@ -201,3 +201,17 @@ def test_cli_reports_errors_on_stderr_with_exit_status_1(server: RunningServer) 
     assert res.returncode == 1 and "param: width" in res.stderr and "Traceback" not in res.stderr
     res = cli(server, "generate", "fail", "-o", os.devnull)
     assert res.returncode == 1 and "asked to fail" in res.stderr
+
+
+def test_cli_says_when_no_worker_serves_the_model_instead_of_an_eta(server_factory: Callable[..., RunningServer], shared_redis: Any) -> None:
+    from .conftest import free_port, stub_settings
+
+    settings = {**stub_settings(), "broker": {"prefix": f"t{free_port()}:"}}
+    api_only = server_factory(settings, "--broker", shared_redis.url, "--role", "api")  # no worker anywhere
+    res = subprocess.run(
+        [sys.executable, "-m", "clients", "--url", api_only.url, "--timeout", "2", "generate", "nobody runs this", "-o", os.devnull],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "EASEL_API_KEY": ""},
+    )
+    assert res.returncode == 1
+    assert "ETA    0.0 s" not in res.stderr, res.stderr
+    assert "no ETA: no worker is serving model 'stub'" in res.stderr, res.stderr

@@ -146,8 +146,11 @@ class StubBackend:
         draw = ImageDraw.Draw(img)
         font = _font(w)
         size = getattr(font, "size", 11)
-        text = "\n".join(textwrap.wrap(prompt, width=max(8, int(w / (0.6 * size)) - 2))[:8])
-        draw.multiline_text((8, 8), f"{text}\nseed {seed}", fill=(255, 255, 255), font=font)
+        text = "\n".join(textwrap.wrap(prompt, width=max(8, int(w / (0.6 * size)) - 2))[:8]) + f"\nseed {seed}"
+        try:
+            draw.multiline_text((8, 8), text, fill=(255, 255, 255), font=font)
+        except UnicodeEncodeError:  # Pillow's built-in bitmap font draws Latin-1 only
+            draw.multiline_text((8, 8), text.encode("latin-1", "replace").decode("latin-1"), fill=(255, 255, 255), font=font)
 
 
 def _hang_seconds(prompt: str) -> float | None:

@@ -28,3 +28,30 @@ def create_broker(settings: Settings) -> Broker:
     if settings.broker.role == "worker":  # nobody waits on a worker's answer: a stall it outlasts loses no result
         timeout = max(timeout, WORKER_TIMEOUT)
     return RedisBroker(url, result_ttl=queue.result_ttl_seconds, prefix=settings.broker.prefix, all_events=all_events, timeout=timeout)
+
+
+def unreachable(url: str) -> str | None:
+    """Why the broker at ``url`` cannot be reached now (None: it answers), for one clean
+    line at start-up instead of a traceback from inside the server."""
+    if url == "memory":
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        return f"cannot reach the broker at {redact(url)}: {str(exc).rstrip('.')}"
+    finally:
+        client.close()
+    return None
+
+
+def redact(url: str) -> str:
+    """``url`` without its password."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.partition(":")[0]
+    return f"{scheme}{sep}{user + ':***' if user else '***'}@{host}"

@@ -85,6 +85,9 @@ class Broker(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Return when the broker answers; ``BrokerUnavailable`` when it does not (/readyz)."""
+
     def now(self) -> float:
         """The broker's clock (see the module docstring)."""
 
@@ -121,8 +124,12 @@ class Broker(Protocol):
 
     async def get(self, job_id: str) -> JobRecord | None: ...
 
-    async def recent(self, limit: int) -> list[JobRecord]:
-        """Finished jobs, the most recently finished first."""
+    async def recent(self, limit: int, before: tuple[float, str] | None = None) -> list[JobRecord]:
+        """Finished jobs, the most recently finished first (ties: the larger id first);
+        with ``before`` (finished_at, id): only those after it in that order (a page's cursor)."""
+
+    async def finished_count(self) -> int:
+        """How many finished jobs are kept (``recent`` lists them)."""
 
     async def jobs_of_task(self, task: str) -> list[JobRecord]:
         """Every kept job of ``task`` (waiting, running and finished), oldest first."""

@@ -11,6 +11,7 @@ the reaper have nothing to do.  The runner's record is the stored object itself:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import OrderedDict
 from typing import Any
@@ -56,6 +57,9 @@ class MemoryBroker(LocalEvents):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._janitor = asyncio.create_task(self._expire_loop())
+
+    async def ping(self) -> None:
+        return None  # this process: it answers while the process does
 
     async def close(self) -> None:
         if self._janitor is not None:
@@ -133,13 +137,15 @@ class MemoryBroker(LocalEvents):
     async def get(self, job_id: str) -> JobRecord | None:
         return self._jobs.get(job_id)
 
-    async def recent(self, limit: int) -> list[JobRecord]:
-        out: list[JobRecord] = []
-        for job_id in reversed(self._finished):
-            out.append(self._finished[job_id])
-            if len(out) >= limit:
-                break
-        return out
+    async def recent(self, limit: int, before: tuple[float, str] | None = None) -> list[JobRecord]:
+        def order(job: JobRecord) -> tuple[float, str]:
+            return (job.finished_at or 0.0, job.id)
+
+        jobs = self._finished.values()
+        return heapq.nlargest(limit, (j for j in jobs if before is None or order(j) < before), key=order)
+
+    async def finished_count(self) -> int:
+        return len(self._finished)
 
     async def jobs_of_task(self, task: str) -> list[JobRecord]:
         return sorted((j for j in self._jobs.values() if j.task == task), key=lambda j: j.seq)

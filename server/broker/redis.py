@@ -176,6 +176,10 @@ class RedisBroker(LocalEvents):
         self.last_event_id = last_id
         self._reader = asyncio.create_task(self._read_events(last_id))
 
+    @_guarded
+    async def ping(self) -> None:
+        await self._redis.ping()
+
     async def close(self) -> None:
         self._closed = True
         tasks = [t for t in (self._reader, *self._progress_tasks.values()) if t is not None]
@@ -320,23 +324,29 @@ class RedisBroker(LocalEvents):
         return decode_record(await self._redis.hgetall(self.keys.job(job_id)))
 
     @_guarded
-    async def recent(self, limit: int) -> list[JobRecord]:
+    async def recent(self, limit: int, before: tuple[float, str] | None = None) -> list[JobRecord]:
         out: list[JobRecord] = []
         start = 0
+        top = "+inf" if before is None else repr(before[0])  # the done set's score is finished_at
         while len(out) < limit:
-            ids = await self._redis.zrevrange(self.keys.done(), start, start + max(limit, 16) - 1)
-            if not ids:
+            batch = await self._redis.zrevrangebyscore(self.keys.done(), top, "-inf", start=start, num=max(limit, 16), withscores=True)
+            if not batch:
                 break
+            ids = [m.decode() for m, score in batch if before is None or (float(score), m.decode()) < before]
             gone: list[str] = []
             for job_id, rec in await self._records(ids):
                 if rec is None:
                     gone.append(job_id)
                 elif len(out) < limit:
                     out.append(rec)
-            start += len(ids) - len(gone)
+            start += len(batch) - len(gone)
             if gone:
                 await self._redis.zrem(self.keys.done(), *gone)
         return out
+
+    @_guarded
+    async def finished_count(self) -> int:
+        return int(await self._redis.zcard(self.keys.done()))
 
     @_guarded
     async def jobs_of_task(self, task: str) -> list[JobRecord]:

@@ -161,7 +161,7 @@ class Delivery:
 
     async def _webhook(self, http: httpx.AsyncClient, job: JobRecord, url: str) -> DeliveryOutcome:
         job = await self.broker.get(job.id) or job  # with the upload outcomes
-        base_url = job.base_url or f"http://{self.settings.host}:{self.settings.port}/"
+        base_url = job.base_url or self.settings.http.public_url or f"http://{self.settings.host}:{self.settings.port}/"
         payload = msgspec.structs.replace(job_status(job, base_url, sign=self.sign), webhook=None)
         return await post_webhook(url, msgspec.to_builtins(payload), self.cfg, client=http, msg_id=webhook_id(job))
 

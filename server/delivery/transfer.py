@@ -94,7 +94,7 @@ def _check_image(data: bytes, subject: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError, EOFError) as exc:
         raise FetchError(f"{subject} is not an image PIL can decode ({exc})") from None
 
 

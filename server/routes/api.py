@@ -94,8 +94,23 @@ def _float_param(request: Request, name: str, default: float, maximum: float) ->
     try:
         value = float(raw)
     except ValueError:
-        raise BadRequest(f"{name} must be a number of seconds", param=name) from None
+        value = float("nan")
+    if value != value:  # not a number (nan included)
+        raise BadRequest(f"{name} {raw[:40]!r} is not a number; send seconds from 0 to {maximum:g}", param=name)
     return min(max(value, 0.0), maximum)
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} {raw[:40]!r} is not a whole number; send one from {lo} to {hi}", param=name) from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} {value} is out of range; send one from {lo} to {hi}", param=name)
+    return value
 
 
 async def status_of(request: Request, job: JobRecord) -> JobStatusResponse:
@@ -181,12 +196,12 @@ async def events(request: Request) -> Response:
 
 async def image(request: Request) -> Response:
     service = service_of(request)
-    job = await _job(request)
     q = request.query_params
     try:
         index = int(q.get("index", "0"))
     except ValueError:
-        raise BadRequest("index must be an integer", param="index") from None
+        raise BadRequest(f"index {q.get('index', '')[:40]!r} is not a whole number; send 0 for the first image", param="index") from None
+    job = await _job(request)
     as_b64 = q.get("base64", "false").lower() in ("1", "true", "yes")
     delete = q.get("delete", "false").lower() in ("1", "true", "yes")
     wait = _float_param(request, "wait", 0.0, 300.0)
@@ -204,15 +219,33 @@ async def image(request: Request) -> Response:
 
 async def tasks(request: Request) -> Response:
     service = service_of(request)
-    limit = int(_float_param(request, "limit", 50, 1000))
+    limit = _int_param(request, "limit", 50, 1, 1000)
+    before = _cursor(request.query_params.get("cursor"))
     base = base_url(request)
     caller = caller_of(request.scope)
     queue = []
     for job in await service.queue(limit, caller):
         job, where = await service.where(job)
         queue.append(job_status(job, base, where, service.sign))
-    recent = [job_status(j, base, sign=service.sign) for j in await service.recent(limit, caller)]
-    return json_response(TasksResponse(queue=queue, recent=recent))
+    finished, after = await service.recent(limit, caller, before)
+    recent = [job_status(j, base, sign=service.sign) for j in finished]
+    queue_total, recent_total = await service.totals(caller)
+    cursor = None if after is None else f"{after[0]!r}_{after[1]}"
+    return json_response(TasksResponse(queue=queue, recent=recent, queue_total=queue_total, recent_total=recent_total, next_cursor=cursor))
+
+
+def _cursor(raw: str | None) -> tuple[float, str] | None:
+    """A ``next_cursor`` of /api/tasks: "<finished_at>_<task id>"."""
+    if raw is None or raw == "":
+        return None
+    at, sep, task_id = raw.rpartition("_")
+    try:
+        finished_at = float(at)
+    except ValueError:
+        finished_at = float("nan")
+    if not sep or not task_id or finished_at != finished_at or abs(finished_at) == float("inf"):
+        raise BadRequest(f"cursor {raw[:60]!r} is not a next_cursor of /api/tasks; send the one the last page gave", param="cursor")
+    return finished_at, task_id
 
 
 async def cancel(request: Request) -> Response:
@@ -271,7 +304,7 @@ ROUTES = [
     route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change (for a done job: for its uploads and webhook to finish)."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
     route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends (previews=true: also live preview images)", tags=("jobs",), content="text/event-stream", params=(TASK_ID, Param("previews", "boolean", "Also send preview events while the job runs: {task_id, step, image: a data:image/jpeg;base64 URL}, at most 4 a second, at most 256 px a side."), Param("heartbeat", "number", "Seconds of silence before a keep-alive comment (default 15).")))),
     route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch."), Param("wait", "number", "Seconds to wait for the job to finish first (then the bytes, in one request).")), statuses=(400, 404, 410)), name="api_image"),
-    route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each."),))),
+    route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each (1 to 1000; default 50)."), Param("cursor", "string", "The next_cursor of the previous page: the next page of recent.")))),
     route("/api/cancel", cancel, ["GET", "POST"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
     route("/api/tasks/{task_id}", cancel, ["DELETE"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
     route("/api/clear", clear, ["GET", "POST"], Doc("Cancel every queued job", response=ClearResponse, tags=("jobs",))),

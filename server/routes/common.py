@@ -3,14 +3,20 @@ responses from msgspec Structs, the request's base URL."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import BadRequest, PayloadTooLarge, validation_message
+from ..config import LimitsConfig
+from ..errors import BadRequest, PayloadTooLarge, explain, validation_message
+from ..textcheck import MAX_DEPTH, check_request
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -19,6 +25,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+MAX_SIDE = 8192  # the schema's largest width or height
 
 
 def service_of(request: Request) -> Service:
@@ -61,23 +68,98 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def decode(data: bytes | dict[str, Any], typ: type[T]) -> T:
+def decode(data: bytes | dict[str, Any], typ: type[T], limits: LimitsConfig | None = None) -> T:
+    """``data`` (a JSON body, or form fields) as ``typ``; any fault is a 400 naming the
+    field.  With ``limits``, the text fields are checked too (``textcheck``)."""
     try:
         if isinstance(data, dict):
-            return msgspec.convert(data, typ, strict=False)
-        if not data.strip():
-            raise BadRequest("the request body is empty; send a JSON object (Content-Type: application/json)")
-        dec = _decoders.get(typ)
-        if dec is None:
-            dec = _decoders[typ] = msgspec.json.Decoder(typ)
-        return dec.decode(data)  # type: ignore[no-any-return]
+            req = msgspec.convert(data, typ, strict=False)
+        else:
+            if not data.strip():
+                raise BadRequest("the request body is empty; send a JSON object (Content-Type: application/json)", code="empty_body")
+            dec = _decoders.get(typ)
+            if dec is None:
+                dec = _decoders[typ] = msgspec.json.Decoder(typ)
+            req = dec.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        if isinstance(data, bytes) and (error := _surrogate_error(data, str(exc))) is not None:
+            raise error from None
         message, param = validation_message(exc)
-        raise BadRequest(message, param=param) from None
+        if param is not None and isinstance(exc, msgspec.ValidationError):
+            message = _with_value(data, param, str(exc).rpartition(" - at `$.")[0]) or message
+        code = "invalid_value" if isinstance(exc, msgspec.ValidationError) else "invalid_json"
+        raise BadRequest(message, param=param, code=code) from None
+    except UnicodeDecodeError as exc:
+        assert isinstance(data, bytes)
+        field = _field_with(data.decode("utf-8", "replace"), lambda t: "\ufffd" in t)
+        where = f"{field}: " if field else "the request body: "
+        raise BadRequest(
+            f"{where}the text is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); send UTF-8 text "
+            "(JSON escapes such as \\u00e9 work too)",
+            param=field,
+            code="invalid_utf8",
+        ) from None
+    except RecursionError:
+        raise BadRequest(f"the request body is nested too deeply; send at most {MAX_DEPTH} levels of lists and objects", code="too_deep") from None
+    if limits is not None:
+        check_request(req, limits)
+    return req  # type: ignore[no-any-return]
+
+
+def _with_value(data: bytes | dict[str, Any], param: str, text: str) -> str | None:
+    """``explain``'s sentence for a top-level field, with the value the request sent."""
+    try:
+        fields = msgspec.json.decode(data) if isinstance(data, bytes) else data
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None
+    if not isinstance(fields, dict) or param not in fields:
+        return None
+    value = fields[param]
+    if isinstance(value, str):  # a form field: numbers arrive as text
+        try:
+            value = int(value)
+        except ValueError:
+            return None
+    return explain(param, value, text, hi=MAX_SIDE if param in ("width", "height") else None)
+
+
+def _field_with(text: str, bad: Callable[[str], bool]) -> str | None:
+    """The top-level field of a JSON body whose text (or name) is ``bad``, for the
+    message, if the body is otherwise readable."""
+    try:
+        fields = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(fields, dict):
+        return None
+    for name, value in fields.items():
+        if bad(name) or bad(json.dumps(value, ensure_ascii=False)):
+            return str(name)
+    return None
+
+
+def _surrogate_error(data: bytes, reason: str) -> BadRequest | None:
+    """A 400 naming the field for a ``\\ud800``-style escape on its own (msgspec says
+    "invalid utf-16 surrogate pair", or for a high half at the end "truncated")."""
+    if re.search(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}", data) is None:
+        return None
+    field = _field_with(data.decode("utf-8", "replace"), _lone_surrogate)
+    if field is None and "surrogate" not in reason:
+        return None
+    return BadRequest(
+        f"{field or 'the request body'}: a \\u escape names half of a UTF-16 surrogate pair (such as \\ud800 alone), "
+        "which is not a character; send the pair, or the character itself",
+        param=field,
+        code="invalid_text",
+    )
+
+
+def _lone_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 async def decode_json(request: Request, typ: type[T]) -> T:
-    return decode(await read_body(request), typ)
+    return decode(await read_body(request), typ, service_of(request).settings.limits)
 
 
 FILE_FIELDS = ("images", "image", "image[]", "images[]")
@@ -88,7 +170,10 @@ async def decode_form(request: Request, typ: type[T], file_fields: tuple[str, ..
     """Multipart/form-data: fields -> ``typ`` (numbers coerced), files in
     ``file_fields`` -> a list of bytes, other files by field name."""
     limit = body_limit(request)
-    form = await request.form(max_part_size=limit)
+    try:
+        form = await StrictMultiPartParser(request.headers, request.stream(), max_part_size=limit).parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"the multipart body cannot be read: {exc.message}", code="invalid_multipart") from None
     fields: dict[str, Any] = {}
     files: list[bytes] = []
     named: dict[str, bytes] = {}
@@ -113,7 +198,27 @@ async def decode_form(request: Request, typ: type[T], file_fields: tuple[str, ..
         else:
             fields[key] = value
     await form.close()
-    return decode(fields, typ), files, named
+    return decode(fields, typ, service_of(request).settings.limits), files, named
+
+
+class StrictMultiPartParser(MultiPartParser):
+    """Starlette's parser, but a text field that is not UTF-8 is a 400 naming it
+    (Starlette reads it as Latin-1: the text would be stored garbled)."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                self.items.append((part.field_name, bytes(part.data).decode("utf-8")))
+            except UnicodeDecodeError as exc:
+                raise BadRequest(
+                    f"form field {part.field_name!r} is not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                    f"position {exc.start}); send UTF-8",
+                    param=part.field_name,
+                    code="invalid_utf8",
+                ) from None
+            return
+        super().on_part_end()
 
 
 def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
@@ -129,5 +234,7 @@ def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
 
 
 def base_url(request: Request) -> str:
-    """The server's URL as the client sees it (image links, webhook payloads)."""
-    return str(request.base_url)
+    """The base of the URLs easel hands out (image links, webhook payloads):
+    ``http.public_url``, else the server's URL as the request names it (its Host, and
+    X-Forwarded-* from a trusted proxy: ``forwarded.py``)."""
+    return service_of(request).settings.http.public_url or str(request.base_url)

@@ -8,9 +8,11 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from ..auth import caller_of
 from ..openapi import Doc, route
+from ..readiness import readiness
 from ..registry import device_report
-from ..schemas import HealthResponse, Healthz
+from ..schemas import HealthResponse, Healthz, Readiness
 from .common import json_response, service_of
 from .models import models_response
 
@@ -26,6 +28,11 @@ SWAGGER_HTML = """<!doctype html>
 
 async def healthz(request: Request) -> Response:
     return json_response(Healthz(status="ok"))
+
+
+async def readyz(request: Request) -> Response:
+    ready = await readiness(service_of(request))
+    return json_response(ready, status_code=200 if ready.status == "ready" else 503, headers={"Cache-Control": "no-store"})
 
 
 async def health(request: Request) -> Response:
@@ -47,7 +54,8 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     service = service_of(request)
-    body = service.metrics.render(await service.depths())
+    caller = caller_of(request.scope)
+    body = service.metrics.render(await service.depths(), key_ids=not service.keys.enabled or caller.key_id is not None)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -64,12 +72,13 @@ async def docs(request: Request) -> Response:
 
 
 ROUTES = [
-    route("/healthz", healthz, ["GET"], Doc("Liveness", response=Healthz, tags=("meta",), statuses=())),
+    route("/healthz", healthz, ["GET"], Doc("Liveness: the process answers", response=Healthz, tags=("meta",), statuses=())),
+    route("/readyz", readyz, ["GET"], Doc("Readiness: the broker answers and (nodes with workers) the enabled models are loaded; 503 otherwise", response=Readiness, tags=("meta",), statuses=())),
     route("/health", health, ["GET"], Doc("Models, devices, memory and learned forecasts", response=HealthResponse, tags=("meta",), statuses=())),
     route("/metrics", metrics, ["GET"], Doc("Prometheus metrics", content="text/plain", tags=("meta",), statuses=())),
     route("/openapi.json", openapi_json, ["GET"], Doc("This document", tags=("meta",), statuses=())),
     route("/swagger", swagger, ["GET"], Doc("Swagger UI", content="text/html", tags=("meta",), statuses=())),
     route("/docs", docs, ["GET"], Doc("Redirect to /swagger", content="text/html", tags=("meta",), statuses=())),
 ]
-# a worker node (role worker) serves no job API: liveness, health and metrics only
-WORKER_ROUTES = ROUTES[:3]
+# a worker node (role worker) serves no job API: liveness, readiness, health and metrics only
+WORKER_ROUTES = ROUTES[:4]

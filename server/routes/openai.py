@@ -131,7 +131,7 @@ async def images_response(
 ) -> OpenAIImagesResponse:
     base = base_url(request)
     if req.response_format == "url":
-        data = [OpenAIImage(url=service.sign(image_url(base, job, r.index), job), revised_prompt=r.prompt) for r in job.results]
+        data = [OpenAIImage(url=service.sign(image_url(base, job, r.index), job, r.index), revised_prompt=r.prompt) for r in job.results]
     else:
         data = [OpenAIImage(b64_json=(await service.image(job, r.index, delete=False))[1], revised_prompt=r.prompt) for r in job.results]
     return OpenAIImagesResponse(

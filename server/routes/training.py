@@ -43,7 +43,7 @@ async def queue_training(service: Service, req: TrainRequest, caller: Caller) ->
 
 async def train(request: Request) -> Response:
     service = service_of(request)
-    job = await queue_training(service, decode(await read_body(request), TrainRequest), caller_of(request.scope))
+    job = await queue_training(service, decode(await read_body(request), TrainRequest, service_of(request).settings.limits), caller_of(request.scope))
     return json_response(
         SubmitResponse(
             task_id=job.id,
@@ -164,14 +164,14 @@ def training_endpoints(endpoint: str) -> tuple[Handler, Handler, Handler]:
 
     async def start(request: Request) -> Response:
         service = service_of(request)
-        req = decode(await read_body(request), SeedTrainRequest)
+        req = decode(await read_body(request), SeedTrainRequest, service.settings.limits)
         job = await queue_training(service, await seed_request(service, backend, req), caller_of(request.scope))
         return json_response(await run_of(service, job))
 
     async def stop(request: Request) -> Response:
         service = service_of(request)
         body = await read_body(request)
-        task_id = decode(body, StopTrainingRequest).task_id if body.strip() else None
+        task_id = decode(body, StopTrainingRequest, service.settings.limits).task_id if body.strip() else None
         task_id = task_id or request.query_params.get("task_id")
         jobs = [j for j in await training_jobs(service, backend) if not j.status.finished and task_id in (None, j.id)]
         if task_id is not None and not jobs:

@@ -51,8 +51,14 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   return data;
 }
 
-/** An image URL relative to this page (the server's absolute URL may name another host). */
-export function imageUrl(taskId, index) {
+/**
+ * An image's URL on this page's origin.  The status's ``url`` carries the link's
+ * signature (with API keys on, an <img> or a download link cannot send the key),
+ * so its query is kept; its host may be another name for this server, so the
+ * path is this page's own.
+ */
+export function imageUrl(taskId, index, signedUrl = null) {
+  if (signedUrl) return `/api/image${new URL(signedUrl, location.href).search}`;
   return `/api/image?task_id=${encodeURIComponent(taskId)}&index=${index}`;
 }
 

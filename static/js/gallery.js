@@ -18,7 +18,7 @@ function describe(status, img) {
     ["Model", status.model],
     ["LoRA", p.lora],
     ["Task", status.task],
-    ["Steps", status.total_steps || p.steps],
+    ["Steps", img.steps ?? p.steps ?? status.total_steps], // total_steps counts every prompt of a batch
     ["Guidance", p.guidance],
     ["Format", img.format],
     ["Time", status.started_at && status.finished_at ? `${(status.finished_at - status.started_at).toFixed(1)} s` : null],
@@ -45,7 +45,7 @@ function openLightbox(src, rows) {
 
 function card(status, img) {
   const el = fromTemplate("gallery-item");
-  const src = imageUrl(status.task_id, img.index);
+  const src = imageUrl(status.task_id, img.index, img.url);
   const rows = describe(status, img);
   el.dataset.taskId = status.task_id;
   el.dataset.seed = String(img.seed);

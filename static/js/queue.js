@@ -4,12 +4,14 @@
 // host), given to running jobs first, then to the head of the queue.  When a
 // job starts or ends, one /api/tasks request refreshes everyone's position.
 // Finished jobs leave after a few seconds, except failures and training runs
-// (their outcome is not in the gallery): those stay until dismissed.
+// (their outcome is not in the gallery): those stay until dismissed.  A job that
+// leaves goes to the Finished list below (the server's recent jobs too, at load).
 
 import { api, subscribe } from "./api.js";
 import { $, fromTemplate, formatSeconds, toast } from "./dom.js";
 
 const MAX_STREAMS = 4;
+const FINISHED_MAX = 20;
 const FINISHED_LINGER_MS = 3000;
 const PHASE_TEXT = { caching: "encoding the dataset", training: "training" };
 const STATUS_TEXT = { waiting: "queued", running: "running", done: "done", error: "failed", cancelled: "cancelled" };
@@ -113,7 +115,36 @@ function remove(taskId) {
   job.close?.();
   job.el.remove();
   jobs.delete(taskId);
-  $("#queue-empty").hidden = jobs.size > 0;
+  if (finished(job.status.status)) addFinished(job.status, job.params);
+  updateEmpty();
+}
+
+/** A finished job's line in the Finished list (newest first, the last FINISHED_MAX). */
+function addFinished(status, params = null) {
+  const list = $("#finished");
+  if (list.querySelector(`li[data-task-id="${CSS.escape(status.task_id)}"]`)) return;
+  const li = document.createElement("li");
+  li.dataset.taskId = status.task_id;
+  li.dataset.status = status.status;
+  const chip = document.createElement("span");
+  chip.className = `chip status ${status.status}`;
+  chip.textContent = STATUS_TEXT[status.status] ?? status.status;
+  const text = document.createElement("span");
+  const took = status.started_at && status.finished_at ? ` · ${formatSeconds(status.finished_at - status.started_at)}` : "";
+  text.textContent = `${title({ status, params })}${took}`;
+  li.append(chip, text);
+  const older = [...list.children].find((el) => +el.dataset.finishedAt < (status.finished_at ?? 0));
+  li.dataset.finishedAt = String(status.finished_at ?? 0);
+  list.insertBefore(li, older ?? null);
+  while (list.children.length > FINISHED_MAX) list.lastElementChild.remove();
+  list.hidden = $("#finished-title").hidden = false;
+  updateEmpty();
+}
+
+function updateEmpty() {
+  const empty = $("#queue-empty");
+  empty.hidden = jobs.size > 0;
+  empty.textContent = $("#finished").children.length ? "Nothing queued or running." : "No jobs yet.";
 }
 
 /** Open streams for the most urgent unwatched jobs. */
@@ -166,6 +197,7 @@ export async function refresh() {
   }
   for (const st of data.recent) {
     if (jobs.has(st.task_id) && !seen.has(st.task_id)) update(st);
+    else if (!jobs.has(st.task_id) && st.task !== "train") addFinished(st);
   }
   pump();
   return data;
@@ -180,7 +212,7 @@ export function track(status, params = null) {
   jobs.set(status.task_id, job);
   $(".cancel", el).addEventListener("click", () => cancel(job));
   $("#queue").append(el);
-  $("#queue-empty").hidden = true;
+  updateEmpty();
   render(job);
   pump();
 }
