@@ -34,7 +34,7 @@ from ..openai_shim import (
     usage,
 )
 from ..openapi import Doc, route
-from ..schemas_openai import OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
+from ..schemas_openai import CompletedEvent, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, PartialImageEvent
 from ..service import Idempotency
 from ..views import image_url
 from .api import SSE_HEADERS
@@ -201,7 +201,8 @@ class RequestIdMiddleware:
 
 
 def _doc(summary: str, multipart: bool = False) -> Doc:
-    return Doc(summary, body=OpenAIImageRequest, response=OpenAIImagesResponse, tags=("openai",), multipart=multipart, statuses=STATUSES)
+    return Doc(summary, body=OpenAIImageRequest, response=OpenAIImagesResponse, tags=("openai",), multipart=multipart, statuses=STATUSES,
+               alternatives={"text/event-stream": (PartialImageEvent, CompletedEvent)})
 
 
 ROUTES = [
