@@ -43,7 +43,7 @@ from .errors import (
 from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
-from .routes import api, meta, models, openai, training
+from .routes import api, meta, models, openai, sdapi, training
 from .runner import Runner
 from .service import Service
 from .upscaling import Upscaler
@@ -91,10 +91,10 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     if role == "worker":
         routes: list[Any] = [*meta.WORKER_ROUTES]
     else:
-        routes = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
+        routes = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *sdapi.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
         routes.append(Mount("/swagger-static", app=StaticFiles(directory=_swagger_dir()), name="swagger-static"))
     # unknown API paths answer a JSON 404, not the static files' 405
-    routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1")]
+    routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1", "sdapi")]
     if STATIC.is_dir() and role != "worker":
         routes.append(Mount("/", app=WithCsp(StaticFiles(directory=STATIC, html=True)), name="static"))
     app = Starlette(

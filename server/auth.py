@@ -1,7 +1,8 @@
 """Who is calling: API keys, key ids, admin rights, quotas and signed image links.
 
-With keys configured, ``/api`` and ``/v1`` need ``Authorization: Bearer <key>``
-and admin routes an admin key.  The middleware puts the ``Caller`` in the request
+With keys configured, ``/api``, ``/v1`` and ``/sdapi`` need ``Authorization: Bearer
+<key>`` (or HTTP Basic with the key as the password, as A1111 clients send it) and
+admin routes an admin key.  Basic with empty credentials is no key at all.  The middleware puts the ``Caller`` in the request
 scope; routes hand it to the service, which shows a key only its own jobs (an
 admin key sees all).  A job records its owner's *key id* (the key's ``name``, or
 ``key-`` and a hash of the key), never the key.
@@ -14,6 +15,8 @@ everything is open, as on a single-user machine.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import time
@@ -27,6 +30,7 @@ from .errors import ApiError, Forbidden, Unauthorized, render
 
 ADMIN_PREFIXES = ("/v1/admin", "/api/load", "/api/train", "/v1/training")
 OPEN_PATHS = ("/healthz",)
+GUARDED_PREFIXES = ("/api/", "/v1/", "/sdapi/")
 SIGNED_PATH = "/api/image"
 
 
@@ -108,12 +112,27 @@ def _quota(entry: str | KeyConfig, default: QuotaConfig) -> QuotaConfig:
     )
 
 
+def token_of(authorization: bytes) -> bytes:
+    """The key in an Authorization header: ``Bearer <key>``, or ``Basic`` whose password
+    is the key (A1111's ``--api-auth user:key``); empty Basic credentials are no key."""
+    scheme, _, value = authorization.strip().partition(b" ")
+    if scheme.lower() == b"bearer":
+        return value.strip()
+    if scheme.lower() == b"basic":
+        try:
+            _, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return b""
+        return password
+    return b""
+
+
 def caller_of(scope: Scope) -> Caller:
     return scope.get("state", {}).get("caller", OPEN)  # type: ignore[no-any-return]
 
 
 class AuthMiddleware:
-    """Bearer keys -> ``scope["state"]["caller"]``; refuses what the key may not do."""
+    """Bearer (or Basic) keys -> ``scope["state"]["caller"]``; refuses what the key may not do."""
 
     def __init__(self, app: ASGIApp, keys: Keys) -> None:
         self.app = app
@@ -126,18 +145,18 @@ class AuthMiddleware:
         path: str = scope["path"]
         token = b""
         for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                token = value[7:].strip()
+            if name == b"authorization":
+                token = token_of(value)
         caller = keys.caller(token) if token else None
         admin = path.startswith(ADMIN_PREFIXES)
-        guarded = path.startswith(("/api/", "/v1/")) and path not in OPEN_PATHS
+        guarded = path.startswith(GUARDED_PREFIXES) and path not in OPEN_PATHS
         error: ApiError | None = None
         if caller is None and path == SIGNED_PATH and (task_id := keys.signed_task(scope["query_string"].decode())):
             caller = Caller(None, signed_for=task_id)
         elif guarded and admin and keys.has_admin and not (caller and caller.admin):
             error = (Forbidden if caller else Unauthorized)("this endpoint needs an admin key: send Authorization: Bearer <admin key>")
         elif guarded and (keys.guard_all or admin) and caller is None and keys.enabled:
-            error = Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+            error = Unauthorized("missing or invalid API key: send Authorization: Bearer <key> (or HTTP Basic with the key as the password)")
         if error is not None and scope["method"] != "OPTIONS":  # CORS preflights carry no key
             return await render(error)(scope, receive, send)
         scope.setdefault("state", {})["caller"] = caller or keys.anonymous

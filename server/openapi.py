@@ -36,6 +36,7 @@ class Doc:
     params: tuple[Param, ...] = ()
     tags: tuple[str, ...] = ()
     content: str = "application/json"  # response media type
+    many: bool = False  # the response is a JSON array of ``response``
     multipart: bool = False  # the body may also come as multipart/form-data
     admin: bool = False
     statuses: tuple[int, ...] = (400, 404)
@@ -96,7 +97,8 @@ def build_document(routes: list[Any]) -> dict[str, Any]:
                     content["multipart/form-data"] = {"schema": {"type": "object", "description": "The same fields as form fields; images as files."}}
                 op["requestBody"] = {"required": True, "content": content}
             if doc.response is not None:
-                ok = {"content": {doc.content: {"schema": _ref(doc.response)}}}
+                schema = {"type": "array", "items": _ref(doc.response)} if doc.many else _ref(doc.response)
+                ok = {"content": {doc.content: {"schema": schema}}}
             elif doc.content == "application/json":
                 ok = {"content": {"application/json": {"schema": {"type": "object"}}}}
             else:

@@ -46,6 +46,14 @@ def test_every_ref_resolves_and_every_component_is_used(document: dict[str, Any]
     assert "PngInfoResponse" in schemas and "ImageBase64" in schemas and "PartialImageEvent" in schemas
 
 
+def test_the_sdapi_routes_are_documented_under_their_own_tag(document: dict[str, Any]) -> None:
+    txt2img = document["paths"]["/sdapi/v1/txt2img"]["post"]
+    assert txt2img["tags"] == ["sdapi"]
+    assert txt2img["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/SdTxt2ImgRequest")
+    models = document["paths"]["/sdapi/v1/sd-models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert models == {"type": "array", "items": {"$ref": "#/components/schemas/SdModel"}}
+
+
 def test_the_validator_catches_a_missing_component(document: dict[str, Any]) -> None:
     """The check above could fail: drop one component and the validator says so."""
     broken = {**document, "components": {**document["components"], "schemas": dict(document["components"]["schemas"])}}

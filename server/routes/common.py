@@ -1,8 +1,11 @@
 """Helpers shared by the route modules: body decoding with a size cap, JSON
-responses from msgspec Structs, the request's base URL."""
+responses from msgspec Structs, the request's base URL, waiting for a job while
+the caller is connected."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -13,10 +16,13 @@ from starlette.responses import Response
 from ..errors import BadRequest, PayloadTooLarge, validation_message
 
 if TYPE_CHECKING:
+    from ..jobs import JobRecord
     from ..service import Service
     from ..upscaling import Upscaler
 
+log = logging.getLogger("easel")
 T = TypeVar("T")
+HEARTBEAT_SECONDS = 15.0
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
@@ -131,3 +137,28 @@ def _put_nested(fields: dict[str, Any], key: str, value: str) -> None:
 def base_url(request: Request) -> str:
     """The server's URL as the client sees it (image links, webhook payloads)."""
     return str(request.base_url)
+
+
+async def wait_for(request: Request, service: Service, job: JobRecord) -> JobRecord:
+    """Wait until ``job`` ends.  If the caller disconnects first, cancel the job so no
+    GPU time goes to an answer nobody reads, unless it sent an ``Idempotency-Key``:
+    then it said it will come back for the answer (a retry with the key waits on the
+    same job)."""
+    keep = bool(request.headers.get("idempotency-key"))
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if keep:
+            log.info("job %s: the caller disconnected; its Idempotency-Key keeps the job", job.id)
+            return
+        log.info("job %s: the caller disconnected; cancelling", job.id)
+        await service.cancel(job)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while not job.status.finished:
+            job, _ = await service.wait_change(job, HEARTBEAT_SECONDS, progress=False)  # re-read now and then
+    finally:
+        watcher.cancel()
+    return job
