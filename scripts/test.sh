@@ -15,7 +15,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "${missing[*]} missing and cannot be installed here: the tests that need them will be skipped" >&2
   fi
 fi
-python3 -m pip install -q --disable-pip-version-check -r requirements.txt
+python3 -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 python3 -m pip install -q --disable-pip-version-check -r requirements-gradio.txt
 export HF_HUB_OFFLINE=1
 exec python3 -m pytest "$@"

@@ -49,7 +49,10 @@ from .service import Service
 from .upscaling import Upscaler
 
 log = logging.getLogger("easel")
-STATIC = Path(__file__).resolve().parent.parent / "static"
+HERE = Path(__file__).resolve().parent
+# the web UI: server/static in an installed wheel (the repo's static/ mapped in as
+# package data, see pyproject.toml), else static/ beside the package in a checkout
+STATIC = next((p for p in (HERE / "static", HERE.parent / "static") if p.is_dir()), HERE.parent / "static")
 
 
 def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Starlette:

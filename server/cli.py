@@ -18,8 +18,8 @@ from .app import create_app
 from .config import ConfigError, load_settings
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="easel: self-hosted image-generation job server")
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description="easel: self-hosted image-generation job server")
     p.add_argument("--host", help="interface to bind (default from settings: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default from settings: 4030)")
     p.add_argument("--config", help="local settings file merged over the shipped default (default: ./local.json if present)")
@@ -114,8 +114,8 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         base = load_settings(args.config)
         settings = load_settings(args.config, overrides_from(args, list(base.models)))

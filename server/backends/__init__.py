@@ -4,7 +4,10 @@ only the stub backend starts without importing torch or Diffusers."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
+
+from .base import BackendError
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
@@ -23,6 +26,25 @@ BACKENDS: dict[str, str] = {
 # upscaler always: jobs call it image by image); every other one runs in a child
 # process unless ``isolate: false`` (see ``runs_isolated``)
 IN_PROCESS_BY_DEFAULT = frozenset({"stub", "upscale_esrgan"})
+# what every backend but the stub imports: the packages of easel's [diffusers] extra
+DIFFUSERS_EXTRA = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
+UPSCALER_NEEDS = ("torch", "spandrel", "safetensors")
+
+
+def missing_extra(cfg: ModelConfig) -> str | None:
+    """The first package of the [diffusers] extra the backend needs and this install
+    lacks (None: all there, or the stub)."""
+    if cfg.backend == "stub" or cfg.backend not in BACKENDS:
+        return None
+    needs = UPSCALER_NEEDS if cfg.backend == "upscale_esrgan" else DIFFUSERS_EXTRA
+    return next((m for m in needs if not _importable(m)), None)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def runs_isolated(cfg: ModelConfig) -> bool:
@@ -37,6 +59,11 @@ def runs_isolated(cfg: ModelConfig) -> bool:
 def create_backend(name: str, cfg: ModelConfig, settings: Settings, *, isolate: bool | None = None) -> Backend:
     """Instantiate (not load) the backend for model ``name``; a proxy that runs it in
     a child process where ``runs_isolated(cfg)`` (or ``isolate=True``)."""
+    if (missing := missing_extra(cfg)) is not None:
+        raise BackendError(
+            f"model {name!r} (backend {cfg.backend}) needs easel's Diffusers extra, which is not installed "
+            f"(no module {missing!r}): pip install 'easel[diffusers]'"
+        )
     if runs_isolated(cfg) if isolate is None else isolate:
         from .isolated import IsolatedBackend
 
