@@ -192,6 +192,10 @@ async def sd_vae(request: Request) -> Response:
     return json_response([])
 
 
+async def latent_upscale_modes(request: Request) -> Response:
+    return json_response([])
+
+
 async def cmd_flags(request: Request) -> Response:
     service = service_of(request)
     return json_response({"api": True, "nowebui": False, "api_auth": service.keys.enabled, "listen": True,
@@ -263,6 +267,7 @@ ROUTES: list[Any] = [
     route(f"{PREFIX}/loras", loras, ["GET"], _list("LoRAs in the caller's model's lora_dir, for <lora:NAME:SCALE>", SdLora)),
     route(f"{PREFIX}/upscalers", upscalers, ["GET"], _list("Upscaler models", SdUpscaler)),
     route(f"{PREFIX}/sd-vae", sd_vae, ["GET"], _list("VAEs (none: each model uses its own)", SdVae)),
+    route(f"{PREFIX}/latent-upscale-modes", latent_upscale_modes, ["GET"], _list("Latent upscale modes (none: hires fix is not done)", SdNamed)),
     route(f"{PREFIX}/cmd-flags", cmd_flags, ["GET"], _doc("A few of A1111's command-line flags")),
     route(f"{PREFIX}/memory", memory, ["GET"], _doc("Host RAM (GPU memory: /v1/admin/gpu-memory)")),
     route(f"{PREFIX}/scripts", scripts, ["GET"], _doc("Scripts (none)")),
