@@ -130,6 +130,9 @@ async def model_for(service: Service, caller: Caller, req: SdTxt2ImgRequest) -> 
 
 def generate_fields(req: SdTxt2ImgRequest, ms: ModelState) -> dict[str, Any]:
     """The GenerateRequest fields of a txt2img request (img2img adds its own)."""
+    if req.batch_size > ms.capabilities.max_output_images:
+        raise BadRequest(f"batch_size {req.batch_size} is over model {ms.name!r}'s max_output_images of "
+                         f"{ms.capabilities.max_output_images}; use a smaller batch_size and more n_iter", param="batch_size")  # fmt: skip
     prompt, loras = infotext.split_loras(req.prompt)
     fields: dict[str, Any] = {"model": ms.name, "n": req.batch_size, "seed": parse_seed(None if req.seed < 0 else req.seed),
                               "format": "PNG", "priority": req.priority}  # fmt: skip
@@ -155,6 +158,8 @@ def img2img_request(req: SdImg2ImgRequest, ms: ModelState) -> tuple[str, Generat
     (``init_image``) where the model generates, else an edit of every init image."""
     if not req.init_images:
         raise BadRequest("img2img needs init_images: [base64 image]", param="init_images")
+    for i, image in enumerate(req.init_images):
+        image_size(image, f"init_images[{i}]")  # a 400 that names A1111's field
     fields = generate_fields(req, ms)
     strength = req.denoising_strength if req.denoising_strength is not None else 0.75
     fields["strength"] = strength
@@ -198,8 +203,9 @@ def a1111_mask(data: str, size: tuple[int, int], invert: bool, max_pixels: int) 
 
 
 def image_size(data: str, param: str) -> tuple[int, int]:
+    raw = decode_b64(data, param)
     try:
-        with Image.open(io.BytesIO(decode_b64(data, param))) as img:
+        with Image.open(io.BytesIO(raw)) as img:
             return img.size
     except Exception as exc:
         raise BadRequest(f"{param}: could not read the image ({type(exc).__name__}); send PNG, JPEG or WEBP base64", param=param) from None

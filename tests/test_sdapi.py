@@ -82,6 +82,21 @@ def test_unknown_fields_are_accepted_and_listed(world: World) -> None:
     assert all(f in info for f in ("alwayson_scripts", "some_future_field", "override_settings.CLIP_stop_at_last_layers"))
 
 
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("txt2img", [], None),
+    ("txt2img", {"prompt": "x", "batch_size": 8}, "batch_size"),  # over the stub's max_output_images
+    ("txt2img", {"prompt": "x", "seed": "abc"}, "seed"),
+    ("txt2img", {"prompt": "x", "width": 100}, "width"),
+    ("img2img", {"prompt": "x"}, "init_images"),
+    ("img2img", {"prompt": "x", "init_images": ["aGVsbG8="]}, "init_images[0]"),
+    ("img2img", {"prompt": "x", "init_images": [5]}, "init_images[0]"),
+])  # fmt: skip
+def test_bad_input_is_a_400_naming_the_a1111_field(world: World, path: str, body: Any, param: str | None) -> None:
+    r = httpx.post(f"{world.srv.url}/sdapi/v1/{path}", json=body, auth=("u", KEYS[0]), timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].get("param") == param
+
+
 def test_a_lora_tag_in_the_prompt_is_a_lora(world: World) -> None:
     api = client(world)
     r = api.txt2img(prompt="a fox <lora:style:0.8>", width=64, height=64, steps=1)
