@@ -159,7 +159,8 @@ def test_a_diffusers_model_without_the_extra_says_which_extra(served: Served) ->
     sdxl = next(m for m in models["models"] if m["name"] == "sdxl")
     assert sdxl["state"] == "error"
     assert sdxl["load_error"] == ("model 'sdxl' (backend sdxl) needs easel's Diffusers extra, which is not installed "
-                                  "(no module 'torch'): pip install 'easel[diffusers]'")  # fmt: skip
+                                  "(no module 'torch'): pip install 'easel[diffusers]' (in a checkout: pip install '.[diffusers]' "
+                                  "or -r requirements.txt)")  # fmt: skip
     assert sum("pip install 'easel[diffusers]'" in line for line in served.log.read_text().splitlines()) == 1
 
 

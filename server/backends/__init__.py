@@ -62,7 +62,8 @@ def create_backend(name: str, cfg: ModelConfig, settings: Settings, *, isolate: 
     if (missing := missing_extra(cfg)) is not None:
         raise BackendError(
             f"model {name!r} (backend {cfg.backend}) needs easel's Diffusers extra, which is not installed "
-            f"(no module {missing!r}): pip install 'easel[diffusers]'"
+            f"(no module {missing!r}): pip install 'easel[diffusers]' (in a checkout: pip install '.[diffusers]' "
+            "or -r requirements.txt)"
         )
     if runs_isolated(cfg) if isolate is None else isolate:
         from .isolated import IsolatedBackend
