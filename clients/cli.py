@@ -78,8 +78,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority", action="store_true", default=None, help="jump ahead of non-priority jobs")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clients", description="easel command-line client")
+def parser(prog: str = "python -m clients", epilog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="easel command-line client", epilog=epilog)
     p.add_argument("--url", default=os.environ.get("EASEL_URL", "http://127.0.0.1:4030"), help="server URL ($EASEL_URL)")
     p.add_argument("--api-key", default=os.environ.get("EASEL_API_KEY"), help="API key ($EASEL_API_KEY)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a job (default 600)")
@@ -128,8 +128,8 @@ def _run_job(client: Client, args: argparse.Namespace, bar: ProgressBar | None) 
     return [{"path": str(p), "seed": img.info.get("seed"), "width": img.width, "height": img.height} for p, img in zip(paths, images, strict=True)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m clients", epilog: str | None = None) -> int:
+    args = parser(prog, epilog).parse_args(argv)
     bar = None if args.quiet else ProgressBar()
     try:
         with Client(args.url, args.api_key, args.timeout, wait_mode=args.wait_mode) as client:

@@ -46,14 +46,17 @@ from .forwarded import ForwardedMiddleware
 from .metrics import Metrics
 from .openapi import build_document
 from .registry import Registry
-from .routes import api, meta, models, openai, training
+from .routes import api, meta, models, openai, sdapi, training
 from .service import Service
 from .textcheck import QueryCheckMiddleware
 from .upscaling import Upscaler
 from .worker.loop import Worker
 
 log = logging.getLogger("easel")
-STATIC = Path(__file__).resolve().parent.parent / "static"
+HERE = Path(__file__).resolve().parent
+# the web UI: server/static in an installed wheel (the repo's static/ mapped in as
+# package data, see pyproject.toml), else static/ beside the package in a checkout
+STATIC = next((p for p in (HERE / "static", HERE.parent / "static") if p.is_dir()), HERE.parent / "static")
 
 
 def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Starlette:
@@ -93,10 +96,10 @@ def create_app(settings: Settings, extra_routes: list[Any] | None = None) -> Sta
     if role == "worker":
         routes: list[Any] = [*meta.WORKER_ROUTES]
     else:
-        routes = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
+        routes = [*api.ROUTES, *models.ROUTES, *openai.ROUTES, *sdapi.ROUTES, *meta.ROUTES, *training.ROUTES, *(extra_routes or [])]
         routes.append(Mount("/swagger-static", app=StaticFiles(directory=_swagger_dir()), name="swagger-static"))
     # unknown API paths answer a JSON 404, not the static files' 405
-    routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1")]
+    routes += [Route(f"/{prefix}/{{rest:path}}", _no_route, methods=ALL_METHODS) for prefix in ("api", "v1", "sdapi")]
     if STATIC.is_dir() and role != "worker":
         routes.append(Mount("/", app=WithCsp(StaticFiles(directory=STATIC, html=True)), name="static"))
     app = Starlette(

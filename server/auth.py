@@ -1,9 +1,10 @@
 """Who is calling: API keys, key ids, admin rights, quotas and signed image links.
 
-With keys configured (user or admin keys alike), ``/api``, ``/v1`` and
-``/metrics`` need ``Authorization: Bearer <key>`` and admin routes an admin key;
-``auth.anonymous`` opens the job API to callers without a key, and
-``metrics.public`` opens ``/metrics``.  The middleware puts the ``Caller`` in the request
+With keys configured (user or admin keys alike), ``/api``, ``/v1``, ``/sdapi`` and
+``/metrics`` need ``Authorization: Bearer <key>`` (or HTTP Basic with the key as the
+password, as A1111 clients send it; Basic with empty credentials is no key at all) and
+admin routes an admin key; ``auth.anonymous`` opens the job API to callers without a
+key, and ``metrics.public`` opens ``/metrics``.  The middleware puts the ``Caller`` in the request
 scope; routes hand it to the service, which shows a key only its own jobs (an
 admin key sees all).  A job records its owner's *key id* (the key's ``name``, or
 ``key-`` and a hash of the key), never the key.
@@ -19,6 +20,8 @@ configured everything is open, as on a single-user machine.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import time
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 
 ADMIN_PREFIXES = ("/v1/admin", "/api/load", "/api/train", "/v1/training")
 METRICS_PATH = "/metrics"  # guarded too, unless metrics.public
+GUARDED_PREFIXES = ("/api/", "/v1/", "/sdapi/")
 SIGNED_PATH = "/api/image"
 LINK_ACTION = "fetch"  # what a signed link may do: read its one image
 
@@ -132,12 +136,27 @@ def _asks_delete(query: str) -> bool:
     return any(v.lower() in ("1", "true", "yes") for v in parse_qs(query).get("delete", []))
 
 
+def token_of(authorization: bytes) -> bytes:
+    """The key in an Authorization header: ``Bearer <key>``, or ``Basic`` whose password
+    is the key (A1111's ``--api-auth user:key``); empty Basic credentials are no key."""
+    scheme, _, value = authorization.strip().partition(b" ")
+    if scheme.lower() == b"bearer":
+        return value.strip()
+    if scheme.lower() == b"basic":
+        try:
+            _, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return b""
+        return password
+    return b""
+
+
 def caller_of(scope: Scope) -> Caller:
     return scope.get("state", {}).get("caller", OPEN)  # type: ignore[no-any-return]
 
 
 class AuthMiddleware:
-    """Bearer keys -> ``scope["state"]["caller"]``; refuses what the key may not do."""
+    """Bearer (or Basic) keys -> ``scope["state"]["caller"]``; refuses what the key may not do."""
 
     def __init__(self, app: ASGIApp, keys: Keys) -> None:
         self.app = app
@@ -150,11 +169,11 @@ class AuthMiddleware:
         path: str = scope["path"]
         token = b""
         for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                token = value[7:].strip()
+            if name == b"authorization":
+                token = token_of(value)
         caller = keys.caller(token) if token else None
         admin = path.startswith(ADMIN_PREFIXES)
-        guarded = path.startswith(("/api/", "/v1/")) or (path == METRICS_PATH and keys.guard_metrics)
+        guarded = path.startswith(GUARDED_PREFIXES) or (path == METRICS_PATH and keys.guard_metrics)
         error: ApiError | None = None
         query = scope["query_string"].decode("latin-1")
         if caller is None and path == SIGNED_PATH and (task_id := keys.signed_task(query)):
@@ -173,7 +192,7 @@ class AuthMiddleware:
                 "auth.anonymous: true would let callers without one use the job API"
             )
             error = Unauthorized(
-                f"missing or invalid API key: send Authorization: Bearer <key> (this server has keys configured; {opener})"
+                f"missing or invalid API key: send Authorization: Bearer <key>, or HTTP Basic with the key as the password (this server has keys configured; {opener})"
             )
         if error is not None and scope["method"] != "OPTIONS":  # CORS preflights carry no key
             return await render(error)(scope, receive, send)

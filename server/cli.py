@@ -1,10 +1,15 @@
-"""Command line: ``python server.py [--host --port --config --model NAME=PATH ...]``."""
+"""Command line: ``python server.py [--host --port --config --model NAME=PATH ...]``.
+
+``EASEL_HOST``, ``EASEL_PORT``, ``EASEL_CONFIG``, ``EASEL_BROKER``, ``EASEL_ROLE`` and
+``EASEL_LOG_LEVEL`` stand in for the flags of the same names (a container's environment);
+a flag given wins."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -20,24 +25,26 @@ from .config import ConfigError, load_settings
 from .families import FAMILIES, UPSCALERS, Family
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="easel: self-hosted image-generation job server")
-    p.add_argument("--host", help="interface to bind (default from settings: 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default from settings: 4030)")
-    p.add_argument("--config", help="local settings file merged over the shipped default (default: ./local.json if present)")
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description="easel: self-hosted image-generation job server")
+    env = os.environ.get
+    p.add_argument("--host", default=env("EASEL_HOST"), help="interface to bind (default from settings: 127.0.0.1; $EASEL_HOST)")
+    p.add_argument("--port", type=int, default=env("EASEL_PORT"), help="port (default from settings: 4030; $EASEL_PORT)")
+    p.add_argument("--config", default=env("EASEL_CONFIG"),
+                   help="local settings file merged over the shipped default (default: ./local.json if present; $EASEL_CONFIG)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                    help="load a model at start-up: a configured model's new model_path, or a new model whose "
                         "backend is read from the Diffusers folder's model_index.json (repeatable)")
     p.add_argument("--default-model", help="model used when a request names none")
     p.add_argument("--device", help="device for every model (cpu, cuda, cuda:1, mps)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="torch dtype for every model")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--broker", metavar="URL",
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=env("EASEL_LOG_LEVEL"))
+    p.add_argument("--broker", metavar="URL", default=env("EASEL_BROKER"),
                    help="where the queue lives: 'memory' (this process, the default) or redis://HOST:PORT/DB, "
-                        "shared by any number of API nodes and workers")
-    p.add_argument("--role", choices=["all", "api", "worker"],
+                        "shared by any number of API nodes and workers ($EASEL_BROKER)")
+    p.add_argument("--role", choices=["all", "api", "worker"], default=env("EASEL_ROLE"),
                    help="all: API and workers (default); api: serve HTTP, load no model; worker: run the enabled "
-                        "models' jobs, serve only /healthz and /metrics")
+                        "models' jobs, serve only /healthz and /metrics ($EASEL_ROLE)")
     return p.parse_args(argv)
 
 
@@ -111,8 +118,8 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         base = load_settings(args.config)
         settings = load_settings(args.config, overrides_from(args, list(base.models)))

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 
+# what every Diffusers family imports: the packages of easel's [diffusers] extra
+DIFFUSERS_EXTRA = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
+
+
 @dataclass(frozen=True)
 class Family:
     key: str  # models.NAME.backend
@@ -24,19 +28,20 @@ class Family:
     tasks: tuple[str, ...]  # what its models do unless models.NAME.tasks says
     pipelines: tuple[str, ...] = ()  # Diffusers pipeline classes (model_index.json) it serves: the CLI's --model NAME=PATH
     inpaint: bool = False  # masked edits and outpainting (an inpaint pipeline)
-    trainable: str | None = None  # LoRA training: the /v1/fine_tuning endpoint name of its trainer
+    trainable: str | None = None  # LoRA training: the /v1/training/<endpoint> name of its trainer
     quantizes: bool = False  # models.NAME.quantization other than "none"
     in_process: bool = False  # runs in the server's process by default (models.NAME.isolate: null)
     isolatable: bool = True  # may run in its own process (an upscaler is called image by image: never)
     steps: int = 4  # denoising steps when neither the request nor models.NAME.recommended_steps says
     guidance: float = 0.0  # guidance when neither the request nor models.NAME.recommended_guidance says
     simulated: bool = False  # sizes and costs come from the config's simulate_* keys (the stub)
+    needs: tuple[str, ...] = DIFFUSERS_EXTRA  # packages it imports: a model of it on an install without them fails in one line
 
 
 FAMILIES: dict[str, Family] = {
     f.key: f
     for f in (
-        Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True),
+        Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True, needs=()),
         Family(
             "flux2_klein", "flux2_klein:Flux2KleinBackend", ("generate", "edit"), ("Flux2KleinPipeline",),
             inpaint=True, trainable="flux-lora", quantizes=True, guidance=1.0,
@@ -44,7 +49,10 @@ FAMILIES: dict[str, Family] = {
         Family("sdxl", "sdxl:SDXLBackend", ("generate", "edit"), ("StableDiffusionXLPipeline",), inpaint=True, guidance=5.0),
         Family("z_image", "z_image:ZImageBackend", ("generate", "edit"), ("ZImagePipeline",), inpaint=True, trainable="z-image-lora"),
         Family("qwen_edit_gguf", "qwen_edit_gguf:QwenEditGGUFBackend", ("edit",), ("QwenImageEditPlusPipeline",), inpaint=True, guidance=4.0),
-        Family("upscale_esrgan", "upscale:UpscaleBackend", ("upscale",), in_process=True, isolatable=False, steps=1),
+        Family(
+            "upscale_esrgan", "upscale:UpscaleBackend", ("upscale",), in_process=True, isolatable=False, steps=1,
+            needs=("torch", "spandrel", "safetensors"),
+        ),
     )
 }  # fmt: skip
 UPSCALERS = tuple(k for k, f in FAMILIES.items() if f.tasks == ("upscale",))

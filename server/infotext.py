@@ -68,10 +68,9 @@ def build(job: JobRecord, item: Item, seed: int) -> str:
     return f"{prompt}{negative}\n{line}"
 
 
-def parse(text: str) -> dict[str, Any]:
-    """Infotext -> generate fields (``prompt``, ``negative_prompt``, ``steps``,
-    ``guidance``, ``seed``, ``width``, ``height``, ``model``, ``loras``, ``strength``);
-    a field the text does not have is absent."""
+def sections(text: str) -> tuple[str, str | None, dict[str, str]]:
+    """Infotext -> (prompt as written, negative prompt or None, the "Key: value" pairs of
+    its last line), as A1111's ``parse_generation_parameters`` splits it."""
     *lines, last = text.strip().split("\n")
     if len(PARAM.findall(last)) < 3:  # A1111's rule: no parameter line
         lines.append(last)
@@ -92,17 +91,31 @@ def parse(text: str) -> dict[str, Any]:
             except ValueError:
                 pass
         params[key.strip()] = value.strip() if isinstance(value, str) else str(value)
-    joined = "\n".join(prompt)
-    loras = []
-    for m in LORA_TAG.finditer(joined):
+    return "\n".join(prompt), "\n".join(negative) if negative else None, params
+
+
+def split_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """A1111's ``<lora:NAME:SCALE>`` tags out of a prompt: (the prompt without them,
+    ``[{name, scale}]``; a missing or unreadable scale is 1)."""
+    loras: list[dict[str, Any]] = []
+    for m in LORA_TAG.finditer(prompt):
         try:
             scale = float(m[2]) if m[2] else 1.0
         except ValueError:
             scale = 1.0
         loras.append({"name": m[1], "scale": scale})
-    out: dict[str, Any] = {"prompt": re.sub(r"[ \t]*,?[ \t]*$", "", LORA_TAG.sub("", joined)).strip()}
-    if negative:
-        out["negative_prompt"] = "\n".join(negative)
+    return re.sub(r"[ \t]*,?[ \t]*$", "", LORA_TAG.sub("", prompt)).strip(), loras
+
+
+def parse(text: str) -> dict[str, Any]:
+    """Infotext -> generate fields (``prompt``, ``negative_prompt``, ``steps``,
+    ``guidance``, ``seed``, ``width``, ``height``, ``model``, ``loras``, ``strength``);
+    a field the text does not have is absent."""
+    joined, negative, params = sections(text)
+    prompt, loras = split_loras(joined)
+    out: dict[str, Any] = {"prompt": prompt}
+    if negative is not None:
+        out["negative_prompt"] = negative
     if loras:
         out["loras"] = loras
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),

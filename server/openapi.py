@@ -1,5 +1,8 @@
 """The OpenAPI 3.1 document, derived from the route table and the msgspec wire
-types (one ``schema_components`` call), never written by hand."""
+types (one ``schema_components`` call), never written by hand.
+
+The components are exactly the types the routes name (bodies, responses, other media
+types of a response, and the error body), so every ``$ref`` resolves by construction."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 import msgspec
 from starlette.routing import Route
 
-from .schemas import WIRE_TYPES, ErrorResponse
+from .schemas import ErrorResponse
 from .version import __version__
 
 REF = "#/components/schemas/{name}"
@@ -33,10 +36,18 @@ class Doc:
     params: tuple[Param, ...] = ()
     tags: tuple[str, ...] = ()
     content: str = "application/json"  # response media type
+    many: bool = False  # the response is a JSON array of ``response``
     multipart: bool = False  # the body may also come as multipart/form-data
     admin: bool = False
     statuses: tuple[int, ...] = (400, 404)
     extra: dict[str, Any] = field(default_factory=dict)
+    # other media types of the 200 answer: media type -> the types it may carry (one of them)
+    alternatives: dict[str, tuple[type, ...]] = field(default_factory=dict)
+
+    def types(self) -> tuple[type, ...]:
+        """Every wire type this operation names."""
+        named = (self.body, self.response, *(t for ts in self.alternatives.values() for t in ts))
+        return tuple(t for t in named if t is not None)
 
 
 def route(path: str, endpoint: Callable[..., Any], methods: list[str], doc: Doc, **kw: Any) -> Route:
@@ -49,14 +60,20 @@ def _ref(t: type) -> dict[str, str]:
     return {"$ref": REF.format(name=t.__name__)}
 
 
-def build_document(routes: list[Any], extra_types: tuple[type, ...] = ()) -> dict[str, Any]:
-    types = tuple(dict.fromkeys(WIRE_TYPES + extra_types))
+def _one_of(types: tuple[type, ...]) -> dict[str, Any]:
+    return _ref(types[0]) if len(types) == 1 else {"oneOf": [_ref(t) for t in types]}
+
+
+def documented(routes: list[Any]) -> list[tuple[Any, Doc]]:
+    return [(r, r.doc) for r in routes if getattr(r, "doc", None) is not None]
+
+
+def build_document(routes: list[Any]) -> dict[str, Any]:
+    docs = documented(routes)
+    types = tuple(dict.fromkeys(t for _, doc in docs for t in (*doc.types(), ErrorResponse)))
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     paths: dict[str, dict[str, Any]] = {}
-    for r in routes:
-        doc: Doc | None = getattr(r, "doc", None)
-        if doc is None:
-            continue
+    for r, doc in docs:
         for method in sorted(m for m in r.methods or () if m != "HEAD"):
             op: dict[str, Any] = {
                 "summary": doc.summary,
@@ -80,11 +97,14 @@ def build_document(routes: list[Any], extra_types: tuple[type, ...] = ()) -> dic
                     content["multipart/form-data"] = {"schema": {"type": "object", "description": "The same fields as form fields; images as files."}}
                 op["requestBody"] = {"required": True, "content": content}
             if doc.response is not None:
-                ok = {"content": {doc.content: {"schema": _ref(doc.response)}}}
+                schema = {"type": "array", "items": _ref(doc.response)} if doc.many else _ref(doc.response)
+                ok = {"content": {doc.content: {"schema": schema}}}
             elif doc.content == "application/json":
                 ok = {"content": {"application/json": {"schema": {"type": "object"}}}}
             else:
                 ok = {"content": {doc.content: {"schema": {"type": "string", "format": "binary"}}}}
+            for media, alternatives in doc.alternatives.items():
+                ok["content"][media] = {"schema": _one_of(alternatives)}
             op["responses"]["200"] = {"description": "OK", **ok}
             for status in doc.statuses:
                 op["responses"][str(status)] = {

@@ -7,8 +7,6 @@ from typing import Annotated, Any, Literal, Union
 
 from msgspec import Meta, Struct, UnsetType
 
-from .schemas_openai import OPENAI_WIRE_TYPES
-
 Prompt = Annotated[str, Meta(description="What to draw. Must not be empty.", examples=["a lighthouse at dusk"])]
 Dimension = Annotated[
     int, Meta(ge=16, le=8192, multiple_of=16, description="Pixels; a positive multiple of 16.")
@@ -375,28 +373,3 @@ class ErrorDetail(Struct, kw_only=True, omit_defaults=True):
 
 class ErrorResponse(Struct, kw_only=True):
     error: ErrorDetail
-
-
-WIRE_TYPES: tuple[type, ...] = (
-    GenerateRequest,
-    TrainRequest,
-    SeedTrainRequest,
-    StopTrainingRequest,
-    TrainingRun,
-    TrainingRunsResponse,
-    LorasResponse,
-    UpscaleRequest,
-    LoadRequest,
-    SubmitResponse,
-    JobStatusResponse,
-    TasksResponse,
-    ImageBase64,
-    ClearResponse,
-    CancelResponse,
-    ModelsResponse,
-    HealthResponse,
-    Healthz,
-    Readiness,
-    ErrorResponse,
-    *OPENAI_WIRE_TYPES,
-)

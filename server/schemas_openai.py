@@ -132,6 +132,3 @@ class CompletedEvent(Struct, kw_only=True):
     background: str
     output_format: str
     usage: OpenAIUsage
-
-
-OPENAI_WIRE_TYPES: tuple[type, ...] = (OpenAIImageRequest, OpenAIImagesResponse, PartialImageEvent, CompletedEvent)

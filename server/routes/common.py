@@ -1,9 +1,12 @@
 """Helpers shared by the route modules: body decoding with a size cap, JSON
-responses from msgspec Structs, the request's base URL."""
+responses from msgspec Structs, the request's base URL, waiting for a job while
+the caller is connected."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -19,10 +22,13 @@ from ..errors import BadRequest, PayloadTooLarge, explain, validation_message
 from ..textcheck import MAX_DEPTH, check_request
 
 if TYPE_CHECKING:
+    from ..jobs import JobRecord
     from ..service import Service
     from ..upscaling import Upscaler
 
+log = logging.getLogger("easel")
 T = TypeVar("T")
+HEARTBEAT_SECONDS = 15.0
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 MAX_SIDE = 8192  # the schema's largest width or height
@@ -238,3 +244,28 @@ def base_url(request: Request) -> str:
     ``http.public_url``, else the server's URL as the request names it (its Host, and
     X-Forwarded-* from a trusted proxy: ``forwarded.py``)."""
     return service_of(request).settings.http.public_url or str(request.base_url)
+
+
+async def wait_for(request: Request, service: Service, job: JobRecord) -> JobRecord:
+    """Wait until ``job`` ends.  If the caller disconnects first, cancel the job so no
+    GPU time goes to an answer nobody reads, unless it sent an ``Idempotency-Key``:
+    then it said it will come back for the answer (a retry with the key waits on the
+    same job)."""
+    keep = bool(request.headers.get("idempotency-key"))
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if keep:
+            log.info("job %s: the caller disconnected; its Idempotency-Key keeps the job", job.id)
+            return
+        log.info("job %s: the caller disconnected; cancelling", job.id)
+        await service.cancel(job)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while not job.status.finished:
+            job, _ = await service.wait_change(job, HEARTBEAT_SECONDS, progress=False)  # re-read now and then
+    finally:
+        watcher.cancel()
+    return job

@@ -7,8 +7,6 @@ Server-Sent Events.  A caller that hangs up first cancels its job.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -34,17 +32,15 @@ from ..openai_shim import (
     usage,
 )
 from ..openapi import Doc, route
-from ..schemas_openai import OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
+from ..schemas_openai import CompletedEvent, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, PartialImageEvent
 from ..service import Idempotency
 from ..views import image_url
 from .api import SSE_HEADERS
-from .common import base_url, decode_form, decode_json, json_response, service_of
+from .common import HEARTBEAT_SECONDS, base_url, decode_form, decode_json, json_response, service_of, wait_for
 
 if TYPE_CHECKING:
     from ..service import Service
 
-log = logging.getLogger("easel")
-HEARTBEAT_SECONDS = 15.0
 REQUEST_ID = "easel.request_id"  # scope key: the job's task id once the request made one
 STATUSES = (400, 401, 404, 409, 413, 429, 500, 503)
 
@@ -99,31 +95,6 @@ async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, JobRe
     job = await service.submit(job, inputs.blobs, caller_of(request.scope), idempotency)
     request.scope[REQUEST_ID] = job.id  # every response from here on names the job
     return req, job
-
-
-async def wait_for(request: Request, service: Service, job: JobRecord) -> JobRecord:
-    """Wait until ``job`` ends.  If the caller disconnects first, cancel the job so no
-    GPU time goes to an answer nobody reads, unless it sent an ``Idempotency-Key``:
-    then it said it will come back for the answer (a retry with the key waits on the
-    same job)."""
-    keep = bool(request.headers.get("idempotency-key"))
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        if keep:
-            log.info("job %s: the caller disconnected; its Idempotency-Key keeps the job", job.id)
-            return
-        log.info("job %s: the caller disconnected; cancelling", job.id)
-        await service.cancel(job)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        while not job.status.finished:
-            job, _ = await service.wait_change(job, HEARTBEAT_SECONDS, progress=False)  # re-read now and then
-    finally:
-        watcher.cancel()
-    return job
 
 
 async def images_response(
@@ -201,7 +172,8 @@ class RequestIdMiddleware:
 
 
 def _doc(summary: str, multipart: bool = False) -> Doc:
-    return Doc(summary, body=OpenAIImageRequest, response=OpenAIImagesResponse, tags=("openai",), multipart=multipart, statuses=STATUSES)
+    return Doc(summary, body=OpenAIImageRequest, response=OpenAIImagesResponse, tags=("openai",), multipart=multipart, statuses=STATUSES,
+               alternatives={"text/event-stream": (PartialImageEvent, CompletedEvent)})
 
 
 ROUTES = [

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from .. import hostmem
-from ..backends import create_backend
+from ..backends import check_extra, create_backend
 from ..backends.base import Backend, BackendError, free_memory
 from ..backends.memory import load_and_measure, model_device
 from ..broker.base import Broker
@@ -167,6 +167,7 @@ class ModelHost:
     def _create_and_load(self, ms: ModelState) -> tuple[Backend, float | None]:
         """The loaded backend and its measured size in MiB; a model in its own process
         measures itself (this process never touches its device)."""
+        check_extra(ms.name, ms.cfg)  # one clean line, before a process is started for nothing
         if runs_isolated(ms.cfg):
             proc = ModelProcess(ms.name, ms.cfg, self.settings)
             proc.load()
