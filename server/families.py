@@ -35,19 +35,20 @@ class Family:
     steps: int = 4  # denoising steps when neither the request nor models.NAME.recommended_steps says
     guidance: float = 0.0  # guidance when neither the request nor models.NAME.recommended_guidance says
     simulated: bool = False  # sizes and costs come from the config's simulate_* keys (the stub)
+    batches: bool = False  # several jobs' generates may share one pipeline call (prompt and generator lists)
     needs: tuple[str, ...] = DIFFUSERS_EXTRA  # packages it imports: a model of it on an install without them fails in one line
 
 
 FAMILIES: dict[str, Family] = {
     f.key: f
     for f in (
-        Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True, needs=()),
+        Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True, batches=True, needs=()),
         Family(
             "flux2_klein", "flux2_klein:Flux2KleinBackend", ("generate", "edit"), ("Flux2KleinPipeline",),
-            inpaint=True, trainable="flux-lora", quantizes=True, guidance=1.0,
+            inpaint=True, trainable="flux-lora", quantizes=True, guidance=1.0, batches=True,
         ),
-        Family("sdxl", "sdxl:SDXLBackend", ("generate", "edit"), ("StableDiffusionXLPipeline",), inpaint=True, guidance=5.0),
-        Family("z_image", "z_image:ZImageBackend", ("generate", "edit"), ("ZImagePipeline",), inpaint=True, trainable="z-image-lora"),
+        Family("sdxl", "sdxl:SDXLBackend", ("generate", "edit"), ("StableDiffusionXLPipeline",), inpaint=True, guidance=5.0, batches=True),
+        Family("z_image", "z_image:ZImageBackend", ("generate", "edit"), ("ZImagePipeline",), inpaint=True, trainable="z-image-lora", batches=True),
         Family("qwen_edit_gguf", "qwen_edit_gguf:QwenEditGGUFBackend", ("edit",), ("QwenImageEditPlusPipeline",), inpaint=True, guidance=4.0),
         Family(
             "upscale_esrgan", "upscale:UpscaleBackend", ("upscale",), in_process=True, isolatable=False, steps=1,

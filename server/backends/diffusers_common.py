@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -27,7 +28,7 @@ from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from ..config import ModelConfig, Settings
 
@@ -425,12 +426,32 @@ class DiffusersBackend:
         batches = [generators] if self._batchable(item) else [[g] for g in generators]
         preview = self._preview(item)
         images: list[Image.Image] = []
+        with self._calling(pipe, item, item.n):
+            for k, gens in enumerate(batches):
+                callback = step_callback(ctx, preview, len(batches), k)
+                out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)
+                images.extend(out.images)
+        return images[: item.n]
+
+    def run_batch(self, items: list[WorkItem], ctx: StepContext) -> list[list[Image.Image]]:
+        """Several compatible items in one pipeline call (``backends/batched.py``)."""
+        from .batched import run_batch
+
+        return run_batch(self, items, ctx)
+
+    def _rows_kwargs(self, kwargs: dict[str, Any], negatives: list[str | None]) -> dict[str, Any]:
+        """A batched call's keyword arguments, one negative prompt per row (a batch
+        has them all, or none: ``jobs.batch_key``)."""
+        if kwargs.get("negative_prompt") is not None:
+            kwargs["negative_prompt"] = [n or "" for n in negatives]
+        return kwargs
+
+    @contextmanager
+    def _calling(self, pipe: Any, item: WorkItem, images: int) -> Iterator[None]:
+        """A pipeline call with ``item``'s LoRAs applied, its failures made sentences."""
         try:
             with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
-                for k, gens in enumerate(batches):
-                    callback = step_callback(ctx, preview, len(batches), k)
-                    out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)
-                    images.extend(out.images)
+                yield
         except Exception as exc:
             pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
             if not out_of_memory(exc):
@@ -438,7 +459,6 @@ class DiffusersBackend:
             free_memory()
             advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
             raise BackendError(
-                f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} with n={item.n} "
+                f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} with n={images} "
                 f"and {len(item.images)} reference image(s); try a smaller size, fewer images or references{advice}"
             ) from exc
-        return images[: item.n]
