@@ -31,7 +31,7 @@ from redis.backoff import ExponentialBackoff
 from ..forecast import WIDTH, job_vector
 from ..jobs import FIELDS, JobRecord, JobStatus
 from . import redis_scripts
-from .base import BrokerUnavailable, QueueFullError, Standing, SubmitKey, SubmitUnknown, WorkerInfo
+from .base import BatchPlan, BrokerUnavailable, QueueFullError, Standing, SubmitKey, SubmitUnknown, WorkerInfo
 from .keys import Keys
 from .notify import LocalEvents
 
@@ -278,6 +278,9 @@ class RedisBroker(LocalEvents):
                 waiters.discard(wake)
                 if not waiters:
                     self._claim_waiters.pop(model, None)
+
+    async def claim_batch(self, model: str, worker: str, lease: float, plan: BatchPlan) -> list[JobRecord]:
+        return []  # not yet in one script: the head is claimed alone
 
     @_guarded
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
