@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +29,18 @@ from server.jobs import Item, JobRecord, JobStatus, batch_key
 from server.standing import job_features
 from server.worker.batch import Plan, plan_batch
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff
-from tests.conftest import stub_settings
+from tests.conftest import ROOT, stub_settings
+from tests.redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
+from tests.test_api import wait_done
+from tests.test_scaleout import Cluster, done_lines, finished, wait_for
+from tests.test_scaleout import settings as scaleout_settings
+from tests.test_scaleout import submit as scaleout_submit
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
     from server.backends.base import Backend
+    from tests.conftest import RunningServer
 
 pytest_plugins = ["tests.backend_fixtures"]
 
@@ -345,3 +352,66 @@ def _rgb(png: bytes) -> bytes:
 
     with Image.open(io.BytesIO(png)) as im:
         return im.convert("RGB").tobytes()
+
+
+# ----------------------------------------------------------------------------- real servers: a model in its own process, both brokers
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def sdxl_server(
+    request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], broker_args: Any, tiny_sdxl: Path
+) -> RunningServer:
+    common = {"backend": "sdxl", "model_path": str(tiny_sdxl), "enabled": True, "default_width": 64, "default_height": 64}
+    raw = stub_settings()
+    raw["models"] = {"sdxl": {**common, "target_inflight": 4}, "alone": {**common, "target_inflight": 1}}  # own processes
+    raw["default_model"] = "sdxl"
+    settings, args = broker_args(raw, request.param)
+    return server_factory(settings, *args, env={"OMP_NUM_THREADS": "1"}, script=ROOT / "tests" / "tiny_server.py")
+
+
+@pytest.mark.timeout(300)
+def test_a_batched_jobs_png_equals_the_job_run_alone_in_its_models_process(sdxl_server: RunningServer) -> None:
+    c = sdxl_server.client
+    hold = c.post("/api/generate", json={"prompt": "hold", "steps": 40, "seed": 1}).json()["task_id"]  # the others queue meanwhile
+    body = [{"prompt": f"a lighthouse {k}", "steps": 4, "seed": 5 + k, "n": 1 + k % 2, "negative_prompt": "fog"} for k in range(3)]
+    ids = [c.post("/api/generate", json=b).json()["task_id"] for b in body]
+    for tid in (hold, *ids):
+        assert wait_done(c, tid)["status"] == "done"
+    assert re.search(rf"jobs {ids[0]},{ids[1]},{ids[2]} on sdxl: one call of 3", sdxl_server.log()), sdxl_server.log()[-3000:]
+    for tid, b in zip(ids, body, strict=True):
+        alone = c.post("/api/generate", json={**b, "model": "alone"}).json()["task_id"]
+        st = wait_done(c, alone)
+        assert st["status"] == "done"
+        for k in range(b["n"]):  # type: ignore[arg-type]
+            batched = _pixels(c.get("/api/image", params={"task_id": tid, "index": k, "delete": "false"}).content)
+            single = _pixels(c.get("/api/image", params={"task_id": alone, "index": k, "delete": "false"}).content)
+            assert np.abs(batched - single).max() <= 2, (tid, k)
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_mid_batch_re_runs_every_job_of_it_once(tmp_path: Path, redis_server_fresh: RedisServer) -> None:  # noqa: F811
+    slow = scaleout_settings(simulate_step_seconds=60.0, recommended_steps=30, target_inflight=4)  # ~0.25 s a step per image
+    cluster = Cluster(tmp_path, redis_server_fresh)
+    try:
+        api, w1 = cluster.api(slow), cluster.worker(slow)
+        hold = scaleout_submit(api, prompt="hang 0.5")
+        ids = [scaleout_submit(api, prompt=f"fox {k}", seed=k) for k in range(3)]
+        for tid in ids:
+            wait_for(api, tid, lambda st: st["status"] == "running" and st["step"] >= 1)
+        assert re.search(rf"jobs {ids[0]},{ids[1]},{ids[2]} on stub: one call of 3", w1.log())
+        w2 = cluster.worker(slow)
+        w1.proc.kill()  # SIGKILL mid-batch: its leases just stop being renewed
+        for tid in ids:
+            st = wait_for(api, tid, finished, timeout=90)
+            assert st["status"] == "done" and st["attempt"] == 2, st
+        assert sorted(done_lines(w2)) == sorted(ids)  # each once, on the survivor
+        assert wait_for(api, hold, finished)["status"] == "done"
+    finally:
+        cluster.stop()
