@@ -415,3 +415,21 @@ def test_a_worker_killed_mid_batch_re_runs_every_job_of_it_once(tmp_path: Path, 
         assert wait_for(api, hold, finished)["status"] == "done"
     finally:
         cluster.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_a_job_behind_a_running_batch_waits_for_one_call_not_for_each_job(tmp_path: Path) -> None:
+    async with stub_app(tmp_path, target_inflight=4, simulate_step_seconds=60.0) as app:  # ~0.25 s a step per image
+        hold = await app.submit("hang 0.3")
+        ids = [await app.submit(f"fox {k}", seed=k, steps=6) for k in range(3)]
+        for tid in ids:
+            while (await app.status(tid))["step"] < 2:
+                await asyncio.sleep(0.02)
+        behind = await app.submit("owl", steps=5)
+        st = await app.status(behind)
+        left = [(await app.status(t))["wait_remaining"] for t in ids]
+        assert st["pos"] == 3
+        # the three leave the model together: one call's remaining time, then its own
+        assert st["wait_remaining"] < max(left) + 0.5 * sum(left), (st, left)
+        assert (await app.final(behind))["status"] == "done" and (await app.final(hold))["status"] == "done"

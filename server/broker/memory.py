@@ -118,17 +118,17 @@ class MemoryBroker(LocalEvents):
         seen = plan.window[: plan.window.index(taken[-1].id)] if taken else []
         if taken and int(q.ahead(taken[-1])[DIM]) != sum(1 for i in seen if i in q.entries):
             return []  # a job the plan did not see came ahead of one it takes
-        jobs = []
+        jobs, now = [], self.now()  # one start: the jobs of a batch leave the model together (standing.running_ahead)
         for entry in (heads[0], *taken):
             q.remove(entry)
-            jobs.append(self._running_now(model, self._jobs[entry.id], worker))
+            jobs.append(self._running_now(model, self._jobs[entry.id], worker, now))
         return jobs
 
-    def _running_now(self, model: str, job: JobRecord, worker: str) -> JobRecord:
+    def _running_now(self, model: str, job: JobRecord, worker: str, now: float | None = None) -> JobRecord:
         job.status = JobStatus.RUNNING
         job.attempt += 1
         job.worker = worker
-        job.started_at = self.now()
+        job.started_at = self.now() if now is None else now
         self._running[model][job.id] = job
         self.notifier.changed(job.id)
         return job
