@@ -200,7 +200,7 @@ class Worker:
         for r in rs:
             self.running[r.job.id] = r
         try:
-            return await self._run(ms, rs, since)
+            return await self._run(ms, list(rs), since)  # (a copy: it drops jobs that cannot run)
         finally:
             for r in rs:
                 self.running.pop(r.job.id, None)
