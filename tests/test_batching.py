@@ -68,10 +68,10 @@ def loaded(tiny_model_dirs: dict[str, Path], tiny_runtime: None) -> Iterator[dic
 def test_a_batched_items_images_equal_the_item_run_alone(loaded: dict[str, Backend], name: str) -> None:
     backend = loaded[name]
     assert batches(backend)
-    items = [
-        item(prompt="a red fox", seed=3, negative_prompt="blurry"),
-        item(prompt="a lighthouse at night, long exposure", seed=40, n=2, negative_prompt="text"),
-        item(prompt="cat", seed=7, negative_prompt="dark, grainy, low quality"),
+    items = [  # guidance 4: every family runs its negative prompts (FLUX.2-klein: one embedding per row)
+        item(prompt="a red fox", seed=3, negative_prompt="blurry", guidance=4.0),
+        item(prompt="a lighthouse at night, long exposure", seed=40, n=2, negative_prompt="text", guidance=4.0),
+        item(prompt="cat", seed=7, negative_prompt="dark, grainy, low quality", guidance=4.0),
     ]
     ctxs = [RecordingContext() for _ in items]
     together = backend.run_batch(items, BatchSteps(ctxs))  # type: ignore[attr-defined]
