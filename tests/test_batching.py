@@ -21,17 +21,17 @@ import pytest
 
 from server.app import create_app
 from server.backends.base import BackendError, BatchSteps, JobCancelled, batches
-from server.broker.base import BatchPlan
-from server.broker.memory import MemoryBroker
+from server.broker.base import BatchPlan, Broker
 from server.config import ModelConfig, Settings, build_settings
-from server.forecast import FITS, CostModel, job_vector
+from server.forecast import DIM, FITS, CostModel, job_vector
 from server.jobs import Item, JobRecord, JobStatus, batch_key
 from server.standing import job_features
 from server.worker.batch import Plan, plan_batch
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff
 from tests.conftest import ROOT, stub_settings
-from tests.redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
+from tests.redis_fixtures import RedisServer, redis_flushed, redis_server, redis_server_fresh  # noqa: F401 - fixtures
 from tests.test_api import wait_done
+from tests.test_broker_contract import memory_broker, redis_broker
 from tests.test_scaleout import Cluster, done_lines, finished, wait_for
 from tests.test_scaleout import settings as scaleout_settings
 from tests.test_scaleout import submit as scaleout_submit
@@ -201,37 +201,56 @@ def test_a_batch_that_would_break_a_deadline_is_not_formed() -> None:
 # ----------------------------------------------------------------------------- the claim of a batch
 
 
-async def _memory_broker() -> MemoryBroker:
-    broker = MemoryBroker(result_ttl=60, result_memory_bytes=2**30)
-    await broker.start()
-    return broker
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[Broker]:
+    b = memory_broker() if request.param == "memory" else redis_broker(request.getfixturevalue("redis_flushed").url)
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
 
 
 @pytest.mark.anyio
-async def test_the_claim_of_a_batch_takes_the_head_and_its_companions_at_once() -> None:
-    broker = await _memory_broker()
-    jobs = [_queued("a", 4, 1), _queued("x", 8, 2), _queued("b", 4, 3), _queued("c", 4, 4)]
+async def test_the_claim_of_a_batch_takes_the_head_and_its_companions_at_once(broker: Broker) -> None:
+    jobs = [_queued("a", 4, 1), _queued("x", 8, 2), _queued("b", 4, 3), _queued("c", 4, 4), _queued("d", 4, 5)]
     for job in jobs:
         await broker.submit(job, {}, 100)
-    claimed = await broker.claim_batch("stub", "w", 30, BatchPlan(head="a", ids=["b", "c"], window=["a", "x", "b", "c"]))
-    assert [j.id for j in claimed] == ["a", "b", "c"]
+    await broker.cancel("c", "gone")  # a companion cancelled since the plan: skipped
+    plan = BatchPlan(head="a", ids=["b", "c", "d"], window=["a", "x", "b", "c", "d"])
+    claimed = await broker.claim_batch("stub", "w", 30, plan)
+    assert [j.id for j in claimed] == ["a", "b", "d"]
     assert all(j.status is JobStatus.RUNNING and j.attempt == 1 and j.worker == "w" for j in claimed)
+    assert len({j.started_at for j in claimed}) == 1  # one start: they leave the model together
     assert [j.id for j in await broker.waiting("stub", 10)] == ["x"]
-    await broker.close()
+    assert await broker.depth("stub") == (1, 3)
+    later = _queued("y", 4, 6)
+    await broker.submit(later, {}, 100)
+    assert int((await broker.standing(later, "stub")).ahead[DIM]) == 1  # the queue's sums stay exact
+    assert int((await broker.standing(await broker.get("x"), "stub")).ahead[DIM]) == 0
+    assert (await broker.claim("stub", "w", 30, 0)).id == "x"  # type: ignore[union-attr]
 
 
 @pytest.mark.anyio
-async def test_a_stale_plan_claims_nothing() -> None:
-    broker = await _memory_broker()
-    for job in (_queued("a", 4, 1), _queued("b", 4, 3)):
+async def test_a_stale_plan_claims_nothing(broker: Broker) -> None:
+    a, b = _queued("a", 4, 1), _queued("b", 4, 3)
+    b.priority = 2
+    for job in (a, b):
         await broker.submit(job, {}, 100)
-    urgent = _queued("u", 8, 9)
-    urgent.priority = -1
     assert await broker.claim_batch("stub", "w", 30, BatchPlan(head="b", ids=[], window=["b"])) == []  # not the head
-    await broker.submit(urgent, {}, 100)  # comes ahead of everything: the plan did not see it
+    urgent = _queued("u", 8, 9)
+    urgent.priority = 1  # behind a, ahead of b: the plan did not see it
+    await broker.submit(urgent, {}, 100)
     assert await broker.claim_batch("stub", "w", 30, BatchPlan(head="a", ids=["b"], window=["a", "b"])) == []
-    assert len(await broker.waiting("stub", 10)) == 3
-    await broker.close()
+    assert [j.id for j in await broker.waiting("stub", 10)] == ["a", "u", "b"]
+
+
+@pytest.mark.anyio
+async def test_a_job_of_another_call_is_never_claimed_as_a_companion(broker: Broker) -> None:
+    for job in (_queued("a", 4, 1), _queued("x", 8, 2)):
+        await broker.submit(job, {}, 100)
+    claimed = await broker.claim_batch("stub", "w", 30, BatchPlan(head="a", ids=["x"], window=["a", "x"]))
+    assert [j.id for j in claimed] == ["a"]
 
 
 # ----------------------------------------------------------------------------- the worker's batches (stub, memory broker)
