@@ -200,7 +200,7 @@ def test_a_masked_edit_is_one_job_per_key_on_the_job_api_and_openai_alike(srv: R
     for route in ("job", "openai"):
         key = {**ALICE, "Idempotency-Key": uuid.uuid4().hex}
 
-        def send(with_mask: bool) -> httpx.Response:
+        def send(with_mask: bool, route: str = route, key: dict[str, str] = key) -> httpx.Response:
             if route == "job":
                 body: dict[str, Any] = {"prompt": "x", "images": ["data:image/png;base64," + base64.b64encode(image).decode()]}
                 if with_mask:
