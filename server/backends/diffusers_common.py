@@ -352,7 +352,7 @@ class DiffusersBackend:
     def inpaint_kwargs(self, item: WorkItem) -> dict[str, Any]:
         """``image``, ``mask_image`` and ``strength`` (default 1: the masked area is
         repainted) for an inpaint pipeline, both resized to the call's size (images[0]'s
-        rounded to multiples of 16).  The runner composites the result over images[0]."""
+        rounded to multiples of 16).  The worker composites the result over images[0]."""
         if not item.images or item.mask is None:
             raise BackendError("a masked edit needs a reference image and a mask")
         source = check_references(item.images[:1])[0]

@@ -146,7 +146,7 @@ class Store(Protocol):
 
     def progress_threadsafe(self, job: JobRecord) -> None:
         """From a worker thread, after setting ``job.step`` / ``job.last_step_at`` on
-        the runner's copy: make the progress visible (coalesced, never blocking)."""
+        the worker's copy: make the progress visible (coalesced, never blocking)."""
 
     async def finish(
         self,
