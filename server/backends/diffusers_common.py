@@ -315,9 +315,10 @@ class DiffusersBackend:
     def after_job(self, release_cache: bool) -> float | None:
         """Cached blocks back to the device when another model shares it; the peak this
         process held on a CUDA device (server/backends/memory.py)."""
+        device = self.device if self.device != "cuda" else "cuda:0"
         if release_cache:
-            release_cached_blocks()
-        return peak_mib(self.device if self.device != "cuda" else "cuda:0")
+            release_cached_blocks(device)
+        return peak_mib(device)
 
     # ----------------------------------------------------------------- running
 
