@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def listen(host: str, port: int) -> socket.socket:
     """The server's listening socket, bound now (uvicorn serves on it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP said, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and
+    # without it every small answer waits ~40 ms for the client's delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
