@@ -144,9 +144,12 @@ def build_sdxl(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_s
     return _save(pipe, path, safe_serialization)
 
 
-def build_flux2_klein(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True) -> Path:
+def build_flux2_klein(
+    path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True, is_distilled: bool = False
+) -> Path:
     """A tiny Flux2KleinPipeline (~1 MB): 28-layer hidden-16 Qwen3 text encoder (the
-    pipeline stacks hidden states 9/18/27, so joint_attention_dim = 48)."""
+    pipeline stacks hidden states 9/18/27, so joint_attention_dim = 48); ``is_distilled``
+    as the step-distilled FLUX.2-klein releases (no classifier-free guidance)."""
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3ForCausalLM
 
@@ -167,7 +170,7 @@ def build_flux2_klein(path: str | Path, *, seed: int = 0, scheduler: Any = None,
         text_encoder=Qwen3ForCausalLM(_qwen3_config(hidden=16, layers=28)),
         tokenizer=qwen_tokenizer(),
         transformer=transformer,
-        is_distilled=False,
+        is_distilled=is_distilled,
     )
     return _save(pipe, path, safe_serialization)
 

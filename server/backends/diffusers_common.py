@@ -128,6 +128,15 @@ def check_references(images: list[Image.Image]) -> list[Image.Image]:
     return [img.convert("RGB") for img in images]
 
 
+def shared_init_kwargs(pipe: Any, cls: Any) -> dict[str, Any]:
+    """What ``cls(...)`` takes from the loaded ``pipe``: its components, and the
+    settings it was built with that ``cls`` also accepts (``is_distilled``, ...)."""
+    wanted = inspect.signature(cls.__init__).parameters
+    components = pipe.components
+    settings = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in components}
+    return {k: v for k, v in {**settings, **components}.items() if k in wanted}
+
+
 def memory_of(device: str) -> str:
     """What runs out on ``device``, for a message."""
     return "host memory (RAM)" if device == "cpu" else "GPU memory"
@@ -380,9 +389,9 @@ class DiffusersBackend:
                 "upgrade diffusers or drop mask"
             )
         if "inpaint" not in self._variants:
-            # as from_pipe, but without its dtype cast, which a GGUF-quantized transformer refuses
-            wanted = inspect.signature(cls.__init__).parameters
-            pipe = cls(**{k: v for k, v in self.pipe.components.items() if k in wanted})
+            # as from_pipe, but without its dtype cast, which a GGUF-quantized transformer refuses;
+            # the pipeline's own settings (FLUX.2-klein's is_distilled: no CFG) carry over too
+            pipe = cls(**shared_init_kwargs(self.pipe, cls))
             if self.cfg.offload != "none":
                 pipe = self._place(pipe)
             pipe.set_progress_bar_config(disable=True)
