@@ -20,6 +20,7 @@ from msgspec import Meta, Struct
 from .families import FAMILIES, UPSCALERS
 from .forecast import FEATURES, unknown_terms
 from .forwarded import parse_networks
+from .model_checks import model_problem
 
 DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
 
@@ -40,6 +41,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     base_model_path: str | None = None
     transformer_path: str | None = None
     transformer_config_path: str | None = None
+    vae_path: str | None = None  # SDXL: a VAE folder (e.g. an fp16-fixed VAE) loaded in place of the pipeline's
     tasks: list[Literal["generate", "edit"]] = []
     max_images: Annotated[int, Meta(ge=0, le=64)] = 1
     max_output_images: Annotated[int, Meta(ge=1, le=64)] = 4
@@ -328,6 +330,8 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
                 f"(backend {model.backend!r} would load unquantized); set it to 'none', or use an FP8 single-file "
                 "transformer (transformer_path)"
             )
+        if (problem := model_problem(name, model)) is not None:
+            raise ConfigError(f"{source}: {problem}")
         if model.isolate and not FAMILIES[model.backend].isolatable:
             raise ConfigError(
                 f"{source}: models.{name}.isolate: an upscaler runs in the server's process (jobs call it image by "

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 from PIL import Image
 
 from tests import tiny_pipelines as tp
-from tests.backend_helpers import RecordingContext, item, load_backend, reference
+from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,3 +47,26 @@ def test_masked_edit_on_flux2_klein_keeps_is_distilled(tmp_path: Path, distilled
     work = item("edit", images=[reference(64, 64)], mask=square_mask(), guidance=4.0, steps=2)
     assert transformer_calls(backend, work) == 2 * per_step
     assert backend._variants["inpaint"].config.is_distilled is distilled  # type: ignore[attr-defined]
+
+
+def test_sdxl_vae_path_loads_that_vae_in_place_of_the_pipelines(tiny_sdxl: Path, tmp_path: Path) -> None:
+    """``vae_path`` (e.g. an fp16-fixed SDXL VAE): that folder's weights decode, not the pipeline's."""
+    from diffusers import AutoencoderKL
+
+    source = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    fixed = AutoencoderKL.from_config({**source.config, "force_upcast": False})  # other (seeded) random weights
+    fixed.save_pretrained(tmp_path / "vae-fix")
+    plain = load_backend("sdxl", model_path=str(tiny_sdxl))
+    backend = load_backend("sdxl", model_path=str(tiny_sdxl), vae_path=str(tmp_path / "vae-fix"))
+    vae = backend.pipe.vae  # type: ignore[attr-defined]
+    assert vae.config.force_upcast is False
+    assert torch.equal(vae.decoder.conv_out.weight, fixed.decoder.conv_out.weight)
+    assert max_diff(plain.run(item(), RecordingContext())[0], backend.run(item(), RecordingContext())[0]) > 8
+
+
+def test_float16_is_resolved_to_bfloat16_for_families_that_overflow_it() -> None:
+    from server.backends.diffusers_common import resolve_dtype
+
+    assert resolve_dtype("auto", "mps", float16=False) == torch.bfloat16
+    assert resolve_dtype("auto", "mps") == torch.float16
+    assert resolve_dtype("auto", "cuda", float16=False) == torch.bfloat16

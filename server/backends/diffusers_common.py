@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from PIL import Image, ImageOps
 
-from ..families import default_guidance
+from ..families import default_guidance, family
 from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities, out_of_memory
 from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import WEIGHT_SUFFIXES, applied_loras
@@ -49,14 +49,15 @@ def resolve_device(spec: str) -> str:
     return "cpu"
 
 
-def resolve_dtype(spec: str, device: str) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float16 on MPS, float32 on CPU."""
+def resolve_dtype(spec: str, device: str, float16: bool = True) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float16 on MPS (bfloat16 for a family that
+    overflows float16: ``float16`` False), float32 on CPU."""
     if spec != "auto":
         return DTYPES[spec]
     if device.startswith("cuda"):
         return torch.bfloat16
     if device.startswith("mps"):
-        return torch.float16
+        return torch.float16 if float16 else torch.bfloat16
     return torch.float32
 
 
@@ -179,7 +180,7 @@ class DiffusersBackend:
         self.settings = settings
         self.capabilities: Capabilities = model_capabilities(cfg)
         self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.torch_dtype, self.device)
+        self.dtype = resolve_dtype(cfg.torch_dtype, self.device, family(cfg).float16)
         self.pipe: Any = None
         self._variants: dict[str, Any] = {}  # e.g. "img2img" -> pipeline sharing components
         self.rgb: LatentRGB | None = None  # the preview projection, set at load
