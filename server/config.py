@@ -52,6 +52,8 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     recommended_guidance: float | None = None
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"  # auto -> cuda if available, else mps, else cpu
+    # where seeded noise is drawn: "cpu" (one seed gives one image on any GPU and any worker) or "device"
+    rng: Literal["cpu", "device"] = "cpu"
     vram_estimate_mib: int | None = None
     offload: Literal["none", "model", "sequential"] = "none"
     quantization: Literal["none", "fp8"] = "none"

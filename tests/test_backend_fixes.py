@@ -70,3 +70,37 @@ def test_float16_is_resolved_to_bfloat16_for_families_that_overflow_it() -> None
     assert resolve_dtype("auto", "mps", float16=False) == torch.bfloat16
     assert resolve_dtype("auto", "mps") == torch.float16
     assert resolve_dtype("auto", "cuda", float16=False) == torch.bfloat16
+
+
+def test_noise_comes_from_cpu_generators_by_default_whatever_the_device() -> None:
+    """``rng: "cpu"`` (the default): a model on CUDA draws its noise from CPU generators,
+    seed + k for image k, so a seed gives one image on any GPU and any worker."""
+    from server.backends import create_backend
+    from server.config import ModelConfig, Settings
+
+    backend = create_backend("gpu", ModelConfig(backend="sdxl", device="cuda", isolate=False), Settings())
+    gens = backend.generators(item(seed=11, n=3))  # type: ignore[attr-defined]
+    assert [g.device.type for g in gens] == ["cpu"] * 3 and [g.initial_seed() for g in gens] == [11, 12, 13]
+
+
+@pytest.mark.parametrize("rng", ["cpu", "device"])
+def test_same_seed_gives_the_same_image_across_loads(tiny_flux2_klein: Path, rng: str) -> None:
+    first = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), rng=rng)
+    a = first.run(item(seed=5), RecordingContext())[0]
+    first.unload()
+    second = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), rng=rng)
+    assert max_diff(a, second.run(item(seed=5), RecordingContext())[0]) == 0
+    assert max_diff(a, second.run(item(seed=6), RecordingContext())[0]) > 8
+
+
+def test_family_defaults_for_steps_and_guidance() -> None:
+    """Without recommended_steps / recommended_guidance a job gets its family's (the model cards')."""
+    from server.config import ModelConfig
+    from server.families import default_guidance, default_steps
+
+    expected = {"sdxl": (30, 5.0), "qwen_edit_gguf": (40, 4.0), "z_image": (9, 0.0), "flux2_klein": (4, 1.0)}
+    for backend, (steps, guidance) in expected.items():
+        cfg = ModelConfig(backend=backend)
+        assert (default_steps(cfg), default_guidance(cfg)) == (steps, guidance), backend
+    own = ModelConfig(backend="sdxl", recommended_steps=2, recommended_guidance=1.5)
+    assert (default_steps(own), default_guidance(own)) == (2, 1.5)

@@ -332,8 +332,11 @@ class DiffusersBackend:
     # ----------------------------------------------------------------- running
 
     def generators(self, item: WorkItem) -> list[torch.Generator]:
-        """One generator per image: image k uses seed + k (reproducible one by one)."""
-        device = "cpu" if self.device.startswith("mps") else self.device
+        """One generator per image: image k uses seed + k (reproducible one by one).
+        On the CPU unless ``rng: "device"``: CUDA's generator draws other numbers per
+        GPU generation and library version; the CPU's are the same everywhere (the
+        pipelines draw the noise there and move it to the device)."""
+        device = "cpu" if self.cfg.rng == "cpu" or self.device.startswith("mps") else self.device
         return [torch.Generator(device).manual_seed(item.seed + k) for k in range(item.n)]
 
     def guidance(self, item: WorkItem) -> float:
