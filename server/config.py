@@ -56,7 +56,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     rng: Literal["cpu", "device"] = "cpu"
     vram_estimate_mib: int | None = None
     offload: Literal["none", "model", "sequential"] = "none"
-    quantization: Literal["none", "fp8"] = "none"
+    quantization: Literal["none", "fp8", "fp8dq"] = "none"  # fp8: weight-only; fp8dq: float8 matmuls (CUDA, Hopper)
     vae_tiling: bool = False
     vae_slicing: bool = False
     lora_dir: str | None = None

@@ -36,6 +36,11 @@ def model_problem(name: str, model: ModelConfig) -> str | None:
             f"{key}.offload 'sequential' does not work with a GGUF transformer (accelerate fails re-creating "
             "its quantized parameters at load: Diffusers issue #14691); use offload 'model' or 'none'"
         )
+    if model.quantization == "fp8dq" and model.device.startswith(("cpu", "mps")):
+        return (
+            f"{key}.quantization 'fp8dq' runs float8 matmuls, which need a CUDA GPU of compute capability 9.0 or "
+            f"newer (Hopper); this model runs on {model.device!r}: use 'fp8' (weight-only) or 'none'"
+        )
     if model.vae_path is not None and not family.vae_path:
         takes = ", ".join(k for k, f in FAMILIES.items() if f.vae_path)
         return f"{key}.vae_path: only the {takes} backend loads a separate VAE (backend {model.backend!r}); remove it"

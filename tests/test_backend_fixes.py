@@ -104,3 +104,36 @@ def test_family_defaults_for_steps_and_guidance() -> None:
         assert (default_steps(cfg), default_guidance(cfg)) == (steps, guidance), backend
     own = ModelConfig(backend="sdxl", recommended_steps=2, recommended_guidance=1.5)
     assert (default_steps(own), default_guidance(own)) == (2, 1.5)
+
+
+def test_flux2_single_file_in_the_vendors_layout_loads(tiny_flux2_klein: Path, tmp_path: Path) -> None:
+    """A transformer file under Black Forest Labs' own key names (fused qkv, ``.scale``
+    norms, (shift, scale) final modulation) loads to the folder's exact weights."""
+    plain = tp.write_flux2_vendor_file(tiny_flux2_klein, tmp_path / "klein.safetensors")
+    single = load_backend("flux2_klein", transformer_path=str(plain), base_model_path=str(tiny_flux2_klein))
+    folder = load_backend("flux2_klein", model_path=str(tiny_flux2_klein))
+    assert max_diff(single.run(item(), RecordingContext())[0], folder.run(item(), RecordingContext())[0]) == 0
+
+
+def test_scaled_fp8_flux2_file_is_refused_with_what_to_use_instead(tiny_flux2_klein: Path, tmp_path: Path) -> None:
+    """The vendor's FP8 layout (float8 weights with a ``weight_scale`` each): Diffusers'
+    converter cannot apply the scales, so the load says to use the bf16 folder with fp8."""
+    from safetensors import safe_open
+
+    from server.backends.base import BackendError
+
+    fp8 = tp.write_flux2_vendor_file(tiny_flux2_klein, tmp_path / "klein-fp8.safetensors", fp8_scaled=True)
+    with safe_open(str(fp8), framework="pt") as f:
+        assert f.get_tensor("double_blocks.0.img_attn.qkv.weight").dtype == torch.float8_e4m3fn
+        assert "double_blocks.0.img_attn.qkv.weight_scale" in set(f.keys())
+    with pytest.raises(BackendError, match=r"scaled FP8 weights .* bf16 Diffusers folder .* quantization 'fp8'"):
+        load_backend("flux2_klein", transformer_path=str(fp8), base_model_path=str(tiny_flux2_klein))
+
+
+def test_fp8dq_off_cuda_is_refused_at_load(tiny_flux2_klein: Path) -> None:
+    """``fp8dq`` needs float8 matmuls (CUDA, Hopper): elsewhere the load says so (with
+    torchao installed), or says to install torchao."""
+    from server.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="torchao|need a CUDA GPU"):
+        load_backend("flux2_klein", model_path=str(tiny_flux2_klein), quantization="fp8dq", device="auto")

@@ -56,6 +56,7 @@ def test_deep_merge_replaces_lists() -> None:
         ({"models": {"z": {"backend": "z_image", "torch_dtype": "float16"}}}, "use 'bfloat16'"),
         ({"models": {"q": {"backend": "qwen_edit_gguf", "torch_dtype": "float16"}}}, "overflow float16"),
         ({"models": {"z": {"backend": "z_image", "vae_path": "/m/vae"}}}, "models.z.vae_path: only the sdxl backend"),
+        ({"models": {"k": {"backend": "flux2_klein", "quantization": "fp8dq", "device": "cpu"}}}, "need a CUDA GPU"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, override: dict[str, object], needle: str) -> None:

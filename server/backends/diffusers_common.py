@@ -226,7 +226,9 @@ class DiffusersBackend:
         if self.pipe is not None:
             return
         try:
-            self.pipe = self._place(self._build_pipeline())
+            pipe = self._place(self._build_pipeline())
+            self._placed(pipe)
+            self.pipe = pipe
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
@@ -273,6 +275,10 @@ class DiffusersBackend:
         if self.cfg.vae_slicing and hasattr(vae, "enable_slicing"):
             vae.enable_slicing()
         return pipe
+
+    def _placed(self, pipe: Any) -> None:
+        """What runs once the loaded pipeline is on its device: quantization on the
+        device (FLUX.2-klein), the speed knobs (``speed.py``)."""
 
     def variant(self, key: str, pipeline_cls: Any) -> Any:
         """A pipeline of another class sharing the loaded components (``from_pipe``)."""
