@@ -137,3 +137,37 @@ def test_fp8dq_off_cuda_is_refused_at_load(tiny_flux2_klein: Path) -> None:
 
     with pytest.raises(BackendError, match="torchao|need a CUDA GPU"):
         load_backend("flux2_klein", model_path=str(tiny_flux2_klein), quantization="fp8dq", device="auto")
+
+
+def test_a_failed_jobs_tensors_are_dropped_before_the_cache_is_emptied(tiny_flux2_klein: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory job: ``free_memory`` (``empty_cache``) runs once the failed call's
+    frames, and so its tensors, are gone, not inside the ``except`` that still holds them."""
+    import gc
+    import weakref
+
+    from server.backends import diffusers_common
+    from server.backends.base import BackendError
+
+    backend = load_backend("flux2_klein", model_path=str(tiny_flux2_klein))
+    seen: list[weakref.ref[torch.Tensor]] = []
+
+    def out_of_memory(_module: object, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        seen.append(weakref.ref(kwargs["hidden_states"]))  # type: ignore[arg-type]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    alive_at_free: list[bool] = []
+
+    def free_memory() -> None:
+        gc.collect()
+        alive_at_free.append(seen[0]() is not None)
+
+    monkeypatch.setattr(diffusers_common, "free_memory", free_memory)
+    hook = backend.pipe.transformer.register_forward_pre_hook(out_of_memory, with_kwargs=True)  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(BackendError, match="out of host memory"):
+            backend.run(item(), RecordingContext())
+    finally:
+        hook.remove()
+    assert alive_at_free == [False]
+    monkeypatch.undo()
+    assert backend.run(item(), RecordingContext())[0].size == (64, 64)  # the model goes on

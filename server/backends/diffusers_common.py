@@ -138,6 +138,16 @@ def shared_init_kwargs(pipe: Any, cls: Any) -> dict[str, Any]:
     return {k: v for k, v in {**settings, **components}.items() if k in wanted}
 
 
+def released(exc: BaseException, message: str) -> BackendError:
+    """A ``BackendError(message)`` caused by ``exc`` without its traceback: the
+    traceback holds the failed call's frames, whose tensors ``empty_cache`` cannot give
+    back while anything refers to them."""
+    error = BackendError(message)
+    error.__cause__ = exc.with_traceback(None)
+    exc.__context__ = None
+    return error
+
+
 def memory_of(device: str) -> str:
     """What runs out on ``device``, for a message."""
     return "host memory (RAM)" if device == "cpu" else "GPU memory"
@@ -225,6 +235,7 @@ class DiffusersBackend:
     def load(self) -> None:
         if self.pipe is not None:
             return
+        failure: BackendError | None = None
         try:
             pipe = self._place(self._build_pipeline())
             self._placed(pipe)
@@ -232,12 +243,12 @@ class DiffusersBackend:
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
-            free_memory()
             advice = "set offload to 'model' (or 'sequential'), " if self.device != "cpu" else ""
-            raise BackendError(
-                f"out of {memory_of(self.device)} loading model {self.name!r}; {advice}"
-                "use a quantized transformer, or unload other models first"
-            ) from exc
+            failure = released(exc, f"out of {memory_of(self.device)} loading model {self.name!r}; {advice}"
+                                    "use a quantized transformer, or unload other models first")  # fmt: skip
+        if failure is not None:  # out of the except: the failed load's tensors are dropped now
+            free_memory()
+            raise failure
         self.rgb = self._latent_rgb()
         log.info("model %s loaded on %s (%s, offload=%s)", self.name, self.device, self.dtype, self.cfg.offload)
 
@@ -444,6 +455,7 @@ class DiffusersBackend:
         batches = [generators] if self._batchable(item) else [[g] for g in generators]
         preview = self._preview(item)
         images: list[Image.Image] = []
+        failure: BackendError | None = None
         try:
             with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
                 for k, gens in enumerate(batches):
@@ -454,10 +466,11 @@ class DiffusersBackend:
             pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
             if not out_of_memory(exc):
                 raise
-            free_memory()
             advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
-            raise BackendError(
-                f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} with n={item.n} "
-                f"and {len(item.images)} reference image(s); try a smaller size, fewer images or references{advice}"
-            ) from exc
+            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} "
+                                    f"with n={item.n} and {len(item.images)} reference image(s); try a smaller size, fewer "
+                                    f"images or references{advice}")  # fmt: skip
+        if failure is not None:  # out of the except, whose traceback held the pipeline's frames and their tensors
+            free_memory()  # now empty_cache can give them back
+            raise failure
         return images[: item.n]
