@@ -65,7 +65,7 @@ def test_sdxl_vae_path_loads_that_vae_in_place_of_the_pipelines(tiny_sdxl: Path,
 
 
 def test_float16_is_resolved_to_bfloat16_for_families_that_overflow_it() -> None:
-    from server.backends.diffusers_common import resolve_dtype
+    from server.backends.weights import resolve_dtype
 
     assert resolve_dtype("auto", "mps", float16=False) == torch.bfloat16
     assert resolve_dtype("auto", "mps") == torch.float16
