@@ -23,6 +23,7 @@ from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import applied_loras
 from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
+from .prompt_cache import PromptCache
 from .weights import resolve_device, resolve_dtype, resolve_source
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ class DiffusersBackend:
         self.pipe: Any = None
         self._variants: dict[str, Any] = {}  # e.g. "img2img" -> pipeline sharing components
         self.rgb: LatentRGB | None = None  # the preview projection, set at load
+        self.prompt_cache = PromptCache(cfg.prompt_cache_size)  # text-encoder outputs of recent prompts
 
     # ----------------------------------------------------------------- hooks
 
@@ -211,6 +213,7 @@ class DiffusersBackend:
     def _placed(self, pipe: Any) -> None:
         """What runs once the loaded pipeline is on its device: quantization on the
         device (FLUX.2-klein), the speed knobs (``speed.py``)."""
+        self.prompt_cache.wrap(pipe)
 
     def variant(self, key: str, pipeline_cls: Any) -> Any:
         """A pipeline of another class sharing the loaded components (``from_pipe``)."""
@@ -219,11 +222,13 @@ class DiffusersBackend:
             if self.cfg.offload != "none":  # from_pipe drops the offload hooks
                 pipe = self._place(pipe)
             pipe.set_progress_bar_config(disable=True)
+            self.prompt_cache.wrap(pipe)
             self._variants[key] = pipe
         return self._variants[key]
 
     def unload(self) -> None:
         self._variants.clear()
+        self.prompt_cache.clear()
         pipe, self.pipe = self.pipe, None
         if pipe is not None:
             if hasattr(pipe, "remove_all_hooks"):
@@ -337,6 +342,7 @@ class DiffusersBackend:
             if self.cfg.offload != "none":
                 pipe = self._place(pipe)
             pipe.set_progress_bar_config(disable=True)
+            self.prompt_cache.wrap(pipe)
             self._variants["inpaint"] = pipe
         return self._variants["inpaint"]
 
@@ -365,6 +371,7 @@ class DiffusersBackend:
             raise BackendError(
                 f"model {self.name!r} does not support {item.task!r} (it supports: {', '.join(self.capabilities.tasks)})"
             )
+        self.prompt_cache.scope = tuple((lora.name, lora.scale) for lora in item.loras)  # adapters may change the encoder
         pipe, kwargs = self._call_kwargs(item)
         kwargs.update(
             prompt=item.prompt,
