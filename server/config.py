@@ -76,6 +76,9 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     load_on_demand: bool = False
     idle_unload_seconds: Annotated[float, Meta(gt=0)] | None = None  # unloaded after this long with no job
     lora_cache_size: NonNegInt = 4  # LoRA adapters kept loaded (switched per job); 0 = removed after each job
+    # speed knobs (backends/speed.py): Diffusers' attention backend of the denoiser; regional torch.compile
+    attention_backend: str = "native"
+    compile: Literal["off", "regional"] = "off"
     prompt_cache_size: NonNegInt = 8  # text-encoder outputs of recent prompts kept per model (backends/prompt_cache.py); 0 = off
     simulate_size_mib: NonNegFloat | None = None  # stub only: its "measured" size for residency budgets
     simulate_load_seconds: NonNegFloat = 0.0  # stub only: how long a load takes

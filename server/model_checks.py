@@ -41,6 +41,11 @@ def model_problem(name: str, model: ModelConfig) -> str | None:
             f"{key}.quantization 'fp8dq' runs float8 matmuls, which need a CUDA GPU of compute capability 9.0 or "
             f"newer (Hopper); this model runs on {model.device!r}: use 'fp8' (weight-only) or 'none'"
         )
+    if model.attention_backend.endswith("_hub"):
+        return (
+            f"{key}.attention_backend {model.attention_backend!r} downloads and runs a kernel from the Hugging Face Hub, "
+            "which easel does not do; install the kernel's package and name its backend without '_hub' (e.g. 'flash')"
+        )
     if model.vae_path is not None and not family.vae_path:
         takes = ", ".join(k for k, f in FAMILIES.items() if f.vae_path)
         return f"{key}.vae_path: only the {takes} backend loads a separate VAE (backend {model.backend!r}); remove it"

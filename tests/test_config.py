@@ -57,6 +57,8 @@ def test_deep_merge_replaces_lists() -> None:
         ({"models": {"q": {"backend": "qwen_edit_gguf", "torch_dtype": "float16"}}}, "overflow float16"),
         ({"models": {"z": {"backend": "z_image", "vae_path": "/m/vae"}}}, "models.z.vae_path: only the sdxl backend"),
         ({"models": {"k": {"backend": "flux2_klein", "quantization": "fp8dq", "device": "cpu"}}}, "need a CUDA GPU"),
+        ({"models": {"k": {"backend": "flux2_klein", "attention_backend": "flash_hub"}}}, "downloads and runs a kernel"),
+        ({"models": {"k": {"backend": "flux2_klein", "compile": "max"}}}, "$.models.k.compile"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, override: dict[str, object], needle: str) -> None:

@@ -24,6 +24,7 @@ from .lora import applied_loras
 from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
 from .prompt_cache import PromptCache
+from .speed import apply_speed_knobs, reset_attention_backend
 from .weights import resolve_device, resolve_dtype, resolve_source
 
 if TYPE_CHECKING:
@@ -214,6 +215,7 @@ class DiffusersBackend:
         """What runs once the loaded pipeline is on its device: quantization on the
         device (FLUX.2-klein), the speed knobs (``speed.py``)."""
         self.prompt_cache.wrap(pipe)
+        apply_speed_knobs(self.name, pipe, self.cfg)
 
     def variant(self, key: str, pipeline_cls: Any) -> Any:
         """A pipeline of another class sharing the loaded components (``from_pipe``)."""
@@ -233,6 +235,7 @@ class DiffusersBackend:
         if pipe is not None:
             if hasattr(pipe, "remove_all_hooks"):
                 pipe.remove_all_hooks()
+            reset_attention_backend(pipe, self.cfg.attention_backend)
             del pipe
         free_memory()
 
