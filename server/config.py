@@ -79,6 +79,10 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # speed knobs (backends/speed.py): Diffusers' attention backend of the denoiser; regional torch.compile
     attention_backend: str = "native"
     compile: Literal["off", "regional"] = "off"
+    # first-block cache: a step whose first block's output moved less than the threshold (relative) reuses the
+    # previous step's residual of the other blocks (Qwen-Image-Edit)
+    step_cache: Literal["off", "first_block"] = "off"
+    step_cache_threshold: Annotated[float, Meta(gt=0)] = 0.05
     prompt_cache_size: NonNegInt = 8  # text-encoder outputs of recent prompts kept per model (backends/prompt_cache.py); 0 = off
     simulate_size_mib: NonNegFloat | None = None  # stub only: its "measured" size for residency budgets
     simulate_load_seconds: NonNegFloat = 0.0  # stub only: how long a load takes

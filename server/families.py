@@ -36,6 +36,9 @@ class Family:
     guidance: float = 0.0  # guidance when neither the request nor models.NAME.recommended_guidance says
     float16: bool = True  # runs right in float16 (False: activations overflow to black images; torch_dtype float16 is refused)
     vae_path: bool = False  # models.NAME.vae_path: a VAE folder loaded in place of the pipeline's (SDXL's fp16-fixed VAE)
+    # models.NAME.step_cache: its transformer takes Diffusers' first-block cache (FLUX.2's does not: in Diffusers
+    # 0.42.1 the cache fails on its single-stream blocks, TypeError Tensor - list in first_block_cache.py)
+    step_cache: bool = False
     simulated: bool = False  # sizes and costs come from the config's simulate_* keys (the stub)
     needs: tuple[str, ...] = DIFFUSERS_EXTRA  # packages it imports: a model of it on an install without them fails in one line
 
@@ -61,7 +64,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "qwen_edit_gguf", "qwen_edit_gguf:QwenEditGGUFBackend", ("edit",), ("QwenImageEditPlusPipeline",),
-            inpaint=True, steps=40, guidance=4.0, float16=False,
+            inpaint=True, steps=40, guidance=4.0, float16=False, step_cache=True,
         ),
         Family(
             "upscale_esrgan", "upscale:UpscaleBackend", ("upscale",), in_process=True, isolatable=False, steps=1,

@@ -46,6 +46,9 @@ def model_problem(name: str, model: ModelConfig) -> str | None:
             f"{key}.attention_backend {model.attention_backend!r} downloads and runs a kernel from the Hugging Face Hub, "
             "which easel does not do; install the kernel's package and name its backend without '_hub' (e.g. 'flash')"
         )
+    if model.step_cache != "off" and not family.step_cache:
+        takes = " and ".join(k for k, f in FAMILIES.items() if f.step_cache)
+        return f"{key}.step_cache: only the {takes} backends' transformers take Diffusers' step cache; set it to 'off'"
     if model.vae_path is not None and not family.vae_path:
         takes = ", ".join(k for k, f in FAMILIES.items() if f.vae_path)
         return f"{key}.vae_path: only the {takes} backend loads a separate VAE (backend {model.backend!r}); remove it"

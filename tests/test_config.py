@@ -59,6 +59,7 @@ def test_deep_merge_replaces_lists() -> None:
         ({"models": {"k": {"backend": "flux2_klein", "quantization": "fp8dq", "device": "cpu"}}}, "need a CUDA GPU"),
         ({"models": {"k": {"backend": "flux2_klein", "attention_backend": "flash_hub"}}}, "downloads and runs a kernel"),
         ({"models": {"k": {"backend": "flux2_klein", "compile": "max"}}}, "$.models.k.compile"),
+        ({"models": {"s": {"backend": "sdxl", "step_cache": "first_block"}}}, "models.s.step_cache: only the qwen_edit_gguf backends"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, override: dict[str, object], needle: str) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from server.backends.base import BackendError
-from tests.backend_helpers import RecordingContext, item, load_backend, max_diff
+from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -49,3 +49,25 @@ def test_regional_compile_compiles_the_repeated_blocks_and_keeps_the_pixels(tiny
     a = plain.run(item(steps=2), RecordingContext())[0]
     b = compiled.run(item(steps=2), RecordingContext())[0]
     assert max_diff(a, b) <= 2
+
+
+def block_calls(backend: Any, steps: int) -> int:
+    calls: list[int] = []
+    hook = backend.pipe.transformer.transformer_blocks[-1].attn.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        backend.run(item("edit", images=[reference()], steps=steps), RecordingContext())
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def test_first_block_step_cache_skips_the_other_blocks_and_resets_per_job(tiny_qwen_edit: Path) -> None:
+    """Qwen-Image-Edit (true CFG: two transformer passes a step): with a threshold no
+    step's change reaches, the blocks after the first run only in the first step."""
+    plain: Any = load_backend("qwen_edit_gguf", model_path=str(tiny_qwen_edit))
+    cached: Any = load_backend("qwen_edit_gguf", model_path=str(tiny_qwen_edit), step_cache="first_block",
+                               step_cache_threshold=1.0)  # fmt: skip
+    assert block_calls(plain, 4) == 8
+    first = block_calls(cached, 4)
+    assert 2 <= first < 8
+    assert block_calls(cached, 4) == first  # the next job starts afresh (no residual of the last one)
