@@ -57,6 +57,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     vram_estimate_mib: int | None = None
     offload: Literal["none", "model", "sequential"] = "none"
     quantization: Literal["none", "fp8", "fp8dq"] = "none"  # fp8: weight-only; fp8dq: float8 matmuls (CUDA, Hopper)
+    quantize_text_encoder: bool = False  # with quantization: the text encoder too, float8 weight-only (FLUX.2-klein's Qwen3)
     vae_tiling: bool = False
     vae_slicing: bool = False
     lora_dir: str | None = None

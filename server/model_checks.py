@@ -49,6 +49,8 @@ def model_problem(name: str, model: ModelConfig) -> str | None:
     if model.step_cache != "off" and not family.step_cache:
         takes = " and ".join(k for k, f in FAMILIES.items() if f.step_cache)
         return f"{key}.step_cache: only the {takes} backends' transformers take Diffusers' step cache; set it to 'off'"
+    if model.quantize_text_encoder and model.quantization == "none":
+        return f"{key}.quantize_text_encoder needs quantization 'fp8' or 'fp8dq' (the transformer's); set one, or remove it"
     if model.vae_path is not None and not family.vae_path:
         takes = ", ".join(k for k, f in FAMILIES.items() if f.vae_path)
         return f"{key}.vae_path: only the {takes} backend loads a separate VAE (backend {model.backend!r}); remove it"

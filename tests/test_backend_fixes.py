@@ -3,7 +3,7 @@ each shown on the tiny random-weight pipelines on the CPU."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -171,3 +171,14 @@ def test_a_failed_jobs_tensors_are_dropped_before_the_cache_is_emptied(tiny_flux
     assert alive_at_free == [False]
     monkeypatch.undo()
     assert backend.run(item(), RecordingContext())[0].size == (64, 64)  # the model goes on
+
+
+def test_fp8_quantizes_the_transformer_and_optionally_the_text_encoder(tiny_flux2_klein: Path) -> None:
+    """torchao 0.18's Float8WeightOnlyConfig (no ``float8_weight_only`` any more), applied
+    once the model is placed; ``quantize_text_encoder`` quantizes the Qwen3 encoder too."""
+    pytest.importorskip("torchao")
+    backend: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), quantization="fp8", quantize_text_encoder=True)
+    kinds = {type(backend.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__,
+             type(backend.pipe.text_encoder.model.layers[0].mlp.up_proj.weight).__name__}  # fmt: skip
+    assert kinds == {"Float8Tensor"}
+    assert backend.run(item(), RecordingContext())[0].size == (64, 64)

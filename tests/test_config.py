@@ -59,6 +59,7 @@ def test_deep_merge_replaces_lists() -> None:
         ({"models": {"k": {"backend": "flux2_klein", "quantization": "fp8dq", "device": "cpu"}}}, "need a CUDA GPU"),
         ({"models": {"k": {"backend": "flux2_klein", "attention_backend": "flash_hub"}}}, "downloads and runs a kernel"),
         ({"models": {"k": {"backend": "flux2_klein", "compile": "max"}}}, "$.models.k.compile"),
+        ({"models": {"k": {"backend": "flux2_klein", "quantize_text_encoder": True}}}, "quantize_text_encoder needs quantization"),
         ({"models": {"s": {"backend": "sdxl", "step_cache": "first_block"}}}, "models.s.step_cache: only the qwen_edit_gguf backends"),
     ],
 )

@@ -41,13 +41,18 @@ class Flux2KleinBackend(DiffusersBackend):
             transformer = load_single_file_transformer(self, Flux2Transformer2DModel, transformer_file, base)
             pipe = self.from_pretrained(Flux2KleinPipeline, base, "base_model_path", transformer=transformer)
         if mode != "none" and self.cfg.offload != "none":  # offloaded: its weights stay on the CPU between calls
-            quantize(pipe.transformer, mode)
+            self._quantize(pipe)
         return pipe
 
     def _placed(self, pipe: Any) -> None:
         if self.cfg.quantization != "none" and self.cfg.offload == "none":  # on the device: seconds, not tens of seconds
-            quantize(pipe.transformer, self.cfg.quantization)
+            self._quantize(pipe)
         super()._placed(pipe)
+
+    def _quantize(self, pipe: Any) -> None:
+        quantize(pipe.transformer, self.cfg.quantization)
+        if self.cfg.quantize_text_encoder:  # 9B's Qwen3-8B is as large as its transformer; it runs once per prompt
+            quantize(pipe.text_encoder, "fp8")
 
     def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
         kwargs: dict[str, Any] = {
