@@ -233,8 +233,7 @@ class ModelHost:
             ms.size_mib = peak
             self._grown.add(ms.name)
 
-    def _shares_device(self, ms: ModelState) -> bool:
-        """Another loaded model on ``ms``'s CUDA device (only a CUDA allocator keeps blocks to give back)."""
+    def _shares_device(self, ms: ModelState) -> bool:  # only a CUDA allocator keeps blocks to give back
         device = model_device(ms.cfg)
         return device.startswith("cuda") and any(m is not ms and m.state == "loaded" and model_device(m.cfg) == device for m in self.registry.models.values())
 
