@@ -6,7 +6,7 @@ server's drain time is the last job's ``finished_at`` minus the first job's
 with N back-to-back calls of the same backend in this process: the backend is built
 by ``server.backends.create_backend`` from the same settings, loaded, and called
 with ``backend.run(WorkItem(...), ctx)`` and a no-op ``StepContext``, which is the
-call the server's worker makes on the model's thread (``server.runner.execute``);
+call the server's worker makes on the model's thread (``server.worker.execute.execute``);
 this process also gets the server's malloc settings (``server.hostmem.tune``, as
 ``server.cli.main`` does at start-up) and the same torch thread count
 (``torch.set_num_threads`` here, ``OMP_NUM_THREADS`` for the server).  Rounds

@@ -9,7 +9,8 @@ For each backend on its tiny random-weight pipeline (``tests/tiny_pipelines.py``
 offline in a temp dir; the Qwen edit one with a Q8_0 GGUF transformer, as that backend
 serves it) and on each real folder named by ``--model-dir``, one row per check:
 
-- ``generate fp32 / bf16 / fp16``: one call (fp32 is the CPU's dtype, fp16 CUDA's only);
+- ``generate fp32 / bf16 / fp16``: one call (fp32 is the CPU's dtype, fp16 CUDA's only, and
+  only for the families that allow it: SDXL);
   the images must have the asked size and not be uniform (NaN or overflow);
 - ``residency: params + buffers``: the pipeline's bytes, what ``backends.memory.measure_mib``
   counts on the CPU; ``residency: torch.cuda after load``: the growth of
@@ -19,6 +20,8 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
   table; the Qwen edit model 1..3; SDXL and Z-Image take one, the img2img source);
 - ``fp8 weight-only (torchao)``: ``quantization: "fp8"`` (FLUX.2-klein only);
 - ``model offload`` / ``sequential offload``: ``offload: model|sequential`` (CUDA);
+- ``prompt cache``, ``attention backends``, ``compile regional``, ``fp8dq (torchao, Hopper)``:
+  the speed knobs (``bench/gpu_check_knobs.py``; the prompt cache on the CPU too);
 - ``huge job -> error, worker goes on``: through a real server (``tests/conftest.start_server``;
   the model in its own process, as served by default) an 8192x8192 n=64 job must end as
   ``error`` naming the memory failure, then a normal job on the same model must
@@ -49,7 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,181 +61,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import anyio  # noqa: E402
 import httpx  # noqa: E402
-import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from server.backends.base import Task, WorkItem  # noqa: E402
+from bench.gpu_check_core import (  # noqa: E402
+    BACKENDS,
+    DTYPES,
+    EDIT_ONLY,
+    HUGE,
+    MIB,
+    ONE_REFERENCE,
+    OOM_CHECK,
+    PROMPT,
+    SLOW_BF16_ON_CPU,
+    Check,
+    Env,
+    Loaded,
+    Result,
+    Row,
+    Skip,
+    Target,
+    mib,
+    storage_bytes,
+    timed_run,
+    work,
+)  # fmt: skip
+from bench.gpu_check_knobs import knob_checks  # noqa: E402
 from server.backends.memory import module_bytes  # noqa: E402
-from server.config import build_settings  # noqa: E402
-from server.registry import ModelState  # noqa: E402
-from server.worker.host import ModelHost  # noqa: E402
+from server.families import FAMILIES  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
-from tests.backend_helpers import NoopContext, reference  # noqa: E402
+from tests.backend_helpers import reference  # noqa: E402
 from tests.conftest import RunningServer, model_processes, start_server  # noqa: E402
 
-BACKENDS = ("sdxl", "flux2_klein", "z_image", "qwen_edit_gguf")
-EDIT_ONLY = {"qwen_edit_gguf"}
-ONE_REFERENCE = {"sdxl", "z_image"}  # their edit is img2img from the first reference
-SLOW_BF16_ON_CPU = {"qwen_edit_gguf"}  # its tiny 3-D VAE in bf16: ~16 s at 64 px on the 2-core VM
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-PROMPT = "a lighthouse at dusk"
-MIB = 2**20
-HUGE = {"width": 8192, "height": 8192, "n": 64, "steps": 1}  # the request schema's largest size and batch
-OOM_CHECK = "huge job -> error, worker goes on"
-
-
-class Skip(Exception):
-    """The check does not apply here; the message says why."""
-
-
-@dataclass
-class Result:
-    seconds: float | None = None
-    peak_mib: float | None = None  # torch.cuda.max_memory_allocated over the call (CUDA only)
-    value: str = ""
-    detail: str = ""
-
-
-@dataclass(kw_only=True)
-class Row(Result):
-    target: str
-    check: str
-    status: str  # ok | skipped | FAILED
-
-
-@dataclass
-class Target:
-    """One backend on one model folder (tiny or real), and what its checks found."""
-
-    label: str
-    name: str  # its model name in the settings
-    backend: str
-    cfg: dict[str, Any]
-    size: int
-    steps: int
-    sweep_size: tuple[int, int]
-    ref_side: int
-    ref_counts: list[int]
-    found: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Env:
-    device: str
-    quick: bool
-    threads: int
-    tmp: Path
-    server: RunningServer | None = None
-    cap_mib: float | None = None  # the check server's CUDA allocator cap
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.startswith("cuda")
-
-    @property
-    def served(self) -> str:
-        """The dtype the server's ``torch_dtype: auto`` gives here (``diffusers_common.resolve_dtype``)."""
-        return "bf16" if self.cuda else "fp32"
-
-    def needs_cuda(self) -> None:
-        if not self.cuda:
-            why = f"--device {self.device}" if torch.cuda.is_available() else "torch.cuda.is_available() is False"
-            raise Skip(f"needs CUDA ({why})")
-
-
-# ----------------------------------------------------------------------------- loading and running
-
-
-class Loaded:
-    """At most one model loaded in this process at a time (so a peak holds only its
-    weights), loaded as the server loads it (the worker's ``ModelHost.load``)."""
-
-    def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.host: ModelHost | None = None
-        self.ms: ModelState | None = None
-        self.seconds = 0.0
-
-    def get(self, target: Target, dtype: str, **overrides: Any) -> ModelState:
-        overrides["torch_dtype"] = DTYPES[dtype]
-        overrides.setdefault("isolate", False)  # these checks look into the pipeline and this process's torch.cuda
-        key = (target.label, *sorted(overrides.items()))
-        if key != self.key:
-            self.release()
-            self.key = key
-            self.host = ModelHost.alone(build_settings({"models": {target.name: {**target.cfg, **overrides}}}))
-            start = time.perf_counter()
-            self.ms = anyio.run(self.host.load, target.name)
-            self.seconds = time.perf_counter() - start
-        assert self.ms is not None
-        if self.ms.state != "loaded":
-            raise RuntimeError(f"load failed: {self.ms.load_error}")
-        return self.ms
-
-    def release(self) -> None:
-        if self.host is not None and self.ms is not None and self.ms.state == "loaded":
-            anyio.run(self.host.unload, self.ms.name)
-        self.key = self.host = self.ms = None
-
-
-def work(target: Target, refs: int | None = None, size: tuple[int, int] | None = None) -> WorkItem:
-    """The backend's main task (an edit with one reference for the edit-only model), or ``refs`` references."""
-    k = (1 if target.backend in EDIT_ONLY else 0) if refs is None else refs
-    w, h = size or (target.size, target.size)
-    images = [reference(target.ref_side, target.ref_side, seed=i) for i in range(k)]
-    strength = 1.0 if images and target.backend in ONE_REFERENCE else None  # img2img: every step denoises
-    task: Task = "edit" if k else "generate"
-    return WorkItem(task=task, prompt=PROMPT, width=w, height=h, steps=target.steps, seed=1, images=images, strength=strength)
-
-
-def timed_run(env: Env, ms: ModelState, item: WorkItem) -> tuple[float, float | None]:
-    """Seconds and peak MiB (CUDA) of one ``backend.run``; the images must be as many as
-    asked, of the asked size, and not uniform (NaN or overflow, e.g. in an fp16 VAE)."""
-    assert ms.backend is not None
-    if env.cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    images = ms.backend.run(item, NoopContext())
-    if env.cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / MIB if env.cuda else None
-    if len(images) != item.n or any(im.size != (item.width, item.height) for im in images):
-        raise AssertionError(f"asked {item.n} image(s) {item.width}x{item.height}, got {[im.size for im in images]}")
-    if any(float(np.asarray(im.convert("RGB"), dtype=np.float32).std()) < 1.0 for im in images):
-        raise AssertionError("a uniform image came back (NaN or overflow in the pipeline, e.g. an fp16 VAE)")
-    return seconds, peak
-
-
-def storage_bytes(t: torch.Tensor) -> int:
-    """The bytes a tensor holds; a tensor subclass (torchao's Float8Tensor) by its inner tensors."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(storage_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def mib(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
 # ----------------------------------------------------------------------------- in-process checks
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    run: Callable[[Env, Target, Loaded], Result]  # raises Skip where the check does not apply
 
 
 def generate(dtype: str) -> Check:
     def run(env: Env, target: Target, loaded: Loaded) -> Result:
         if dtype == "fp16":
             env.needs_cuda()
+            if not FAMILIES[target.backend].float16:
+                raise Skip(f"float16 is refused for {target.backend} (it overflows: black images); bf16 is served")
         if dtype == "fp32" and env.cuda:
             raise Skip("fp32 is the CPU's dtype; on CUDA the server serves bf16 (auto) or fp16")
         if dtype == "bf16" and env.quick and not env.cuda and target.backend in SLOW_BF16_ON_CPU:
@@ -241,6 +111,7 @@ def generate(dtype: str) -> Check:
         item = work(target)
         seconds, peak = timed_run(env, ms, item)
         target.found[f"peak {dtype}"] = peak
+        target.found[f"seconds {dtype}"] = seconds
         refs = f", {len(item.images)} ref" if item.images else ""
         detail = f"{item.steps} steps{refs}, {DTYPES[dtype]} on {env.device}; loaded in {loaded.seconds:.2f} s"
         return Result(seconds, peak, f"{item.width}x{item.height}", detail)
@@ -320,6 +191,8 @@ def fp8(env: Env, target: Target, loaded: Loaded) -> Result:
 def offload(mode: str) -> Check:
     def run(env: Env, target: Target, loaded: Loaded) -> Result:
         env.needs_cuda()
+        if mode == "sequential" and str(target.cfg.get("transformer_path") or "").endswith(".gguf"):
+            raise Skip("refused with a GGUF transformer (accelerate cannot re-create its parameters: Diffusers issue #14691)")
         ms = loaded.get(target, env.served, offload=mode)
         seconds, peak = timed_run(env, ms, work(target))
         return Result(
@@ -341,6 +214,7 @@ def in_process_checks(env: Env) -> list[Check]:
         Check("fp8 weight-only (torchao)", fp8),
         offload("model"),
         offload("sequential"),
+        *knob_checks(env),
     ]
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,6 +142,28 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         proxy_headers=False,  # X-Forwarded-*: only from http.trusted_proxies (server/forwarded.py)
         timeout_graceful_shutdown=5,  # open SSE/long-poll connections; jobs get queue.shutdown_grace_seconds
     )
-    _Server(config).run()
+    try:  # the port first: a busy one is one line, before any model loads or any job is claimed
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"easel: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; "
+              "stop what uses it or choose another port (--port)", file=sys.stderr)  # fmt: skip
+        return 2
+    _Server(config).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (uvicorn serves on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP said, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and
+    # without it every small answer waits ~40 ms for the client's delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 

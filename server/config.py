@@ -20,6 +20,7 @@ from msgspec import Meta, Struct
 from .families import FAMILIES, UPSCALERS
 from .forecast import FEATURES, unknown_terms
 from .forwarded import parse_networks
+from .model_checks import model_problem
 
 DEFAULT_SETTINGS = Path(__file__).with_name("default_settings.json")
 
@@ -41,6 +42,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     base_model_path: str | None = None
     transformer_path: str | None = None
     transformer_config_path: str | None = None
+    vae_path: str | None = None  # SDXL: a VAE folder (e.g. an fp16-fixed VAE) loaded in place of the pipeline's
     tasks: list[Literal["generate", "edit"]] = []
     max_images: Annotated[int, Meta(ge=0, le=64)] = 1
     max_output_images: Annotated[int, Meta(ge=1, le=64)] = 4
@@ -51,9 +53,12 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     recommended_guidance: float | None = None
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"  # auto -> cuda if available, else mps, else cpu
+    # where seeded noise is drawn: "cpu" (one seed gives one image on any GPU and any worker) or "device"
+    rng: Literal["cpu", "device"] = "cpu"
     vram_estimate_mib: int | None = None
     offload: Literal["none", "model", "sequential"] = "none"
-    quantization: Literal["none", "fp8"] = "none"
+    quantization: Literal["none", "fp8", "fp8dq"] = "none"  # fp8: weight-only; fp8dq: float8 matmuls (CUDA, Hopper)
+    quantize_text_encoder: bool = False  # with quantization: the text encoder too, float8 weight-only (FLUX.2-klein's Qwen3)
     vae_tiling: bool = False
     vae_slicing: bool = False
     lora_dir: str | None = None
@@ -73,6 +78,14 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     load_on_demand: bool = False
     idle_unload_seconds: Annotated[float, Meta(gt=0)] | None = None  # unloaded after this long with no job
     lora_cache_size: NonNegInt = 4  # LoRA adapters kept loaded (switched per job); 0 = removed after each job
+    # speed knobs (backends/speed.py): Diffusers' attention backend of the denoiser; regional torch.compile
+    attention_backend: str = "native"
+    compile: Literal["off", "regional"] = "off"
+    # first-block cache: a step whose first block's output moved less than the threshold (relative) reuses the
+    # previous step's residual of the other blocks (Qwen-Image-Edit)
+    step_cache: Literal["off", "first_block"] = "off"
+    step_cache_threshold: Annotated[float, Meta(gt=0)] = 0.05
+    prompt_cache_size: NonNegInt = 8  # text-encoder outputs of recent prompts kept per model (backends/prompt_cache.py); 0 = off
     simulate_size_mib: NonNegFloat | None = None  # stub only: its "measured" size for residency budgets
     simulate_load_seconds: NonNegFloat = 0.0  # stub only: how long a load takes
     simulate_first_call_seconds: NonNegFloat = 0.0  # stub only: what the first job after a load takes more (warm-up)
@@ -329,6 +342,8 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
                 f"(backend {model.backend!r} would load unquantized); set it to 'none', or use an FP8 single-file "
                 "transformer (transformer_path)"
             )
+        if (problem := model_problem(name, model)) is not None:
+            raise ConfigError(f"{source}: {problem}")
         if model.isolate and not FAMILIES[model.backend].isolatable:
             raise ConfigError(
                 f"{source}: models.{name}.isolate: an upscaler runs in the server's process (jobs call it image by "

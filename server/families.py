@@ -34,6 +34,11 @@ class Family:
     isolatable: bool = True  # may run in its own process (an upscaler is called image by image: never)
     steps: int = 4  # denoising steps when neither the request nor models.NAME.recommended_steps says
     guidance: float = 0.0  # guidance when neither the request nor models.NAME.recommended_guidance says
+    float16: bool = True  # runs right in float16 (False: activations overflow to black images; torch_dtype float16 is refused)
+    vae_path: bool = False  # models.NAME.vae_path: a VAE folder loaded in place of the pipeline's (SDXL's fp16-fixed VAE)
+    # models.NAME.step_cache: its transformer takes Diffusers' first-block cache (FLUX.2's does not: in Diffusers
+    # 0.42.1 the cache fails on its single-stream blocks, TypeError Tensor - list in first_block_cache.py)
+    step_cache: bool = False
     simulated: bool = False  # sizes and costs come from the config's simulate_* keys (the stub)
     batches: bool = False  # several jobs' generates may share one pipeline call (prompt and generator lists)
     needs: tuple[str, ...] = DIFFUSERS_EXTRA  # packages it imports: a model of it on an install without them fails in one line
@@ -43,13 +48,25 @@ FAMILIES: dict[str, Family] = {
     f.key: f
     for f in (
         Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True, batches=True, needs=()),
+        # steps and guidance: the model cards' (FLUX.2-klein 4B/9B, distilled: 4 steps, guidance 1;
+        # SDXL base: ~30 steps (Diffusers' default is 50), guidance 5; Z-Image-Turbo: 9 steps
+        # (Diffusers' example 8), guidance 0; Qwen-Image-Edit-2509/2511: 40 steps, true_cfg_scale 4)
         Family(
             "flux2_klein", "flux2_klein:Flux2KleinBackend", ("generate", "edit"), ("Flux2KleinPipeline",),
-            inpaint=True, trainable="flux-lora", quantizes=True, guidance=1.0, batches=True,
+            inpaint=True, trainable="flux-lora", quantizes=True, steps=4, guidance=1.0, float16=False, batches=True,
         ),
-        Family("sdxl", "sdxl:SDXLBackend", ("generate", "edit"), ("StableDiffusionXLPipeline",), inpaint=True, guidance=5.0, batches=True),
-        Family("z_image", "z_image:ZImageBackend", ("generate", "edit"), ("ZImagePipeline",), inpaint=True, trainable="z-image-lora", batches=True),
-        Family("qwen_edit_gguf", "qwen_edit_gguf:QwenEditGGUFBackend", ("edit",), ("QwenImageEditPlusPipeline",), inpaint=True, guidance=4.0),
+        Family(
+            "sdxl", "sdxl:SDXLBackend", ("generate", "edit"), ("StableDiffusionXLPipeline",), inpaint=True,
+            steps=30, guidance=5.0, vae_path=True, batches=True,
+        ),
+        Family(
+            "z_image", "z_image:ZImageBackend", ("generate", "edit"), ("ZImagePipeline",), inpaint=True,
+            trainable="z-image-lora", steps=9, guidance=0.0, float16=False, batches=True,
+        ),
+        Family(
+            "qwen_edit_gguf", "qwen_edit_gguf:QwenEditGGUFBackend", ("edit",), ("QwenImageEditPlusPipeline",),
+            inpaint=True, steps=40, guidance=4.0, float16=False, step_cache=True,
+        ),
         Family(
             "upscale_esrgan", "upscale:UpscaleBackend", ("upscale",), in_process=True, isolatable=False, steps=1,
             needs=("torch", "spandrel", "safetensors"),

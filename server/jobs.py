@@ -5,7 +5,7 @@ Redis hash of JSON fields, one per Struct field) and every API node and worker
 reads the same record.  It holds no live objects: reference images, masks and
 results are blob keys and metadata; the bytes sit in the broker's blob store.
 Futures, events and threads belong to the process that owns them (the broker's
-change waiters, the runner's cancel flags), never to the record.
+change waiters, the worker's cancel flags), never to the record.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The policy, used by the model host (server/worker/host.py), which does the loadi
 - ``residency.memory_budget_mib`` per device (``"cuda:0"``, ``"cpu"`` = host RAM):
   before a model loads, the least recently used *idle* models on its device are
   unloaded until it fits.  A model with waiting or running jobs is never evicted;
-  when only busy models stand in the way the load waits (the runner retries each
+  when only busy models stand in the way the load waits (the model host retries each
   heartbeat, and when a job ends).  A model bigger than the whole budget is an error
   that names the budget and by how much it is over.
 - A model's size is measured by the process that holds it (server/backends/memory.py):

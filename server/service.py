@@ -25,7 +25,7 @@ from .jobs import ImageResult, JobRecord, JobStatus, live_preview_key, preview_k
 from .quotas import check_and_charge
 from .registry import ModelState, Registry
 from .standing import Forecasts, Where, job_features, predict, queue_seconds, standing
-from .worker.presence import SLOTS
+from .workers import LocalWorkers, SharedWorkers
 
 if TYPE_CHECKING:
     from .build import UrlFetcher
@@ -70,16 +70,6 @@ class ModelStatus:
     workers: list[WorkerInfo]
 
 
-def _across(infos: list[WorkerInfo]) -> tuple[str, str | None]:
-    """(state, load error) of a model over the workers that present it: loaded if any
-    is, else loading, else error, else unloaded."""
-    states = {w.state for w in infos}
-    for state in ("loaded", "loading", "error"):
-        if state in states:
-            return state, next((w.load_error for w in infos if w.load_error), None) if state == "error" else None
-    return "unloaded", None
-
-
 class Service:
     def __init__(
         self, settings: Settings, broker: Broker, registry: Registry, metrics: Metrics, keys: Keys, *,
@@ -92,6 +82,8 @@ class Service:
         self.metrics = metrics
         self.forecasts = Forecasts(settings, broker)
         self.worker = worker  # the workers of this process, if any (role all)
+        # who serves the models: this process alone (memory broker), or workers anywhere (Redis)
+        self.workers = LocalWorkers(worker) if worker is not None and not broker.distributed else SharedWorkers(broker, self.forecasts, worker)
         self.submit_checks = submit_checks or []  # before a job is queued (URL guards, upscaler...)
         self.fetch_url = fetch_url  # reference images given by URL
         if worker is not None:
@@ -122,10 +114,7 @@ class Service:
 
     async def model_state(self, ms: ModelState) -> tuple[str, str | None, int]:
         """(state, load error, live slots) of a model across the workers serving it."""
-        if self.worker is not None and not self.broker.distributed:  # one process: its registry is the truth
-            return ms.state, ms.load_error, SLOTS if ms.state == "loaded" else 0
-        state, error, infos = (await self._presence([ms]))[0]
-        return state, error, sum(w.slots for w in infos if w.state == "loaded")
+        return await self.workers.slots(ms)
 
     async def model_status(self, ms: ModelState) -> ModelStatus:
         return (await self.model_statuses([ms]))[0]
@@ -134,61 +123,24 @@ class Service:
         """The status of each model, its queue depths read before its presence (see
         ``_presence``: the last await of a listing)."""
         depths = [await self.broker.depth(ms.name) for ms in models]
-        presence = await self._presence(models)
+        presence = await self.workers.presence(models)
         return [ModelStatus(state, error, *depth, infos) for (state, error, infos), depth in zip(presence, depths, strict=True)]
 
-    async def _presence(self, models: list[ModelState]) -> list[tuple[str, str | None, list[WorkerInfo]]]:
-        """(state, load error, workers) of each model. Every read from the broker comes
-        first; this process's own worker is then read at one instant for all of them, so
-        a listing never shows one model still loaded and the one that evicted it already
-        loading."""
-        remote = self.worker is None or self.broker.distributed
-        shared = {ms.name: await self.forecasts.workers(ms.name) for ms in models} if remote else {}
-        own = self.worker.presence.infos() if self.worker is not None else []  # no await from here on
-        out: list[tuple[str, str | None, list[WorkerInfo]]] = []
-        for ms in models:
-            infos = [w for w in shared.get(ms.name, []) if self.worker is None or w.worker != self.worker.id]
-            infos += [i for i in own if i.model == ms.name]
-            state, error = _across(infos) if remote else (ms.state, ms.load_error)  # one process: its registry
-            out.append((state, error, infos))
-        return out
-
     async def served_model(self, name: str | None) -> ModelState:
-        """A model jobs may be queued for: loaded here, or (distributed) configured;
-        a 409 otherwise."""
+        """A model jobs may be queued for (a 409 where none will run them)."""
         ms = self.model(name)
-        if self.broker.distributed:
-            return ms  # workers may come later: the queue survives until one does
-        state, error, _ = await self.model_state(ms)
-        if state == "loading" or (state == "unloaded" and ms.cfg.load_on_demand and self.worker is not None):
-            return ms  # it runs once the model has loaded (on demand: ModelHost.want); a failed load ends it as error
-        if state != "loaded":
-            hint = f": {error}" if state == "error" else ""
-            raise Conflict(
-                f"model {ms.name!r} is {state}{hint}; load it with POST /v1/admin/models/{ms.name}/load",
-                param="model",
-                code="model_not_loaded",
-            )
+        self.workers.check_served(ms)
         return ms
 
     async def load(self, name: str, *, wait: bool = True) -> None:
-        """Load ``name`` here (and wait for it unless ``wait`` is false), or ask the
-        shared broker's workers to."""
+        """Load ``name`` (and wait for it unless ``wait`` is false)."""
         ms = self.model(name)
-        if self.worker is not None and not wait:
-            self.worker.host.spawn(self.load(ms.name))
-        elif self.worker is not None:
-            await self.worker.host.load(ms.name)
-        else:
-            await self.broker.command(ms.name, "load")
+        await self.workers.load(ms.name, wait)
         self.forecasts.presence_changed(ms.name)
 
     async def unload(self, name: str) -> None:
         ms = self.model(name)
-        if self.worker is not None:
-            await self.worker.host.unload(ms.name)
-        else:
-            await self.broker.command(ms.name, "unload")
+        await self.workers.unload(ms.name)
         self.forecasts.presence_changed(ms.name)
 
     # ----- submit ----------------------------------------------------------------------
@@ -257,8 +209,7 @@ class Service:
             await self._refund(caller, job)
             return held
         self.metrics.submitted.labels(job.model, job.task).inc()
-        if self.worker is not None:  # a load_on_demand model that is not loaded loads now
-            self.worker.host.want(job.model)
+        self.workers.queued(job.model)
         try:
             where = await standing(self.forecasts, job)
             await self.broker.update(job, {"pos_at_submit": where.pos, "expected_at_submit": where.wait or 0.0})

@@ -1,9 +1,9 @@
-"""Time limits of a running job: the watchdog the runner starts beside each one.
+"""Time limits of a running job: the watchdog the worker starts beside each one.
 
 * ``job_timeout_seconds``: a job running longer is stopped at its next step and ends
-  as an error (the runner sets its cancel event with a reason).
+  as an error (the worker sets its cancel event with a reason).
 * ``stall_seconds``: a job that reports no step for this long is stalled: its
-  pipeline call is presumed hung, and the runner ends the job without waiting for it.
+  pipeline call is presumed hung, and the worker ends the job without waiting for it.
 
 Both are set in ``limits`` and per model (``models.NAME.*``: null = the limits'
 value, 0 = no limit for that model).  A training run has no job timeout (it stops

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.cli import overrides_from, parse_args
-from server.config import ConfigError, deep_merge, load_settings
+from server.config import ConfigError, build_settings, deep_merge, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,12 +50,31 @@ def test_deep_merge_replaces_lists() -> None:
         ({"models": {"stub": {"forecast_prior": {"steps_mp_n": 1.0}}}}, "models.stub.forecast_prior: unknown terms ['steps_mp_n']"),
         ({"models": {"stub": {"forecast_prior": [0.5, 1.0, 0.0, 0.0]}}}, "$.models.stub.forecast_prior"),
         ({"models": {"sd": {"backend": "sdxl", "quantization": "fp8"}}}, "only the flux2_klein backend quantizes"),
+        ({"models": {"q": {"backend": "qwen_edit_gguf", "transformer_path": "/m/q.gguf", "offload": "sequential"}}},
+         "models.q.offload 'sequential' does not work with a GGUF transformer"),
+        ({"models": {"k": {"backend": "flux2_klein", "torch_dtype": "float16"}}}, "models.k.torch_dtype 'float16'"),
+        ({"models": {"z": {"backend": "z_image", "torch_dtype": "float16"}}}, "use 'bfloat16'"),
+        ({"models": {"q": {"backend": "qwen_edit_gguf", "torch_dtype": "float16"}}}, "overflow float16"),
+        ({"models": {"z": {"backend": "z_image", "vae_path": "/m/vae"}}}, "models.z.vae_path: only the sdxl backend"),
+        ({"models": {"k": {"backend": "flux2_klein", "quantization": "fp8dq", "device": "cpu"}}}, "need a CUDA GPU"),
+        ({"models": {"k": {"backend": "flux2_klein", "attention_backend": "flash_hub"}}}, "downloads and runs a kernel"),
+        ({"models": {"k": {"backend": "flux2_klein", "compile": "max"}}}, "$.models.k.compile"),
+        ({"models": {"k": {"backend": "flux2_klein", "quantize_text_encoder": True}}}, "quantize_text_encoder needs quantization"),
+        ({"models": {"s": {"backend": "sdxl", "step_cache": "first_block"}}}, "models.s.step_cache: only the qwen_edit_gguf backends"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, override: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, override))
     assert needle in str(err.value)
+
+
+def test_float16_and_sequential_offload_stay_allowed_where_they_work() -> None:
+    settings = build_settings({"models": {
+        "sd": {"backend": "sdxl", "torch_dtype": "float16", "vae_path": "/m/sdxl-vae-fp16-fix"},
+        "q": {"backend": "qwen_edit_gguf", "model_path": "/m/qwen-edit", "offload": "sequential"},
+    }})  # fmt: skip
+    assert settings.models["sd"].torch_dtype == "float16" and settings.models["q"].offload == "sequential"
 
 
 def test_invalid_json_is_reported_with_the_line(tmp_path: Path) -> None:

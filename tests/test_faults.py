@@ -24,6 +24,7 @@ import httpx
 import pytest
 import redis
 
+from .cluster import Cluster
 from .conftest import RunningServer, start_server, stub_settings
 from .loopback_http import LoopbackServer, Reply
 from .redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
@@ -45,18 +46,12 @@ def settings(hooks: LoopbackServer | None = None, **model: Any) -> dict[str, Any
     return out
 
 
-class Cluster:
-    """Nodes of one easel on one Redis, killed at the end of the test."""
+class FaultCluster(Cluster):
+    """A ``Cluster`` that can look into Redis and pause it; killed at the end of the test."""
 
-    def __init__(self, tmp: Path, redis_server: RedisServer) -> None:
-        self.tmp = tmp
-        self.redis = redis_server
-        self.nodes: list[RunningServer] = []
-
-    def start(self, role: str, cfg: dict[str, Any]) -> RunningServer:
-        node = start_server(self.tmp, cfg, ("--broker", self.redis.url, "--role", role))
+    def start(self, role: str, cfg: dict[str, Any] | None = None) -> RunningServer:
+        node = super().start(role, cfg)
         node.client.timeout = httpx.Timeout(15)
-        self.nodes.append(node)
         return node
 
     def db(self) -> redis.Redis:
@@ -78,15 +73,14 @@ class Cluster:
             os.kill(self.redis.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop(signal.SIGKILL)
+        super().stop()
         if self.redis.proc is not None:
             os.kill(self.redis.proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, redis_server_fresh: RedisServer) -> Iterator[Cluster]:  # noqa: F811
-    c = Cluster(tmp_path, redis_server_fresh)
+def cluster(tmp_path: Path, redis_server_fresh: RedisServer) -> Iterator[FaultCluster]:  # noqa: F811
+    c = FaultCluster(tmp_path, redis_server_fresh)
     try:
         yield c
     finally:
@@ -112,7 +106,7 @@ def final(node: RunningServer, task_id: str, settled: Callable[[dict[str, Any]],
 # ----- 1, 2, 6: submits while Redis stalls ----------------------------------------------------
 
 
-def test_1_a_submit_refused_while_redis_stalls_never_makes_a_job(cluster: Cluster) -> None:
+def test_1_a_submit_refused_while_redis_stalls_never_makes_a_job(cluster: FaultCluster) -> None:
     """Redis paused: the submit answers 503 within about the broker timeout, with
     Retry-After and the task id; once Redis answers again that id is unknown and no
     job was queued, nor does one run later."""
@@ -171,7 +165,7 @@ async def test_1_a_submit_script_that_reaches_redis_after_its_caller_gave_up_que
         await broker.close()
 
 
-def test_2_an_idempotent_retry_after_a_refused_submit_gets_a_clean_submit_at_once(cluster: Cluster) -> None:
+def test_2_an_idempotent_retry_after_a_refused_submit_gets_a_clean_submit_at_once(cluster: FaultCluster) -> None:
     api = cluster.start("api", settings())
     cluster.start("worker", settings())
     key = {"Idempotency-Key": uuid.uuid4().hex}
@@ -191,7 +185,7 @@ def test_2_an_idempotent_retry_after_a_refused_submit_gets_a_clean_submit_at_onc
     assert cluster.job_ids() == {task_id}
 
 
-def test_6_every_api_call_fails_fast_with_retry_after_while_redis_stalls(cluster: Cluster) -> None:
+def test_6_every_api_call_fails_fast_with_retry_after_while_redis_stalls(cluster: FaultCluster) -> None:
     api = cluster.start("api", settings())
     r = api.client.post("/api/generate", json={"prompt": "a fox"})
     assert r.status_code == 200, r.text
@@ -274,7 +268,7 @@ def delivered(body: dict[str, Any]) -> bool:
     return body["webhook"] != "pending"
 
 
-def test_4_every_final_state_gets_its_webhook_on_redis(cluster: Cluster) -> None:
+def test_4_every_final_state_gets_its_webhook_on_redis(cluster: FaultCluster) -> None:
     """Done, cancelled while waiting, cancelled while running, and error (its workers
     lost twice, ended by the reaper on an API node): one webhook each, for that state,
     and the record says ``ok``; a long-poll on a delivered job answers at once."""
@@ -330,7 +324,7 @@ def test_4_cancelled_jobs_get_their_webhook_on_the_memory_broker(tmp_path: Path)
             node.stop(signal.SIGKILL)
 
 
-def test_5_a_webhook_is_retried_when_the_receiver_is_down_and_across_a_redis_crash(cluster: Cluster) -> None:
+def test_5_a_webhook_is_retried_when_the_receiver_is_down_and_across_a_redis_crash(cluster: FaultCluster) -> None:
     """The receiver fails the first POST: it is tried again a second later, from the
     outbox.  Then Redis is killed (SIGKILL) while a second POST is in flight: the
     receiver gets it (200), the outcome is recorded once Redis is back (restarted from

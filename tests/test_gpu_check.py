@@ -25,6 +25,9 @@ CUDA_ONLY = (
     "peak VRAM per reference",
     "model offload",
     "sequential offload",
+    "attention backends",
+    "compile regional",
+    "fp8dq (torchao, Hopper)",
 )
 SWEEP = {"sdxl": [0, 1], "z_image": [0, 1], "flux2_klein": [0, 1, 2], "qwen_edit_gguf": [1, 2]}
 
@@ -93,11 +96,20 @@ def test_fp8_runs_through_torchao_where_it_is_installed(check: dict[str, Any]) -
         assert other["status"] == "skipped" and "only the flux2_klein backend" in other["detail"], other
 
 
+@pytest.mark.parametrize("backend", TINY)
+def test_prompt_cache_row_skips_the_text_encoder(check: dict[str, Any], backend: str) -> None:
+    r = row(check, backend, "prompt cache")
+    if backend == "qwen_edit_gguf":
+        assert r["status"] == "skipped" and "encodes its reference images" in r["detail"], r
+    else:
+        assert r["status"] == "ok" and r["value"].endswith("x") and "ran 0 times" in r["detail"] and r["seconds"] > 0, r
+
+
 def test_prints_one_table_with_every_row(check: dict[str, Any]) -> None:
     out = check["stdout"]
     lines = out.splitlines()
     assert "easel GPU check on cpu" in out and "| backend" in out and " 0 failed in " in out
-    assert len(check["rows"]) == len(TINY) * 11
+    assert len(check["rows"]) == len(TINY) * 15
     for r in check["rows"]:
         assert any(r["target"] in line and f"| {r['check']} " in line and f"| {r['status']} " in line for line in lines), r
     assert "Peak VRAM per reference image, flux2_klein (tiny)" in out and "| # references |" in out

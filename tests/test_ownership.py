@@ -180,3 +180,37 @@ def test_a_key_over_its_gpu_seconds_gets_a_429_saying_when_it_fits_again(srv: Ru
     assert huge.headers["x-should-retry"] == "false"
     metrics = c.get("/metrics", headers=ROOT).text
     assert 'easel_gpu_seconds_total{key="budget",model="stub"}' in metrics
+
+
+def test_a_masked_edit_is_one_job_per_key_on_the_job_api_and_openai_alike(srv: RunningServer) -> None:
+    """Every route family fingerprints the job it builds (one submit sequence): a masked
+    edit sent twice with one key is one job, the same request without its mask is a 409,
+    on the job API and on the OpenAI shim (multipart, as the SDK sends it)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def png(mode: str, color: Any) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, (64, 64), color).save(buf, "PNG")
+        return buf.getvalue()
+
+    image, mask = png("RGB", (200, 30, 30)), png("RGBA", (0, 0, 0, 0))
+    for route in ("job", "openai"):
+        key = {**ALICE, "Idempotency-Key": uuid.uuid4().hex}
+
+        def send(with_mask: bool, route: str = route, key: dict[str, str] = key) -> httpx.Response:
+            if route == "job":
+                body: dict[str, Any] = {"prompt": "x", "images": ["data:image/png;base64," + base64.b64encode(image).decode()]}
+                if with_mask:
+                    body["mask"] = "data:image/png;base64," + base64.b64encode(mask).decode()
+                return srv.client.post("/api/edit", json=body, headers=key)
+            files = {"image": ("i.png", image, "image/png"), **({"mask": ("m.png", mask, "image/png")} if with_mask else {})}
+            return srv.client.post("/v1/images/edits", data={"prompt": "x"}, files=files, headers=key)
+
+        first, again, unmasked = send(True), send(True), send(False)
+        assert first.status_code == again.status_code == 200, (route, first.text)
+        ids = [r.json().get("task_id") or r.headers.get("x-request-id") for r in (first, again)]
+        assert ids[0] == ids[1], (route, ids)
+        assert unmasked.status_code == 409 and unmasked.json()["error"]["param"] == "Idempotency-Key", (route, unmasked.text)

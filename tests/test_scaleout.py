@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import RunningServer, start_server, stub_settings
+from .cluster import Cluster
+from .conftest import RunningServer, stub_settings
 from .redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
 
 LEASE = {"lease_seconds": 1.0, "heartbeat_seconds": 0.25}
@@ -28,33 +29,9 @@ def settings(**model: Any) -> dict[str, Any]:
     return out
 
 
-class Cluster:
-    """Nodes of one easel on one Redis; stopped at the end of the test."""
-
-    def __init__(self, tmp: Path, redis: RedisServer) -> None:
-        self.tmp = tmp
-        self.redis = redis
-        self.nodes: list[RunningServer] = []
-
-    def start(self, role: str, cfg: dict[str, Any] | None = None) -> RunningServer:
-        node = start_server(self.tmp, cfg or settings(), ("--broker", self.redis.url, "--role", role))
-        self.nodes.append(node)
-        return node
-
-    def api(self, cfg: dict[str, Any] | None = None) -> RunningServer:
-        return self.start("api", cfg)
-
-    def worker(self, cfg: dict[str, Any] | None = None) -> RunningServer:
-        return self.start("worker", cfg)
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop(signal.SIGKILL)
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, redis_server_fresh: RedisServer) -> Iterator[Cluster]:  # noqa: F811
-    c = Cluster(tmp_path, redis_server_fresh)
+    c = Cluster(tmp_path, redis_server_fresh, settings())
     try:
         yield c
     finally:

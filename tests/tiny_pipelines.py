@@ -144,9 +144,12 @@ def build_sdxl(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_s
     return _save(pipe, path, safe_serialization)
 
 
-def build_flux2_klein(path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True) -> Path:
+def build_flux2_klein(
+    path: str | Path, *, seed: int = 0, scheduler: Any = None, safe_serialization: bool = True, is_distilled: bool = False
+) -> Path:
     """A tiny Flux2KleinPipeline (~1 MB): 28-layer hidden-16 Qwen3 text encoder (the
-    pipeline stacks hidden states 9/18/27, so joint_attention_dim = 48)."""
+    pipeline stacks hidden states 9/18/27, so joint_attention_dim = 48); ``is_distilled``
+    as the step-distilled FLUX.2-klein releases (no classifier-free guidance)."""
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3ForCausalLM
 
@@ -167,7 +170,7 @@ def build_flux2_klein(path: str | Path, *, seed: int = 0, scheduler: Any = None,
         text_encoder=Qwen3ForCausalLM(_qwen3_config(hidden=16, layers=28)),
         tokenizer=qwen_tokenizer(),
         transformer=transformer,
-        is_distilled=False,
+        is_distilled=is_distilled,
     )
     return _save(pipe, path, safe_serialization)
 
@@ -280,6 +283,76 @@ def write_transformer_single_file(model_dir: str | Path, out_file: str | Path, *
     state = _load_transformer_state(model_dir)
     if fp8:
         state = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()}
+    out = Path(out_file)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+FLUX2_VENDOR_NAMES = {  # Diffusers name -> the name in Black Forest Labs' own files
+    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
+}  # fmt: skip
+FLUX2_VENDOR_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
+                       "attn.norm_k": "norm.key_norm"}  # fmt: skip
+
+
+def flux2_vendor_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The FLUX.2 transformer of a built folder under Black Forest Labs' own key names
+    (``double_blocks.N.img_attn.qkv.weight``, ``single_blocks.N.linear1.weight``, norms as
+    ``.scale``, the final modulation as (shift, scale)): what Diffusers' single-file
+    converter reads."""
+    diffusers_state = _load_transformer_state(model_dir)
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[torch.Tensor]] = {}
+    for key, value in diffusers_state.items():
+        name, kind = key.rsplit(".", 1)
+        norm = "norm_" in name
+        if name == "norm_out.linear":
+            scale, shift = value.chunk(2, dim=0)
+            out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+            continue
+        if name.startswith("transformer_blocks."):
+            _, block, inner = name.split(".", 2)
+            for group, parts in (("img_attn.qkv", ("to_q", "to_k", "to_v")), ("txt_attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+                if inner.removeprefix("attn.") in parts:
+                    fused.setdefault(f"double_blocks.{block}.{group}.{kind}", [None] * 3)[parts.index(inner.removeprefix("attn."))] = value  # type: ignore[list-item]
+                    break
+            else:
+                out[f"double_blocks.{block}.{FLUX2_VENDOR_NAMES[inner]}.{'scale' if norm else kind}"] = value
+            continue
+        if name.startswith("single_transformer_blocks."):
+            _, block, inner = name.split(".", 2)
+            out[f"single_blocks.{block}.{FLUX2_VENDOR_SINGLE[inner]}.{'scale' if norm else kind}"] = value
+            continue
+        out[f"{FLUX2_VENDOR_NAMES[name]}.{kind}"] = value
+    out.update({k: torch.cat(v) for k, v in fused.items()})
+    return out
+
+
+def write_flux2_vendor_file(model_dir: str | Path, out_file: str | Path, *, fp8_scaled: bool = False) -> Path:
+    """The FLUX.2 transformer of a built folder as one file laid out as Black Forest Labs
+    ship theirs (``flux2_vendor_state``); ``fp8_scaled`` as their FP8 releases: each 2-D
+    block weight float8_e4m3fn divided by a float32 ``weight_scale`` beside it (and an
+    ``input_scale``)."""
+    from safetensors.torch import save_file
+
+    state = flux2_vendor_state(model_dir)
+    if fp8_scaled:
+        for key in [k for k, v in state.items() if v.ndim == 2 and "_blocks." in k]:
+            weight = state[key].float()
+            scale = weight.abs().max() / torch.finfo(torch.float8_e4m3fn).max
+            state[key] = (weight / scale).to(torch.float8_e4m3fn)
+            state[key.removesuffix("weight") + "weight_scale"] = scale.reshape(())
+            state[key.removesuffix("weight") + "input_scale"] = torch.ones(())
     out = Path(out_file)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     return out

@@ -149,7 +149,7 @@ class WorkItem:
     images: list[Image] = field(default_factory=list)  # edit references
     init_image: Image | None = None  # img2img source
     strength: float | None = None
-    mask: Image | None = None  # L, 255 = repaint, the size of images[0]; the runner composites the result
+    mask: Image | None = None  # L, 255 = repaint, the size of images[0]; the worker composites the result
     mask_blur: int = 0
     loras: list[LoraSpec] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs

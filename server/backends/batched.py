@@ -1,7 +1,8 @@
 """A batched pipeline call of a Diffusers backend: several compatible items (one
 call but for their prompts, negative prompts and seeds: ``jobs.batch_key``) in one
 call, one row per image, image k of an item drawn from its seed + k as alone; each
-item's images come back separately.
+item's images come back separately.  ``DiffusersBackend.run_batch`` calls it and makes
+its out-of-memory failures sentences.
 
 ``ctx`` is a ``BatchSteps`` (or, in a model's own process, its proxy): each step
 goes to every item's job, and ``ctx.preview`` gets one image per item (the latents
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import BackendError, StepContext, WorkItem
+from .lora import applied_loras
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -29,6 +31,7 @@ def run_batch(backend: DiffusersBackend, items: list[WorkItem], ctx: StepContext
     if backend.pipe is None:
         raise BackendError(f"model {backend.name!r} is not loaded; load it first")
     check_compatible(backend, items)
+    backend.prompt_cache.scope = tuple((lora.name, lora.scale) for lora in first.loras)  # adapters may change the encoder
     pipe, kwargs = backend._call_kwargs(first)
     kwargs = backend._rows_kwargs(kwargs, [it.negative_prompt for it in items for _ in range(it.n)])
     kwargs.update(
@@ -50,7 +53,7 @@ def run_batch(backend: DiffusersBackend, items: list[WorkItem], ctx: StepContext
                 ctx.preview(shown)  # type: ignore[arg-type]  # a BatchSteps: one image per item
         return kw
 
-    with backend._calling(pipe, first, len(generators)):
+    with applied_loras(backend.pipe, first.loras, backend.cfg.lora_dir, backend.name, backend.cfg.lora_cache_size):
         out = pipe(generator=generators, num_images_per_prompt=1, callback_on_step_end=callback, **kwargs)
     return [out.images[r : r + it.n] for it, r in zip(items, rows, strict=True)]
 

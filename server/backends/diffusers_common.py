@@ -12,106 +12,30 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
-import re
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image, ImageOps
 
-from ..families import default_guidance
+from ..families import default_guidance, family
 from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities, out_of_memory
+from .batched import run_batch as batched_call
 from .latent_preview import Factors, LatentRGB, fit_latent_rgb
-from .lora import WEIGHT_SUFFIXES, applied_loras
+from .lora import applied_loras
 from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
+from .prompt_cache import PromptCache
+from .speed import apply_speed_knobs, reset_attention_backend
+from .weights import resolve_device, resolve_dtype, resolve_source
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from ..config import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
 
 MIN_REFERENCE_SIDE = 64
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_device(spec: str) -> str:
-    """``auto`` -> cuda when available, else mps, else cpu; anything else verbatim."""
-    if spec != "auto":
-        return spec
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(spec: str, device: str) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float16 on MPS, float32 on CPU."""
-    if spec != "auto":
-        return DTYPES[spec]
-    if device.startswith("cuda"):
-        return torch.bfloat16
-    if device.startswith("mps"):
-        return torch.float16
-    return torch.float32
-
-
-def hub_token() -> str | None:
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_TOKEN") or None
-
-
-def resolve_source(path: str | None, key: str, model: str) -> tuple[str, dict[str, Any]]:
-    """A local path, or a Hugging Face repo id (``org/name`` that does not exist on
-    disk), with the keyword arguments ``from_pretrained`` needs for it."""
-    if not path:
-        raise BackendError(f"model {model!r} has no {key} configured; set it to a local Diffusers folder")
-    expanded = os.path.expanduser(path)
-    if os.path.exists(expanded):
-        variant = weights_variant(expanded)
-        return expanded, ({"variant": variant} if variant else {})
-    if REPO_ID.match(path):
-        return path, {"token": hub_token()}
-    raise BackendError(
-        f"{key} {path!r} of model {model!r} does not exist; download the weights there "
-        f"(e.g. `hf download ORG/NAME --local-dir {path}`) or fix the path in the settings"
-    )
-
-
-VARIANTS = ("fp16", "bf16")
-
-
-def weights_variant(folder: str) -> str | None:
-    """The variant to load a pipeline folder with: ``fp16`` (or ``bf16``) when some
-    component has only weight files of that variant (e.g. ``unet/diffusion_pytorch_model.fp16.safetensors``,
-    as ``hf download --include "*.fp16.*"`` leaves it), which ``from_pretrained``
-    does not find without ``variant=``; components that have plain weights still
-    load them. None when every component has plain weights."""
-    found: set[str] = set()
-    try:
-        components = [e for e in os.scandir(folder) if e.is_dir()]
-    except OSError:
-        return None
-    for component in components:
-        try:
-            names = [n for n in os.listdir(component.path) if n.endswith(WEIGHT_SUFFIXES)]
-        except OSError:
-            continue
-        tags = {_variant_tag(n) for n in names}
-        if len(tags) == 1 and None not in tags:  # weights, all of one variant
-            found |= tags  # type: ignore[arg-type]
-    return found.pop() if len(found) == 1 else None
-
-
-def _variant_tag(name: str) -> str | None:
-    """``fp16`` for model.fp16.safetensors, model.fp16-00001-of-00002.safetensors or
-    diffusion_pytorch_model-00001-of-00002.fp16.safetensors; None for plain weights."""
-    parts = set(re.split(r"[.-]", name))
-    return next((v for v in VARIANTS if v in parts), None)
 
 
 def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -127,6 +51,25 @@ def check_references(images: list[Image.Image]) -> list[Image.Image]:
                 f"{MIN_REFERENCE_SIDE} px — upload a larger image"
             )
     return [img.convert("RGB") for img in images]
+
+
+def shared_init_kwargs(pipe: Any, cls: Any) -> dict[str, Any]:
+    """What ``cls(...)`` takes from the loaded ``pipe``: its components, and the
+    settings it was built with that ``cls`` also accepts (``is_distilled``, ...)."""
+    wanted = inspect.signature(cls.__init__).parameters
+    components = pipe.components
+    settings = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in components}
+    return {k: v for k, v in {**settings, **components}.items() if k in wanted}
+
+
+def released(exc: BaseException, message: str) -> BackendError:
+    """A ``BackendError(message)`` caused by ``exc`` without its traceback: the
+    traceback holds the failed call's frames, whose tensors ``empty_cache`` cannot give
+    back while anything refers to them."""
+    error = BackendError(message)
+    error.__cause__ = exc.with_traceback(None)
+    exc.__context__ = None
+    return error
 
 
 def memory_of(device: str) -> str:
@@ -171,10 +114,11 @@ class DiffusersBackend:
         self.settings = settings
         self.capabilities: Capabilities = model_capabilities(cfg)
         self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.torch_dtype, self.device)
+        self.dtype = resolve_dtype(cfg.torch_dtype, self.device, family(cfg).float16)
         self.pipe: Any = None
         self._variants: dict[str, Any] = {}  # e.g. "img2img" -> pipeline sharing components
         self.rgb: LatentRGB | None = None  # the preview projection, set at load
+        self.prompt_cache = PromptCache(cfg.prompt_cache_size)  # text-encoder outputs of recent prompts
 
     # ----------------------------------------------------------------- hooks
 
@@ -216,17 +160,20 @@ class DiffusersBackend:
     def load(self) -> None:
         if self.pipe is not None:
             return
+        failure: BackendError | None = None
         try:
-            self.pipe = self._place(self._build_pipeline())
+            pipe = self._place(self._build_pipeline())
+            self._placed(pipe)
+            self.pipe = pipe
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
-            free_memory()
             advice = "set offload to 'model' (or 'sequential'), " if self.device != "cpu" else ""
-            raise BackendError(
-                f"out of {memory_of(self.device)} loading model {self.name!r}; {advice}"
-                "use a quantized transformer, or unload other models first"
-            ) from exc
+            failure = released(exc, f"out of {memory_of(self.device)} loading model {self.name!r}; {advice}"
+                                    "use a quantized transformer, or unload other models first")  # fmt: skip
+        if failure is not None:  # out of the except: the failed load's tensors are dropped now
+            free_memory()
+            raise failure
         self.rgb = self._latent_rgb()
         log.info("model %s loaded on %s (%s, offload=%s)", self.name, self.device, self.dtype, self.cfg.offload)
 
@@ -265,6 +212,12 @@ class DiffusersBackend:
             vae.enable_slicing()
         return pipe
 
+    def _placed(self, pipe: Any) -> None:
+        """What runs once the loaded pipeline is on its device: quantization on the
+        device (FLUX.2-klein), the speed knobs (``speed.py``)."""
+        self.prompt_cache.wrap(pipe)
+        apply_speed_knobs(self.name, pipe, self.cfg)
+
     def variant(self, key: str, pipeline_cls: Any) -> Any:
         """A pipeline of another class sharing the loaded components (``from_pipe``)."""
         if key not in self._variants:
@@ -272,15 +225,18 @@ class DiffusersBackend:
             if self.cfg.offload != "none":  # from_pipe drops the offload hooks
                 pipe = self._place(pipe)
             pipe.set_progress_bar_config(disable=True)
+            self.prompt_cache.wrap(pipe)
             self._variants[key] = pipe
         return self._variants[key]
 
     def unload(self) -> None:
         self._variants.clear()
+        self.prompt_cache.clear()
         pipe, self.pipe = self.pipe, None
         if pipe is not None:
             if hasattr(pipe, "remove_all_hooks"):
                 pipe.remove_all_hooks()
+            reset_attention_backend(pipe, self.cfg.attention_backend)
             del pipe
         free_memory()
 
@@ -316,15 +272,19 @@ class DiffusersBackend:
     def after_job(self, release_cache: bool) -> float | None:
         """Cached blocks back to the device when another model shares it; the peak this
         process held on a CUDA device (server/backends/memory.py)."""
+        device = self.device if self.device != "cuda" else "cuda:0"
         if release_cache:
-            release_cached_blocks()
-        return peak_mib(self.device if self.device != "cuda" else "cuda:0")
+            release_cached_blocks(device)
+        return peak_mib(device)
 
     # ----------------------------------------------------------------- running
 
     def generators(self, item: WorkItem) -> list[torch.Generator]:
-        """One generator per image: image k uses seed + k (reproducible one by one)."""
-        device = "cpu" if self.device.startswith("mps") else self.device
+        """One generator per image: image k uses seed + k (reproducible one by one).
+        On the CPU unless ``rng: "device"``: CUDA's generator draws other numbers per
+        GPU generation and library version; the CPU's are the same everywhere (the
+        pipelines draw the noise there and move it to the device)."""
+        device = "cpu" if self.cfg.rng == "cpu" or self.device.startswith("mps") else self.device
         return [torch.Generator(device).manual_seed(item.seed + k) for k in range(item.n)]
 
     def guidance(self, item: WorkItem) -> float:
@@ -353,7 +313,7 @@ class DiffusersBackend:
     def inpaint_kwargs(self, item: WorkItem) -> dict[str, Any]:
         """``image``, ``mask_image`` and ``strength`` (default 1: the masked area is
         repainted) for an inpaint pipeline, both resized to the call's size (images[0]'s
-        rounded to multiples of 16).  The runner composites the result over images[0]."""
+        rounded to multiples of 16).  The worker composites the result over images[0]."""
         if not item.images or item.mask is None:
             raise BackendError("a masked edit needs a reference image and a mask")
         source = check_references(item.images[:1])[0]
@@ -381,12 +341,13 @@ class DiffusersBackend:
                 "upgrade diffusers or drop mask"
             )
         if "inpaint" not in self._variants:
-            # as from_pipe, but without its dtype cast, which a GGUF-quantized transformer refuses
-            wanted = inspect.signature(cls.__init__).parameters
-            pipe = cls(**{k: v for k, v in self.pipe.components.items() if k in wanted})
+            # as from_pipe, but without its dtype cast, which a GGUF-quantized transformer refuses;
+            # the pipeline's own settings (FLUX.2-klein's is_distilled: no CFG) carry over too
+            pipe = cls(**shared_init_kwargs(self.pipe, cls))
             if self.cfg.offload != "none":
                 pipe = self._place(pipe)
             pipe.set_progress_bar_config(disable=True)
+            self.prompt_cache.wrap(pipe)
             self._variants["inpaint"] = pipe
         return self._variants["inpaint"]
 
@@ -415,6 +376,7 @@ class DiffusersBackend:
             raise BackendError(
                 f"model {self.name!r} does not support {item.task!r} (it supports: {', '.join(self.capabilities.tasks)})"
             )
+        self.prompt_cache.scope = tuple((lora.name, lora.scale) for lora in item.loras)  # adapters may change the encoder
         pipe, kwargs = self._call_kwargs(item)
         kwargs.update(
             prompt=item.prompt,
@@ -426,18 +388,44 @@ class DiffusersBackend:
         batches = [generators] if self._batchable(item) else [[g] for g in generators]
         preview = self._preview(item)
         images: list[Image.Image] = []
-        with self._calling(pipe, item, item.n):
-            for k, gens in enumerate(batches):
-                callback = step_callback(ctx, preview, len(batches), k)
-                out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)
-                images.extend(out.images)
+        failure: BackendError | None = None
+        try:
+            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
+                for k, gens in enumerate(batches):
+                    callback = step_callback(ctx, preview, len(batches), k)
+                    out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)
+                    images.extend(out.images)
+        except Exception as exc:
+            pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
+            if not out_of_memory(exc):
+                raise
+            advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
+            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} "
+                                    f"with n={item.n} and {len(item.images)} reference image(s); try a smaller size, fewer "
+                                    f"images or references{advice}")  # fmt: skip
+        if failure is not None:  # out of the except, whose traceback held the pipeline's frames and their tensors
+            free_memory()  # now empty_cache can give them back
+            raise failure
         return images[: item.n]
 
     def run_batch(self, items: list[WorkItem], ctx: StepContext) -> list[list[Image.Image]]:
         """Several compatible items in one pipeline call (``backends/batched.py``)."""
-        from .batched import run_batch
-
-        return run_batch(self, items, ctx)
+        if len(items) == 1:
+            return [self.run(items[0], ctx)]
+        failure: BackendError | None = None
+        try:
+            return batched_call(self, items, ctx)
+        except Exception as exc:
+            if self.pipe is not None:
+                self.pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
+            if not out_of_memory(exc):
+                raise
+            advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
+            first = items[0]
+            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {first.width}x{first.height} with "
+                                    f"{sum(it.n for it in items)} images of {len(items)} jobs in one call; try a smaller target_inflight{advice}")  # fmt: skip
+        free_memory()  # out of the except, whose traceback held the pipeline's frames and their tensors
+        raise failure
 
     def _rows_kwargs(self, kwargs: dict[str, Any], negatives: list[str | None]) -> dict[str, Any]:
         """A batched call's keyword arguments, one negative prompt per row (a batch
@@ -445,20 +433,3 @@ class DiffusersBackend:
         if kwargs.get("negative_prompt") is not None:
             kwargs["negative_prompt"] = [n or "" for n in negatives]
         return kwargs
-
-    @contextmanager
-    def _calling(self, pipe: Any, item: WorkItem, images: int) -> Iterator[None]:
-        """A pipeline call with ``item``'s LoRAs applied, its failures made sentences."""
-        try:
-            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
-                yield
-        except Exception as exc:
-            pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
-            if not out_of_memory(exc):
-                raise
-            free_memory()
-            advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
-            raise BackendError(
-                f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} with n={images} "
-                f"and {len(item.images)} reference image(s); try a smaller size, fewer images or references{advice}"
-            ) from exc

@@ -2,8 +2,10 @@
 
 Weights: a Diffusers folder in ``model_path``; or an FP8/single-file transformer in
 ``transformer_path`` (or ``model_path`` pointing at a ``.safetensors`` file) with the
-rest of the pipeline from ``base_model_path``.  ``quantization: "fp8"`` quantizes
-the transformer to float8 weight-only with torchao.
+rest of the pipeline from ``base_model_path`` (a scaled-FP8 file, as Black Forest Labs
+ship theirs, is refused: Diffusers cannot apply its scales).  ``quantization: "fp8"``
+(weight-only) or ``"fp8dq"`` (dynamic activations, Hopper) quantizes the transformer
+with torchao (``quantize.py``) on its device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from . import latent_preview
 from .base import BackendError, WorkItem
 from .diffusers_common import DiffusersBackend, check_references
+from .quantize import check_fp8dq_device, check_torchao, quantize
 from .single_file import load_single_file_transformer, single_file_parts
 
 
@@ -24,18 +27,32 @@ class Flux2KleinBackend(DiffusersBackend):
     def _build_pipeline(self) -> Any:
         from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
-        if self.cfg.quantization == "fp8":
-            check_torchao()
+        mode = self.cfg.quantization
+        if mode != "none":
+            check_torchao(mode)
+        if mode == "fp8dq":
+            check_fp8dq_device(self.device)
         parts = single_file_parts(self.cfg, self.name, ".safetensors")
         if parts is None:
             pipe = self.from_pretrained(Flux2KleinPipeline, self.cfg.model_path)
         else:
             transformer_file, base = parts
+            check_flux2_single_file(self.name, transformer_file)
             transformer = load_single_file_transformer(self, Flux2Transformer2DModel, transformer_file, base)
             pipe = self.from_pretrained(Flux2KleinPipeline, base, "base_model_path", transformer=transformer)
-        if self.cfg.quantization == "fp8":
-            quantize_fp8(pipe.transformer)
+        if mode != "none" and self.cfg.offload != "none":  # offloaded: its weights stay on the CPU between calls
+            self._quantize(pipe)
         return pipe
+
+    def _placed(self, pipe: Any) -> None:
+        if self.cfg.quantization != "none" and self.cfg.offload == "none":  # on the device: seconds, not tens of seconds
+            self._quantize(pipe)
+        super()._placed(pipe)
+
+    def _quantize(self, pipe: Any) -> None:
+        quantize(pipe.transformer, self.cfg.quantization)
+        if self.cfg.quantize_text_encoder:  # 9B's Qwen3-8B is as large as its transformer; it runs once per prompt
+            quantize(pipe.text_encoder, "fp8")
 
     def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
         kwargs: dict[str, Any] = {
@@ -90,24 +107,17 @@ class Flux2KleinBackend(DiffusersBackend):
         return vae.decode(x.to(vae.dtype), return_dict=False)[0]  # type: ignore[no-any-return]
 
 
-def check_torchao() -> None:
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
+def check_flux2_single_file(model: str, path: str) -> None:
+    """Refuse a scaled-FP8 file (``...weight_scale`` beside each float8 weight, as Black
+    Forest Labs ship their FP8 releases): Diffusers' FLUX.2 converter does not apply the
+    scales (it fails on them, or would load wrong weights)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        scales = [k for k in f.keys() if k.endswith(("weight_scale", "scale_weight"))]  # noqa: SIM118
+    if scales:
         raise BackendError(
-            "quantization 'fp8' needs torchao, which is not installed; run `pip install torchao` or set quantization to 'none'"
-        ) from None
-
-
-def quantize_fp8(module: torch.nn.Module) -> None:
-    """Float8 weight-only quantization of ``module`` in place (torchao)."""
-    from torchao.quantization import quantize_
-
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig
-
-        quantize_(module, Float8WeightOnlyConfig())
-    except ImportError:  # older torchao
-        from torchao.quantization import float8_weight_only
-
-        quantize_(module, float8_weight_only())
+            f"transformer file {path!r} of model {model!r} holds scaled FP8 weights ({len(scales)} tensors like "
+            f"{scales[0]!r}), which Diffusers cannot load: use the bf16 Diffusers folder (e.g. "
+            "black-forest-labs/FLUX.2-klein-4B) as model_path with quantization 'fp8' (FP8 weights, quantized at load)"
+        )

@@ -54,7 +54,7 @@ class QwenEditGGUFBackend(DiffusersBackend):
 
     def _inpaint(self, item: WorkItem, refs: int) -> tuple[Any, dict[str, Any]]:
         """QwenImageEditInpaintPipeline: one image, run at ~1 MP of its aspect whatever
-        the size asked (``item``'s size is set to that, for previews; the runner resizes
+        the size asked (``item``'s size is set to that, for previews; the worker resizes
         the result back and composites it)."""
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint
 

@@ -3,6 +3,7 @@ first reference) through ``StableDiffusionXLImg2ImgPipeline.from_pipe``."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -16,9 +17,14 @@ class SDXLBackend(DiffusersBackend):
     latent_rgb = latent_preview.SDXL
 
     def _build_pipeline(self) -> Any:
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-        return self.from_pretrained(StableDiffusionXLPipeline, self.cfg.model_path)
+        if self.cfg.vae_path is None:
+            return self.from_pretrained(StableDiffusionXLPipeline, self.cfg.model_path)
+        # e.g. madebyollin/sdxl-vae-fp16-fix: in float16 the pipeline's own VAE is upcast
+        # to float32 for every decode (its force_upcast); a fixed one runs in float16
+        vae = self.from_pretrained(AutoencoderKL, self.cfg.vae_path, "vae_path", **vae_subfolder(self.cfg.vae_path))
+        return self.from_pretrained(StableDiffusionXLPipeline, self.cfg.model_path, vae=vae)
 
     def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
         from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -40,3 +46,11 @@ class SDXLBackend(DiffusersBackend):
     def _decode_spatial(self, pipe: Any, z: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae
         return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]  # type: ignore[no-any-return]
+
+
+def vae_subfolder(path: str) -> dict[str, str]:
+    """A VAE folder (``config.json`` inside), or a pipeline folder whose ``vae`` it is."""
+    folder = os.path.expanduser(path)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, "vae")):
+        return {"subfolder": "vae"}
+    return {}

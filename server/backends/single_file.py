@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .base import BackendError
-from .diffusers_common import resolve_source
+from .weights import resolve_source
 
 if TYPE_CHECKING:
     from ..config import ModelConfig

@@ -87,7 +87,7 @@ class UpscaleBackend:
 
     def after_job(self, release_cache: bool) -> float | None:
         if release_cache:
-            release_cached_blocks()
+            release_cached_blocks(self._device)
         return peak_mib(self._device)
 
     def cost_prior(self, fit: str) -> dict[str, float] | None:

@@ -3,8 +3,9 @@ presence and forecast statistics behind one Protocol.
 
 Two implementations: ``memory`` (one process: the embedded default) and ``redis``
 (any number of API nodes and worker hosts on one Redis).  The service layer
-(``server.service``) and the runner (``server.runner``) talk to a ``Broker`` and to
-nothing below it; ``tests/test_broker_contract.py`` runs one contract over both.
+(``server.service``) and the worker (``server.worker``) talk to a ``Broker`` and to
+nothing below it; its parts (``Queue``, ``Store``, ``Deliveries``, ``Events``, ``Presence``,
+``Ledger``, ``Statistics``) are Protocols of their own; ``tests/test_broker_contract.py`` runs one contract over both.
 
 Times are the broker's clock (``now()``): wall seconds as the broker tells them.
 The memory broker's clock is ``time.time()``; the Redis broker's is Redis's own
@@ -88,7 +89,7 @@ class SubmitKey(Struct, frozen=True):
     ttl: float
 
 
-class Broker(Protocol):
+class Lifecycle(Protocol):
     name: str  # "memory" or "redis"
     distributed: bool  # True when other processes share the queue (then SIGTERM releases, never cancels)
 
@@ -102,7 +103,9 @@ class Broker(Protocol):
     def now(self) -> float:
         """The broker's clock (see the module docstring)."""
 
-    # ----- queue ---------------------------------------------------------------------
+
+class Queue(Protocol):
+    """The waiting jobs of each model, in run order, with the sums ahead of each."""
 
     async def submit(
         self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
@@ -138,7 +141,9 @@ class Broker(Protocol):
 
     async def running(self, model: str) -> list[JobRecord]: ...
 
-    # ----- store ---------------------------------------------------------------------
+
+class Store(Protocol):
+    """Job records, their fenced changes and their blobs."""
 
     async def get(self, job_id: str) -> JobRecord | None: ...
 
@@ -159,7 +164,7 @@ class Broker(Protocol):
 
     def progress_threadsafe(self, job: JobRecord) -> None:
         """From a worker thread, after setting ``job.step`` / ``job.last_step_at`` on
-        the runner's copy: make the progress visible (coalesced, never blocking)."""
+        the worker's copy: make the progress visible (coalesced, never blocking)."""
 
     async def finish(
         self,
@@ -201,10 +206,12 @@ class Broker(Protocol):
 
     async def delete_blob(self, key: str) -> None: ...
 
-    # ----- the delivery outbox ----------------------------------------------------------
-    # Every step that ends a job (finish, cancel, reap) puts it in the outbox when it has
-    # a delivery to make (``webhook`` pending, or a done job's ``upload_urls``), in the
-    # same step: any node drains it (server/delivery/outbox.py), at least once.
+
+class Deliveries(Protocol):
+    """The delivery outbox.  Every step that ends a job (finish, cancel, reap) puts it
+    in the outbox when it has a delivery to make (``webhook`` pending, or a done job's
+    ``upload_urls``), in the same step: any node drains it (server/delivery/outbox.py),
+    at least once."""
 
     async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
         """Due outbox entries (``job_id``'s only, or the first ``limit``), each claimed
@@ -214,7 +221,9 @@ class Broker(Protocol):
         """Record a delivery's outcome ``fields`` on the job (when it still exists) and
         take it out of the outbox; with ``retry_in``: keep it, due again that much later."""
 
-    # ----- events --------------------------------------------------------------------
+
+class Events(Protocol):
+    """Wake-ups (the record is the truth), cancel requests and model commands."""
 
     async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
         """Wait for the job's next change (``progress=False``: not a mere step); False
@@ -229,7 +238,9 @@ class Broker(Protocol):
     async def command(self, model: str, action: str) -> None:
         """Send a model admin command to every worker (those configured for ``model`` act)."""
 
-    # ----- workers -------------------------------------------------------------------
+
+class Presence(Protocol):
+    """Which workers serve which models, the leases of their jobs, and the reaper."""
 
     async def heartbeat(self, infos: list[WorkerInfo], running: list[tuple[str, int]], lease: float) -> set[str]:
         """A worker is alive: its presence per model, and the leases of its running
@@ -246,7 +257,9 @@ class Broker(Protocol):
         """Jobs whose lease expired: back at the head of their priority once; lost a
         second time: ``error``.  Idempotent; every node runs it.  Returns jobs handled."""
 
-    # ----- idempotent submits and quotas ------------------------------------------------
+
+class Ledger(Protocol):
+    """Idempotent submits and the GPU seconds each key has used (quotas)."""
 
     async def submitted(self, key: str) -> tuple[str, str] | None:
         """(job id, fingerprint) an idempotency key is bound to, if its job exists."""
@@ -262,7 +275,9 @@ class Broker(Protocol):
         (job id, booked at, seconds, open), oldest first.  Settled ones older than
         ``since`` are forgotten."""
 
-    # ----- forecast statistics ---------------------------------------------------------
+
+class Statistics(Protocol):
+    """What the forecast has learned of each model (kept here so every node shares it)."""
 
     async def observe_cost(self, model: str, task: str, decayed: list[float], added: list[float], forget: float) -> None:
         """stats = forget * stats + decayed (first part), + added (second part): one
@@ -279,3 +294,9 @@ class Broker(Protocol):
     def stats_version(self, model: str) -> int | None:
         """A number that changes when ``model``'s statistics change, where the broker
         can tell cheaply (memory); None where callers must refresh by time (redis)."""
+
+
+class Broker(Lifecycle, Queue, Store, Deliveries, Events, Presence, Ledger, Statistics, Protocol):
+    """Everything a node holds of the shared state: the parts above, one object.
+    ``memory.MemoryBroker`` and ``redis.RedisBroker`` implement it; the contract suite
+    (tests/test_broker_contract.py) runs over both."""

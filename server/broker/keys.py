@@ -1,8 +1,9 @@
 """Every Redis key the Redis broker uses, one function each (arq-style).
 
-The Lua scripts (``redis_scripts``) build the keys they reach at run time (a
-job's hash, a level's Fenwick tree) from the same prefix with the same names;
-``redis_scripts.LUA_KEYS`` mirrors this module, keep the two in step.
+One table (``KEYS``) names them all.  ``Keys`` builds them in Python; the Lua scripts
+(``lua/*.lua``, loaded by ``scripts.py``) get the same table as generated functions
+(``k_job(id)``, ``k_fenwick(m, level)``) and constants (``K_OUTBOX``), so a key's
+name is written once.
 
 ======================  ===========  ==================================================
 key                     type         holds
@@ -19,7 +20,7 @@ key                     type         holds
                                      sums of the heads claimed (``p:entry``) and the
                                      entries its jobs use (``u:entry``)
 ``pop:{m}:{level}``     list         ``position|vec`` of the heads claimed, still in
-                                     the tree (redis_scripts.py)
+                                     the tree (lua/prelude.lua)
 ``run:{m}``             sorted set   running job -> lease deadline (Redis TIME)
 ``wk:{m}``              sorted set   live worker -> presence deadline (Redis TIME)
 ``wki:{m}``             hash         worker -> its ``WorkerInfo`` JSON
@@ -44,72 +45,121 @@ key                     type         holds
 
 from __future__ import annotations
 
+import re
+
 DEFAULT_PREFIX = "easel:"
+# name -> template under the prefix; {placeholders} are the key's parts
+KEYS: dict[str, str] = {
+    "job": "job:{id}",
+    "queue": "q:{m}",
+    "levels": "lv:{m}",
+    "counters": "seq:{m}",
+    "fenwick": "fen:{m}:{level}",
+    "popped": "pop:{m}:{level}",
+    "running": "run:{m}",
+    "presence": "wk:{m}",
+    "worker_info": "wki:{m}",
+    "models": "models",
+    "seq": "seq",
+    "done": "done",
+    "task": "task:{task}",
+    # the forecast's statistics and priors, in the format of forecast.FEATURES version 4
+    # (another format's keys are left alone, not misread)
+    "cost": "cost4:{m}",
+    "priors": "prior4:{m}",
+    "submit": "idem:{key}",
+    "ledger": "use:{owner}",
+    "events": "ev",
+    "worker_events": "wev",
+    "outbox": "outbox",
+    "blob": "{key}",
+}
+_PART = re.compile(r"\{(\w+)\}")
 
 
 class Keys:
+    """``Keys(prefix).job(id)`` and so on: every key of ``KEYS`` under the prefix."""
+
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
 
+    def key(self, name: str, *parts: object) -> str:
+        names = _PART.findall(KEYS[name])
+        return self.prefix + KEYS[name].format(**dict(zip(names, map(str, parts), strict=True)))
+
     def job(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}"
+        return self.key("job", job_id)
 
     def queue(self, model: str) -> str:
-        return f"{self.prefix}q:{model}"
+        return self.key("queue", model)
 
     def levels(self, model: str) -> str:
-        return f"{self.prefix}lv:{model}"
+        return self.key("levels", model)
 
     def counters(self, model: str) -> str:
-        return f"{self.prefix}seq:{model}"
+        return self.key("counters", model)
 
     def fenwick(self, model: str, level: int) -> str:
-        return f"{self.prefix}fen:{model}:{level}"
+        return self.key("fenwick", model, level)
 
     def running(self, model: str) -> str:
-        return f"{self.prefix}run:{model}"
+        return self.key("running", model)
 
     def presence(self, model: str) -> str:
-        return f"{self.prefix}wk:{model}"
+        return self.key("presence", model)
 
     def worker_info(self, model: str) -> str:
-        return f"{self.prefix}wki:{model}"
+        return self.key("worker_info", model)
 
     def models(self) -> str:
-        return f"{self.prefix}models"
+        return self.key("models")
 
     def seq(self) -> str:
-        return f"{self.prefix}seq"
+        return self.key("seq")
 
     def done(self) -> str:
-        return f"{self.prefix}done"
+        return self.key("done")
 
     def task(self, task: str) -> str:
-        return f"{self.prefix}task:{task}"
-
-    # the forecast's statistics and priors, in the format of forecast.FEATURES version 2
-    # (another format's keys are left alone, not misread)
+        return self.key("task", task)
 
     def cost(self, model: str) -> str:
-        return f"{self.prefix}cost4:{model}"
+        return self.key("cost", model)
 
     def priors(self, model: str) -> str:
-        return f"{self.prefix}prior4:{model}"
+        return self.key("priors", model)
 
     def submit(self, key: str) -> str:
-        return f"{self.prefix}idem:{key}"
+        return self.key("submit", key)
 
     def ledger(self, owner: str) -> str:
-        return f"{self.prefix}use:{owner}"
+        return self.key("ledger", owner)
 
     def events(self) -> str:
-        return f"{self.prefix}ev"
+        return self.key("events")
 
     def outbox(self) -> str:
-        return f"{self.prefix}outbox"
+        return self.key("outbox")
 
     def worker_events(self) -> str:
-        return f"{self.prefix}wev"
+        return self.key("worker_events")
 
     def blob(self, key: str) -> str:
-        return f"{self.prefix}{key}"
+        return self.key("blob", key)
+
+
+def lua_keys() -> str:
+    """``KEYS`` as Lua, for the scripts' prelude: ``local function k_job(id) return P ..
+    'job:' .. id end`` per key with parts (a level formatted as an integer), ``local
+    K_OUTBOX = P .. 'outbox'`` per key without."""
+    out = []
+    for name, template in KEYS.items():
+        parts = _PART.findall(template)
+        pieces = [f"'{p}'" if i % 2 == 0 else (f"int({p})" if p == "level" else p)
+                  for i, p in enumerate(_PART.split(template)) if p]  # fmt: skip
+        text = " .. ".join(["P", *pieces])
+        if parts:
+            out.append(f"local function k_{name}({', '.join(parts)}) return {text} end")
+        else:
+            out.append(f"local K_{name.upper()} = {text}")
+    return "\n".join(out)

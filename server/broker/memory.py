@@ -4,7 +4,7 @@ Jobs are records in a dict, each model's waiting jobs a ``queue.ModelQueue``
 (O(log n) position and cost ahead), result bytes a dict capped at
 ``result_memory_bytes`` (the oldest finished jobs' images go first).  Nothing
 survives a restart; no other process shares it, so leases, presence deadlines and
-the reaper have nothing to do.  The runner's record is the stored object itself:
+the reaper have nothing to do.  The worker's record is the stored object itself:
 ``update`` and ``finish`` set its fields and wake its waiters.
 """
 
@@ -190,7 +190,7 @@ class MemoryBroker(LocalEvents):
         return True
 
     def progress_threadsafe(self, job: JobRecord) -> None:
-        # the runner's record is the stored one: only followers need waking, and only
+        # the worker's record is the stored one: only followers need waking, and only
         # they cost the pipeline thread a hand-off to the loop
         if self._loop is not None and self.notifier.followed(job.id):
             self._loop.call_soon_threadsafe(self.notifier.changed_progress, job.id)

@@ -82,7 +82,7 @@ class Notifier:
 
 class LocalEvents:
     """What both brokers do alike with the events that reach this process: change
-    waiters, and the callbacks of this process's runner (cancel, model commands)."""
+    waiters, and the callbacks of this process's worker (cancel, model commands)."""
 
     def __init__(self) -> None:
         self.notifier = Notifier()

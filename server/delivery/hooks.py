@@ -16,7 +16,7 @@ after a job ends.
   URLs) is POSTed to ``webhook_url``.  ``JobRecord.webhook`` reads ``pending`` until
   the receiver took it (``ok``) or ``delivery.give_up_seconds`` passed
   (``failed: <reason>``); a failed POST stays in the outbox and is tried again, by
-  any node (``outbox.Outbox`` drains it).  ``deliver`` is the runner's last step: the
+  any node (``outbox.Outbox`` drains it).  ``deliver`` is the worker's last step: the
   job it just finished, delivered at once unless a drainer has it.  At least once,
   with one ``webhook-id`` per job, which receivers use to drop duplicates.
 """

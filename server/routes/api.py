@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from .. import infotext
 from ..auth import caller_of
-from ..build import build_job, decode_b64
+from ..build import decode_b64
 from ..errors import BadRequest, Gone, NotFound
 from ..jobs import JobRecord, JobStatus
 from ..openapi import Doc, Param, route
@@ -34,6 +34,7 @@ from ..schemas import (
     UpscaleRequest,
 )
 from ..service import FOLLOW_SECONDS, PREVIEW_WANT_SECONDS, Idempotency
+from ..submission import submit_generation
 from ..views import job_status, submitted
 from .common import base_url, decode_form, decode_json, json_response, service_of, upscaler_of
 from .models import models_response
@@ -51,13 +52,10 @@ async def submit(request: Request, task: str) -> Response:
         mask = named.get("mask")
     else:
         req = await decode_json(request, GenerateRequest)
-    ms = await service.served_model(req.model)
-    job, inputs = await build_job(req, ms, service.settings, task, uploads=uploads, fetch=service.fetch_url, mask=mask)
-    job.base_url = base_url(request)
-    idempotency = Idempotency.of(
-        request.headers.get("idempotency-key"), task.encode(), msgspec.json.encode(req), *uploads, *([mask] if mask else [])
-    )
-    job = await service.submit(job, inputs.blobs, caller_of(request.scope), idempotency)
+    job = await submit_generation(
+        service, req, task, caller_of(request.scope), uploads=uploads, mask=mask, base_url=base_url(request),
+        idempotency_key=request.headers.get("idempotency-key"),
+    )  # fmt: skip
     return accepted(job)
 
 

@@ -11,13 +11,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import caller_of
-from ..build import build_job
 from ..errors import ApiError, BadRequest
 from ..jobs import JobRecord, new_id
 from ..openai_shim import (
@@ -33,7 +31,7 @@ from ..openai_shim import (
 )
 from ..openapi import Doc, route
 from ..schemas_openai import CompletedEvent, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse, PartialImageEvent
-from ..service import Idempotency
+from ..submission import submit_generation
 from ..views import image_url
 from .api import SSE_HEADERS
 from .common import HEARTBEAT_SECONDS, base_url, decode_form, decode_json, json_response, service_of, wait_for
@@ -83,16 +81,11 @@ async def submit(request: Request, task: str) -> tuple[OpenAIImageRequest, JobRe
             param="image",
         )
     mask = await load_mask(req, mask_upload, service.fetch_url)
-    job, inputs = await build_job(
-        to_generate_request(req, ms), ms, service.settings, task, uploads=uploads, fetch=service.fetch_url, mask=mask
-    )
-    if req.stream:
-        job.partial_images = req.partial_images or 0
-    job.base_url = base_url(request)
-    idempotency = Idempotency.of(
-        request.headers.get("idempotency-key"), task.encode(), msgspec.json.encode(req), *uploads, mask or b""
-    )
-    job = await service.submit(job, inputs.blobs, caller_of(request.scope), idempotency)
+    job = await submit_generation(
+        service, to_generate_request(req, ms), task, caller_of(request.scope), model=ms, uploads=uploads, mask=mask,
+        base_url=base_url(request), idempotency_key=request.headers.get("idempotency-key"),
+        partial_images=(req.partial_images or 0) if req.stream else 0,
+    )  # fmt: skip
     request.scope[REQUEST_ID] = job.id  # every response from here on names the job
     return req, job
 

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from .. import infotext, sdapi_shim
 from ..auth import Caller, caller_of
-from ..build import build_job, decode_b64
+from ..build import decode_b64
 from ..errors import JobFailed, Unavailable
 from ..families import UPSCALERS
 from ..jobs import JobRecord, JobStatus
@@ -44,6 +44,7 @@ from ..schemas_sdapi import (
     SdVae,
 )
 from ..service import Service
+from ..submission import submit_generation
 from ..training.adapters import list_adapters
 from ..version import __version__
 from .common import base_url, decode, json_response, read_body, service_of, upscaler_of, wait_for
@@ -76,9 +77,9 @@ async def generate(request: Request, typ: type[SdTxt2ImgRequest]) -> Response:
             mask = await anyio.to_thread.run_sync(sdapi_shim.a1111_mask, req.mask, size, invert, service.settings.limits.max_image_pixels)
     else:
         task, gen = "generate", sdapi_shim.txt2img_request(req, ms)
-    job, inputs = await build_job(gen, ms, service.settings, task, fetch=service.fetch_url, mask=mask)
-    job.base_url = base_url(request)
-    job = await service.submit(job, inputs.blobs, caller)
+    job = await submit_generation(
+        service, gen, task, caller, model=ms, mask=mask, base_url=base_url(request), idempotency_key=request.headers.get("idempotency-key")
+    )
     job = await finished(request, service, job)
     images = [_b64((await service.image(job, r.index, delete=False))[1]) for r in job.results] if req.send_images else []
     if isinstance(req, SdImg2ImgRequest) and req.include_init_images:

@@ -1,4 +1,4 @@
-"""The LoRA training run: the runner's training step (``runner.execute``), on the
+"""The LoRA training run: the worker's training step (``worker.execute.train``), on the
 model's worker thread, on the loaded pipeline's own components.
 
 1. Cache: every image is resized/cropped to its training size and encoded to
@@ -42,7 +42,7 @@ LOSS_WINDOW = 20  # steps averaged for the reported loss_avg
 
 
 class TrainContext(Protocol):
-    """What a training job uses of its context: the runner's JobContext, or in a
+    """What a training job uses of its context: the worker's JobContext, or in a
     model's own process the proxy of it (``backends/isolated.py``)."""
 
     job_id: str
@@ -77,7 +77,7 @@ class _Progress:
 
 
 class LoraTrainer:
-    """``LoraTrainer(plan).run(backend, ctx)``: called by the runner for a train job."""
+    """``LoraTrainer(plan).run(backend, ctx)``: called by the worker for a train job."""
 
     def __init__(self, plan: TrainPlan) -> None:
         self.plan = plan

@@ -233,9 +233,9 @@ class ModelHost:
             ms.size_mib = peak
             self._grown.add(ms.name)
 
-    def _shares_device(self, ms: ModelState) -> bool:
+    def _shares_device(self, ms: ModelState) -> bool:  # only a CUDA allocator keeps blocks to give back
         device = model_device(ms.cfg)
-        return any(m is not ms and m.state == "loaded" and model_device(m.cfg) == device for m in self.registry.models.values())
+        return device.startswith("cuda") and any(m is not ms and m.state == "loaded" and model_device(m.cfg) == device for m in self.registry.models.values())
 
     async def warmed(self, ms: ModelState) -> None:
         """Its first job ran: forecasts behind it no longer count the first call's set-up."""

@@ -75,6 +75,7 @@ class Worker:
         self.batcher = Batcher(settings, broker)
         self.metrics = metrics
         self._loops: dict[str, asyncio.Task[None]] = {}
+        self._ready: list[ModelState] | None = None  # during start(): the models loaded, taking jobs once it is done
         self._finishing: set[str] = set()  # jobs past their pipeline calls, their results being stored
         self._clock: LoopClock | None = None  # made in start(), on the loop's thread
 
@@ -84,9 +85,13 @@ class Worker:
         self._clock = LoopClock()
         self.broker.on_cancel(self._stop_job)
         self.broker.on_command(self._command)
+        self._ready = []  # until every enabled model has loaded, none takes a job (a failed start claims nothing)
         for name, cfg in self.settings.models.items():
             if cfg.enabled:
                 await self.host.load(name)
+        ready, self._ready = self._ready, None
+        for ms in ready:
+            self._serve(ms)
         try:  # presence of every model at once (a load_on_demand model's forecast needs it)
             await self.presence.beat_once()
         except BrokerUnavailable:
@@ -114,7 +119,10 @@ class Worker:
         await self.host.close()
 
     def _serve(self, ms: ModelState) -> None:
-        """The host made ``ms`` ready: take its jobs."""
+        """The host made ``ms`` ready: take its jobs (once the worker has started)."""
+        if self._ready is not None:
+            self._ready.append(ms)
+            return
         if self.claiming and (ms.name not in self._loops or self._loops[ms.name].done()):
             self._loops[ms.name] = asyncio.create_task(self._claim_loop(ms), name=f"easel-{ms.name}")
 

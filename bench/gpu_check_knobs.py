@@ -1,0 +1,130 @@
+"""The GPU check's rows for the speed knobs (``bench/gpu_check.py``; the knobs are in
+``server/backends/speed.py``, ``prompt_cache.py`` and ``quantize.py``):
+
+- ``prompt cache``: new prompts against a repeated one on the loaded model (CPU too):
+  the repeated prompt must not run the text encoder; the value is repeated / new;
+- ``compile regional``: the first call (where the compile happens) and the steady job
+  time, against the served dtype's uncompiled job (CUDA);
+- ``attention backends``: each of Diffusers' attention backends this host can run,
+  switched on the loaded model (CUDA);
+- ``fp8dq (torchao, Hopper)``: float8 activations and weights (CUDA, compute
+  capability 9.0 or newer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+import torch
+
+from bench.gpu_check_core import Check, Env, Loaded, Result, Skip, Target, timed_run, work
+from server.backends.speed import denoiser, reset_attention_backend, set_attention_backend
+
+ATTENTION = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flex", "flash", "_flash_3", "sage", "xformers")
+HOPPER = (9, 0)
+
+
+def encoder_calls(pipe: Any) -> tuple[list[int], list[Any]]:
+    calls: list[int] = []
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    return calls, [e.register_forward_hook(lambda *_: calls.append(1)) for e in encoders]
+
+
+def prompt_cache(env: Env, target: Target, loaded: Loaded) -> Result:
+    if target.backend == "qwen_edit_gguf":
+        raise Skip("Qwen-Image-Edit encodes its reference images with the prompt: its prompts are not cached")
+    ms = loaded.get(target, env.served)
+    backend: Any = ms.backend
+    item = work(target)
+    timed_run(env, ms, item)  # the repeated prompt, once
+    new: list[float] = []
+    repeated: list[float] = []
+    calls, hooks = encoder_calls(backend.pipe)
+    try:
+        for k in range(3):
+            new.append(timed_run(env, ms, dataclasses.replace(item, prompt=f"{item.prompt}, take {k}"))[0])
+            before = len(calls)
+            repeated.append(timed_run(env, ms, item)[0])
+            if len(calls) != before:
+                raise AssertionError("the text encoder ran for a repeated prompt")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    r, n = statistics.median(repeated), statistics.median(new)
+    return Result(
+        r, None, f"{r / n:.2f}x",
+        f"repeated prompt {r * 1e3:.1f} ms, new prompt {n * 1e3:.1f} ms (medians of 3); the text encoder ran 0 times for "
+        f"the repeated ones; prompt_cache_size {backend.cfg.prompt_cache_size}",
+    )  # fmt: skip
+
+
+def compile_regional(env: Env, target: Target, loaded: Loaded) -> Result:
+    env.needs_cuda()
+    ms = loaded.get(target, env.served, compile="regional")
+    first, peak = timed_run(env, ms, work(target))
+    steady = statistics.median(timed_run(env, ms, work(target))[0] for _ in range(3))
+    plain = target.found.get(f"seconds {env.served}")
+    versus = f"; uncompiled {plain:.3f} s (its generate row: one call, warm-up included)" if plain else ""
+    return Result(
+        first, peak, f"{steady:.3f} s/job",
+        f"first call {first:.2f} s (compiles); steady {steady:.3f} s a job, {steady / target.steps * 1e3:.1f} ms a step{versus}",
+    )  # fmt: skip
+
+
+def attention_backends(env: Env, target: Target, loaded: Loaded) -> Result:
+    env.needs_cuda()
+    ms = loaded.get(target, env.served)
+    pipe = ms.backend.pipe  # type: ignore[union-attr]
+    times: dict[str, float] = {}
+    notes: list[str] = []
+    try:
+        for name in ATTENTION:
+            try:
+                reset_attention_backend(pipe, "reset")
+                set_attention_backend(target.name, pipe, name)
+                timed_run(env, ms, work(target))  # warm-up
+                times[name] = timed_run(env, ms, work(target))[0]
+            except Exception as exc:  # not installed, or not on this GPU: a note, not a failure
+                notes.append(f"{name}: n/a ({(str(exc).splitlines() or [''])[0][:80]})")
+    finally:
+        reset_attention_backend(pipe, "reset")
+    if not times:
+        raise RuntimeError("; ".join(notes))
+    best = min(times, key=times.__getitem__)
+    old = "" if hasattr(next(iter(_processors(pipe)), None), "_attention_backend") else "; this denoiser's attention ignores the choice"
+    detail = "; ".join([*(f"{k} {v:.3f} s" for k, v in times.items()), *notes]) + old
+    return Result(times[best], None, f"fastest {best}", detail)
+
+
+def _processors(pipe: Any) -> list[Any]:
+    return [m.processor for m in denoiser(pipe).modules() if getattr(m, "processor", None) is not None]
+
+
+def fp8dq(env: Env, target: Target, loaded: Loaded) -> Result:
+    env.needs_cuda()
+    if target.backend != "flux2_klein":
+        raise Skip("only the flux2_klein backend quantizes")
+    try:
+        import torchao
+    except ImportError:
+        raise Skip("torchao is not installed (pip install -r requirements-gpu.txt)") from None
+    capability = torch.cuda.get_device_capability(torch.device(env.device))
+    if capability < HOPPER:
+        raise Skip(f"needs compute capability 9.0 or newer (Hopper); this GPU is {capability[0]}.{capability[1]}")
+    ms = loaded.get(target, env.served, quantization="fp8dq")
+    timed_run(env, ms, work(target))  # warm-up
+    seconds, peak = timed_run(env, ms, work(target))
+    plain = target.found.get(f"seconds {env.served}")
+    versus = f"; {env.served} generate row {plain:.3f} s" if plain else ""
+    return Result(seconds, peak, f"{seconds:.3f} s/job", f"torchao {torchao.__version__}, float8 rowwise{versus}")
+
+
+def knob_checks(env: Env) -> list[Check]:
+    return [
+        Check("prompt cache", prompt_cache),
+        Check("attention backends", attention_backends),
+        Check("compile regional", compile_regional),
+        Check("fp8dq (torchao, Hopper)", fp8dq),
+    ]

@@ -1,0 +1,73 @@
+"""Speed knobs (``backends/speed.py``) on the tiny pipelines: each changes how the
+denoiser runs, not what it computes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from server.backends.base import BackendError
+from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytest_plugins = ["tests.backend_fixtures"]
+pytestmark = [pytest.mark.usefixtures("tiny_runtime"), pytest.mark.timeout(240)]
+
+
+def processors(backend: Any) -> set[Any]:
+    return {getattr(m.processor, "_attention_backend", "none") for m in backend.pipe.transformer.modules() if hasattr(m, "processor")}
+
+
+def test_attention_backend_is_set_on_the_transformer_and_reset_at_unload(tiny_flux2_klein: Path) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    native: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein))
+    math: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), attention_backend="_native_math")
+    try:
+        assert processors(math) == {AttentionBackendName("_native_math")}
+        assert processors(native) == {None}  # Diffusers' default: native
+        assert max_diff(native.run(item(), RecordingContext())[0], math.run(item(), RecordingContext())[0]) <= 2
+    finally:
+        math.unload()
+    assert _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE
+
+
+def test_unknown_attention_backend_is_a_load_error_listing_the_names(tiny_flux2_klein: Path) -> None:
+    with pytest.raises(BackendError, match=r"'fastest' is not one Diffusers has; one of: .*_native_cudnn"):
+        load_backend("flux2_klein", model_path=str(tiny_flux2_klein), attention_backend="fastest")
+
+
+def test_regional_compile_compiles_the_repeated_blocks_and_keeps_the_pixels(tiny_flux2_klein: Path) -> None:
+    plain: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein))
+    compiled: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), compile="regional")
+    blocks = [m for m in compiled.pipe.transformer.modules() if type(m).__name__ in compiled.pipe.transformer._repeated_blocks]
+    assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
+    assert plain.pipe.transformer.transformer_blocks[0]._compiled_call_impl is None
+    a = plain.run(item(steps=2), RecordingContext())[0]
+    b = compiled.run(item(steps=2), RecordingContext())[0]
+    assert max_diff(a, b) <= 2
+
+
+def block_calls(backend: Any, steps: int) -> int:
+    calls: list[int] = []
+    hook = backend.pipe.transformer.transformer_blocks[-1].attn.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        backend.run(item("edit", images=[reference()], steps=steps), RecordingContext())
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def test_first_block_step_cache_skips_the_other_blocks_and_resets_per_job(tiny_qwen_edit: Path) -> None:
+    """Qwen-Image-Edit (true CFG: two transformer passes a step): with a threshold no
+    step's change reaches, the blocks after the first run only in the first step."""
+    plain: Any = load_backend("qwen_edit_gguf", model_path=str(tiny_qwen_edit))
+    cached: Any = load_backend("qwen_edit_gguf", model_path=str(tiny_qwen_edit), step_cache="first_block",
+                               step_cache_threshold=1.0)  # fmt: skip
+    assert block_calls(plain, 4) == 8
+    first = block_calls(cached, 4)
+    assert 2 <= first < 8
+    assert block_calls(cached, 4) == first  # the next job starts afresh (no residual of the last one)
