@@ -24,8 +24,8 @@ from PIL import Image
 from .backends.base import BackendError, run_steps
 from .backends.lora import resolve_lora
 from .errors import BadRequest
-from .families import default_steps
-from .jobs import Item, JobRecord, Lora, input_key, new_id
+from .families import default_steps, family
+from .jobs import Item, JobRecord, Lora, batch_key, input_key, new_id
 from .masking import BAD_IMAGE, DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
 from .schemas import Expand, GenerateRequest, ImageRef
 
@@ -394,4 +394,5 @@ async def build_job(
         inputs=list(inputs.blobs),
         deadline_at=deadline,
     )
+    job.batch = batch_key(job, family(cfg).batches)
     return job, inputs

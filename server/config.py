@@ -36,7 +36,8 @@ class ConfigError(Exception):
 class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     backend: str  # a family of server/families.py (checked by build_settings)
     enabled: bool = False
-    target_inflight: PositiveInt = 1
+    target_inflight: Annotated[int, Meta(ge=1, le=64)] = 1  # the most jobs one batched pipeline call runs
+    batch_max_delay: Annotated[float, Meta(ge=0, le=10)] = 0.1  # a batch may finish a job it overtakes this fraction later
     model_path: str | None = None
     base_model_path: str | None = None
     transformer_path: str | None = None

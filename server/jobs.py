@@ -146,6 +146,7 @@ class JobRecord(Struct, kw_only=True):
     inputs: list[str] = []  # blob keys of the uploaded images, deleted with the job
     deadline_at: float | None = None  # done by then, or refused / ended as error before it runs
     partial_images: int = 0  # previews asked for (OpenAI stream): blobs preview_key(id, k)
+    batch: str = ""  # jobs of one model with the same non-empty key may share a pipeline call (``batch_key``)
     # --- forecast at submission ---
     features: list[float] = []  # forecast.FEATURES summed over the pipeline calls
     predicted: float = 0.0  # forecast worker seconds of the job itself
@@ -204,6 +205,21 @@ class JobRecord(Struct, kw_only=True):
     def delivering(self) -> bool:
         """True while uploads or the webhook of a finished job are still under way."""
         return self.webhook == PENDING or any(r.upload == PENDING for r in self.results)
+
+
+def batch_key(job: JobRecord, batches: bool) -> str:
+    """What jobs must share to run in one pipeline call (""): a generate of one item,
+    no reference or init image, no mask, on a family that ``batches``
+    (``families.Family.batches``); the same size, steps, guidance, strength and LoRA
+    set, and a negative prompt in all or none.  Prompts, negative prompts, seeds and
+    ``n`` may differ."""
+    if not batches or job.task != "generate" or len(job.items) != 1 or job.upscale is not None:
+        return ""
+    it = job.items[0]
+    if it.images or it.init_image or it.mask:
+        return ""
+    loras = ",".join(f"{lr.name}:{lr.scale:g}" for lr in it.loras)
+    return f"{it.width}x{it.height}|{it.steps}|{it.guidance}|{it.strength}|{loras}|{it.negative_prompt is not None}"
 
 
 # the record's fields, for brokers that store one field per key (Redis hashes)

@@ -158,8 +158,14 @@ async def queue_seconds(forecasts: Forecasts, model: str) -> float:
 
 def running_ahead(forecasts: Forecasts, cost: CostModel, running: list[JobRecord], now: float) -> float:
     """Seconds until the running jobs leave the model: a job behind them waits for
-    that, not for their results to be stored (``CostModel.storing``)."""
-    return sum(max(0.0, forecasts.running(r, now) - cost.storing(r.task, np.asarray(r.features))) for r in running)
+    that, not for their results to be stored (``CostModel.storing``).  The jobs of
+    one batch (claimed together: one worker, one ``started_at``) leave it together."""
+    calls: dict[tuple[str | None, float | None], float] = {}
+    for r in running:
+        left = max(0.0, forecasts.running(r, now) - cost.storing(r.task, np.asarray(r.features)))
+        key = (r.worker, r.started_at) if r.batch else (r.id, None)
+        calls[key] = max(calls.get(key, 0.0), left)
+    return sum(calls.values())
 
 
 def running_seconds(job: JobRecord, now: float) -> float:

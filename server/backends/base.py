@@ -187,6 +187,47 @@ class StepContext(Protocol):
         a VAE decode), at most ``preview_size`` of the output."""
 
 
+class BatchSteps:
+    """The one ``StepContext`` of a batched pipeline call (``run_batch``), over the
+    contexts of its items (one job each): every step goes to every item still in the
+    call; an item whose context raises ``JobCancelled`` is dropped (its images are
+    discarded when the call returns: ``dropped``) while the others go on, and only
+    when every item is dropped does the call stop.  ``preview`` takes one image per
+    item (its first row's latents), or one image for all."""
+
+    def __init__(self, ctxs: list[StepContext]) -> None:
+        self.ctxs = ctxs
+        self.dropped = [False] * len(ctxs)
+
+    @property
+    def cancelled(self) -> bool:
+        return all(d or c.cancelled for d, c in zip(self.dropped, self.ctxs, strict=True))
+
+    def step(self, i: int, total: int, at: float | None = None) -> None:
+        for k, ctx in enumerate(self.ctxs):
+            if not self.dropped[k]:
+                try:
+                    ctx.step(i, total, at)
+                except JobCancelled:
+                    self.dropped[k] = True
+        if all(self.dropped):
+            raise JobCancelled()
+
+    def wants_preview(self, i: int) -> bool:
+        return any([not d and c.wants_preview(i) for d, c in zip(self.dropped, self.ctxs, strict=True)])  # asks every item
+
+    def preview(self, image: Image | list[Image], i: int | None = None) -> None:
+        images = image if isinstance(image, list) else [image] * len(self.ctxs)
+        for k, ctx in enumerate(self.ctxs):
+            if not self.dropped[k]:  # an item that asked for none ignores it
+                ctx.preview(images[k], i)
+
+
+def batches(backend: object) -> bool:
+    """Whether ``backend`` can run several compatible items in one pipeline call."""
+    return callable(getattr(backend, "run_batch", None))
+
+
 @dataclass(frozen=True)
 class Capabilities:
     tasks: tuple[str, ...] = ("generate",)

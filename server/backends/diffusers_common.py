@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from ..families import default_guidance, family
 from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities, out_of_memory
+from .batched import run_batch as batched_call
 from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import applied_loras
 from .memory import peak_mib
@@ -406,3 +407,29 @@ class DiffusersBackend:
             free_memory()  # now empty_cache can give them back
             raise failure
         return images[: item.n]
+
+    def run_batch(self, items: list[WorkItem], ctx: StepContext) -> list[list[Image.Image]]:
+        """Several compatible items in one pipeline call (``backends/batched.py``)."""
+        if len(items) == 1:
+            return [self.run(items[0], ctx)]
+        failure: BackendError | None = None
+        try:
+            return batched_call(self, items, ctx)
+        except Exception as exc:
+            if self.pipe is not None:
+                self.pipe.maybe_free_model_hooks()  # a stopped call skips this (offloaded models stay on the GPU)
+            if not out_of_memory(exc):
+                raise
+            advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
+            first = items[0]
+            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {first.width}x{first.height} with "
+                                    f"{sum(it.n for it in items)} images of {len(items)} jobs in one call; try a smaller target_inflight{advice}")  # fmt: skip
+        free_memory()  # out of the except, whose traceback held the pipeline's frames and their tensors
+        raise failure
+
+    def _rows_kwargs(self, kwargs: dict[str, Any], negatives: list[str | None]) -> dict[str, Any]:
+        """A batched call's keyword arguments, one negative prompt per row (a batch
+        has them all, or none: ``jobs.batch_key``)."""
+        if kwargs.get("negative_prompt") is not None:
+            kwargs["negative_prompt"] = [n or "" for n in negatives]
+        return kwargs

@@ -79,6 +79,12 @@ class Flux2KleinBackend(DiffusersBackend):
             return self.inpaint_variant("Flux2KleinInpaintPipeline"), kwargs
         return self.pipe, kwargs
 
+    def _rows_kwargs(self, kwargs: dict[str, Any], negatives: list[str | None]) -> dict[str, Any]:
+        if "negative_prompt_embeds" in kwargs:  # one row each, as ``_call_kwargs`` encodes one
+            with torch.no_grad():
+                kwargs["negative_prompt_embeds"] = self.pipe.encode_prompt(prompt=[n or "" for n in negatives])[0]
+        return kwargs
+
     def _prompt_text(self, tokenizer: Any, prompt: str) -> str:
         # as the pipeline's encode_prompt builds it
         messages = [{"role": "user", "content": prompt}]

@@ -108,6 +108,26 @@ class StubBackend:
                 ctx.preview(self._draw(small, item.seed, blur_to=i / steps))
         return [self._draw(item, item.seed + k) for k in range(item.n)]
 
+    def run_batch(self, items: list[WorkItem], ctx: StepContext) -> list[list[Image.Image]]:
+        """Several compatible items in one simulated call: each step costs what the
+        items' steps cost together; ``ctx`` a ``BatchSteps`` (one preview per item)."""
+        if self.cfg.simulate_faults:
+            for item in items:
+                self._misbehave(item, ctx)
+        if not self.warm and self.cfg.simulate_first_call_seconds > 0:
+            self._sleeper.wait(self.cfg.simulate_first_call_seconds)
+        self.warm = True
+        per_step = sum(self.step_seconds(item) for item in items)
+        steps = items[0].run_steps
+        for i in range(1, steps + 1):
+            if per_step > 0:
+                self._sleeper.wait(per_step)
+            ctx.step(i, steps)
+            if ctx.wants_preview(i):
+                small = [dataclasses.replace(it, width=preview_size(it.width, it.height)[0], height=preview_size(it.width, it.height)[1]) for it in items]
+                ctx.preview([self._draw(sm, it.seed, blur_to=i / steps) for sm, it in zip(small, items, strict=True)])  # type: ignore[arg-type]
+        return [[self._draw(item, item.seed + k) for k in range(item.n)] for item in items]
+
     def _misbehave(self, item: WorkItem, ctx: StepContext) -> None:
         """The test prompts (``simulate_faults``; see the module doc)."""
         prompt = item.prompt.strip().lower()

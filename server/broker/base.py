@@ -46,6 +46,17 @@ class WorkerInfo(Struct, kw_only=True):
     cold: bool = False  # loaded, and has run no job since: its next job pays the forecast's first_call
 
 
+class BatchPlan(Struct, frozen=True):
+    """A batch to claim (``Broker.claim_batch``): the queue's head, the compatible
+    jobs behind it to run with it, and every waiting job the planner saw from the
+    head through the last of them (``window``, in run order): the plan holds only
+    while no other job has come ahead of one it takes."""
+
+    head: str
+    ids: list[str]  # companions, in run order
+    window: list[str]
+
+
 class QueueFullError(Exception):
     """``submit`` refused: the model's queue holds ``capacity`` waiting jobs."""
 
@@ -110,6 +121,13 @@ class Queue(Protocol):
         """The next waiting job of ``model`` (priority, then arrival), now running on
         ``worker`` with a lease of ``lease`` seconds: ``attempt`` bumped, ``started_at``
         set.  Waits up to ``timeout`` seconds for one; None if none came."""
+
+    async def claim_batch(self, model: str, worker: str, lease: float, plan: BatchPlan) -> list[JobRecord]:
+        """In one step: the head of ``model``'s queue and the companions of ``plan``
+        still waiting with the head's ``batch`` key, claimed as ``claim`` claims one
+        (the head first) — when the head is ``plan.head`` and no waiting job that
+        ``plan.window`` does not list is ahead of a companion; else nothing ([]) and
+        the caller claims as usual.  Never waits."""
 
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
         """What is ahead of waiting ``job`` (O(log n)); of a job not in the queue (yet):

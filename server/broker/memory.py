@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..forecast import STATS, apply, job_vector
+from ..forecast import DIM, STATS, apply, job_vector
 from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
-from .base import QueueFullError, Standing, SubmitKey, WorkerInfo
+from .base import BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
 from .notify import LocalEvents
 
 PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
@@ -104,11 +104,31 @@ class MemoryBroker(LocalEvents):
         entry = await self._queue(model).get(timeout)
         if entry is None:
             return None
-        job = self._jobs[entry.id]
+        return self._running_now(model, self._jobs[entry.id], worker)
+
+    async def claim_batch(self, model: str, worker: str, lease: float, plan: BatchPlan) -> list[JobRecord]:
+        q = self._queue(model)
+        heads = q.jobs(1)
+        if not heads or heads[0].id != plan.head:
+            return []
+        key = self._jobs[plan.head].batch
+        taken = [q.entries[i] for i in plan.ids if i in q.entries and key and self._jobs[i].batch == key]
+        if taken and taken[-1].id not in plan.window:
+            return []
+        seen = plan.window[: plan.window.index(taken[-1].id)] if taken else []
+        if taken and int(q.ahead(taken[-1])[DIM]) != sum(1 for i in seen if i in q.entries):
+            return []  # a job the plan did not see came ahead of one it takes
+        jobs, now = [], self.now()  # one start: the jobs of a batch leave the model together (standing.running_ahead)
+        for entry in (heads[0], *taken):
+            q.remove(entry)
+            jobs.append(self._running_now(model, self._jobs[entry.id], worker, now))
+        return jobs
+
+    def _running_now(self, model: str, job: JobRecord, worker: str, now: float | None = None) -> JobRecord:
         job.status = JobStatus.RUNNING
         job.attempt += 1
         job.worker = worker
-        job.started_at = self.now()
+        job.started_at = self.now() if now is None else now
         self._running[model][job.id] = job
         self.notifier.changed(job.id)
         return job

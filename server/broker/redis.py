@@ -23,7 +23,7 @@ import numpy as np
 
 from ..forecast import WIDTH
 from ..jobs import FIELDS, JobRecord, JobStatus
-from .base import QueueFullError, Standing, SubmitKey, SubmitUnknown
+from .base import BatchPlan, QueueFullError, Standing, SubmitKey, SubmitUnknown
 from .redis_accounts import RedisAccounts
 from .redis_codec import (
     CLAIM_POLL,
@@ -111,6 +111,13 @@ class RedisBroker(RedisEvents, RedisAccounts):
                 waiters.discard(wake)
                 if not waiters:
                     self._claim_waiters.pop(model, None)
+
+    @guarded
+    async def claim_batch(self, model: str, worker: str, lease: float, plan: BatchPlan) -> list[JobRecord]:
+        raws = await self._script(
+            "claim_batch", model, to_json(worker), float(lease), self._valid_until(), plan.head, len(plan.ids), *plan.ids, *plan.window
+        )
+        return [job for job in (decode_record(raw) for raw in raws) if job is not None]
 
     @guarded
     async def standing(self, job: JobRecord | None, model: str) -> Standing:

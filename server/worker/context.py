@@ -238,3 +238,5 @@ class Running:
     after_job: bool = False  # claimed while another job's results were being stored here (forecast.TERMS)
     first_call: bool = False  # the first job on its model since the model loaded (forecast.TERMS)
     ctx: JobContext | None = None  # while its pipeline calls run in this process
+    learns: bool = True  # the forecast learns from it (of a batch: only its lead job)
+    learn_as: tuple[list[float], float, tuple[float, float, float] | None] | None = None  # a batch's call: features, seconds, phases

@@ -30,6 +30,7 @@ from ..broker.base import Broker, BrokerUnavailable
 from ..forecast import measured_phases
 from ..jobs import JobRecord, JobStatus
 from ..watchdog import job_limit, stall_message, timeout_message, watch
+from .batch import Batcher, batch_features, execute_batch, shares
 from .context import JobContext, LoopClock, Running
 from .execute import execute
 from .host import ModelHost
@@ -71,6 +72,7 @@ class Worker:
         self.host.on_stopping = self._stop_serving
         self.presence.tick = self.host.tick
         self.outcomes = Outcomes(settings, broker, metrics, self.host, delivery)
+        self.batcher = Batcher(settings, broker)
         self.metrics = metrics
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._ready: list[ModelState] | None = None  # during start(): the models loaded, taking jobs once it is done
@@ -168,12 +170,12 @@ class Worker:
         freed_at = 0.0  # time.monotonic() when this loop's last job left the model
         try:
             while self.claiming and ms.state == "loaded":
-                job: JobRecord | None = None
+                jobs: list[JobRecord] = []
                 failure: BrokerUnavailable | None = None
                 back_to_back = finishing is not None
                 try:  # with a job to finish: one try now, without waiting for work
                     lease = self.settings.broker.lease_seconds
-                    job = await self.broker.claim(ms.name, self.id, lease, 0.0 if finishing else CLAIM_WAIT_SECONDS)
+                    jobs = await self.batcher.claim(ms, self.id, lease, 0.0 if finishing else CLAIM_WAIT_SECONDS)
                 except BrokerUnavailable as exc:
                     failure = exc
                 if finishing is not None:
@@ -183,77 +185,110 @@ class Worker:
                     log.warning("claim on %s: %s", ms.name, failure)
                     await asyncio.sleep(1.0)
                     continue
-                if job is None:
+                if not jobs:
                     continue
-                if not self.claiming or ms.state != "loaded":  # stopped (or stalled) during the claim: give it back
-                    await self.broker.release(job, job.attempt)
+                if not self.claiming or ms.state != "loaded":  # stopped (or stalled) during the claim: give them back
+                    for job in jobs:
+                        await self.broker.release(job, job.attempt)
                     return
-                finishing = await self.run_job(ms, job, freed_at if back_to_back else None)
+                finishing = await self.run_jobs(ms, jobs, freed_at if back_to_back else None)
                 freed_at = time.monotonic()
         finally:
             if finishing is not None:
                 self.host.spawn(finishing)
 
-    async def run_job(self, ms: ModelState, job: JobRecord, since: float | None = None) -> Coroutine[Any, Any, None] | None:
-        """Run ``job``'s pipeline calls; what is left of it (its outcome: upscale,
-        encode, store, deliver) is returned for the caller to start.  Its worker time
-        counts from ``since`` (the previous job left the model then), else from now."""
+    async def run_jobs(self, ms: ModelState, jobs: list[JobRecord], since: float | None = None) -> Coroutine[Any, Any, None] | None:
+        """Run the pipeline call(s) of ``jobs`` (one job, or a batch: ``batch.py``);
+        what is left of them (their outcomes: upscale, encode, store, deliver) is
+        returned for the caller to start.  Worker time counts from ``since`` (the
+        previous job left the model then), else from now."""
         self.host.residency.touch(ms.name)
-        r = self.running[job.id] = Running(job, job.attempt, after_job=bool(self._finishing), first_call=not ms.warm)
+        after, first = bool(self._finishing), not ms.warm
+        rs = [Running(job, job.attempt, after_job=after, first_call=first) for job in jobs]
+        for r in rs:
+            self.running[r.job.id] = r
         try:
-            return await self._run(ms, r, since)
+            return await self._run(ms, list(rs), since)  # (a copy: it drops jobs that cannot run)
         finally:
-            self.running.pop(job.id, None)
+            for r in rs:
+                self.running.pop(r.job.id, None)
             self.host.residency.touch(ms.name)
             self.host.retry_wanted()  # an on-demand model may fit now
 
-    async def _run(self, ms: ModelState, r: Running, since: float | None) -> Coroutine[Any, Any, None] | None:
-        job = r.job
-        if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
-            await self.outcomes.end(r, JobStatus.ERROR, missed)  # it cannot make it any more: not on the GPU
+    async def _run(self, ms: ModelState, rs: list[Running], since: float | None) -> Coroutine[Any, Any, None] | None:
+        for r in list(rs):
+            job = r.job
+            if (missed := deadlines.miss(job, self.broker.now(), job.predicted)) is not None:
+                await self.outcomes.end(r, JobStatus.ERROR, missed)  # it cannot make it any more: not on the GPU
+                rs.remove(r)
+                continue
+            self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
+            log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
+        if not rs:
             return None
-        self.metrics.wait.labels(ms.name).observe(max(0.0, (job.started_at or 0) - job.created_at))
-        log.info("job %s on %s: running (attempt %d, waited %.2fs)", job.id, ms.name, job.attempt, (job.started_at or 0) - job.created_at)
         backend = ms.backend
         assert backend is not None
         clock = None if backend.isolated else self._clock  # an in-process pipeline thread shares the GIL with the loop
-        ctx = r.ctx = JobContext(job, self.broker, r.cancel, asyncio.get_running_loop(), clock)
+        loop = asyncio.get_running_loop()
+        for r in rs:
+            r.ctx = JobContext(r.job, self.broker, r.cancel, loop, clock)
+        ctxs = [r.ctx for r in rs if r.ctx is not None]
         start = since if since is not None else time.monotonic()
-        follow = asyncio.create_task(ctx.follow_previews())
+        follows = [asyncio.create_task(ctx.follow_previews()) for ctx in ctxs]
         try:
-            blobs = {key: data for key in job.inputs if (data := await self.broker.get_blob(key)) is not None}
-            images, item_seconds = await self._execute(ms, r, ctx, blobs)
+            blobs = {key: data for r in rs for key in r.job.inputs if (data := await self.broker.get_blob(key)) is not None}
+            outs = await self._execute(ms, rs, ctxs, blobs)
             worker_s = time.monotonic() - start  # the next job starts now: this is what a job ahead costs
         except Stalled as exc:  # ended now, without waiting for the hung call
-            await self.outcomes.end(r, JobStatus.ERROR, {"message": str(exc)})
-            await self.host.after_stall(ms, job.id, exc.work)
+            for r in rs:
+                await self.outcomes.end(r, JobStatus.ERROR, {"message": str(exc)})
+            await self.host.after_stall(ms, rs[0].job.id, exc.work)
             return None
         except JobCancelled as exc:  # a training run may say how far it got
-            if r.error is not None:  # stopped by a time limit
-                await self.outcomes.end(r, JobStatus.ERROR, {"message": r.error})
-            elif r.release:
-                await self.outcomes.release(r)
-            else:
-                await self.outcomes.end(r, JobStatus.CANCELLED, {"message": str(exc) or "cancelled while running"})
+            for r in rs:
+                await self._stopped(r, str(exc))
             return None
         except ModelProcessLost as exc:  # a device fault, or the process was killed: a new one for the next job
-            await self.outcomes.end(r, JobStatus.ERROR, {"message": str(exc)})
+            for r in rs:
+                await self.outcomes.end(r, JobStatus.ERROR, {"message": str(exc)})
             self.host.restart(ms, str(exc))
             return None
-        except Exception as exc:  # the job fails, the worker goes on
+        except Exception as exc:  # the jobs fail, the worker goes on
             if not isinstance(exc, BackendError):
-                log.exception("job %s on %s failed", job.id, ms.name)
-            await self.outcomes.end(r, JobStatus.ERROR, {"message": failure_message(exc)})
+                log.exception("job %s on %s failed", ",".join(r.job.id for r in rs), ms.name)
+            for r in rs:
+                await self.outcomes.end(r, JobStatus.ERROR, {"message": failure_message(exc)})
             if device_fault(exc):  # in this process: CUDA's context is broken for good
                 self.host.device_fault(ms, failure_message(exc))
             return None
         finally:
-            follow.cancel()
+            for follow in follows:
+                follow.cancel()
         await self.host.warmed(ms)
         await self.host.check_fit(ms)
-        phases = measured_phases(ctx.calls, worker_s)
-        self._finishing.add(job.id)  # until its results are stored: the next job runs right after it
-        return self._finish(r, images, item_seconds, worker_s, phases, start + worker_s)
+        if len(rs) > 1:
+            batch_learn(rs, worker_s)  # the forecast learns the one call, from its lead job
+        finishing = []
+        for r, share, (images, item_seconds) in zip(rs, shares([r.job for r in rs]), outs, strict=True):
+            if images is None:  # cancelled during its batch's call: the others went on
+                await self._stopped(r, "")
+                continue
+            assert r.ctx is not None
+            phases = measured_phases(r.ctx.calls, worker_s)
+            self._finishing.add(r.job.id)  # until its results are stored: the next job runs right after it
+            scaled = tuple(p * share for p in phases) if phases is not None else None
+            finishing.append(self._finish(r, images, item_seconds, worker_s * share, scaled, start + worker_s))  # type: ignore[arg-type]
+        return _together(finishing) if finishing else None
+
+    async def _stopped(self, r: Running, message: str) -> None:
+        """A job stopped before its results: by a time limit (error), to be released
+        (the worker stops), or cancelled."""
+        if r.error is not None:
+            await self.outcomes.end(r, JobStatus.ERROR, {"message": r.error})
+        elif r.release:
+            await self.outcomes.release(r)
+        else:
+            await self.outcomes.end(r, JobStatus.CANCELLED, {"message": message or "cancelled while running"})
 
     async def _finish(self, r: Running, images: list[Image], item_seconds: list[float], worker_s: float,
                       phases: tuple[float, float, float] | None, left_at: float) -> None:  # fmt: skip
@@ -262,15 +297,23 @@ class Worker:
         finally:
             self._finishing.discard(r.job.id)
 
-    async def _execute(self, ms: ModelState, r: Running, ctx: JobContext, blobs: dict[str, bytes]) -> tuple[list[Image], list[float]]:
-        """The job's pipeline calls on the model's thread, under its time limits
-        (server/watchdog.py): past the job timeout it is stopped at its next step
-        (``r.error``); stalled, this raises ``Stalled`` at once."""
-        job, backend = r.job, ms.backend
+    async def _execute(
+        self, ms: ModelState, rs: list[Running], ctxs: list[JobContext], blobs: dict[str, bytes]
+    ) -> list[tuple[list[Image] | None, list[float]]]:
+        """The pipeline calls on the model's thread (one job's, or one call of a
+        batch: each job's images, None for a job dropped from it), under the time
+        limits (server/watchdog.py): past the job timeout they are stopped at their
+        next step (``r.error``); stalled, this raises ``Stalled`` at once."""
+        job, backend, ctx = rs[0].job, ms.backend, ctxs[0]
         assert backend is not None
+        max_pixels = self.settings.limits.max_image_pixels
 
-        def run() -> tuple[list[Image], list[float]]:
-            out = execute(backend, job, ctx, blobs, self.settings.limits.max_image_pixels)
+        def run() -> list[tuple[list[Image] | None, list[float]]]:
+            if len(rs) == 1:
+                out: list[tuple[list[Image] | None, list[float]]] = [execute(backend, job, ctx, blobs, max_pixels)]
+            else:
+                images, dropped, seconds = execute_batch(backend, [r.job for r in rs], ctxs, blobs, max_pixels)
+                out = [(None if gone else imgs, [seconds * s]) for imgs, gone, s in zip(images, dropped, shares([r.job for r in rs]), strict=True)]
             self.host.job_ended(ms, backend)  # on this thread: the model's peak, its cached blocks
             return out
 
@@ -283,12 +326,13 @@ class Worker:
 
         def timed_out() -> None:
             assert timeout is not None
-            r.error = timeout_message(timeout)
-            r.cancel.set()
+            for r in rs:
+                r.error = timeout_message(timeout)
+                r.cancel.set()
             log.warning("job %s on %s: over its time limit of %g s (%s); stopping it", job.id, ms.name, timeout.seconds, timeout.key)
 
         ctx.last_step = started = time.monotonic()
-        guard = asyncio.create_task(watch(started, lambda: ctx.last_step, timeout, stall, timed_out))
+        guard = asyncio.create_task(watch(started, lambda: max(c.last_step for c in ctxs), timeout, stall, timed_out))
         try:
             await asyncio.wait((work, guard), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -296,10 +340,27 @@ class Worker:
         if work.done():
             return work.result()  # type: ignore[no-any-return]
         assert stall is not None
-        ctx.abandoned = True  # should the call come back, it stops at its next step
+        for c in ctxs:
+            c.abandoned = True  # should the call come back, it stops at its next step
         work.add_done_callback(_consume)
         log.error("job %s on %s: no step for %g s (%s): stalled", job.id, ms.name, stall.seconds, stall.key)
         raise Stalled(stall_message(stall, ms.name, backend.isolated), work)
+
+
+async def _together(finishing: list[Coroutine[Any, Any, None]]) -> None:
+    """The outcomes of a batch's jobs, one after the other."""
+    for coro in finishing:
+        await coro
+
+
+def batch_learn(rs: list[Running], seconds: float) -> None:
+    """What the forecast learns of a batch: the one call (its features, seconds and
+    phases), taught by its lead job; the others teach nothing."""
+    lead = rs[0]
+    phases = measured_phases(lead.ctx.calls, seconds) if lead.ctx is not None else None
+    lead.learn_as = (batch_features([r.job for r in rs], 0.0).tolist(), seconds, phases)
+    for r in rs[1:]:
+        r.learns = False
 
 
 def _consume(work: asyncio.Future[Any]) -> None:

@@ -84,9 +84,14 @@ class Outcomes:
 
     async def learn(self, r: Running, worker_s: float, phases: tuple[float, float, float] | None, stored: float) -> None:
         job = r.job
-        feats = with_after_job(job.features, r.after_job, r.first_call)
-        decayed, added = observation(feats, worker_s, job.predicted, phases, stored)
-        await self.broker.observe_cost(job.model, fit_of(job.task), decayed, added, FORGET)
+        if r.learn_as is not None:  # a batch's one call (its features, seconds and phases), taught by its lead job
+            feats = with_after_job(r.learn_as[0], r.after_job, r.first_call)
+            decayed, added = observation(feats, r.learn_as[1], None, r.learn_as[2])
+        else:
+            feats = with_after_job(job.features, r.after_job, r.first_call)
+            decayed, added = observation(feats, worker_s, job.predicted, phases, stored)
+        if r.learns:
+            await self.broker.observe_cost(job.model, fit_of(job.task), decayed, added, FORGET)
         self.metrics.duration.labels(job.model, job.task).observe(worker_s)
         total = (job.finished_at or time.time()) - job.created_at
         if total > 0:

@@ -148,6 +148,12 @@ def _child_main(conn: Connection, name: str, cfg: ModelConfig, settings: Setting
                     conn.send(("done", backend.run(payload, ctx)))
                 finally:
                     ctx.finish()
+            elif command == "run_batch":
+                ctx = _ChildContext(conn)
+                try:
+                    conn.send(("done", backend.run_batch(payload, ctx)))  # type: ignore[attr-defined]
+                finally:
+                    ctx.finish()
             elif command == "train":
                 from ..training.lora_trainer import LoraTrainer
 
@@ -219,6 +225,14 @@ class ModelProcess:
         result: list[Image] = self._call("run", item, ctx)
         return result
 
+    def run_batch(self, items: list[WorkItem], ctx: StepContext) -> list[list[Image]]:
+        """Compatible items in one call of the model in its process (``ctx``: the
+        worker's ``BatchSteps``: one preview image per item comes through the pipe)."""
+        if self._conn is None:
+            raise BackendError(f"model {self.name!r} is not loaded; load it first")
+        result: list[list[Image]] = self._call("run_batch", items, ctx)
+        return result
+
     def train(self, plan: TrainPlan, ctx: TrainContext) -> list[Image]:
         """Run a LoRA-training job on the model in its process (``LoraTrainer``)."""
         if self._conn is None:
@@ -276,7 +290,7 @@ class ModelProcess:
 
         try:
             conn.send((command, payload))
-            if command in ("run", "train"):
+            if command in ("run", "run_batch", "train"):
                 answer(0)
             while True:
                 kind, *rest = conn.recv()

@@ -1,0 +1,199 @@
+"""Batching across requests: the jobs of one model that can share a pipeline call
+(the same ``JobRecord.batch`` key: ``jobs.batch_key``) run as one call of up to
+``models.NAME.target_inflight`` jobs.
+
+The forecast decides, not a timer.  The head of the queue runs at once; a
+compatible job behind it joins the call only when the forecast says that
+
+* the call costs less than running its jobs one after the other (a gain), and
+* every waiting job it overtakes (queued between the head and it, not in the call)
+  finishes no more than ``batch_max_delay`` (a fraction) later than it would have
+  with the jobs run in order, and
+* no job of the call, and none it overtakes, misses a deadline it would have met
+  in order.
+
+A job with nothing compatible queued runs at once: there is no waiting for
+companions.  The claim of a batch is one broker step (``Broker.claim_batch``): it
+takes nothing when a job the plan did not see has come ahead of a companion, and
+the loop then claims the head alone.
+
+Each job stays a job: its own ``JobContext`` fed from the one call
+(``backends.base.BatchSteps``), its own cancel (its images are discarded while the
+others finish), result and worker seconds (the call's, split by images); the
+forecast learns the call once, from its own features (``batch_features``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..backends.base import Backend, BatchSteps, batches
+from ..broker.base import BatchPlan, Broker
+from ..forecast import AFTER_JOB, FIRST_CALL, CostModel, call_features, job_vector
+from ..standing import Forecasts
+from .execute import Inputs, prompt_tokens, work_item
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..config import Settings
+    from ..jobs import JobRecord
+    from ..registry import ModelState
+    from .context import JobContext
+
+log = logging.getLogger("easel")
+WINDOW = 32  # waiting jobs the planner looks at behind the head
+
+
+def batch_features(jobs: list[JobRecord], after_job: float | None = None, first_call: float = 0.0) -> np.ndarray:
+    """The forecast's features of one call running ``jobs`` (compatible generates of
+    one item each): one call of all their images."""
+    item = jobs[0].items[0]
+    feats = call_features("generate", item.run_steps, item.megapixels, sum(j.items[0].n for j in jobs))
+    head = jobs[0].features
+    feats[AFTER_JOB] = head[AFTER_JOB] if after_job is None and len(head) > AFTER_JOB else (after_job or 0.0)
+    feats[FIRST_CALL] = first_call
+    return feats
+
+
+def _cost(cost: CostModel, job: JobRecord) -> float:
+    return cost.predict(job_vector(job.task, np.asarray(job.features))) if job.features else job.predicted
+
+
+@dataclass
+class Plan:
+    """A planned batch, with what the forecast said of it (tests and the log)."""
+
+    jobs: list[JobRecord]
+    window: list[str]
+    seconds: float  # forecast seconds of the one call
+    in_order: float  # forecast seconds of its jobs one after the other
+    worst_delay: float  # the largest (batched - in order) / in order finish of a job it overtakes
+
+    @property
+    def claim(self) -> BatchPlan:
+        return BatchPlan(head=self.jobs[0].id, ids=[j.id for j in self.jobs[1:]], window=self.window)
+
+
+def plan_batch(waiting: list[JobRecord], cost: CostModel, size: int, max_delay: float, now: float) -> Plan | None:
+    """The batch to form from the head of ``waiting`` (run order), or None: the head
+    runs alone (see the module docstring).  ``now``: the broker's clock."""
+    if size < 2 or len(waiting) < 2 or not waiting[0].batch:
+        return None
+    head = waiting[0]
+    own = [_cost(cost, j) for j in waiting]
+    chosen, skipped = [head], []  # skipped: (index, job) of the jobs overtaken so far
+    seconds = in_order = own[0]
+    worst = 0.0
+    for k in range(1, len(waiting)):
+        if len(chosen) >= size:
+            break
+        job = waiting[k]
+        if job.batch != head.batch:
+            skipped.append(k)
+            continue
+        trial = cost.predict(job_vector("generate", batch_features([*chosen, job])))
+        if trial >= seconds + own[k]:  # no gain: the call costs what the jobs cost one by one
+            break
+        fits, delay = _holds(waiting, own, [*chosen, job], skipped, trial, max_delay, now)
+        if not fits:
+            break
+        chosen.append(job)
+        seconds, in_order, worst = trial, in_order + own[k], max(worst, delay)
+    if len(chosen) < 2:
+        return None
+    last = waiting.index(chosen[-1])
+    return Plan(chosen, [j.id for j in waiting[: last + 1]], seconds, in_order, worst)
+
+
+def _holds(
+    waiting: list[JobRecord], own: list[float], members: list[JobRecord], skipped: list[int], seconds: float, max_delay: float,
+    now: float,
+) -> tuple[bool, float]:  # fmt: skip
+    """Whether a call of ``members`` (``seconds``) keeps every overtaken job within ``max_delay`` and every deadline; and the
+    largest relative delay it gives."""
+    ahead = np.cumsum(own)  # in order: job k finishes ahead[k] from now
+    worst = 0.0
+    pushed = 0.0  # seconds of overtaken jobs ahead of the next one
+    for k in skipped:
+        pushed += own[k]
+        batched, in_order = seconds + pushed, float(ahead[k])
+        delay = (batched - in_order) / in_order if in_order > 0 else 0.0
+        if delay > max_delay or _breaks(waiting[k], now + batched, now + in_order):
+            return False, delay
+        worst = max(worst, delay)
+    for j, member in enumerate(members):
+        index = 0 if j == 0 else waiting.index(member)
+        if _breaks(member, now + seconds, now + float(ahead[index])):
+            return False, worst
+    return True, worst
+
+
+def _breaks(job: JobRecord, batched: float, in_order: float) -> bool:
+    """A deadline the job meets in order and misses batched."""
+    return job.deadline_at is not None and batched > job.deadline_at >= in_order
+
+
+class Batcher:
+    """Claims a model's next jobs: a batch when the forecast says so, else one."""
+
+    def __init__(self, settings: Settings, broker: Broker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.forecasts = Forecasts(settings, broker)
+        self.planned: list[Plan] = []  # the batches this worker formed, newest last (a few kept: tests, the log)
+
+    async def claim(self, ms: ModelState, worker: str, lease: float, timeout: float) -> list[JobRecord]:
+        size = ms.cfg.target_inflight
+        if size > 1 and ms.backend is not None and batches(ms.backend):
+            waiting = await self.broker.waiting(ms.name, WINDOW)
+            if len(waiting) > 1 and waiting[0].batch:
+                cost = await self.forecasts.cost(ms.name)
+                plan = plan_batch(waiting, cost, size, ms.cfg.batch_max_delay, self.broker.now())
+                if plan is not None:
+                    jobs = await self.broker.claim_batch(ms.name, worker, lease, plan.claim)
+                    if jobs:
+                        self.planned = [*self.planned[-15:], plan]
+                        log.info("jobs %s on %s: one call of %d (forecast %.2fs, %.2fs one by one; overtaken jobs at most %.0f%% later)",
+                                 ",".join(j.id for j in jobs), ms.name, len(jobs), plan.seconds, plan.in_order, 100 * plan.worst_delay)  # fmt: skip
+                        return jobs
+        job = await self.broker.claim(ms.name, worker, lease, timeout)
+        return [job] if job is not None else []
+
+
+def execute_batch(
+    backend: Backend, jobs: list[JobRecord], ctxs: list[JobContext], blobs: dict[str, bytes], max_pixels: int
+) -> tuple[list[list[Image]], list[bool], float]:
+    """One pipeline call of compatible ``jobs`` (the model's thread): each job's
+    images, whether it was dropped (cancelled during the call), and the call's seconds."""
+    inputs = Inputs(blobs, max_pixels)
+    items = []
+    for job, ctx in zip(jobs, ctxs, strict=True):
+        item = job.items[0]
+        items.append(work_item(job.task, item, inputs))
+        tokens, limit = prompt_tokens(backend, job, item.prompt)
+        job.text_tokens, job.image_tokens = tokens, 0
+        if limit is not None and tokens > limit:
+            job.warnings = [
+                f"the prompt is {tokens} tokens but the text encoder of model {job.model!r} takes {limit}: "
+                f"the last {tokens - limit} tokens were cut; shorten the prompt"
+            ]
+            ctx.publish({"warnings": list(job.warnings)})
+    times = [ctx.begin_call(item.run_steps) for item, ctx in zip(items, ctxs, strict=True)]
+    steps = BatchSteps(list(ctxs))
+    out = backend.run_batch(items, steps)  # type: ignore[attr-defined]
+    for ctx in ctxs:
+        ctx.end_call()
+    first = times[0]
+    return out, steps.dropped, (first.end or first.start) - first.start
+
+
+def shares(jobs: list[JobRecord]) -> list[float]:
+    """Each job's share of a call: its images over all."""
+    images = [j.task_length for j in jobs]
+    total = sum(images) or 1
+    return [n / total for n in images]
