@@ -110,9 +110,7 @@ class Worker:
             _, pending = await asyncio.wait(loops, timeout=grace)
             if pending:
                 log.warning("shutdown: grace period over, stopping %d running job(s)", len(self.running))
-                for r in list(self.running.values()):
-                    r.release = self.broker.distributed
-                    r.cancel.set()
+                self._stop_running()
                 await asyncio.wait(pending, timeout=30)
         await self.host.drain(5)
         await self.presence.stop()
@@ -129,10 +127,7 @@ class Worker:
     async def _stop_serving(self, model: str) -> None:
         """Stop taking ``model``'s jobs: running ones stop (released to a shared queue,
         else cancelled) and its loop ends."""
-        for r in list(self.running.values()):
-            if r.job.model == model:
-                r.release = self.broker.distributed
-                r.cancel.set()
+        self._stop_running(model)
         loop = self._loops.pop(model, None)
         if loop is not None and loop is not asyncio.current_task():  # a loop that unloads its own model just ends
             loop.cancel()
@@ -140,6 +135,13 @@ class Worker:
 
     def _running_jobs(self) -> list[tuple[str, str, int]]:
         return [(r.job.id, r.job.model, r.attempt) for r in self.running.values()]
+
+    def _stop_running(self, model: str | None = None) -> None:
+        """Stop the running jobs (of ``model``): released back to a shared queue, else cancelled."""
+        for r in list(self.running.values()):
+            if model is None or r.job.model == model:
+                r.release = self.broker.distributed
+                r.cancel.set()
 
     def _stop_job(self, job_id: str) -> None:
         r = self.running.get(job_id)
