@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from server.forecast import FEATURES, CostModel, call_features, job_vector, with_after_job  # noqa: E402
+from server.features import FEATURES, job_vector  # noqa: E402
+from server.forecast import CostModel, call_features, with_after_job  # noqa: E402
 
 
 def features(job: dict[str, Any], after: bool, dropped: np.ndarray, first: bool = False) -> np.ndarray:
@@ -75,7 +76,11 @@ def replay(run: dict[str, Any], dropped: np.ndarray) -> list[float]:
 
 
 def live(run: dict[str, Any]) -> list[float]:
-    return [(j["expected"] - (j["finished_at"] - j["created_at"])) / (j["finished_at"] - j["created_at"]) for j in run["jobs"] if j["burst"]]
+    return [
+        (j["expected"] - (j["finished_at"] - j["created_at"])) / (j["finished_at"] - j["created_at"])
+        for j in run["jobs"]
+        if j["burst"]
+    ]
 
 
 def summary(errors: list[float]) -> str:

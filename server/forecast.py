@@ -57,46 +57,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TASKS: tuple[str, ...] = ("generate", "edit", "train", "upscale")
-FITS: tuple[str, ...] = ("image", "train", "upscale")  # generate and edit share one fit
-
-
-def fit_of(task: str) -> str:
-    return "image" if task in ("generate", "edit") else task
-
-
-@dataclass(frozen=True)
-class Term:
-    name: str
-    phase: str  # head, steps, tail
-    per: str  # what one unit of the feature is (reports)
-    signed: bool = False  # may be below zero (a difference from another term); the others never are
-
-
-TERMS: tuple[Term, ...] = (
-    Term("job", "head", "pipeline call (text encoding, set-up)"),
-    Term("reference", "head", "reference image"),
-    Term("reference_mp", "head", "megapixel of reference images (VAE encoding)"),
-    Term("after_job", "head", "job run right after another (whose results are stored meanwhile)"),
-    Term("first_call", "head", "first job after the model loaded (one-time set-up: allocations, kernels, caches)"),
-    Term("step", "steps", "denoising step"),
-    Term("step_mp", "steps", "step per output megapixel of all images"),
-    Term("step_image", "steps", "step per image of the batch, beyond its pixels (per-sample work)"),
-    Term("step_reference", "steps", "step per reference image, per image (a model that resizes its references)"),
-    Term("step_reference_mp", "steps", "step per reference megapixel, per image"),
-    Term("edit_step", "steps", "step of an edit, beyond a generate's", signed=True),
-    Term("edit_step_mp", "steps", "step per output megapixel of an edit, beyond a generate's", signed=True),
-    Term("finish", "tail", "pipeline call after its last step"),
-    Term("decode_mp", "tail", "output megapixel after the last step (VAE decoding)"),
-    Term("decode_batch_mp", "tail", "output megapixel of each image after the first of a call, beyond decode_mp", signed=True),
+from .features import (
+    DECAYED,
+    FEATURES,
+    FITS,
+    MASKS,
+    NF,
+    SIGNED,
+    STATS,
+    STORING,
+    TASKS,
+    TERMS,
+    WEIGHT,
+    WIDTH,
+    Y_SUM,
+    apply,
+    fit_of,
+    unknown_terms,
 )
-FEATURES: tuple[str, ...] = tuple(t.name for t in TERMS)
-SIGNED = np.array([t.signed for t in TERMS])
-PHASES: tuple[str, ...] = ("head", "steps", "tail")
-NF = len(FEATURES)
-MASKS = np.array([[1.0 if t.phase == p else 0.0 for t in TERMS] for p in PHASES])  # phase x feature
-DIM = NF * len(FITS)  # one block of features per fit
-WIDTH = DIM + 1  # a job vector: its fit's features, then a count of one (jobs ahead = sum of vectors)
+
 GENERIC_PRIOR: dict[str, float] = {
     "job": 0.3, "after_job": 0.01, "first_call": 0.3, "reference": 0.05, "reference_mp": 0.5, "step": 0.01, "step_mp": 1.0, "step_image": 0.005,
     "step_reference_mp": 0.5, "finish": 0.02, "decode_mp": 0.3,
@@ -105,11 +84,6 @@ FORGET = 0.98  # each finished job weighs old ones down by this: the fit follows
 MIN_PENALTY = 1e-9
 FLOOR = 1e-3  # x each feature's mean square: what the jobs seen leave open stays at the scaled prior
 PHASE_RIDGE = 0.1  # how strongly each phase's prior scale is held to the common one (a fraction of the data)
-
-
-def unknown_terms(prior: Mapping[str, float]) -> list[str]:
-    """The names in a prior that are not terms of the model (sorted)."""
-    return sorted(set(prior) - set(FEATURES))
 
 
 def prior_vector(prior: Mapping[str, float] | Sequence[float]) -> np.ndarray:
@@ -131,8 +105,23 @@ def call_features(task: str, steps: int, megapixels: float, n: int, reference_mp
     ref = float(sum(reference_mps))
     edit = 1.0 if task == "edit" else 0.0
     return np.array(
-        [1.0, len(reference_mps), ref, 0.0, 0.0, steps, work, steps * n, steps * len(reference_mps) * n, steps * ref * n, edit * steps, edit * work,
-         1.0, megapixels * n, megapixels * (n - 1)],  # fmt: skip
+        [
+            1.0,
+            len(reference_mps),
+            ref,
+            0.0,
+            0.0,
+            steps,
+            work,
+            steps * n,
+            steps * len(reference_mps) * n,
+            steps * ref * n,
+            edit * steps,
+            edit * work,
+            1.0,
+            megapixels * n,
+            megapixels * (n - 1),
+        ],  # fmt: skip
         dtype=np.float64,
     )
 
@@ -156,18 +145,6 @@ def with_after_job(feats: np.ndarray | Sequence[float], after: bool, first_call:
 def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
     """A job's features: the sum over its pipeline calls (most jobs make one)."""
     return per_call[0] if len(per_call) == 1 else np.sum(per_call, axis=0)
-
-
-def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
-    """The job's features placed in its fit's block of a WIDTH vector, whose last
-    component (a count of one job) the forecast gives no weight.  Features of
-    another length (a record from an older version) count as nothing."""
-    vec = np.zeros(WIDTH, dtype=np.float64)
-    if len(feats) == NF:
-        f = FITS.index(fit_of(task))
-        vec[f * NF : (f + 1) * NF] = feats
-    vec[DIM] = 1.0
-    return vec
 
 
 # ----- measuring a job's phases (the worker) ---------------------------------------------
@@ -204,15 +181,6 @@ def measured_phases(calls: Sequence[CallTimes], seconds: float) -> tuple[float, 
     return head, max(0.0, denoise), max(0.0, tail)
 
 
-# a fit's statistics as one flat vector, so that a broker can keep them (and add a
-# job's contribution atomically, as Redis does in a script): the forgetting-weighted
-# sums first, then the plain counters
-Y_SUM = NF * NF + 2 * NF  # A = sum f f^T, b = sum f y, s = sum f; then sum y, weight (jobs)
-WEIGHT = Y_SUM + 1
-STORING = WEIGHT + 1  # jobs timed, sum x, sum x^2, sum t, sum x t: x output megapixels, t seconds to store
-DECAYED = STORING + 5
-ADDED = 2  # samples, sum of |predicted - seconds| / seconds
-STATS = DECAYED + ADDED
 OUTPUT_MP = FEATURES.index("decode_mp")  # a job's output megapixels, all images
 
 
@@ -261,14 +229,6 @@ def storing_line(stats: np.ndarray) -> tuple[float, float]:
     if base < 0:
         return 0.0, per_mp
     return base, slope
-
-
-def apply(stats: np.ndarray, decayed: list[float], added: list[float], forget: float) -> np.ndarray:
-    """``stats`` after one observation (what the brokers' ``observe_cost`` computes)."""
-    out = stats.copy()
-    out[:DECAYED] = forget * out[:DECAYED] + np.asarray(decayed)
-    out[DECAYED:] += np.asarray(added)
-    return out
 
 
 @dataclass

@@ -148,9 +148,9 @@ class JobRecord(Struct, kw_only=True):
     partial_images: int = 0  # previews asked for (OpenAI stream): blobs preview_key(id, k)
     batch: str = ""  # jobs of one model with the same non-empty key may share a pipeline call (``batch_key``)
     # --- forecast at submission ---
-    features: list[float] = []  # forecast.FEATURES summed over the pipeline calls
+    features: list[float] = []  # features.FEATURES summed over the pipeline calls
     predicted: float = 0.0  # forecast worker seconds of the job itself
-    predicted_phases: list[float] = []  # of which: before the steps, the steps, after them (forecast.PHASES)
+    predicted_phases: list[float] = []  # of which: before the steps, the steps, after them (features.PHASES)
     expected_at_submit: float = 0.0
     pos_at_submit: int = 0
     # --- where it stands (broker clock: wall seconds as the broker tells them) ---

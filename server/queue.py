@@ -20,7 +20,7 @@ from collections import deque
 import numpy as np
 from sortedcontainers import SortedDict
 
-from .forecast import WIDTH
+from .features import WIDTH
 
 MIN_SLOTS = 64
 

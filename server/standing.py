@@ -21,19 +21,8 @@ from PIL import Image
 
 from .broker.base import Broker, WorkerInfo
 from .config import Settings
-from .forecast import (
-    AFTER_JOB,
-    DIM,
-    FITS,
-    NF,
-    CostModel,
-    call_features,
-    job_vector,
-    prior_vector,
-    running_remaining,
-    sum_features,
-    with_after_job,
-)
+from .features import DIM, FITS, NF, job_vector
+from .forecast import AFTER_JOB, CostModel, call_features, prior_vector, running_remaining, sum_features, with_after_job
 from .jobs import JobRecord, JobStatus
 from .residency import on_demand_slots
 
@@ -188,7 +177,10 @@ def predict(cost: CostModel, job: JobRecord) -> tuple[float, list[float]]:
 def job_features(job: JobRecord, blobs: dict[str, bytes]) -> list[float]:
     """The forecast's features of a job's pipeline calls (``forecast.call_features``),
     with the sizes of its reference images read from their bytes."""
-    calls = [call_features(job.task, it.run_steps, it.megapixels, it.n, [megapixels(blobs.get(k)) for k in it.images]) for it in job.items]
+    calls = [
+        call_features(job.task, it.run_steps, it.megapixels, it.n, [megapixels(blobs.get(k)) for k in it.images])
+        for it in job.items
+    ]
     return with_after_job(sum_features(calls), True).tolist()  # as if queued; ``standing`` says when it is not
 
 
@@ -201,4 +193,3 @@ def megapixels(data: bytes | None) -> float:
             return img.width * img.height / 1_000_000
     except Exception:  # the job's own checks report bad images; a forecast never fails a submit
         return 0.0
-

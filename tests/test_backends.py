@@ -11,7 +11,8 @@ import pytest
 from server.backends import create_backend
 from server.backends.base import BackendError, JobCancelled, LoraSpec
 from server.config import ModelConfig, Settings
-from server.forecast import FEATURES, FITS, prior_vector
+from server.features import FEATURES, FITS
+from server.forecast import prior_vector
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ from server.app import create_app
 from server.backends.base import BackendError, BatchSteps, JobCancelled, batches
 from server.broker.base import BatchPlan, Broker
 from server.config import ModelConfig, Settings, build_settings
-from server.forecast import DIM, FITS, CostModel, job_vector
+from server.features import DIM, FITS, job_vector
+from server.forecast import CostModel
 from server.jobs import Item, JobRecord, JobStatus, batch_key
 from server.standing import job_features
 from server.worker.batch import Plan, plan_batch
@@ -49,6 +50,7 @@ pytest_plugins = ["tests.backend_fixtures"]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
 
 BATCHING = ("sdxl", "flux2_klein", "z_image")
 
@@ -274,7 +276,10 @@ class App:
         return str(r.json()["task_id"])
 
     async def final(self, task_id: str) -> dict[str, Any]:
-        while (st := (await self.c.get("/api/status", params={"task_id": task_id, "wait": 10})).json())["status"] in ("waiting", "running"):
+        while (st := (await self.c.get("/api/status", params={"task_id": task_id, "wait": 10})).json())["status"] in (
+            "waiting",
+            "running",
+        ):
             pass
         return st  # type: ignore[no-any-return]
 
@@ -392,8 +397,12 @@ def sdxl_server(
 @pytest.mark.timeout(300)
 def test_a_batched_jobs_png_equals_the_job_run_alone_in_its_models_process(sdxl_server: RunningServer) -> None:
     c = sdxl_server.client
-    hold = c.post("/api/generate", json={"prompt": "hold", "steps": 40, "seed": 1}).json()["task_id"]  # the others queue meanwhile
-    body = [{"prompt": f"a lighthouse {k}", "steps": 4, "seed": 5 + k, "n": 1 + k % 2, "negative_prompt": "fog"} for k in range(3)]
+    hold = c.post("/api/generate", json={"prompt": "hold", "steps": 40, "seed": 1}).json()[
+        "task_id"
+    ]  # the others queue meanwhile
+    body = [
+        {"prompt": f"a lighthouse {k}", "steps": 4, "seed": 5 + k, "n": 1 + k % 2, "negative_prompt": "fog"} for k in range(3)
+    ]
     ids = [c.post("/api/generate", json=b).json()["task_id"] for b in body]
     for tid in (hold, *ids):
         assert wait_done(c, tid)["status"] == "done"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from server.broker.base import Broker, BrokerUnavailable, QueueFullError, SubmitKey, WorkerInfo
-from server.forecast import DECAYED, DIM, STATS, WIDTH, apply, call_features, job_vector, observation
+from server.features import DECAYED, DIM, STATS, WIDTH, apply, job_vector
+from server.forecast import call_features, observation
 from server.jobs import Item, JobRecord, JobStatus, input_key, result_key
 
 from .redis_fixtures import RedisServer, redis_flushed, redis_server, redis_server_fresh, redis_url  # noqa: F401
@@ -619,7 +620,11 @@ async def test_a_fenced_blob_is_stored_only_while_its_attempt_runs(broker: Broke
 
 
 async def test_a_job_that_ends_with_a_webhook_to_send_joins_the_outbox_in_the_same_step(broker: Broker) -> None:
-    hooked, plain, cancelled = make_job(webhook_url="http://h/x", webhook="pending"), make_job(), make_job(webhook_url="http://h/y", webhook="pending")
+    hooked, plain, cancelled = (
+        make_job(webhook_url="http://h/x", webhook="pending"),
+        make_job(),
+        make_job(webhook_url="http://h/y", webhook="pending"),
+    )
     for job in (hooked, plain, cancelled):
         await broker.submit(job, {}, capacity=10)
     assert await broker.claim_deliveries(60, 10) == []  # nothing ended yet

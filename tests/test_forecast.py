@@ -7,14 +7,12 @@ import random
 import numpy as np
 import pytest
 
+from server.features import FEATURES, MASKS, job_vector
 from server.forecast import (
-    FEATURES,
-    MASKS,
     OUTPUT_MP,
     CallTimes,
     CostModel,
     call_features,
-    job_vector,
     measured_phases,
     prior_vector,
     running_remaining,

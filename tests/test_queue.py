@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from server.forecast import DIM, WIDTH, call_features, job_vector
+from server.features import DIM, WIDTH, job_vector
+from server.forecast import call_features
 from server.queue import Job, ModelQueue
 
 

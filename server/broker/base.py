@@ -28,7 +28,7 @@ class Standing(Struct):
     """What is ahead of a waiting job (or of a new one at the back of the queue)."""
 
     running: list[JobRecord]  # jobs now running on the model: their remaining time counts
-    ahead: np.ndarray  # summed forecast vectors (forecast.WIDTH) of the waiting jobs ahead; [DIM] = their count
+    ahead: np.ndarray  # summed forecast vectors (features.WIDTH) of the waiting jobs ahead; [DIM] = their count
 
 
 class WorkerInfo(Struct, kw_only=True):

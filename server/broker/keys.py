@@ -63,7 +63,7 @@ KEYS: dict[str, str] = {
     "seq": "seq",
     "done": "done",
     "task": "task:{task}",
-    # the forecast's statistics and priors, in the format of forecast.FEATURES version 4
+    # the forecast's statistics and priors, in the format of features.FEATURES version 4
     # (another format's keys are left alone, not misread)
     "cost": "cost4:{m}",
     "priors": "prior4:{m}",

@@ -18,14 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from ..forecast import DIM, STATS, apply, job_vector
+from ..features import DIM, STATS, apply, job_vector
 from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
 from .base import BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
 from .notify import LocalEvents
 
-PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
+PROGRESS_FIELDS = frozenset(
+    ("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until")
+)
 
 
 class MemoryBroker(LocalEvents):

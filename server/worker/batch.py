@@ -33,7 +33,8 @@ import numpy as np
 
 from ..backends.base import Backend, BatchSteps, batches
 from ..broker.base import BatchPlan, Broker
-from ..forecast import AFTER_JOB, FIRST_CALL, CostModel, call_features, job_vector
+from ..features import job_vector
+from ..forecast import AFTER_JOB, FIRST_CALL, CostModel, call_features
 from ..standing import Forecasts
 from .execute import Inputs, prompt_tokens, work_item
 

@@ -235,8 +235,8 @@ class Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     release: bool = False  # stopped to be released back to the queue, not cancelled
     error: str | None = None  # stopped for this reason (a time limit): ends as error, not cancelled
-    after_job: bool = False  # claimed while another job's results were being stored here (forecast.TERMS)
-    first_call: bool = False  # the first job on its model since the model loaded (forecast.TERMS)
+    after_job: bool = False  # claimed while another job's results were being stored here (features.TERMS)
+    first_call: bool = False  # the first job on its model since the model loaded (features.TERMS)
     ctx: JobContext | None = None  # while its pipeline calls run in this process
     learns: bool = True  # the forecast learns from it (of a batch: only its lead job)
     learn_as: tuple[list[float], float, tuple[float, float, float] | None] | None = None  # a batch's call: features, seconds, phases
