@@ -37,7 +37,7 @@ from server import hostmem  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.worker.encode import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
-from tests.conftest import RunningServer, start_server  # noqa: E402
+from tests.servers import RunningServer, start_server  # noqa: E402
 
 PROMPT = "a lighthouse at dusk"
 GUIDANCE = 5.0  # the SDXL backend's default

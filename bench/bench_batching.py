@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from tests import tiny_pipelines as tp  # noqa: E402
-from tests.conftest import RunningServer, start_server  # noqa: E402
+from tests.servers import RunningServer, start_server  # noqa: E402
 
 
 def settings(folder: Path) -> dict[str, Any]:

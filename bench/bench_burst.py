@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_forecast import FAMILIES, data_url, settings  # noqa: E402
-from tests.conftest import RunningServer, start_server, stub_settings  # noqa: E402
+from tests.servers import RunningServer, start_server, stub_settings  # noqa: E402
 
 KINDS = ("alone", "same", "other", "healthz")
 

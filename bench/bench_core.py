@@ -30,8 +30,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import RunningServer, start_server, stub_settings  # noqa: E402
 from tests.redis_fixtures import RedisServer  # noqa: E402
+from tests.servers import RunningServer, start_server, stub_settings  # noqa: E402
 
 
 def submit_many(url: str, n: int, body: dict[str, object]) -> list[str]:

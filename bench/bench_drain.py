@@ -59,8 +59,8 @@ from server.config import build_settings  # noqa: E402
 from server.worker.encode import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext  # noqa: E402
-from tests.conftest import RunningServer, start_server  # noqa: E402
 from tests.redis_fixtures import RedisServer  # noqa: E402
+from tests.servers import RunningServer, start_server  # noqa: E402
 
 
 @contextmanager

@@ -35,9 +35,9 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import RunningServer, start_server, stub_settings  # noqa: E402
 from tests.loopback_http import LoopbackServer  # noqa: E402
 from tests.redis_fixtures import RedisServer  # noqa: E402
+from tests.servers import RunningServer, start_server, stub_settings  # noqa: E402
 
 FINISHED = ("done", "error", "cancelled")
 

@@ -59,7 +59,7 @@ import httpx  # noqa: E402
 
 from server.build import decode_b64  # noqa: E402
 from server.standing import megapixels  # noqa: E402
-from tests.conftest import start_server, stub_settings  # noqa: E402
+from tests.servers import start_server, stub_settings  # noqa: E402
 
 SIZES = [64, 80, 96, 112, 128]
 _CORES = os.sched_getaffinity(0)  # every core this bench may use (``--pin`` keeps itself to the last)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from tests import tiny_pipelines as tp  # noqa: E402
-from tests.conftest import RunningServer, start_server  # noqa: E402
+from tests.servers import RunningServer, start_server  # noqa: E402
 
 BUILDERS = {"sdxl": tp.build_sdxl, "flux2_klein": tp.build_flux2_klein}
 

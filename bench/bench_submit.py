@@ -37,7 +37,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.bench_forecast import data_url  # noqa: E402
-from tests.conftest import start_server, stub_settings  # noqa: E402
+from tests.servers import start_server, stub_settings  # noqa: E402
 
 
 def photo_url(side: int) -> str:

@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 from server.backends import create_backend  # noqa: E402
 from server.config import build_settings  # noqa: E402
 from server.training.dataset import validate_dataset  # noqa: E402
-from server.training.lora_trainer import LoraTrainer, TrainPlan  # noqa: E402
-from tests.test_training import write_dataset  # noqa: E402
+from server.training.lora_trainer import LoraTrainer  # noqa: E402
+from server.training.plan import TrainPlan  # noqa: E402
+from tests.datasets import write_dataset  # noqa: E402
 from tests.tiny_pipelines import build_flux2_klein, build_z_image  # noqa: E402
 
 BUILDERS = {"flux2_klein": build_flux2_klein, "z_image": build_z_image}

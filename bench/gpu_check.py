@@ -22,7 +22,7 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
 - ``model offload`` / ``sequential offload``: ``offload: model|sequential`` (CUDA);
 - ``prompt cache``, ``attention backends``, ``compile regional``, ``fp8dq (torchao, Hopper)``:
   the speed knobs (``bench/gpu_check_knobs.py``; the prompt cache on the CPU too);
-- ``huge job -> error, worker goes on``: through a real server (``tests/conftest.start_server``;
+- ``huge job -> error, worker goes on``: through a real server (``tests/servers.start_server``;
   the model in its own process, as served by default) an 8192x8192 n=64 job must end as
   ``error`` naming the memory failure, then a normal job on the same model must
   complete.  On CUDA the server's allocator is capped
@@ -92,7 +92,7 @@ from server.backends.memory import module_bytes  # noqa: E402
 from server.families import FAMILIES  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import reference  # noqa: E402
-from tests.conftest import RunningServer, model_processes, start_server  # noqa: E402
+from tests.servers import RunningServer, model_processes, start_server  # noqa: E402
 
 # ----------------------------------------------------------------------------- in-process checks
 

@@ -18,7 +18,7 @@ from server.config import build_settings
 from server.registry import ModelState
 from server.worker.host import ModelHost
 from tests.backend_helpers import NoopContext, reference
-from tests.conftest import RunningServer
+from tests.servers import RunningServer
 
 BACKENDS = ("sdxl", "flux2_klein", "z_image", "qwen_edit_gguf")
 EDIT_ONLY = {"qwen_edit_gguf"}

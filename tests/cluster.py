@@ -6,8 +6,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from .conftest import RunningServer, start_server
 from .redis_fixtures import RedisServer
+from .servers import RunningServer, start_server
 
 
 class Cluster:

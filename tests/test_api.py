@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.features import FEATURES
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 
 
 def png(w: int = 64, h: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
-from .conftest import ROOT, RunningServer, free_port, stub_settings
+from .servers import ROOT, RunningServer, free_port, stub_settings
 from .test_api import wait_done
 
 ROOT_KEY = {"Authorization": "Bearer root-key"}

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.backend_helpers import reference, write_alternative_z_image
-from tests.conftest import ROOT, model_processes, stub_settings
+from tests.servers import ROOT, model_processes, stub_settings
 from tests.test_api import wait_done
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import httpx
     from PIL.Image import Image
 
-    from tests.conftest import RunningServer
+    from tests.servers import RunningServer
 
 pytest_plugins = ["tests.backend_fixtures"]
 pytestmark = pytest.mark.timeout(240)

@@ -30,8 +30,8 @@ from server.standing import job_features
 from server.worker.batch import Plan, plan_batch
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff
 from tests.cluster import Cluster
-from tests.conftest import ROOT, stub_settings
 from tests.redis_fixtures import RedisServer, redis_flushed, redis_server, redis_server_fresh  # noqa: F401 - fixtures
+from tests.servers import ROOT, stub_settings
 from tests.test_api import wait_done
 from tests.test_broker_contract import memory_broker, redis_broker
 from tests.test_scaleout import done_lines, finished, wait_for
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from server.backends.base import Backend
-    from tests.conftest import RunningServer
+    from tests.servers import RunningServer
 
 pytest_plugins = ["tests.backend_fixtures"]
 

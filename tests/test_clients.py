@@ -27,7 +27,7 @@ from clients import (
     mflux,
 )
 
-from .conftest import ROOT, RunningServer
+from .servers import ROOT, RunningServer
 
 LONG_JOB = {"steps": 200}  # 10 s on the slow server (0.05 s a step)
 
@@ -204,7 +204,7 @@ def test_cli_reports_errors_on_stderr_with_exit_status_1(server: RunningServer) 
 
 
 def test_cli_says_when_no_worker_serves_the_model_instead_of_an_eta(server_factory: Callable[..., RunningServer], shared_redis: Any) -> None:
-    from .conftest import free_port, stub_settings
+    from .servers import free_port, stub_settings
 
     settings = {**stub_settings(), "broker": {"prefix": f"t{free_port()}:"}}
     api_only = server_factory(settings, "--broker", shared_redis.url, "--role", "api")  # no worker anywhere

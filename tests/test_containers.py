@@ -27,8 +27,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ROOT, free_port
 from .redis_fixtures import RedisServer
+from .servers import ROOT, free_port
 
 BASE_TAG = "localhost/easel-test-base:bookworm"
 API_TAG = "localhost/easel-test-api:latest"

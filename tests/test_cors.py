@@ -9,7 +9,7 @@ import pytest
 
 from server.config import ConfigError, load_settings
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 
 APP = "http://app.example:8080"
 PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"}

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from .conftest import BROKERS, RunningServer, stub_settings
+from .servers import BROKERS, RunningServer, stub_settings
 from .test_api import wait_done, wait_running
 
 

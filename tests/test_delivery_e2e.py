@@ -20,9 +20,9 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from clients import Client
-from tests.conftest import BROKERS, ROOT, RunningServer, stub_settings
 from tests.loopback_http import LoopbackServer, Reply
 from tests.moto_s3 import BUCKET, moto_s3, presigned_put
+from tests.servers import BROKERS, ROOT, RunningServer, stub_settings
 from tests.tiny_upscaler import write_tiny_esrgan
 
 FINAL = ("done", "error", "cancelled")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from .conftest import ROOT, RunningServer
+from .servers import ROOT, RunningServer
 
 
 def data_url(img: Image.Image) -> str:

@@ -25,9 +25,9 @@ import pytest
 import redis
 
 from .cluster import Cluster
-from .conftest import RunningServer, start_server, stub_settings
 from .loopback_http import LoopbackServer, Reply
 from .redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
+from .servers import RunningServer, start_server, stub_settings
 
 TIMEOUT = 1.0  # broker.timeout_seconds of every node here
 

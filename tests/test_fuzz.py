@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 
 pytest.importorskip("schemathesis", reason="the fuzz test needs schemathesis (requirements.txt, tests)")
 pytestmark = pytest.mark.timeout(180)

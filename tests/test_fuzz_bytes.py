@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import BROKERS, RunningServer, stub_settings
+from .servers import BROKERS, RunningServer, stub_settings
 from .test_api import wait_done
 
 SECONDS = 3.0  # per broker

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.servers import ROOT
 
 pytestmark = pytest.mark.timeout(420)
 

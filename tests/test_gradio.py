@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image, ImageStat
 
-from .conftest import ROOT, RunningServer, free_port, stub_settings
+from .servers import ROOT, RunningServer, free_port, stub_settings
 
 pytest.importorskip("gradio", reason="the Gradio tests need requirements-gradio.txt (pip install -r requirements-gradio.txt)")
 gradio_client = pytest.importorskip("gradio_client")

@@ -12,13 +12,13 @@ from PIL import Image
 from server import infotext
 from server.jobs import Item, JobRecord, Lora
 
-from .conftest import stub_settings
+from .servers import stub_settings
 from .test_api import wait_done
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .conftest import RunningServer
+    from .servers import RunningServer
 
 
 def run(srv: RunningServer, **body: Any) -> tuple[dict[str, Any], list[bytes]]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from .conftest import BROKERS, RunningServer, stub_settings
+from .servers import BROKERS, RunningServer, stub_settings
 from .test_api import wait_done
 
 ALICE = {"Authorization": "Bearer alice-key"}

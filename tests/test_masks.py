@@ -18,7 +18,7 @@ from PIL import Image
 
 from server.masking import feather, normalize_mask
 
-from .conftest import RunningServer
+from .servers import RunningServer
 from .test_api import wait_done
 
 RED = (200, 30, 30)

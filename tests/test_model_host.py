@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from .conftest import RunningServer, model_processes, stub_settings
+from .servers import RunningServer, model_processes, stub_settings
 from .test_api import wait_done, wait_running
 
 

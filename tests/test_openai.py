@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 
 
 def png(w: int = 64, h: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -10,7 +10,7 @@ from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from referencing.exceptions import Unresolvable
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 
 
 @pytest.fixture(scope="module")

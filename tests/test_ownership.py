@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from .conftest import BROKERS, RunningServer, stub_settings
+from .servers import BROKERS, RunningServer, stub_settings
 from .test_api import wait_done, wait_running
 
 ALICE = {"Authorization": "Bearer alice-key"}

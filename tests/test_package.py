@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ROOT, free_port
+from .servers import ROOT, free_port
 
 EXTRA = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "gguf", "safetensors", "spandrel", "torchao", "gradio")
 BLOCKER = f'''import sys

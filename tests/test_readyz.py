@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RunningServer, start_server, stub_settings
 from .redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401  (fixture)
+from .servers import RunningServer, start_server, stub_settings
 
 HEARTBEAT = 1.0
 

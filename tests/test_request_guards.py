@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 
 pytestmark = pytest.mark.timeout(120)
 MIB = 2**20

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import BROKERS, RunningServer
+from .servers import BROKERS, RunningServer
 from .test_api import wait_done
 
 pytest_plugins = ["tests.backend_fixtures"]

@@ -18,7 +18,7 @@ import pytest
 from server.app import create_app
 from server.config import build_settings
 
-from .conftest import stub_settings
+from .servers import stub_settings
 
 HAND_OVER = 0.3  # seconds the claim of a job takes when it comes right after another
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from .cluster import Cluster
-from .conftest import RunningServer, stub_settings
 from .redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
+from .servers import RunningServer, stub_settings
 
 LEASE = {"lease_seconds": 1.0, "heartbeat_seconds": 0.25}
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from tests.tiny_upscaler import write_tiny_esrgan
 
-from .conftest import BROKERS, RunningServer, stub_settings
+from .servers import BROKERS, RunningServer, stub_settings
 
 KEYS = ["alice-key", "bob-key"]
 STEP_SECONDS = 12.0  # stub: seconds per step per megapixel -> 0.05 s a step at 64x64

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import BROKERS, RunningServer, stub_settings
+from .servers import BROKERS, RunningServer, stub_settings
 
 
 @pytest.fixture(scope="module", params=BROKERS)

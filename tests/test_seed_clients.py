@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from .conftest import ROOT, RunningServer, free_port, stub_settings
+from .servers import ROOT, RunningServer, free_port, stub_settings
 
 SEED = ROOT.parent / "shared" / "seeds" / "003-clients"
 if not SEED.is_dir():

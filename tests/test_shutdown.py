@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from .conftest import stub_settings
+from .servers import stub_settings
 from .test_api import wait_running
 
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT, start_server, stub_settings
 from .redis_fixtures import RedisServer, redis_server_fresh  # noqa: F401 - a fixture
+from .servers import ROOT, start_server, stub_settings
 from .test_api import wait_done
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import BROKERS, RunningServer, stub_settings
+from .servers import BROKERS, RunningServer, stub_settings
 from .test_api import wait_done
 
 ALICE = {"Authorization": "Bearer alice-key"}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import RunningServer
+from .servers import RunningServer
 from .test_api import wait_done
 
 MAX_PROMPT = 32_000

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 from .test_api import wait_done, wait_running
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,14 +12,14 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.conftest import ROOT, stub_settings
+from tests.servers import ROOT, stub_settings
 from tests.test_api import wait_done
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from tests.conftest import RunningServer
+    from tests.servers import RunningServer
 
 pytest_plugins = ["tests.backend_fixtures"]
 pytestmark = pytest.mark.timeout(240)

@@ -12,30 +12,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from .conftest import RunningServer
+from .datasets import write_dataset
+from .servers import RunningServer
 from .test_api import wait_done
 from .tiny_pipelines import build_flux2_klein, build_z_image
-
-SHAPES = [("circle", (220, 40, 40)), ("square", (40, 200, 60)), ("triangle", (40, 80, 230)), ("ring", (230, 200, 40))]
-
-
-def write_dataset(folder: Path, count: int = 4) -> Path:
-    """Colored shapes on dark backgrounds (80x64: not square, so they get cropped)."""
-    folder.mkdir(parents=True)
-    for name, color in SHAPES[:count]:
-        img = Image.new("RGB", (80, 64), (20, 20, 30))
-        draw = ImageDraw.Draw(img)
-        if name == "triangle":
-            draw.polygon([(40, 8), (70, 56), (10, 56)], fill=color)
-        elif name == "square":
-            draw.rectangle((20, 12, 60, 52), fill=color)
-        else:
-            draw.ellipse((16, 8, 64, 56), fill=color, outline=(255, 255, 255), width=6 if name == "ring" else 0)
-        img.save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a {name} in the easel style")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -286,8 +268,17 @@ def test_client_train_runs_to_done_and_reports_loss(srv: RunningServer) -> None:
 
     steps: list[int] = []
     with Client(srv.url) as client:
-        final = client.train("zimg", "shapes", "client-sync", steps=3, rank=4, resolution=32, overwrite=True,
-                             on_progress=lambda st: steps.append(st["step"]), timeout=120)
+        final = client.train(
+            "zimg",
+            "shapes",
+            "client-sync",
+            steps=3,
+            rank=4,
+            resolution=32,
+            overwrite=True,
+            on_progress=lambda st: steps.append(st["step"]),
+            timeout=120,
+        )
     assert final["status"] == "done" and final["step"] == 3
     assert "loss" in final["extra"] and steps[-1] == 3
     assert metadata(srv.client, "zimg", "client-sync")["steps"] == 3
@@ -321,9 +312,18 @@ def test_training_runs_on_the_redis_broker_with_progress_and_loss(
 ) -> None:
     """An API node and a worker on one Redis: the train job crosses processes as a record."""
     cfg = {
-        "models": {"zimg": {"backend": "z_image", "enabled": True, "model_path": str(env["zimg"]), "device": "cpu",
-                            "default_width": 64, "default_height": 64, "recommended_steps": 2,
-                            "lora_dir": str(env["tmp"] / "loras-redis")}},  # fmt: skip
+        "models": {
+            "zimg": {
+                "backend": "z_image",
+                "enabled": True,
+                "model_path": str(env["zimg"]),
+                "device": "cpu",
+                "default_width": 64,
+                "default_height": 64,
+                "recommended_steps": 2,
+                "lora_dir": str(env["tmp"] / "loras-redis"),
+            }
+        },  # fmt: skip
         "default_model": "zimg",
         "training": {"dataset_roots": [str(env["root"])]},
     }

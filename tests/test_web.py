@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 from .web_fixtures import PageGuard, browser, expect, guard, page, queue_item, shot  # noqa: F401  (fixtures)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from server.csp import WEB_UI_CSP
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 from .web_fixtures import TIMEOUT_MS, PageGuard, browser, expect  # noqa: F401  (fixtures)
 
 RECORD_VIOLATIONS = """

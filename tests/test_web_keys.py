@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 from .web_fixtures import TIMEOUT_MS, PageGuard, browser, expect, guard, shot  # noqa: F401  (fixtures)
 
 KEY = "web-test-key"

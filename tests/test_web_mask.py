@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 from .test_api import wait_done
 from .web_fixtures import PageGuard, browser, expect, guard, page, shot  # noqa: F401  (fixtures)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import RunningServer, stub_settings
+from .servers import RunningServer, stub_settings
 from .test_api import wait_done
 from .web_fixtures import PageGuard, browser, expect, guard, page, shot  # noqa: F401  (fixtures)
 

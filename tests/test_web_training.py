@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import RunningServer
-from .test_training import write_dataset
+from .datasets import write_dataset
+from .servers import RunningServer
 from .tiny_pipelines import build_z_image
 from .web_fixtures import browser, expect, guard, page, shot  # noqa: F401  (fixtures)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .servers import ROOT
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from .conftest import ROOT, RunningServer
+from .servers import ROOT, RunningServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
