@@ -76,11 +76,7 @@ def replay(run: dict[str, Any], dropped: np.ndarray) -> list[float]:
 
 
 def live(run: dict[str, Any]) -> list[float]:
-    return [
-        (j["expected"] - (j["finished_at"] - j["created_at"])) / (j["finished_at"] - j["created_at"])
-        for j in run["jobs"]
-        if j["burst"]
-    ]
+    return [(j["expected"] - (j["finished_at"] - j["created_at"])) / (j["finished_at"] - j["created_at"]) for j in run["jobs"] if j["burst"]]
 
 
 def summary(errors: list[float]) -> str:

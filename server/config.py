@@ -313,9 +313,7 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
             raise ConfigError(f"{source}: delivery.webhook_secret {exc}") from None
     broker = settings.broker
     if broker.url != "memory" and not broker.url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(
-            f"{source}: broker.url {broker.url!r} must be 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0"
-        )
+        raise ConfigError(f"{source}: broker.url {broker.url!r} must be 'memory' or a redis:// URL such as redis://127.0.0.1:6379/0")
     if broker.url == "memory" and broker.role != "all":
         raise ConfigError(
             f"{source}: broker.role {broker.role!r} needs a shared broker: set broker.url (or --broker) to a redis:// URL"
@@ -328,9 +326,7 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
             )
     if (public := settings.http.public_url) is not None:
         if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", public):
-            raise ConfigError(
-                f"{source}: http.public_url {public!r} must be an http(s) URL such as 'https://images.example.com/'"
-            )
+            raise ConfigError(f"{source}: http.public_url {public!r} must be an http(s) URL such as 'https://images.example.com/'")
         settings.http.public_url = public.rstrip("/") + "/"
     try:
         parse_networks(settings.http.trusted_proxies)
@@ -360,9 +356,7 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
     if settings.upscaler is not None and settings.upscaler not in settings.models:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
     if settings.upscaler is not None and settings.models[settings.upscaler].backend not in UPSCALERS:
-        raise ConfigError(
-            f"{source}: upscaler {settings.upscaler!r} must be a model with backend {' or '.join(map(repr, UPSCALERS))}"
-        )
+        raise ConfigError(f"{source}: upscaler {settings.upscaler!r} must be a model with backend {' or '.join(map(repr, UPSCALERS))}")
     return settings
 
 

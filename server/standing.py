@@ -177,10 +177,7 @@ def predict(cost: CostModel, job: JobRecord) -> tuple[float, list[float]]:
 def job_features(job: JobRecord, blobs: dict[str, bytes]) -> list[float]:
     """The forecast's features of a job's pipeline calls (``forecast.call_features``),
     with the sizes of its reference images read from their bytes."""
-    calls = [
-        call_features(job.task, it.run_steps, it.megapixels, it.n, [megapixels(blobs.get(k)) for k in it.images])
-        for it in job.items
-    ]
+    calls = [call_features(job.task, it.run_steps, it.megapixels, it.n, [megapixels(blobs.get(k)) for k in it.images]) for it in job.items]
     return with_after_job(sum_features(calls), True).tolist()  # as if queued; ``standing`` says when it is not
 
 
@@ -193,3 +190,4 @@ def megapixels(data: bytes | None) -> float:
             return img.width * img.height / 1_000_000
     except Exception:  # the job's own checks report bad images; a forecast never fails a submit
         return 0.0
+

@@ -44,10 +44,7 @@ def wait_running(c: httpx.Client, task_id: str) -> dict[str, Any]:
 
 # --- seed 003's client functions, verbatim ------------------------------------------
 
-
-def mflux_generate_client(
-    mfluxendpoint, prompt, width=1280, height=720, steps=4, seed=None, format="JPEG", quality=85, priority=False
-):  # type: ignore[no-untyped-def]
+def mflux_generate_client(mfluxendpoint, prompt, width=1280, height=720, steps=4, seed=None, format="JPEG", quality=85, priority=False):  # type: ignore[no-untyped-def]
     data = {
         "prompt": prompt,
         "height": height,
@@ -55,7 +52,7 @@ def mflux_generate_client(
         "steps": steps,
         "format": format,
         "quality": quality,
-        "priority": priority,
+        "priority": priority
     }
     if seed is not None:
         data["seed"] = seed
@@ -75,8 +72,7 @@ def mflux_status_ready(mfluxendpoint, task_id):  # type: ignore[no-untyped-def]
         else:
             # read the waiting time
             waiting_time = response.json().get("wait_remaining", 1)
-            if waiting_time < 1:
-                waiting_time = 1
+            if waiting_time < 1: waiting_time = 1
             return waiting_time
     else:
         return -1
@@ -96,8 +92,7 @@ def generate_image(mfluxendpoint, prompt, width=1280, height=720, steps=4):  # t
     for i in range(10000):
         waiting_time = mflux_status_ready(mfluxendpoint, task_id)
         print("Waiting time: ", waiting_time, " seconds")
-        if waiting_time == 0:
-            break
+        if waiting_time == 0: break
         nextsleep = max(min(waiting_time / 4, 10), 1)
         time.sleep(nextsleep)
     imageb = mflux_get_image(mfluxendpoint, task_id)
@@ -121,7 +116,6 @@ def test_seed_003_client_functions_work_unchanged(server_factory: Any) -> None:
 
 
 # --- submit, status, image -------------------------------------------------------------
-
 
 def test_generate_returns_200_with_forecast_and_the_image_is_fetchable(server: RunningServer) -> None:
     c = server.client
@@ -266,7 +260,6 @@ def test_failing_job_ends_as_error_and_the_worker_goes_on(server: RunningServer)
 
 
 # --- queue: priority, positions, cancel, clear, long-poll, SSE ----------------------------
-
 
 def test_priority_jobs_run_first_and_positions_are_reported(slow_server: RunningServer) -> None:
     c = slow_server.client
@@ -430,7 +423,6 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 # --- models, docs, health ------------------------------------------------------------------
 
-
 def test_models_listing_and_forecast_coefficients(server: RunningServer) -> None:
     c = server.client
     ls = c.get("/api/ls").json()
@@ -448,27 +440,9 @@ def test_openapi_covers_every_route_and_swagger_is_served_offline(server: Runnin
     c = server.client
     doc = c.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    for path in [
-        "/api/generate",
-        "/api/edit",
-        "/api/status",
-        "/api/events",
-        "/api/image",
-        "/api/tasks",
-        "/api/cancel",
-        "/api/tasks/{task_id}",
-        "/api/clear",
-        "/api/ls",
-        "/api/ps",
-        "/api/load",
-        "/healthz",
-        "/health",
-        "/metrics",
-        "/v1/models",
-        "/v1/admin/models",
-        "/v1/admin/models/{name}/load",
-        "/v1/admin/gpu-memory",
-    ]:
+    for path in ["/api/generate", "/api/edit", "/api/status", "/api/events", "/api/image", "/api/tasks", "/api/cancel",
+                 "/api/tasks/{task_id}", "/api/clear", "/api/ls", "/api/ps", "/api/load", "/healthz", "/health", "/metrics",
+                 "/v1/models", "/v1/admin/models", "/v1/admin/models/{name}/load", "/v1/admin/gpu-memory"]:
         assert path in doc["paths"], path
     gen = doc["components"]["schemas"]["GenerateRequest"]
     width = gen["properties"]["width"]

@@ -51,7 +51,6 @@ pytest_plugins = ["tests.backend_fixtures"]
 def anyio_backend() -> str:
     return "asyncio"
 
-
 BATCHING = ("sdxl", "flux2_klein", "z_image")
 
 
@@ -276,10 +275,7 @@ class App:
         return str(r.json()["task_id"])
 
     async def final(self, task_id: str) -> dict[str, Any]:
-        while (st := (await self.c.get("/api/status", params={"task_id": task_id, "wait": 10})).json())["status"] in (
-            "waiting",
-            "running",
-        ):
+        while (st := (await self.c.get("/api/status", params={"task_id": task_id, "wait": 10})).json())["status"] in ("waiting", "running"):
             pass
         return st  # type: ignore[no-any-return]
 
@@ -397,12 +393,8 @@ def sdxl_server(
 @pytest.mark.timeout(300)
 def test_a_batched_jobs_png_equals_the_job_run_alone_in_its_models_process(sdxl_server: RunningServer) -> None:
     c = sdxl_server.client
-    hold = c.post("/api/generate", json={"prompt": "hold", "steps": 40, "seed": 1}).json()[
-        "task_id"
-    ]  # the others queue meanwhile
-    body = [
-        {"prompt": f"a lighthouse {k}", "steps": 4, "seed": 5 + k, "n": 1 + k % 2, "negative_prompt": "fog"} for k in range(3)
-    ]
+    hold = c.post("/api/generate", json={"prompt": "hold", "steps": 40, "seed": 1}).json()["task_id"]  # the others queue meanwhile
+    body = [{"prompt": f"a lighthouse {k}", "steps": 4, "seed": 5 + k, "n": 1 + k % 2, "negative_prompt": "fog"} for k in range(3)]
     ids = [c.post("/api/generate", json=b).json()["task_id"] for b in body]
     for tid in (hold, *ids):
         assert wait_done(c, tid)["status"] == "done"

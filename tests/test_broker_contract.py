@@ -620,11 +620,7 @@ async def test_a_fenced_blob_is_stored_only_while_its_attempt_runs(broker: Broke
 
 
 async def test_a_job_that_ends_with_a_webhook_to_send_joins_the_outbox_in_the_same_step(broker: Broker) -> None:
-    hooked, plain, cancelled = (
-        make_job(webhook_url="http://h/x", webhook="pending"),
-        make_job(),
-        make_job(webhook_url="http://h/y", webhook="pending"),
-    )
+    hooked, plain, cancelled = make_job(webhook_url="http://h/x", webhook="pending"), make_job(), make_job(webhook_url="http://h/y", webhook="pending")
     for job in (hooked, plain, cancelled):
         await broker.submit(job, {}, capacity=10)
     assert await broker.claim_deliveries(60, 10) == []  # nothing ended yet

@@ -25,9 +25,7 @@ from ..queue import ModelQueue
 from .base import BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
 from .notify import LocalEvents
 
-PROGRESS_FIELDS = frozenset(
-    ("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until")
-)
+PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 
 
 class MemoryBroker(LocalEvents):

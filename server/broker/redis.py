@@ -115,24 +115,14 @@ class RedisBroker(RedisEvents, RedisAccounts):
     @guarded
     async def claim_batch(self, model: str, worker: str, lease: float, plan: BatchPlan) -> list[JobRecord]:
         raws = await self._script(
-            "claim_batch",
-            model,
-            to_json(worker),
-            float(lease),
-            self._valid_until(),
-            plan.head,
-            len(plan.ids),
-            *plan.ids,
-            *plan.window,
+            "claim_batch", model, to_json(worker), float(lease), self._valid_until(), plan.head, len(plan.ids), *plan.ids, *plan.window
         )
         return [job for job in (decode_record(raw) for raw in raws) if job is not None]
 
     @guarded
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
         level = str(job.priority + LEVEL_SHIFT) if job is not None else ""
-        running_raw, totals, prefix, waits = await self._script(
-            "standing", model, job.id if job is not None else "", WIDTH, level
-        )
+        running_raw, totals, prefix, waits = await self._script("standing", model, job.id if job is not None else "", WIDTH, level)
         running = [r for r in (decode_record(raw) for raw in running_raw) if r is not None]
         running.sort(key=lambda j: j.seq)
         ahead = np.zeros(WIDTH, dtype=np.float64)
@@ -177,9 +167,7 @@ class RedisBroker(RedisEvents, RedisAccounts):
         start = 0
         top = "+inf" if before is None else repr(before[0])  # the done set's score is finished_at
         while len(out) < limit:
-            batch = await self._redis.zrevrangebyscore(
-                self.keys.done(), top, "-inf", start=start, num=max(limit, 16), withscores=True
-            )
+            batch = await self._redis.zrevrangebyscore(self.keys.done(), top, "-inf", start=start, num=max(limit, 16), withscores=True)
             if not batch:
                 break
             ids = [m.decode() for m, score in batch if before is None or (float(score), m.decode()) < before]

@@ -21,9 +21,7 @@ from .base import BrokerUnavailable
 
 PROGRESS_INTERVAL = 0.5  # seconds between two progress writes of a job nobody follows (followed: every step)
 LEVEL_SHIFT = 2**20  # priority + shift = level (priorities in [-2^20, 2^20))
-PROGRESS_FIELDS = frozenset(
-    ("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until")
-)
+PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 LOST_TWICE = "the worker running this job was lost twice (its lease expired); it was not retried again"
 CLAIM_POLL = 0.5  # claim retries at least this often (a missed wake-up costs no more)
 READ_BLOCK_MS = 1000

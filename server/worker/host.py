@@ -146,9 +146,7 @@ class ModelHost:
 
     async def _start(self, ms: ModelState) -> None:
         """Create and load the backend off the event loop; a failure is state, not a crash."""
-        log.info(
-            "model %s: loading (backend %s%s)", ms.name, ms.cfg.backend, ", its own process" if runs_isolated(ms.cfg) else ""
-        )
+        log.info("model %s: loading (backend %s%s)", ms.name, ms.cfg.backend, ", its own process" if runs_isolated(ms.cfg) else "")
         start = time.monotonic()
         try:
             backend, size = await anyio.to_thread.run_sync(self._create_and_load, ms)
@@ -190,13 +188,7 @@ class ModelHost:
             return
         device = model_device(ms.cfg)
         budget = self.residency.budget(device)
-        log.warning(
-            "model %s: measured %s MiB; the loaded models exceed their budget (%s MiB) by %.0f MiB",
-            ms.name,
-            ms.size_mib,
-            budget,
-            over,
-        )
+        log.warning("model %s: measured %s MiB; the loaded models exceed their budget (%s MiB) by %.0f MiB", ms.name, ms.size_mib, budget, over)
         if ms.size_mib is not None and budget is not None and ms.size_mib > budget:
             await self._release(ms)
             self._set(ms, "error", str(too_big(ms.name, ms.size_mib, device, budget, measured=True)))
@@ -244,9 +236,7 @@ class ModelHost:
 
     def _shares_device(self, ms: ModelState) -> bool:  # only a CUDA allocator keeps blocks to give back
         device = model_device(ms.cfg)
-        return device.startswith("cuda") and any(
-            m is not ms and m.state == "loaded" and model_device(m.cfg) == device for m in self.registry.models.values()
-        )
+        return device.startswith("cuda") and any(m is not ms and m.state == "loaded" and model_device(m.cfg) == device for m in self.registry.models.values())
 
     async def warmed(self, ms: ModelState) -> None:
         """Its first job ran: forecasts behind it no longer count the first call's set-up."""
@@ -298,17 +288,13 @@ class ModelHost:
         unloaded (then loaded again if enabled) once the hung call returns."""
         backend = ms.backend
         if isinstance(backend, ModelProcess):
-            log.warning(
-                "model %s: killing its process (pid %s) after a stalled job, then starting it again", ms.name, backend.pid
-            )
+            log.warning("model %s: killing its process (pid %s) after a stalled job, then starting it again", ms.name, backend.pid)
             backend.kill()
             await asyncio.wait((work,), timeout=KILLED_CALL_WAIT)
             if work.done():
                 self.restart(ms, f"job {job_id} stalled")
                 return
-            error = (
-                f"model {ms.name!r} could not be restarted after a stalled job: its blocked call did not return; load it again"
-            )
+            error = f"model {ms.name!r} could not be restarted after a stalled job: its blocked call did not return; load it again"
         else:
             self.hung[job_id] = ms.name
             error = (
@@ -448,9 +434,7 @@ class ModelHost:
         for name, ms in list(self.registry.models.items()):
             limit = ms.cfg.idle_unload_seconds
             if ms.state == "loaded" and limit is not None and name not in busy and self.residency.idle_for(name) >= limit:
-                log.info(
-                    "model %s: idle for %.1fs (idle_unload_seconds %g); unloading it", name, self.residency.idle_for(name), limit
-                )
+                log.info("model %s: idle for %.1fs (idle_unload_seconds %g); unloading it", name, self.residency.idle_for(name), limit)
                 await self.unload(name)
             elif ms.cfg.load_on_demand and ms.state == "unloaded" and (await self.broker.depth(name))[0] > 0:
                 self.want(name)

@@ -110,9 +110,7 @@ class Outcomes:
             log.error("job %s: could not store its outcome (%s); its lease will expire and it runs again", job.id, exc)
             return False
         if not ok:
-            log.warning(
-                "job %s: result of attempt %d rejected: the job was lost to another worker or cancelled", job.id, r.attempt
-            )
+            log.warning("job %s: result of attempt %d rejected: the job was lost to another worker or cancelled", job.id, r.attempt)
             return False
         self.metrics.jobs.labels(job.model, job.task, status.value).inc()
         used = fields.get("worker_seconds", time.time() - job.started_at if job.started_at else 0.0)
