@@ -105,23 +105,8 @@ def call_features(task: str, steps: int, megapixels: float, n: int, reference_mp
     ref = float(sum(reference_mps))
     edit = 1.0 if task == "edit" else 0.0
     return np.array(
-        [
-            1.0,
-            len(reference_mps),
-            ref,
-            0.0,
-            0.0,
-            steps,
-            work,
-            steps * n,
-            steps * len(reference_mps) * n,
-            steps * ref * n,
-            edit * steps,
-            edit * work,
-            1.0,
-            megapixels * n,
-            megapixels * (n - 1),
-        ],  # fmt: skip
+        [1.0, len(reference_mps), ref, 0.0, 0.0, steps, work, steps * n, steps * len(reference_mps) * n, steps * ref * n, edit * steps, edit * work,
+         1.0, megapixels * n, megapixels * (n - 1)],  # fmt: skip
         dtype=np.float64,
     )
 
