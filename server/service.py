@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from . import allowlist
 from .auth import OPEN, Caller, Keys
 from .broker.base import Broker, BrokerUnavailable, QueueFullError, SubmitKey, WorkerInfo
 from .deadlines import end_if_missed, refuse_unreachable
@@ -98,9 +99,9 @@ class Service:
         """A configured model (404 for an unknown name)."""
         return self.registry.get(name)
 
-    def models(self) -> list[ModelState]:
-        """Every configured model."""
-        return list(self.registry.models.values())
+    def models(self, caller: Caller = OPEN) -> list[ModelState]:
+        """Every configured model (``caller``: those its allow-list lets it use)."""
+        return [ms for ms in self.registry.models.values() if allowlist.may_use(caller, ms.name)]
 
     async def forecast_report(self, ms: ModelState) -> dict[str, dict[str, object]]:
         """What the model's forecast has learned, per fit, in seconds, with what a job
@@ -148,8 +149,8 @@ class Service:
     async def submit(
         self, job: JobRecord, blobs: dict[str, bytes], caller: Caller, idempotency: Idempotency | None = None
     ) -> JobRecord:
-        """Checks, forecast, quota, then into the broker's queue; ``job`` gets its
-        standing.  With an idempotency key bound to a job: that job (nothing new).
+        """Allow-lists (``allowlist``), checks, forecast, quota, then into the broker's
+        queue; ``job`` gets its standing.  With an idempotency key bound to a job: that job (nothing new).
 
         A submit is accepted or not, never both: the broker queues the job and binds
         its key in one step, and refuses that step once the call has given up on its
@@ -158,6 +159,7 @@ class Service:
         request: the standing written back is a nicety."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and accepts no new jobs")
+        allowlist.check(caller, job)
         job.owner = caller.key_id
         key = None
         if idempotency is not None:
