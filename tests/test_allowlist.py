@@ -5,6 +5,7 @@ OpenAI shim (the official SDK) and the A1111 API; listings show a key only what 
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,16 +15,23 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from PIL import Image
 
 from .conftest import RunningServer, stub_settings
 from .test_api import wait_done
+from .tiny_upscaler import write_tiny_esrgan
 
 LIMITED = "limited-key"  # its own allow-lists
 DEFAULTED = "defaulted-key"  # auth.quota's, with its own max_steps
+UPSCALING = "upscaling-key"  # the upscaler only, up to 128x128 delivered
 FREE = "free-key"  # an admin key without limits of its own... but auth.quota applies to it too
 QUOTA = {"models": ["stub"], "loras": ["style"], "max_pixels": 128 * 128, "max_steps": 8, "max_images": 2}
 AUTH = {
-    "api_keys": [{"key": LIMITED, "name": "limited", **QUOTA}, {"key": DEFAULTED, "name": "defaulted", "max_steps": 3}],
+    "api_keys": [
+        {"key": LIMITED, "name": "limited", **QUOTA},
+        {"key": DEFAULTED, "name": "defaulted", "max_steps": 3},
+        {"key": UPSCALING, "name": "upscaling", "models": ["esrgan"], "max_pixels": 128 * 128},
+    ],
     "admin_keys": [{"key": FREE, "name": "free", "models": ["stub", "other"], "max_steps": 100}],
     "quota": {"models": ["stub"], "max_steps": 20},
 }
@@ -44,6 +52,9 @@ def srv(server_factory: Callable[..., RunningServer], tmp_path_factory: pytest.T
         (loras / f"{name}.safetensors").write_bytes(b"")  # resolved by name; the stub never reads it
     settings = stub_settings(lora_dir=str(loras))
     settings["models"]["other"] = stub_settings()["models"]["stub"]
+    esrgan = write_tiny_esrgan(tmp_path_factory.mktemp("esrgan") / "x4.pth")
+    settings["models"]["esrgan"] = {"backend": "upscale_esrgan", "model_path": str(esrgan), "device": "cpu", "tile_size": 0}
+    settings["upscaler"] = "esrgan"
     settings["auth"] = AUTH
     return server_factory(settings)
 
@@ -78,6 +89,18 @@ def test_an_upscale_counts_the_pixels_it_delivers(srv: RunningServer) -> None:
     r = generate(srv, LIMITED, width=64, height=64, upscale=4)  # 256x256 delivered
     assert r.status_code == 403 and r.json()["error"]["limit"] == "max_pixels", r.text
     assert r.json()["error"]["param"] == "upscale" and "256x256" in r.json()["error"]["message"]
+
+
+def test_an_upscale_job_is_held_to_the_models_list_and_the_pixels_it_delivers(srv: RunningServer) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    r = srv.client.post("/api/upscale", json={"image": image, "model": "esrgan"}, headers=bearer(LIMITED))
+    assert r.status_code == 403 and r.json()["error"]["limit"] == "models", r.text
+    r = srv.client.post("/api/upscale", json={"image": image, "scale": 4}, headers=bearer(UPSCALING))  # 256x256
+    assert r.status_code == 403 and r.json()["error"]["limit"] == "max_pixels" and "256x256" in r.text, r.text
+    r = srv.client.post("/api/upscale", json={"image": image, "scale": 2}, headers=bearer(UPSCALING))  # 128x128
+    assert r.status_code == 200, r.text
 
 
 def test_auth_quota_applies_field_by_field_to_keys_without_their_own(srv: RunningServer) -> None:
