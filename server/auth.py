@@ -1,4 +1,5 @@
-"""Who is calling: API keys, key ids, admin rights, quotas and signed image links.
+"""Who is calling: API keys, key ids, admin rights, quotas and allow-lists (a key's
+own settings, else ``auth.quota``'s, field by field), and signed image links.
 
 With keys configured (user or admin keys alike), ``/api``, ``/v1``, ``/sdapi`` and
 ``/metrics`` need ``Authorization: Bearer <key>`` (or HTTP Basic with the key as the
