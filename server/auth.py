@@ -1,4 +1,5 @@
-"""Who is calling: API keys, key ids, admin rights, quotas and signed image links.
+"""Who is calling: API keys, key ids, admin rights, quotas and allow-lists (a key's
+own settings, else ``auth.quota``'s, field by field), and signed image links.
 
 With keys configured (user or admin keys alike), ``/api``, ``/v1``, ``/sdapi`` and
 ``/metrics`` need ``Authorization: Bearer <key>`` (or HTTP Basic with the key as the
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import KeyConfig, QuotaConfig, Settings
@@ -124,12 +126,11 @@ class Keys:
 
 
 def _quota(entry: str | KeyConfig, default: QuotaConfig) -> QuotaConfig:
-    if not isinstance(entry, KeyConfig) or (entry.max_queued is None and entry.gpu_seconds_per_hour is None):
+    """A key's quota and allow-lists: each of its own settings, else ``auth.quota``'s."""
+    if not isinstance(entry, KeyConfig):
         return default
-    return QuotaConfig(
-        max_queued=entry.max_queued if entry.max_queued is not None else default.max_queued,
-        gpu_seconds_per_hour=entry.gpu_seconds_per_hour if entry.gpu_seconds_per_hour is not None else default.gpu_seconds_per_hour,
-    )
+    own = {f.name: getattr(entry, f.name) for f in msgspec.structs.fields(QuotaConfig)}
+    return msgspec.structs.replace(default, **{name: value for name, value in own.items() if value is not None})
 
 
 def _asks_delete(query: str) -> bool:

@@ -124,17 +124,24 @@ class LimitsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class QuotaConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a key may do: its quota and its allow-lists (None: no limit).  Set per key
+    (``KeyConfig``) or in ``auth.quota`` for every key without its own (field by field)."""
+
     max_queued: PositiveInt | None = None  # unfinished jobs (waiting or running) a key may have at once
     gpu_seconds_per_hour: Annotated[float, Meta(gt=0)] | None = None  # worker time a key's jobs may use per hour
+    # allow-lists (server/allowlist.py): a job outside them is a 403 not_allowed
+    models: list[str] | None = None  # the models its jobs may name (and the listings show it)
+    loras: list[str] | None = None  # the LoRA adapters its jobs may use
+    max_pixels: PositiveInt | None = None  # pixels of each image a job delivers (after any upscale)
+    max_steps: PositiveInt | None = None  # denoising steps of each generate or edit
+    max_images: PositiveInt | None = None  # images one job makes
 
 
-class KeyConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    """An API key with a name (shown as its key id) and its own quota."""
+class KeyConfig(QuotaConfig, kw_only=True):
+    """An API key with a name (shown as its key id) and its own quota and allow-lists."""
 
     key: Annotated[str, Meta(min_length=1)]
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
-    max_queued: PositiveInt | None = None
-    gpu_seconds_per_hour: Annotated[float, Meta(gt=0)] | None = None
 
 
 class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -357,7 +364,23 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} is not a configured model")
     if settings.upscaler is not None and settings.models[settings.upscaler].backend not in UPSCALERS:
         raise ConfigError(f"{source}: upscaler {settings.upscaler!r} must be a model with backend {' or '.join(map(repr, UPSCALERS))}")
+    if (problem := _allow_list_problem(settings)) is not None:
+        raise ConfigError(f"{source}: {problem}")
     return settings
+
+
+def _allow_list_problem(settings: Settings) -> str | None:
+    """An allow-list (``models``) that names a model the settings do not configure."""
+    auth = settings.auth
+    places = [("auth.quota", auth.quota)] + [
+        (f"auth.{group}[{i}]", entry) for group, entries in (("api_keys", auth.api_keys), ("admin_keys", auth.admin_keys))
+        for i, entry in enumerate(entries) if isinstance(entry, KeyConfig)
+    ]  # fmt: skip
+    for where, quota in places:
+        for name in quota.models or ():
+            if name not in settings.models:
+                return f"{where}.models names {name!r}, which is not a configured model; the models are {', '.join(sorted(settings.models))}"
+    return None
 
 
 def load_settings(

@@ -58,6 +58,20 @@ class Forbidden(ApiError):
     code = "forbidden"
 
 
+class NotAllowed(Forbidden):
+    """A job outside its key's allow-lists (``models``, ``loras``, ``max_pixels``,
+    ``max_steps``, ``max_images``): ``limit`` names the setting."""
+
+    code = "not_allowed"
+
+    def __init__(self, message: str, *, param: str, limit: str) -> None:
+        super().__init__(message, param=param)
+        self.limit = limit
+
+    def details(self) -> dict[str, float | str]:
+        return {"limit": self.limit}
+
+
 class NotFound(ApiError):
     status = 404
     type = "not_found_error"

@@ -369,6 +369,8 @@ class ErrorDetail(Struct, kw_only=True, omit_defaults=True):
     # unavailable, on a submit whose outcome the broker did not tell: the job's id
     # (GET /api/status says whether it was queued; it cannot be queued any more)
     task_id: str | None = None
+    # not_allowed: the key's setting (allow-list) the request is outside of (max_steps, models...)
+    limit: str | None = None
 
 
 class ErrorResponse(Struct, kw_only=True):

@@ -20,6 +20,7 @@ import msgspec
 from PIL import Image
 
 from . import infotext
+from .auth import OPEN
 from .build import decode_b64, parse_seed
 from .errors import BadRequest
 from .families import UPSCALERS
@@ -85,9 +86,10 @@ def sd_model(ms: ModelState) -> SdModel:
                    filename=ms.cfg.transformer_path or ms.cfg.model_path or ms.name)  # fmt: skip
 
 
-def image_models(service: Service) -> list[ModelState]:
-    """The models A1111 clients may pick: those that generate or edit."""
-    return [ms for ms in service.models() if ms.cfg.backend not in UPSCALERS and {"generate", "edit"} & set(ms.capabilities.tasks)]
+def image_models(service: Service, caller: Caller = OPEN) -> list[ModelState]:
+    """The models A1111 clients may pick: those that generate or edit (and ``caller``'s
+    allow-list lets it use)."""
+    return [ms for ms in service.models(caller) if ms.cfg.backend not in UPSCALERS and {"generate", "edit"} & set(ms.capabilities.tasks)]
 
 
 def find_checkpoint(service: Service, title: str) -> ModelState:

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from . import allowlist
 from .auth import OPEN, Caller, Keys
-from .broker.base import Broker, BrokerUnavailable, QueueFullError, SubmitKey, WorkerInfo
+from .broker.base import Broker, BrokerUnavailable, QueueFullError, QuotaRefused, SubmitKey, WorkerInfo
 from .deadlines import end_if_missed, refuse_unreachable
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .families import default_steps
 from .forecast import call_features
 from .jobs import ImageResult, JobRecord, JobStatus, live_preview_key, preview_key, result_key
-from .quotas import check_and_charge
+from .quotas import admission, exceeded
 from .registry import ModelState, Registry
 from .standing import Forecasts, Where, job_features, predict, queue_seconds, standing
 from .workers import LocalWorkers, SharedWorkers
@@ -98,9 +99,9 @@ class Service:
         """A configured model (404 for an unknown name)."""
         return self.registry.get(name)
 
-    def models(self) -> list[ModelState]:
-        """Every configured model."""
-        return list(self.registry.models.values())
+    def models(self, caller: Caller = OPEN) -> list[ModelState]:
+        """Every configured model (``caller``: those its allow-list lets it use)."""
+        return [ms for ms in self.registry.models.values() if allowlist.may_use(caller, ms.name)]
 
     async def forecast_report(self, ms: ModelState) -> dict[str, dict[str, object]]:
         """What the model's forecast has learned, per fit, in seconds, with what a job
@@ -148,7 +149,8 @@ class Service:
     async def submit(
         self, job: JobRecord, blobs: dict[str, bytes], caller: Caller, idempotency: Idempotency | None = None
     ) -> JobRecord:
-        """Checks, forecast, quota, then into the broker's queue; ``job`` gets its
+        """Allow-lists (``allowlist``), checks, forecast, then into the broker's queue
+        with the key's quota decided in the same step (``quotas``); ``job`` gets its
         standing.  With an idempotency key bound to a job: that job (nothing new).
 
         A submit is accepted or not, never both: the broker queues the job and binds
@@ -158,6 +160,7 @@ class Service:
         request: the standing written back is a nicety."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and accepts no new jobs")
+        allowlist.check(caller, job)
         job.owner = caller.key_id
         key = None
         if idempotency is not None:
@@ -196,17 +199,18 @@ class Service:
         cost = await self.forecasts.cost(job.model)
         job.predicted, job.predicted_phases = predict(cost, job)
         await refuse_unreachable(self.forecasts, job)
-        await check_and_charge(self.forecasts, caller, job)
+        adm = admission(caller, job)  # decided by the broker, in the step that queues the job
         try:
-            held = await self.broker.submit(job, blobs, self.settings.queue.capacity, key)
+            held = await self.broker.submit(job, blobs, self.settings.queue.capacity, key, adm)
         except QueueFullError:
-            await self._refund(caller, job)
             raise QueueFull(
                 f"the queue of model {job.model!r} is full ({self.settings.queue.capacity} jobs); retry later",
                 retry_after=await queue_seconds(self.forecasts, job.model),
             ) from None
+        except QuotaRefused as refusal:
+            assert adm is not None  # only an admission refuses
+            raise await exceeded(self.forecasts, adm, refusal) from None
         if held is not None:
-            await self._refund(caller, job)
             return held
         self.metrics.submitted.labels(job.model, job.task).inc()
         self.workers.queued(job.model)
@@ -222,14 +226,6 @@ class Service:
             f"{where.wait:.2f}s" if where.wait is not None else "unknown: no worker", job.priority,
         )
         return None
-
-    async def _refund(self, caller: Caller, job: JobRecord) -> None:
-        """The job was not queued: its quota booking goes (best effort)."""
-        if caller.key_id is not None:
-            try:
-                await self.broker.settle(caller.key_id, job.id, 0.0)
-            except BrokerUnavailable:
-                pass
 
     # ----- reading -----------------------------------------------------------------------
 

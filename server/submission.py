@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from .allowlist import check_model
 from .build import build_job
 from .service import Idempotency
 
@@ -31,6 +32,7 @@ async def submit_generation(
     caller, else ``req.model``'s); the job as queued, or the one an earlier request with
     the same ``idempotency_key`` made."""
     ms = model if model is not None else await service.served_model(req.model)
+    check_model(caller, ms.name)  # before any reference image is fetched
     job, inputs = await build_job(req, ms, service.settings, task, uploads=list(uploads), fetch=service.fetch_url, mask=mask)
     job.base_url = base_url
     job.partial_images = partial_images

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from .allowlist import check_model
 from .backends.base import BackendError
 from .build import Inputs, load_image, parse_format, parse_priority
 from .errors import BadRequest, Conflict
@@ -82,6 +83,7 @@ class Upscaler:
         """Validate, load the upscaler (on demand, where this node runs workers) and
         queue an upscale job."""
         ms = self.model(req.model, "model")
+        check_model(caller, ms.name)  # before the image is fetched and the upscaler loaded
         data, image = await load_image(req.image, "image", self.settings, service.fetch_url)
         if image.width * image.height > ms.cfg.max_pixels:
             raise BadRequest(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.broker.base import Broker, BrokerUnavailable, QueueFullError, SubmitKey, WorkerInfo
+from server.broker.base import Admission, Broker, BrokerUnavailable, QueueFullError, QuotaRefused, SubmitKey, WorkerInfo
 from server.features import DECAYED, DIM, STATS, WIDTH, apply, job_vector
 from server.forecast import call_features, observation
 from server.jobs import Item, JobRecord, JobStatus, input_key, result_key
@@ -384,20 +384,75 @@ async def test_an_idempotency_key_is_bound_to_its_job_in_the_submit_that_queues_
     assert await broker.depth("m") == (2, 0)
 
 
-async def test_the_ledger_books_settles_and_forgets_old_settled_entries(broker: Broker) -> None:
-    now = broker.now()
-    await broker.charge("alice", "a", 1.5)
-    await broker.charge("alice", "b", 2.0)
-    await broker.charge("bob", "c", 9.0)
-    entries = await broker.ledger("alice", now - 3600)
-    assert [(e[0], e[2], e[3]) for e in entries] == [("a", 1.5, True), ("b", 2.0, True)]
-    assert all(now - 5 <= e[1] <= broker.now() + 5 for e in entries)
-    await broker.settle("alice", "a", 0.25)
-    await broker.settle("alice", "unknown", 1.0)  # never booked: nothing happens
-    assert [(e[0], e[2], e[3]) for e in await broker.ledger("alice", now - 3600)] == [("a", 0.25, False), ("b", 2.0, True)]
-    # settled entries booked before ``since`` are forgotten; open ones are kept
-    assert [e[0] for e in await broker.ledger("alice", broker.now() + 1)] == ["b"]
-    assert [e[0] for e in await broker.ledger("alice", now - 3600)] == ["b"]
+def owned(owner: str, **kw: Any) -> JobRecord:
+    return make_job(owner=owner, **kw)
+
+
+async def test_admission_counts_unfinished_jobs_and_each_end_releases_one(broker: Broker) -> None:
+    adm = Admission(owner="alice", cost=1.0, max_queued=2)
+    a, b = owned("alice"), owned("alice")
+    for job in (a, b):
+        assert await broker.submit(job, {}, capacity=10, admission=adm) is None
+    refused = owned("alice")
+    with pytest.raises(QuotaRefused) as info:
+        await broker.submit(refused, {}, capacity=10, admission=adm)
+    assert info.value.limit == "max_queued" and info.value.used == 2 and sorted(info.value.jobs) == sorted([a.id, b.id])
+    assert await broker.get(refused.id) is None and await broker.depth("m") == (2, 0)
+    assert await broker.submit(owned("bob"), {}, capacity=10, admission=Admission(owner="bob", cost=1.0, max_queued=2)) is None
+    # a bound idempotency key wins over the quota: the same request again names its job
+    keyed = owned("alice")
+    await broker.cancel(a.id, "room for the keyed one")  # a waiting job cancelled: released
+    assert await broker.submit(keyed, {}, capacity=10, idempotency=SubmitKey("alice:k", "fp", 60), admission=adm) is None
+    assert await broker.submit(owned("alice"), {}, capacity=10, idempotency=SubmitKey("alice:k", "fp", 60), admission=adm) == (keyed.id, "fp")
+    # put back (a worker stopping) and claimed again: still one unfinished job, not two
+    run = await broker.claim("m", "w", lease=30, timeout=0)
+    assert run is not None and run.id == b.id
+    assert await broker.release(run, run.attempt)
+    run = await broker.claim("m", "w", lease=30, timeout=0)
+    assert run is not None and run.id == b.id
+    assert sorted((await broker.ledger("alice"))[0]) == sorted([b.id, keyed.id])
+    with pytest.raises(QuotaRefused):
+        await broker.submit(owned("alice"), {}, capacity=10, admission=adm)
+    assert await broker.finish(run, JobStatus.DONE, {"worker_seconds": 0.5}, attempt=run.attempt, blobs={})
+    assert (await broker.ledger("alice"))[0] == [keyed.id]
+    assert await broker.submit(owned("alice"), {}, capacity=10, admission=adm) is None
+
+
+async def test_admission_books_gpu_seconds_and_settles_what_the_job_measured(broker: Broker) -> None:
+    adm = Admission(owner="alice", cost=0.8, budget=2.0, window=100.0)
+    a, b = owned("alice"), owned("alice")
+    t0 = broker.now()
+    for job in (a, b):
+        assert await broker.submit(job, {}, capacity=10, admission=adm) is None
+    _, book = await broker.ledger("alice")
+    assert [(e[0], e[2], e[3]) for e in book] == [(a.id, 0.8, True), (b.id, 0.8, True)]
+    with pytest.raises(QuotaRefused) as info:  # 1.6 + 0.8 > 2, and nothing settled ages out
+        await broker.submit(owned("alice"), {}, capacity=10, admission=adm)
+    assert info.value.limit == "gpu_seconds_per_hour" and info.value.used == pytest.approx(1.6) and info.value.wait == 100.0
+    run = await broker.claim("m", "w", lease=30, timeout=0)
+    assert run is not None and run.id == a.id
+    assert await broker.finish(run, JobStatus.DONE, {"worker_seconds": 0.7}, attempt=run.attempt, blobs={})
+    await broker.cancel(b.id, "never ran")  # settles at nothing
+    _, book = await broker.ledger("alice")
+    assert [(e[0], e[2], e[3]) for e in book] == [(a.id, 0.7, False), (b.id, 0.0, False)]
+    assert await broker.submit(owned("alice"), {}, capacity=10, admission=adm) is None  # 0.7 + 0.8
+    with pytest.raises(QuotaRefused) as info:  # 1.5 + 0.8: fits once a's 0.7 has aged out of the window
+        await broker.submit(owned("alice"), {}, capacity=10, admission=adm)
+    assert info.value.used == pytest.approx(1.5)
+    assert 100.0 - (broker.now() - t0) - 1 <= info.value.wait <= 100.0
+
+
+async def test_concurrent_submits_of_one_owner_admit_exactly_max_queued(broker: Broker) -> None:
+    adm = Admission(owner="alice", cost=0.1, max_queued=10)
+
+    async def one() -> bool:
+        try:
+            return await broker.submit(owned("alice"), {}, capacity=1000, admission=adm) is None
+        except QuotaRefused:
+            return False
+
+    accepted = await asyncio.gather(*(one() for _ in range(40)))
+    assert sum(accepted) == 10 and await broker.depth("m") == (10, 0)
 
 
 async def test_workers_presence(broker: Broker) -> None:
@@ -464,6 +519,20 @@ async def test_lease_expiry_requeues_once_then_errors(rbroker: Broker) -> None:
     assert got.finished_at is not None
     assert (await b.recent(1))[0].id == a.id
     assert await b.depth("m") == (1, 1)
+
+
+async def test_a_reaped_job_is_booked_once_and_released_when_lost_twice(rbroker: Broker) -> None:
+    adm = Admission(owner="alice", cost=1.0, max_queued=1)
+    job = owned("alice")
+    await rbroker.submit(job, {}, capacity=10, admission=adm)
+    for lost in (1, 2):
+        run = await rbroker.claim("m", "w", lease=0.2, timeout=0)
+        assert run is not None and run.id == job.id
+        await asyncio.sleep(0.3)  # the lease runs out
+        assert await rbroker.reap() == 1
+        held, _ = await rbroker.ledger("alice")
+        assert held == ([job.id] if lost == 1 else []), lost  # requeued: still the one job; lost twice: released
+    assert await rbroker.submit(owned("alice"), {}, capacity=10, admission=adm) is None
 
 
 async def test_release_does_not_count_as_lost(rbroker: Broker) -> None:

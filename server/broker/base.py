@@ -80,6 +80,34 @@ class SubmitUnknown(BrokerUnavailable):
         self.task_id = task_id
 
 
+class Admission(Struct, frozen=True, kw_only=True):
+    """A key's quota, decided by ``submit`` in the step that queues the job (so no two
+    API nodes both let one owner past a limit): at most ``max_queued`` unfinished
+    jobs, and the GPU-seconds booked in the last ``window`` seconds (plus every
+    unfinished job's) plus ``cost`` at most ``budget``.  A queued job is booked at
+    ``cost`` and counts as unfinished until it ends (done, error, cancelled, a missed
+    deadline); then its booking becomes what it measured."""
+
+    owner: str
+    cost: float  # the job's forecast GPU-seconds
+    max_queued: int | None = None
+    budget: float | None = None  # gpu_seconds_per_hour
+    window: float = 3600.0
+
+
+class QuotaRefused(Exception):
+    """``submit`` refused by the owner's ``Admission``: ``limit`` is ``max_queued``
+    (``used``: the unfinished jobs, ``jobs`` their ids) or ``gpu_seconds_per_hour``
+    (``used``: the GPU-seconds booked; ``wait``: seconds until enough ages out)."""
+
+    def __init__(self, limit: str, used: float, *, jobs: list[str] | None = None, wait: float = 0.0) -> None:
+        super().__init__(f"{limit}: {used:g} used")
+        self.limit = limit
+        self.used = used
+        self.jobs = jobs or []
+        self.wait = wait
+
+
 class SubmitKey(Struct, frozen=True):
     """An idempotent submit: its owner-scoped key, the request's fingerprint, and
     how long the key is kept (seconds)."""
@@ -108,14 +136,18 @@ class Queue(Protocol):
     """The waiting jobs of each model, in run order, with the sums ahead of each."""
 
     async def submit(
-        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
-    ) -> tuple[str, str] | None:
+        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None,
+        admission: Admission | None = None,
+    ) -> tuple[str, str] | None:  # fmt: skip
         """Store ``job`` and its input blobs and queue it, in one step: sets ``seq``
         and ``created_at``; raises ``QueueFullError`` when ``capacity`` jobs already
         wait.  With ``idempotency``: the key is bound to the job in the same step; a key
         already bound to a job that exists returns (that job's id, its fingerprint) and
-        queues nothing.  A submit of an id that exists already is a no-op (a retry).
-        Raises ``SubmitUnknown`` when the answer did not come in time (see there)."""
+        queues nothing.  With ``admission``: the owner's quota is decided and the job
+        booked in the same step (``QuotaRefused``: nothing queued); a bound key wins
+        over a quota (the same request again is no new job).  A submit of an id that
+        exists already is a no-op (a retry).  Raises ``SubmitUnknown`` when the answer
+        did not come in time (see there)."""
 
     async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
         """The next waiting job of ``model`` (priority, then arrival), now running on
@@ -259,21 +291,15 @@ class Presence(Protocol):
 
 
 class Ledger(Protocol):
-    """Idempotent submits and the GPU seconds each key has used (quotas)."""
+    """Idempotent submits and what each key has booked (quotas: ``Admission``; the
+    bookings are made by ``submit`` and settled by every step that ends a job)."""
 
     async def submitted(self, key: str) -> tuple[str, str] | None:
         """(job id, fingerprint) an idempotency key is bound to, if its job exists."""
 
-    async def charge(self, owner: str, job_id: str, seconds: float) -> None:
-        """Book ``seconds`` of GPU time for ``owner``'s job, now (broker clock)."""
-
-    async def settle(self, owner: str, job_id: str, seconds: float) -> None:
-        """The job ended: its booking becomes what it really cost (0: refunded)."""
-
-    async def ledger(self, owner: str, since: float) -> list[tuple[str, float, float, bool]]:
-        """``owner``'s bookings made after ``since`` and every still-open one:
-        (job id, booked at, seconds, open), oldest first.  Settled ones older than
-        ``since`` are forgotten."""
+    async def ledger(self, owner: str) -> tuple[list[str], list[tuple[str, float, float, bool]]]:
+        """``owner``'s unfinished jobs (those ``submit`` admitted with an ``Admission``),
+        and its GPU-second bookings: (job id, booked at, seconds, open), oldest first."""
 
 
 class Statistics(Protocol):

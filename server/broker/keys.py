@@ -33,6 +33,11 @@ key                     type         holds
 ``idem:{key}``          string       ``job_id fingerprint`` of an idempotent submit (EX),
                                      set by the submit script that queues the job
 ``use:{owner}``         hash         job -> JSON ``[booked at, seconds, open]``: GPU time
+                                     booked by the submit script (keys with a GPU-second
+                                     quota), settled by every script that ends the job
+``held:{owner}``        set          the owner's unfinished jobs (keys with a quota):
+                                     added by the submit script, removed by every script
+                                     that ends the job (``max_queued``)
 ``outbox``              sorted set   finished job with a delivery (webhook, uploads) to
                                      make -> when it is due (Redis TIME; a claimed one:
                                      when its claim runs out)
@@ -69,6 +74,7 @@ KEYS: dict[str, str] = {
     "priors": "prior4:{m}",
     "submit": "idem:{key}",
     "ledger": "use:{owner}",
+    "held": "held:{owner}",
     "events": "ev",
     "worker_events": "wev",
     "outbox": "outbox",
@@ -134,6 +140,9 @@ class Keys:
 
     def ledger(self, owner: str) -> str:
         return self.key("ledger", owner)
+
+    def held(self, owner: str) -> str:
+        return self.key("held", owner)
 
     def events(self) -> str:
         return self.key("events")

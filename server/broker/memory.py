@@ -22,7 +22,8 @@ from ..features import DIM, STATS, apply, job_vector
 from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
-from .base import BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
+from .base import Admission, BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
+from .memory_accounts import Accounts
 from .notify import LocalEvents
 
 PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
@@ -50,7 +51,7 @@ class MemoryBroker(LocalEvents):
         self._priors: dict[str, dict[str, list[float]]] = {}
         self._outbox: dict[str, float] = {}  # job -> when its delivery is due (the delivery outbox)
         self._submits: dict[str, tuple[str, str, float]] = {}  # idempotency key -> (job, fingerprint, expiry)
-        self._ledgers: dict[str, dict[str, tuple[float, float, bool]]] = {}  # owner -> job -> (at, seconds, open)
+        self._accounts = Accounts()  # quotas: each owner's unfinished jobs and GPU-second bookings
         self._loop: asyncio.AbstractEventLoop | None = None
         self._janitor: asyncio.Task[None] | None = None
 
@@ -80,15 +81,20 @@ class MemoryBroker(LocalEvents):
     # ----- queue ---------------------------------------------------------------------
 
     async def submit(
-        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
-    ) -> tuple[str, str] | None:
+        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None,
+        admission: Admission | None = None,
+    ) -> tuple[str, str] | None:  # fmt: skip
+        # one step: no await from the first check to the last write (concurrent submits of
+        # this process cannot both pass a check that only one of them should)
         if job.id in self._jobs:
             return None  # submitted already
-        if idempotency is not None and (held := await self.submitted(idempotency.key)) is not None:
+        if idempotency is not None and (held := self._submitted(idempotency.key)) is not None:
             return held
         q = self._queue(job.model)
         if len(q) >= capacity:
             raise QueueFullError(len(q))
+        if admission is not None:
+            self._accounts.admit(admission, job.id, self.now())
         self._seq += 1
         job.seq = self._seq
         job.created_at = job.created_at or self.now()
@@ -221,6 +227,7 @@ class MemoryBroker(LocalEvents):
         self._running[stored.model].pop(stored.id, None)
         self._cancel_asked.discard(stored.id)
         self._finished[stored.id] = stored
+        self._accounts.release(stored)
         if stored.webhook == PENDING or (stored.upload_urls and status is JobStatus.DONE):
             self._outbox.setdefault(stored.id, stored.finished_at)
         self._evict()
@@ -362,25 +369,17 @@ class MemoryBroker(LocalEvents):
         if len(self._submits) > 2 * len(self._jobs) + 1024:  # forget expired keys now and then
             self._submits = {k: v for k, v in self._submits.items() if v[2] > now}
 
-    async def submitted(self, key: str) -> tuple[str, str] | None:
+    def _submitted(self, key: str) -> tuple[str, str] | None:
         kept = self._submits.get(key)
         if kept is None or kept[2] <= self.now() or kept[0] not in self._jobs:
             return None
         return kept[0], kept[1]
 
-    async def charge(self, owner: str, job_id: str, seconds: float) -> None:
-        self._ledgers.setdefault(owner, {})[job_id] = (self.now(), seconds, True)
+    async def submitted(self, key: str) -> tuple[str, str] | None:
+        return self._submitted(key)
 
-    async def settle(self, owner: str, job_id: str, seconds: float) -> None:
-        book = self._ledgers.get(owner, {})
-        if job_id in book:
-            book[job_id] = (book[job_id][0], seconds, False)
-
-    async def ledger(self, owner: str, since: float) -> list[tuple[str, float, float, bool]]:
-        book = self._ledgers.get(owner, {})
-        for job_id in [j for j, (at, _, open_) in book.items() if at <= since and not open_]:
-            del book[job_id]
-        return sorted(((j, at, sec, open_) for j, (at, sec, open_) in book.items()), key=lambda e: e[1])
+    async def ledger(self, owner: str) -> tuple[list[str], list[tuple[str, float, float, bool]]]:
+        return self._accounts.ledger(owner)
 
     # ----- forecast statistics ---------------------------------------------------------
 

@@ -19,11 +19,12 @@ import math
 import time
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from ..features import WIDTH
 from ..jobs import FIELDS, JobRecord, JobStatus
-from .base import BatchPlan, QueueFullError, Standing, SubmitKey, SubmitUnknown
+from .base import Admission, BatchPlan, QueueFullError, QuotaRefused, Standing, SubmitKey, SubmitUnknown
 from .redis_accounts import RedisAccounts
 from .redis_codec import (
     CLAIM_POLL,
@@ -50,8 +51,9 @@ class RedisBroker(RedisEvents, RedisAccounts):
 
     @guarded
     async def submit(
-        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None
-    ) -> tuple[str, str] | None:
+        self, job: JobRecord, blobs: dict[str, bytes], capacity: int, idempotency: SubmitKey | None = None,
+        admission: Admission | None = None,
+    ) -> tuple[str, str] | None:  # fmt: skip
         job.status = JobStatus.WAITING
         names = [f for f in FIELDS if f not in ("seq", "created_at", "status")]
         idem: list[Any] = ["", "", 0]
@@ -69,6 +71,7 @@ class RedisBroker(RedisEvents, RedisAccounts):
                 repr(float(job.created_at)) if job.created_at else "",
                 self._valid_until(),
                 *idem,
+                _admission_json(admission),
                 len(blobs),
                 *(x for k, v in blobs.items() for x in (k, v)),
                 *encode_fields(job, names),
@@ -85,6 +88,10 @@ class RedisBroker(RedisEvents, RedisAccounts):
         if code == -2:
             held_id, _, held_fp = res[1].decode().partition(" ")
             return held_id, held_fp
+        if code == -4:
+            raise QuotaRefused("max_queued", int(res[1]), jobs=[i.decode() for i in res[2:]])
+        if code == -5:
+            raise QuotaRefused("gpu_seconds_per_hour", float(res[1]), wait=float(res[2]))
         if code < 0:
             raise QueueFullError(int(res[1]))
         job.seq = code
@@ -325,3 +332,11 @@ class RedisBroker(RedisEvents, RedisAccounts):
             raise ValueError(f"not job record fields: {sorted(unknown)}")
         pairs = [x for name, value in fields.items() for x in (name, to_json(value))]
         await self._script("end_delivery", job_id, "" if retry_in is None else repr(float(retry_in)), *pairs)
+
+
+def _admission_json(admission: Admission | None) -> bytes:
+    """``admission`` for the submit script: every field that is set (a JSON null would
+    be a true value in Lua)."""
+    if admission is None:
+        return b""
+    return msgspec.json.encode({k: v for k, v in msgspec.structs.asdict(admission).items() if v is not None})

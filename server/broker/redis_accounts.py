@@ -107,30 +107,14 @@ class RedisAccounts(RedisBase):
         return held_id, held_fp
 
     @guarded
-    async def charge(self, owner: str, job_id: str, seconds: float) -> None:
-        # several API nodes may book for one owner at once: each booking is one HSET;
-        # a check against the quota just before it may let one job too many through
-        await self._redis.hset(self.keys.ledger(owner), job_id, to_json([self.now(), seconds, True]))
-
-    @guarded
-    async def settle(self, owner: str, job_id: str, seconds: float) -> None:
-        key = self.keys.ledger(owner)
-        raw = await self._redis.hget(key, job_id)
-        if raw is not None:
-            at = msgspec.json.decode(raw)[0]
-            await self._redis.hset(key, job_id, to_json([at, seconds, False]))
-
-    @guarded
-    async def ledger(self, owner: str, since: float) -> list[tuple[str, float, float, bool]]:
-        key = self.keys.ledger(owner)
-        out: list[tuple[str, float, float, bool]] = []
-        stale: list[bytes] = []
-        for job_id, raw in (await self._redis.hgetall(key)).items():
+    async def ledger(self, owner: str) -> tuple[list[str], list[tuple[str, float, float, bool]]]:
+        # booked by the submit script, settled by the scripts that end jobs (lua/submit.lua)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.smembers(self.keys.held(owner))
+            pipe.hgetall(self.keys.ledger(owner))
+            held, book = await pipe.execute()
+        entries = []
+        for job_id, raw in book.items():
             at, seconds, open_ = msgspec.json.decode(raw)
-            if at <= since and not open_:
-                stale.append(job_id)
-            else:
-                out.append((job_id.decode(), float(at), float(seconds), bool(open_)))
-        if stale:
-            await self._redis.hdel(key, *stale)
-        return sorted(out, key=lambda e: e[1])
+            entries.append((job_id.decode(), float(at), float(seconds), bool(open_)))
+        return sorted(i.decode() for i in held), sorted(entries, key=lambda e: e[1])

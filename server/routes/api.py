@@ -281,24 +281,24 @@ async def png_info(request: Request) -> Response:
 
 
 async def ls(request: Request) -> Response:
-    return json_response(await models_response(service_of(request), forecasts=False))
+    return json_response(await models_response(service_of(request), forecasts=False, caller=caller_of(request.scope)))
 
 
 async def ps(request: Request) -> Response:
-    return json_response(await models_response(service_of(request), forecasts=True))
+    return json_response(await models_response(service_of(request), forecasts=True, caller=caller_of(request.scope)))
 
 
 async def load(request: Request) -> Response:
     service = service_of(request)
     req = await decode_json(request, LoadRequest)
     await service.load(req.model)
-    return json_response(await models_response(service, forecasts=False))
+    return json_response(await models_response(service, forecasts=False, caller=caller_of(request.scope)))
 
 
 ROUTES = [
-    route("/api/generate", generate, ["POST"], Doc("Queue a text-to-image job", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
-    route("/api/edit", edit, ["POST"], Doc("Queue an image edit (1..max_images references)", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 404, 409, 413, 429))),
-    route("/api/upscale", upscale, ["POST"], Doc("Queue an upscale of one image (the upscaler is loaded on demand)", body=UpscaleRequest, response=SubmitResponse, tags=("jobs",), statuses=(400, 404, 409, 413, 429))),
+    route("/api/generate", generate, ["POST"], Doc("Queue a text-to-image job", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 403, 404, 409, 413, 429))),
+    route("/api/edit", edit, ["POST"], Doc("Queue an image edit (1..max_images references)", body=GenerateRequest, response=SubmitResponse, tags=("jobs",), multipart=True, statuses=(400, 403, 404, 409, 413, 429))),
+    route("/api/upscale", upscale, ["POST"], Doc("Queue an upscale of one image (the upscaler is loaded on demand)", body=UpscaleRequest, response=SubmitResponse, tags=("jobs",), statuses=(400, 403, 404, 409, 413, 429))),
     route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change (for a done job: for its uploads and webhook to finish)."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
     route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends (previews=true: also live preview images)", tags=("jobs",), content="text/event-stream", params=(TASK_ID, Param("previews", "boolean", "Also send preview events while the job runs: {task_id, step, image: a data:image/jpeg;base64 URL}, at most 4 a second, at most 256 px a side."), Param("heartbeat", "number", "Seconds of silence before a keep-alive comment (default 15).")))),
     route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch."), Param("wait", "number", "Seconds to wait for the job to finish first (then the bytes, in one request).")), statuses=(400, 404, 410), alternatives={"application/json": (ImageBase64,)}), name="api_image"),

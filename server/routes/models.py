@@ -9,6 +9,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..auth import OPEN, Caller, caller_of
 from ..openapi import Doc, Param, route
 from ..registry import ModelState, device_report
 from ..schemas import ModelInfo, ModelsResponse, WorkerView
@@ -47,8 +48,8 @@ async def model_info(service: Service, ms: ModelState, status: ModelStatus, fore
     )
 
 
-async def models_response(service: Service, forecasts: bool) -> ModelsResponse:
-    models = service.models()
+async def models_response(service: Service, forecasts: bool, caller: Caller = OPEN) -> ModelsResponse:
+    models = service.models(caller)  # those the caller's allow-list lets it use
     statuses = await service.model_statuses(models)  # one moment for all: see Service.model_statuses
     return ModelsResponse(
         default_model=service.settings.default_model,
@@ -83,7 +84,7 @@ def openai_model(service: Service, ms: ModelState) -> dict[str, Any]:
 async def v1_models(request: Request) -> Response:
     service = service_of(request)
     data = [
-        openai_model(service, ms) for ms in service.models() if (await service.model_state(ms))[0] == "loaded"
+        openai_model(service, ms) for ms in service.models(caller_of(request.scope)) if (await service.model_state(ms))[0] == "loaded"
     ]
     return json_response({"object": "list", "data": data})
 

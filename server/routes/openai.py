@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..service import Service
 
 REQUEST_ID = "easel.request_id"  # scope key: the job's task id once the request made one
-STATUSES = (400, 401, 404, 409, 413, 429, 500, 503)
+STATUSES = (400, 401, 403, 404, 409, 413, 429, 500, 503)
 
 
 async def generations(request: Request) -> Response:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .. import infotext, sdapi_shim
+from ..allowlist import may_use_lora
 from ..auth import Caller, caller_of
 from ..build import decode_b64
 from ..errors import JobFailed, Unavailable
@@ -51,7 +52,7 @@ from .common import base_url, decode, json_response, read_body, service_of, upsc
 
 PREFIX = "/sdapi/v1"
 TAGS = ("sdapi",)
-JOB_STATUSES = (400, 401, 404, 409, 413, 429, 500, 503)
+JOB_STATUSES = (400, 401, 403, 404, 409, 413, 429, 500, 503)
 
 
 async def txt2img(request: Request) -> Response:
@@ -147,7 +148,7 @@ async def interrupt(request: Request) -> Response:
 
 
 async def sd_models(request: Request) -> Response:
-    return json_response([sdapi_shim.sd_model(ms) for ms in sdapi_shim.image_models(service_of(request))])
+    return json_response([sdapi_shim.sd_model(ms) for ms in sdapi_shim.image_models(service_of(request), caller_of(request.scope))])
 
 
 async def _current(service: Service, caller: Caller) -> str:
@@ -176,9 +177,9 @@ async def schedulers(request: Request) -> Response:
 
 
 async def loras(request: Request) -> Response:
-    service = service_of(request)
-    ms = service.model(await _current(service, caller_of(request.scope)))
-    found = list_adapters(ms.cfg.lora_dir) if ms.cfg.lora_dir else []
+    service, caller = service_of(request), caller_of(request.scope)
+    ms = service.model(await _current(service, caller))
+    found = [a for a in list_adapters(ms.cfg.lora_dir) if may_use_lora(caller, a[0])] if ms.cfg.lora_dir else []
     return json_response([SdLora(name=name, alias=name, path=str(path), metadata=meta or {}) for name, path, meta in found])
 
 
@@ -186,7 +187,7 @@ async def upscalers(request: Request) -> Response:
     service = service_of(request)
     out = [SdUpscaler(name="None")]
     out += [SdUpscaler(name=ms.name, model_name=ms.name, model_path=ms.cfg.model_path)
-            for ms in service.models() if ms.cfg.backend in UPSCALERS]  # fmt: skip
+            for ms in service.models(caller_of(request.scope)) if ms.cfg.backend in UPSCALERS]  # fmt: skip
     return json_response(out)
 
 

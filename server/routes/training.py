@@ -11,6 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..allowlist import check_model, may_use_lora
 from ..auth import Caller, caller_of
 from ..errors import BadRequest, NotFound
 from ..families import FAMILIES
@@ -58,8 +59,10 @@ async def train(request: Request) -> Response:
 
 async def loras(request: Request) -> Response:
     ms = service_of(request).model(request.query_params.get("model"))
+    caller = caller_of(request.scope)
+    check_model(caller, ms.name)
     lora_dir = ms.cfg.lora_dir
-    found = list_adapters(lora_dir) if lora_dir else []
+    found = [a for a in list_adapters(lora_dir) if may_use_lora(caller, a[0])] if lora_dir else []
     return json_response(
         LorasResponse(
             model=ms.name,

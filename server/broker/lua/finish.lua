@@ -5,7 +5,8 @@
 -- included (a fenced attempt's images never become the job's).  Else stores the
 -- blobs (with the TTL), sets the fields, status and finished_at (Redis TIME), takes
 -- the job out of run:{m} and q:{m} (and the sums), into ``done``, sets the TTL of
--- the record and its inputs; returns finished_at.
+-- the record and its inputs, releases its owner's quota (quota_release); returns
+-- finished_at.
 local id, attempt, status, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local jk = k_job(id)
 if redis.call('EXISTS', jk) == 0 then return false end
@@ -28,6 +29,7 @@ redis.call('HSET', jk, 'status', status, 'finished_at', ts(t))
 redis.call('ZREM', k_running(m), id)
 q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
 redis.call('ZADD', K_DONE, ts(t), id)
+quota_release(jk, id)
 expire_job(jk, ttl)
 to_outbox(jk, id, t)
 event(id, m, 'change')

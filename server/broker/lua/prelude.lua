@@ -144,3 +144,23 @@ end
 local function set_pairs(jk, first)
   for i = first, #ARGV, 2 do redis.call('HSET', jk, ARGV[i], ARGV[i + 1]) end
 end
+
+-- a job has ended (finish, cancel, reap): out of its owner's unfinished jobs
+-- (held:{owner}), and its GPU-second booking, if it has one, becomes what it measured
+-- (its worker_seconds, else finished_at - started_at, else 0); submit.lua books both
+local function quota_release(jk, id)
+  local owner = redis.call('HGET', jk, 'owner')
+  if not owner or owner == 'null' then return end
+  owner = cjson.decode(owner)
+  redis.call('SREM', k_held(owner), id)
+  local lk = k_ledger(owner)
+  local raw = redis.call('HGET', lk, id)
+  if not raw then return end
+  local used = tonumber(redis.call('HGET', jk, 'worker_seconds') or '')
+  if not used then
+    local s = tonumber(redis.call('HGET', jk, 'started_at') or '')
+    local f = tonumber(redis.call('HGET', jk, 'finished_at') or '')
+    used = (s and f) and math.max(0, f - s) or 0
+  end
+  redis.call('HSET', lk, id, '[' .. string.match(raw, '^%[([^,]+),') .. ',' .. ts(used) .. ',false]')
+end
