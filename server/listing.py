@@ -108,15 +108,21 @@ def _models(service: Service, flt: Filter) -> list[str]:
     return [flt.model] if flt.model is not None else list(service.registry.models)
 
 
-async def queued(service: Service, flt: Filter, scope: Scope, limit: int) -> list[JobRecord]:
-    """Running, then waiting jobs of each model (at most ``limit`` waiting per model read)."""
+async def queued(service: Service, flt: Filter, scope: Scope, limit: int) -> tuple[list[JobRecord], int]:
+    """Running, then the first ``limit`` waiting jobs of each model the listing holds,
+    and how many unfinished jobs it holds in all: the broker's depths where it holds
+    every one, else one pass over them (a key's own jobs behind others' are found)."""
+    broker = service.broker
+    everyone = flt.everything and scope.name != "own"
     out: list[JobRecord] = []
+    total = 0
     for name in _models(service, flt):
-        if JobStatus.RUNNING in flt.statuses:
-            out.extend(await service.broker.running(name))
-        if JobStatus.WAITING in flt.statuses:
-            out.extend(await service.broker.waiting(name, limit))
-    return [j for j in out if flt.matches(j) and scope.lists(j)]
+        running = await broker.running(name) if JobStatus.RUNNING in flt.statuses else []
+        waiting = await broker.waiting(name, limit if everyone else 2**31) if JobStatus.WAITING in flt.statuses else []
+        listed = [j for j in running + waiting if flt.matches(j) and scope.lists(j)]
+        total += sum(await broker.depth(name)) if everyone else len(listed)
+        out += [j for j in listed if j.status is JobStatus.RUNNING] + [j for j in listed if j.status is JobStatus.WAITING][:limit]
+    return out, total
 
 
 async def finished(
@@ -143,32 +149,24 @@ async def finished(
         before = (batch[-1].finished_at or 0.0, batch[-1].id)
 
 
-async def totals(service: Service, flt: Filter, scope: Scope) -> tuple[int, int]:
-    """(unfinished, finished) jobs the listing holds over all its pages: the broker's
-    counts where nothing is filtered (finished ones: its count per owner), else a pass
-    (finished ones: down to ``since``)."""
+async def finished_total(service: Service, flt: Filter, scope: Scope) -> int:
+    """How many finished jobs the listing holds over all its pages: the broker's
+    counts where nothing is filtered (per owner for a key's own), else one pass
+    (down to ``since``)."""
     broker = service.broker
-    if flt.everything and scope.name != "own":
-        unfinished = sum(w + r for w, r in [await broker.depth(name) for name in service.registry.models])
-    else:
-        unfinished = 0
-        if flt.statuses & QUEUED:
-            for name in _models(service, flt):
-                jobs = [*await broker.running(name), *await broker.waiting(name, 2**31)]
-                unfinished += sum(1 for j in jobs if flt.matches(j) and scope.lists(j))
     if flt.everything:
-        return unfinished, await (broker.finished_count() if scope.name == "all" else broker.finished_of(scope.caller.key_id))
+        return await (broker.finished_count() if scope.name == "all" else broker.finished_of(scope.caller.key_id))
     done, before = 0, None
     while not flt.statuses <= QUEUED:
         batch = await broker.recent(PAGE, before)
         for job in batch:
             if flt.before_since(job):
-                return unfinished, done
+                return done
             done += flt.matches(job) and scope.lists(job)
         if len(batch) < PAGE:
             break
         before = (batch[-1].finished_at or 0.0, batch[-1].id)
-    return unfinished, done
+    return done
 
 
 async def tasks(
@@ -180,12 +178,13 @@ async def tasks(
         return private_status(status) if scope.private(job) else status
 
     queue = []
-    for job in await queued(service, flt, scope, limit):
+    unfinished, queue_total = await queued(service, flt, scope, limit)
+    for job in unfinished:
         job, where = await service.where(job)
         queue.append(shown(job, job_status(job, base_url, where, service.sign)))
     jobs, after = await finished(service, flt, scope, limit, before)
     recent = [shown(j, job_status(j, base_url, sign=service.sign)) for j in jobs]
-    queue_total, recent_total = await totals(service, flt, scope)
+    recent_total = await finished_total(service, flt, scope)
     cursor = None if after is None else f"{after[0]!r}_{after[1]}"
     return TasksResponse(
         queue=queue, recent=recent, queue_total=queue_total, recent_total=recent_total, next_cursor=cursor, scope=scope.name
