@@ -81,8 +81,9 @@ class Client(BaseClient):
         """Loaded models with their capabilities (``/v1/models``)."""
         return list(self._request("GET", "/v1/models").json()["data"])
 
-    def tasks(self) -> dict[str, Any]:
-        return dict(self._request("GET", "/api/tasks").json())
+    def tasks(self, **params: str | float | None) -> dict[str, Any]:
+        """``/api/tasks`` with its filters (status, model, since, scope, limit, cursor)."""
+        return dict(self._request("GET", "/api/tasks", params={k: v for k, v in params.items() if v is not None}).json())
 
     def wait(self, task_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Status:
         """Wait until the job is done and return its last status; raises
@@ -208,8 +209,9 @@ class AsyncClient(BaseClient):
     async def models(self) -> list[dict[str, Any]]:
         return list((await self._request("GET", "/v1/models")).json()["data"])
 
-    async def tasks(self) -> dict[str, Any]:
-        return dict((await self._request("GET", "/api/tasks")).json())
+    async def tasks(self, **params: str | float | None) -> dict[str, Any]:
+        """``/api/tasks`` with its filters (status, model, since, scope, limit, cursor)."""
+        return dict((await self._request("GET", "/api/tasks", params={k: v for k, v in params.items() if v is not None})).json())
 
     async def wait(self, task_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Status:
         limit, deadline = self._deadline(timeout)

@@ -306,6 +306,8 @@ def build_settings(data: dict[str, Any], source: str = "settings") -> Settings:
     except msgspec.ValidationError as exc:
         # msgspec says e.g. "Expected `int`, got `str` - at `$.models.x.max_pixels`"
         raise ConfigError(f"{source}: {exc}") from exc
+    if "*" in settings.models:
+        raise ConfigError(f"{source}: a model may not be named '*' (it stands for every queue in pause and resume); rename it")
     if settings.default_model is None and settings.models:
         settings.default_model = next(iter(settings.models))
     if settings.default_model is not None and settings.default_model not in settings.models:

@@ -146,6 +146,7 @@ class ModelQueue:
         self._closed = False
         self._spare: _Level | None = None  # an emptied level, reused (a queue often runs empty)
         self.entries: dict[str, Job] = {}  # waiting jobs by id
+        self.held = False  # paused: ``get`` hands out nothing (jobs still queue)
 
     def __len__(self) -> int:
         return self._size
@@ -211,7 +212,7 @@ class ModelQueue:
         while True:
             if self._closed:
                 return None
-            job = self.pop_nowait()
+            job = None if self.held else self.pop_nowait()
             if job is not None:
                 return job
             self._ready.clear()
@@ -223,6 +224,11 @@ class ModelQueue:
 
     def close(self) -> None:
         self._closed = True
+        self._ready.set()
+
+    def hold(self, held: bool) -> None:
+        """Pause (``get`` waits as if the queue were empty) or resume (wakes it)."""
+        self.held = held
         self._ready.set()
 
     def ahead(self, job: Job) -> np.ndarray:

@@ -254,6 +254,11 @@ class JobStatusResponse(Struct, kw_only=True, omit_defaults=False):
     deadline_at: Annotated[float, Meta(description="The job's deadline (unix time), if it has one.")] | None = None
     code: Annotated[str, Meta(description="Why an error job failed, for programs: e.g. deadline_missed.")] | None = None
     warnings: Annotated[list[str], Meta(description="What the job did differently from what was asked, e.g. a prompt cut to the text encoder's length (counted on the worker).")] = []
+    paused: Annotated[bool, Meta(description="A waiting job whose model's queue an admin paused: it starts once the queue resumes; wait_remaining is absent meanwhile.")] = False
+    prompt: Annotated[str, Meta(description="The prompt (of its first image); null for training jobs and private entries.")] | None = None
+    width: Annotated[int, Meta(description="The size of its (first) images; null for training jobs.")] | None = None
+    height: int | None = None
+    private: Annotated[bool, Meta(description="Another key's job in a shared listing (/api/tasks?scope=shared): shown without its prompt, images, metadata, seed and webhook.")] = False
 
 
 class PngInfoRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -285,6 +290,7 @@ class TasksResponse(Struct, kw_only=True):
     queue_total: Annotated[int, Meta(description="How many unfinished jobs the caller may list.")] = 0
     recent_total: Annotated[int, Meta(description="How many finished jobs the caller may list (kept for queue.result_ttl_seconds).")] = 0
     next_cursor: Annotated[str, Meta(description="Pass as cursor for the next page of recent; null on the last page.")] | None = None
+    scope: Annotated[str, Meta(description="Whose jobs are listed: own, shared (every key's queued jobs, the others' private) or all (admins).")] = "own"
 
 
 class ImageBase64(Struct, kw_only=True):
@@ -330,6 +336,14 @@ class ModelInfo(Struct, kw_only=True):
     load_seconds: Annotated[float | None, Meta(description="Mean seconds a load of the model took (added to forecasts while it is not loaded).")] = None
     forecast: dict[str, Any] | None = None
     workers: Annotated[list[WorkerView], Meta(description="The live workers that serve this model, as they last reported.")] = []
+    paused: Annotated[bool, Meta(description="An admin paused the model's queue (or every queue): running jobs finish, new ones queue but none starts.")] = False
+
+
+class PauseResponse(Struct, kw_only=True):
+    """The paused queues after POST /v1/admin/queue/pause or /resume."""
+
+    all: Annotated[bool, Meta(description="Every queue is paused.")]
+    models: Annotated[list[str], Meta(description="The models whose own queue is paused (they stay paused when every queue resumes).")]
 
 
 class ModelsResponse(Struct, kw_only=True):

@@ -17,7 +17,7 @@ import msgspec
 
 from . import allowlist
 from .auth import OPEN, Caller, Keys
-from .broker.base import Broker, BrokerUnavailable, QueueFullError, QuotaRefused, SubmitKey, WorkerInfo
+from .broker.base import ALL, Broker, BrokerUnavailable, QueueFullError, QuotaRefused, SubmitKey, WorkerInfo
 from .deadlines import end_if_missed, refuse_unreachable
 from .errors import Conflict, Gone, NotFound, QueueFull, Unavailable
 from .families import default_steps
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from .worker.loop import Worker
 
 log = logging.getLogger("easel")
-RECENT_PAGE = 500  # finished jobs read from the broker at a time
 FOLLOW_SECONDS = 30.0  # a follow lasts this long unless renewed
 PREVIEW_WANT_SECONDS = 5.0  # a previews=true follow lasts this long unless renewed
 SubmitCheck = Callable[[JobRecord], Coroutine[Any, Any, None]]
@@ -69,6 +68,7 @@ class ModelStatus:
     waiting: int
     running: int
     workers: list[WorkerInfo]
+    paused: bool = False
 
 
 class Service:
@@ -124,8 +124,18 @@ class Service:
         """The status of each model, its queue depths read before its presence (see
         ``_presence``: the last await of a listing)."""
         depths = [await self.broker.depth(ms.name) for ms in models]
+        paused = await self.broker.paused()
         presence = await self.workers.presence(models)
-        return [ModelStatus(state, error, *depth, infos) for (state, error, infos), depth in zip(presence, depths, strict=True)]
+        return [
+            ModelStatus(state, error, *depth, infos, paused=bool(paused & {ms.name, ALL}))
+            for (state, error, infos), depth, ms in zip(presence, depths, models, strict=True)
+        ]
+
+    async def pause(self, name: str, paused: bool) -> set[str]:
+        """Pause or resume model ``name``'s queue (``ALL``: every queue); the paused queues after."""
+        await self.broker.pause(name if name == ALL else self.model(name).name, paused)
+        log.info("%s %s by an admin", "every queue" if name == ALL else f"the queue of {name}", "paused" if paused else "resumed")
+        return await self.broker.paused()
 
     async def served_model(self, name: str | None) -> ModelState:
         """A model jobs may be queued for (a 409 where none will run them)."""
@@ -305,43 +315,6 @@ class Service:
             out.extend(await self.broker.running(name))
             out.extend(await self.broker.waiting(name, limit))
         return [j for j in out if caller.sees(j.owner, j.id)]
-
-    async def recent(
-        self, limit: int, caller: Caller = OPEN, before: tuple[float, str] | None = None
-    ) -> tuple[list[JobRecord], tuple[float, str] | None]:
-        """Up to ``limit`` of ``caller``'s finished jobs after ``before`` (most recent
-        first), and the cursor of the next page (None: there is no more)."""
-        out: list[JobRecord] = []
-        page = max(limit + 1, RECENT_PAGE)
-        while True:
-            batch = await self.broker.recent(page, before)
-            for job in batch:
-                if not caller.sees(job.owner, job.id):
-                    continue
-                if len(out) == limit:
-                    return out, (out[-1].finished_at or 0.0, out[-1].id)
-                out.append(job)
-            if len(batch) < page:
-                return out, None
-            before = (batch[-1].finished_at or 0.0, batch[-1].id)
-
-    async def totals(self, caller: Caller = OPEN) -> tuple[int, int]:
-        """(unfinished, finished) jobs ``caller`` may list: counted by the broker for an
-        admin (or an open server), by a pass over the jobs for a key."""
-        if caller.admin:
-            depths = [await self.broker.depth(name) for name in self.registry.models]
-            return sum(w + r for w, r in depths), await self.broker.finished_count()
-        unfinished = 0
-        for name in self.registry.models:
-            jobs = [*await self.broker.running(name), *await self.broker.waiting(name, 2**31)]
-            unfinished += sum(1 for j in jobs if caller.sees(j.owner, j.id))
-        finished, before = 0, None
-        while True:
-            batch = await self.broker.recent(RECENT_PAGE, before)
-            finished += sum(1 for j in batch if caller.sees(j.owner, j.id))
-            if len(batch) < RECENT_PAGE:
-                return unfinished, finished
-            before = (batch[-1].finished_at or 0.0, batch[-1].id)
 
     # ----- cancel --------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ running jobs' progress, the model's learned costs and its live workers.
            + the job's own cost
 
 ``pos`` counts the unfinished jobs ahead on the same model (running ones included),
-so 0 means running, or next with a worker free.  With no live worker for the model
-there is no honest forecast: ``wait`` is None and ``note`` says why.
+so 0 means running, or next with a worker free.  With no live worker for the model,
+or while an admin has paused its queue, there is no honest forecast: ``wait`` is
+None and ``note`` says why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .broker.base import Broker, WorkerInfo
+from .broker.base import ALL, Broker, WorkerInfo
 from .config import Settings
 from .features import DIM, FITS, NF, job_vector
 from .forecast import AFTER_JOB, CostModel, call_features, prior_vector, running_remaining, sum_features, with_after_job
@@ -46,6 +47,7 @@ class Forecasts:
         self._costs: dict[str, _Cached] = {}
         self._workers: dict[str, _Cached] = {}
         self._presence_generation = 0
+        self._paused: _Cached | None = None
 
     async def cost(self, model: str) -> CostModel:
         version = self.broker.stats_version(model)
@@ -85,6 +87,14 @@ class Forecasts:
         self._presence_generation += 1
         self._workers.clear()
 
+    async def paused(self, model: str) -> bool:
+        """Whether ``model``'s queue is paused (its own pause, or every queue's)."""
+        now, version = time.monotonic(), self.broker.pause_version
+        cached = self._paused  # read afresh when a pause or resume reached this node (and now and then with Redis)
+        if cached is None or cached.version != version or (self.broker.distributed and now - cached.at >= REFRESH_SECONDS):
+            cached = self._paused = _Cached(await self.broker.paused(), version, now)
+        return bool(cached.value & {model, ALL})  # type: ignore[operator]
+
     async def slots(self, model: str) -> int:
         return sum(w.slots for w in await self.workers(model) if w.state == "loaded")
 
@@ -99,6 +109,11 @@ class Where:
     pos: int
     wait: float | None  # forecast seconds until done; None: no live worker to forecast with
     note: str | None = None  # why there is no forecast
+    paused: bool = False  # the model's queue is paused: it starts nothing (no forecast until it resumes)
+
+
+def paused_note(model: str) -> str:
+    return f"the queue of model {model!r} is paused by an admin: queued jobs start once it resumes"
 
 
 def no_worker_note(model: str) -> str:
@@ -120,6 +135,8 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
     if claimed is not None:  # a worker took it since ``job`` was read
         return Where(0, forecasts.running(claimed, now))
     pos = len(st.running) + int(st.ahead[DIM])
+    if await forecasts.paused(job.model):
+        return Where(pos, None, paused_note(job.model), paused=True)
     workers = await forecasts.workers(job.model)
     load = 0.0  # a load_on_demand model not loaded yet: its learned load time comes first
     if slots == 0 and (demand := on_demand_slots(forecasts.settings.models.get(job.model), workers)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
 from msgspec import UNSET
 
 from .jobs import JobRecord
@@ -70,7 +71,20 @@ def job_status(job: JobRecord, base_url: str, where: Where = FINISHED, sign: Sig
         code=job.code,
         worker=job.worker,
         warnings=job.warnings,
+        paused=where.paused,
+        prompt=job.items[0].prompt if job.items else None,
+        width=job.items[0].width if job.items else None,
+        height=job.items[0].height if job.items else None,
     )
+
+
+def private_status(status: JobStatusResponse) -> JobStatusResponse:
+    """Another key's job as a shared listing shows it: a job, without what it asked
+    (prompt, images, metadata, seed, webhook, the backend's extra, warnings)."""
+    return msgspec.structs.replace(
+        status, prompt=None, seed=None, images=[], metadata=None, extra=None, webhook=None, warnings=[], private=True,
+        message=status.message if status.status == "waiting" else None,
+    )  # fmt: skip
 
 
 def submitted(job: JobRecord) -> SubmitResponse:

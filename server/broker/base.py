@@ -5,7 +5,7 @@ Two implementations: ``memory`` (one process: the embedded default) and ``redis`
 (any number of API nodes and worker hosts on one Redis).  The service layer
 (``server.service``) and the worker (``server.worker``) talk to a ``Broker`` and to
 nothing below it; its parts (``Queue``, ``Store``, ``Deliveries``, ``Events``, ``Presence``,
-``Ledger``, ``Statistics``) are Protocols of their own; ``tests/test_broker_contract.py`` runs one contract over both.
+``Ledger``, ``Statistics``, ``Pausing``) are Protocols of their own; ``tests/test_broker_contract.py`` runs one contract over both.
 
 Times are the broker's clock (``now()``): wall seconds as the broker tells them.
 The memory broker's clock is ``time.time()``; the Redis broker's is Redis's own
@@ -174,6 +174,26 @@ class Queue(Protocol):
     async def running(self, model: str) -> list[JobRecord]: ...
 
 
+ALL = "*"  # ``Pausing``: every queue (config.py refuses a model of that name)
+
+
+class Pausing(Protocol):
+    """An admin's pause of a model's queue, or of every queue: running jobs finish,
+    nothing new is claimed (``claim`` waits as if the queue were empty, ``claim_batch``
+    takes nothing), submissions still queue.  Kept by the broker (in Redis: it
+    outlives any node)."""
+
+    pause_version: int  # changes when a pause or resume reaches this process (and wakes every follower)
+
+    async def pause(self, model: str, paused: bool) -> None:
+        """Pause (``paused``) or resume ``model``'s queue (``ALL``: every queue; a model
+        paused on its own stays paused when every queue resumes).  A resume wakes the
+        claims waiting on the queue."""
+
+    async def paused(self) -> set[str]:
+        """The paused queues: model names, and ``ALL`` while every queue is paused."""
+
+
 class Store(Protocol):
     """Job records, their fenced changes and their blobs."""
 
@@ -185,6 +205,9 @@ class Store(Protocol):
 
     async def finished_count(self) -> int:
         """How many finished jobs are kept (``recent`` lists them)."""
+
+    async def finished_of(self, owner: str | None) -> int:
+        """How many of them are ``owner``'s (a count the broker keeps: no pass over them)."""
 
     async def jobs_of_task(self, task: str) -> list[JobRecord]:
         """Every kept job of ``task`` (waiting, running and finished), oldest first."""
@@ -322,7 +345,7 @@ class Statistics(Protocol):
         can tell cheaply (memory); None where callers must refresh by time (redis)."""
 
 
-class Broker(Lifecycle, Queue, Store, Deliveries, Events, Presence, Ledger, Statistics, Protocol):
+class Broker(Lifecycle, Queue, Pausing, Store, Deliveries, Events, Presence, Ledger, Statistics, Protocol):
     """Everything a node holds of the shared state: the parts above, one object.
     ``memory.MemoryBroker`` and ``redis.RedisBroker`` implement it; the contract suite
     (tests/test_broker_contract.py) runs over both."""

@@ -27,6 +27,9 @@ key                     type         holds
 ``models``              set          every model that ever had a job or a worker
 ``seq``                 string       the arrival counter (``JobRecord.seq``)
 ``done``                sorted set   finished job -> finished_at
+``done:{owner}``        sorted set   the same, of one owner (key id; empty for none):
+                                     counted per owner (entries older than the
+                                     result TTL are trimmed when counted)
 ``task:{task}``         set          ids of the jobs of a task (dropped lazily)
 ``cost4:{m}``           hash         fit -> JSON list: forecast statistics (forecast.py)
 ``prior4:{m}``          hash         fit -> JSON list: the backend's prior
@@ -38,6 +41,7 @@ key                     type         holds
 ``held:{owner}``        set          the owner's unfinished jobs (keys with a quota):
                                      added by the submit script, removed by every script
                                      that ends the job (``max_queued``)
+``paused``              set          the paused queues: model names, ``*`` for every one
 ``outbox``              sorted set   finished job with a delivery (webhook, uploads) to
                                      make -> when it is due (Redis TIME; a claimed one:
                                      when its claim runs out)
@@ -67,6 +71,7 @@ KEYS: dict[str, str] = {
     "models": "models",
     "seq": "seq",
     "done": "done",
+    "owner_done": "done:{owner}",
     "task": "task:{task}",
     # the forecast's statistics and priors, in the format of features.FEATURES version 4
     # (another format's keys are left alone, not misread)
@@ -78,6 +83,7 @@ KEYS: dict[str, str] = {
     "events": "ev",
     "worker_events": "wev",
     "outbox": "outbox",
+    "paused": "paused",
     "blob": "{key}",
 }
 _PART = re.compile(r"\{(\w+)\}")
@@ -126,6 +132,9 @@ class Keys:
     def done(self) -> str:
         return self.key("done")
 
+    def owner_done(self, owner: str | None) -> str:
+        return self.key("owner_done", owner or "")
+
     def task(self, task: str) -> str:
         return self.key("task", task)
 
@@ -149,6 +158,9 @@ class Keys:
 
     def outbox(self) -> str:
         return self.key("outbox")
+
+    def paused(self) -> str:
+        return self.key("paused")
 
     def worker_events(self) -> str:
         return self.key("worker_events")

@@ -22,7 +22,7 @@ from ..features import DIM, STATS, apply, job_vector
 from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
-from .base import Admission, BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
+from .base import ALL, Admission, BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
 from .memory_accounts import Accounts
 from .notify import LocalEvents
 
@@ -41,6 +41,7 @@ class MemoryBroker(LocalEvents):
         self._queues: dict[str, ModelQueue] = {}
         self._running: dict[str, dict[str, JobRecord]] = {}  # model -> id -> record
         self._finished: OrderedDict[str, JobRecord] = OrderedDict()  # by finish time
+        self._finished_of: dict[str | None, int] = {}  # owner -> how many of _finished
         self._blobs: dict[str, bytes] = {}
         self._result_bytes = 0
         self._seq = 0
@@ -52,6 +53,7 @@ class MemoryBroker(LocalEvents):
         self._outbox: dict[str, float] = {}  # job -> when its delivery is due (the delivery outbox)
         self._submits: dict[str, tuple[str, str, float]] = {}  # idempotency key -> (job, fingerprint, expiry)
         self._accounts = Accounts()  # quotas: each owner's unfinished jobs and GPU-second bookings
+        self._paused: set[str] = set()  # paused queues: model names, ALL for every one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._janitor: asyncio.Task[None] | None = None
 
@@ -76,6 +78,7 @@ class MemoryBroker(LocalEvents):
         if q is None:
             q = self._queues[model] = ModelQueue(capacity=2**62)  # capacity is checked per submit
             self._running[model] = {}
+            q.held = bool(self._paused & {model, ALL})
         return q
 
     # ----- queue ---------------------------------------------------------------------
@@ -114,6 +117,8 @@ class MemoryBroker(LocalEvents):
 
     async def claim_batch(self, model: str, worker: str, lease: float, plan: BatchPlan) -> list[JobRecord]:
         q = self._queue(model)
+        if q.held:  # paused
+            return []
         heads = q.jobs(1)
         if not heads or heads[0].id != plan.head:
             return []
@@ -138,6 +143,19 @@ class MemoryBroker(LocalEvents):
         self._running[model][job.id] = job
         self.notifier.changed(job.id)
         return job
+
+    async def pause(self, model: str, paused: bool) -> None:
+        if paused:
+            self._paused.add(model)
+        else:
+            self._paused.discard(model)
+        for name, q in self._queues.items():
+            if q.held != bool(self._paused & {name, ALL}):
+                q.hold(not q.held)  # (a claim waiting on it wakes)
+        self.pauses_changed()
+
+    async def paused(self) -> set[str]:
+        return set(self._paused)
 
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
         q = self._queue(model)
@@ -172,6 +190,9 @@ class MemoryBroker(LocalEvents):
 
     async def finished_count(self) -> int:
         return len(self._finished)
+
+    async def finished_of(self, owner: str | None) -> int:
+        return self._finished_of.get(owner, 0)
 
     async def jobs_of_task(self, task: str) -> list[JobRecord]:
         return sorted((j for j in self._jobs.values() if j.task == task), key=lambda j: j.seq)
@@ -228,6 +249,7 @@ class MemoryBroker(LocalEvents):
         self._cancel_asked.discard(stored.id)
         self._finished[stored.id] = stored
         self._accounts.release(stored)
+        self._finished_of[stored.owner] = self._finished_of.get(stored.owner, 0) + 1
         if stored.webhook == PENDING or (stored.upload_urls and status is JobStatus.DONE):
             self._outbox.setdefault(stored.id, stored.finished_at)
         self._evict()
@@ -293,6 +315,8 @@ class MemoryBroker(LocalEvents):
             if job.finished_at is not None and now - job.finished_at < self.ttl:
                 break
             self._finished.popitem(last=False)
+            if (left := self._finished_of.pop(job.owner, 1) - 1) > 0:
+                self._finished_of[job.owner] = left
             self._jobs.pop(job_id, None)
             previews = (*(preview_key(job_id, k) for k in range(job.previews)), live_preview_key(job_id))
             for key in (*job.inputs, *previews, *(result_key(job_id, r.index) for r in job.results)):

@@ -88,6 +88,13 @@ class LocalEvents:
         self.notifier = Notifier()
         self.cancel_callbacks: list[CancelCallback] = []
         self.command_callbacks: list[CommandCallback] = []
+        self.pause_version = 0  # changes when a pause or resume reaches this process
+
+    def pauses_changed(self) -> None:
+        """A queue was paused or resumed (here, or on another node): every follower
+        re-reads its job, whose status now says so (or no more)."""
+        self.pause_version += 1
+        self.notifier.changed_all()
 
     async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
         return await self.notifier.wait(job_id, timeout, progress=progress)

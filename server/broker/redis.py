@@ -194,6 +194,15 @@ class RedisBroker(RedisEvents, RedisAccounts):
         return int(await self._redis.zcard(self.keys.done()))
 
     @guarded
+    async def finished_of(self, owner: str | None) -> int:
+        key = self.keys.owner_done(owner)
+        async with self._redis.pipeline(transaction=False) as pipe:  # the expired ones go first (their records are gone)
+            pipe.zremrangebyscore(key, "-inf", repr(self.now() - self.ttl))
+            pipe.zcard(key)
+            _, count = await pipe.execute()
+        return int(count)
+
+    @guarded
     async def jobs_of_task(self, task: str) -> list[JobRecord]:
         key = self.keys.task(task)
         out: list[JobRecord] = []

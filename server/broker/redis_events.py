@@ -10,6 +10,7 @@ import logging
 import redis.asyncio as aioredis
 
 from ..jobs import JobRecord
+from .base import ALL
 from .redis_base import RedisBase
 from .redis_codec import (
     ERRORS,
@@ -94,6 +95,26 @@ class RedisEvents(RedisBase):
                 approximate=True,
             )
 
+    @guarded
+    async def pause(self, model: str, paused: bool) -> None:
+        """The flag in Redis (the claim scripts read it), then an event: a resume wakes
+        the claims waiting on the queue(s) in every worker, either wakes the followers
+        of jobs on every node (their statuses say paused, or no more)."""
+        if paused:
+            await self._redis.sadd(self.keys.paused(), model)
+            streams = [self.keys.events()]
+        else:
+            await self._redis.srem(self.keys.paused(), model)
+            streams = [self.keys.events(), self.keys.worker_events()]  # (workers wait only for a resume)
+        for stream in streams:
+            event = {"job": "", "model": model, "kind": "pause" if paused else "resume"}
+            await self._redis.xadd(stream, event, maxlen=self.events_maxlen, approximate=True)
+        self.pauses_changed()
+
+    @guarded
+    async def paused(self) -> set[str]:
+        return {m.decode() for m in await self._redis.smembers(self.keys.paused())}
+
     async def _read_events(self, last_id: bytes) -> None:
         """The one reader of this instance: wakes waiters, calls the callbacks."""
         assert self._reader_redis is not None
@@ -143,9 +164,15 @@ class RedisEvents(RedisBase):
         model = data.get(b"model", b"").decode()
         if job_id:
             self.notifier.changed(job_id, progress_only=kind == "progress")
-        if kind == "submit":
+        if kind == "submit" or (kind == "resume" and model != ALL):
             for ev in self._claim_waiters.get(model, ()):
                 ev.set()
+        elif kind == "resume":  # every queue
+            for waiters in self._claim_waiters.values():
+                for ev in waiters:
+                    ev.set()
+        if kind in ("pause", "resume"):
+            self.pauses_changed()
         elif kind == "cancel":
             for cb in list(self.cancel_callbacks):
                 try:

@@ -12,7 +12,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .. import infotext
+from .. import infotext, listing
 from ..auth import caller_of
 from ..build import decode_b64
 from ..errors import BadRequest, Gone, NotFound
@@ -219,17 +219,8 @@ async def tasks(request: Request) -> Response:
     service = service_of(request)
     limit = _int_param(request, "limit", 50, 1, 1000)
     before = _cursor(request.query_params.get("cursor"))
-    base = base_url(request)
-    caller = caller_of(request.scope)
-    queue = []
-    for job in await service.queue(limit, caller):
-        job, where = await service.where(job)
-        queue.append(job_status(job, base, where, service.sign))
-    finished, after = await service.recent(limit, caller, before)
-    recent = [job_status(j, base, sign=service.sign) for j in finished]
-    queue_total, recent_total = await service.totals(caller)
-    cursor = None if after is None else f"{after[0]!r}_{after[1]}"
-    return json_response(TasksResponse(queue=queue, recent=recent, queue_total=queue_total, recent_total=recent_total, next_cursor=cursor))
+    flt, scope = listing.parse(request.query_params, caller_of(request.scope), service)
+    return json_response(await listing.tasks(service, flt, scope, limit, before, base_url(request)))
 
 
 def _cursor(raw: str | None) -> tuple[float, str] | None:
@@ -302,7 +293,14 @@ ROUTES = [
     route("/api/status", status, ["GET"], Doc("Status, position, forecast and progress of a job", response=JobStatusResponse, tags=("jobs",), params=(TASK_ID, Param("wait", "number", "Long-poll: seconds to wait for the status to change (for a done job: for its uploads and webhook to finish)."), Param("since", "string", "With wait: the status the caller already knows; answers at once if it differs.")))),
     route("/api/events", events, ["GET"], Doc("Server-Sent Events: every status change until the job ends (previews=true: also live preview images)", tags=("jobs",), content="text/event-stream", params=(TASK_ID, Param("previews", "boolean", "Also send preview events while the job runs: {task_id, step, image: a data:image/jpeg;base64 URL}, at most 4 a second, at most 256 px a side."), Param("heartbeat", "number", "Seconds of silence before a keep-alive comment (default 15).")))),
     route("/api/image", image, ["GET"], Doc("The image bytes (or {image: base64} with base64=true)", tags=("jobs",), content="image/png", params=(TASK_ID, Param("index", "integer", "Which image of the job (0-based)."), Param("base64", "boolean", "Answer JSON with base64 data."), Param("delete", "boolean", "Forget the image after this fetch."), Param("wait", "number", "Seconds to wait for the job to finish first (then the bytes, in one request).")), statuses=(400, 404, 410), alternatives={"application/json": (ImageBase64,)}), name="api_image"),
-    route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each (1 to 1000; default 50)."), Param("cursor", "string", "The next_cursor of the previous page: the next page of recent.")))),
+    route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs: filtered, one page of recent at a time, with totals", response=TasksResponse, tags=("jobs",), params=(
+        Param("limit", "integer", "At most this many of each (1 to 1000; default 50)."),
+        Param("cursor", "string", "The next_cursor of the previous page: the next page of recent (send the same filters)."),
+        Param("status", "string", "Only jobs of these statuses, comma-separated: waiting, running, done, error, cancelled."),
+        Param("model", "string", "Only jobs of this model."),
+        Param("since", "number", "Only jobs submitted at or after this unix time."),
+        Param("scope", "string", "own (a key's default): the caller's jobs; shared: also every other key's waiting and running jobs, private (without prompts, images, metadata) unless the caller is an admin; all (admins only, their default): every job in full."),
+    ), statuses=(400, 403, 404))),
     route("/api/cancel", cancel, ["GET", "POST"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
     route("/api/tasks/{task_id}", cancel, ["DELETE"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
     route("/api/clear", clear, ["GET", "POST"], Doc("Cancel every queued job", response=ClearResponse, tags=("jobs",))),

@@ -10,9 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..auth import OPEN, Caller, caller_of
+from ..broker.base import ALL
 from ..openapi import Doc, Param, route
 from ..registry import ModelState, device_report
-from ..schemas import ModelInfo, ModelsResponse, WorkerView
+from ..schemas import ModelInfo, ModelsResponse, PauseResponse, WorkerView
 from ..service import ModelStatus, Service
 from .common import json_response, service_of
 
@@ -45,6 +46,7 @@ async def model_info(service: Service, ms: ModelState, status: ModelStatus, fore
             WorkerView(worker=w.worker, host=w.host, state=w.state, slots=w.slots, running=w.running, load_error=w.load_error)
             for w in status.workers
         ],
+        paused=status.paused,
     )
 
 
@@ -112,6 +114,34 @@ async def admin_unload(request: Request) -> Response:
     return json_response(await model_info(service, ms, await service.model_status(ms), forecasts=False))
 
 
+async def _pause_model(request: Request, paused: bool) -> Response:
+    service = service_of(request)
+    ms = service.model(request.path_params["name"])
+    await service.pause(ms.name, paused)
+    return json_response(await model_info(service, ms, await service.model_status(ms), forecasts=False))
+
+
+async def admin_pause(request: Request) -> Response:
+    return await _pause_model(request, True)
+
+
+async def admin_resume(request: Request) -> Response:
+    return await _pause_model(request, False)
+
+
+async def _pause_all(request: Request, paused: bool) -> Response:
+    names = await service_of(request).pause(ALL, paused)
+    return json_response(PauseResponse(all=ALL in names, models=sorted(names - {ALL})))
+
+
+async def queue_pause(request: Request) -> Response:
+    return await _pause_all(request, True)
+
+
+async def queue_resume(request: Request) -> Response:
+    return await _pause_all(request, False)
+
+
 async def gpu_memory(request: Request) -> Response:
     service = service_of(request)
     devices = await anyio.to_thread.run_sync(device_report)
@@ -126,5 +156,9 @@ ROUTES = [
     route("/v1/admin/models", admin_models, ["GET"], Doc("Every configured model with state, load error, queue and forecast", response=ModelsResponse, tags=("admin",), admin=True)),
     route("/v1/admin/models/{name}/load", admin_load, ["POST"], Doc("Load a model (off the event loop); ?wait=false returns at once while it loads", response=ModelInfo, tags=("admin",), params=(NAME, Param("wait", "boolean", "Wait for the load to finish (default true).")), admin=True, statuses=(404, 500))),
     route("/v1/admin/models/{name}/unload", admin_unload, ["POST"], Doc("Unload a model: queued jobs are cancelled, memory released", response=ModelInfo, tags=("admin",), params=(NAME,), admin=True, statuses=(404, 409))),
+    route("/v1/admin/models/{name}/pause", admin_pause, ["POST"], Doc("Pause a model's queue: running jobs finish, new jobs queue, none starts until it resumes (survives API node restarts with Redis)", response=ModelInfo, tags=("admin",), params=(NAME,), admin=True, statuses=(404,))),
+    route("/v1/admin/models/{name}/resume", admin_resume, ["POST"], Doc("Resume a paused model's queue (it stays paused while every queue is)", response=ModelInfo, tags=("admin",), params=(NAME,), admin=True, statuses=(404,))),
+    route("/v1/admin/queue/pause", queue_pause, ["POST"], Doc("Pause every model's queue (running jobs finish, none starts)", response=PauseResponse, tags=("admin",), admin=True)),
+    route("/v1/admin/queue/resume", queue_resume, ["POST"], Doc("Resume every queue (a model paused on its own stays paused)", response=PauseResponse, tags=("admin",), admin=True)),
     route("/v1/admin/gpu-memory", gpu_memory, ["GET"], Doc("Per-device memory (torch, nvidia-smi, process RSS) and model estimates", tags=("admin",), admin=True)),
 ]

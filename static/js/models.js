@@ -1,8 +1,10 @@
 // The models panel: every configured model with state and memory
-// (/v1/admin/models, /v1/admin/gpu-memory), with load/unload buttons.
+// (/v1/admin/models, /v1/admin/gpu-memory), with load/unload and pause/resume
+// buttons (a paused queue: running jobs finish, new ones queue, none starts).
 
 import { api } from "./api.js";
 import { $, toast } from "./dom.js";
+import { refresh as refreshQueue } from "./queue.js";
 
 let onChange = async () => {};
 
@@ -44,9 +46,24 @@ function row(m) {
     await refreshModels();
     await onChange();
   });
+  const pause = document.createElement("button");
+  pause.type = "button";
+  pause.className = "secondary small pause";
+  pause.textContent = m.paused ? "Resume" : "Pause";
+  pause.setAttribute("aria-label", `${m.paused ? "Resume" : "Pause"} the queue of ${m.name}`);
+  pause.addEventListener("click", async () => {
+    pause.disabled = true;
+    try {
+      await api(`/v1/admin/models/${encodeURIComponent(m.name)}/${m.paused ? "resume" : "pause"}`, { method: "POST" });
+    } catch (err) {
+      toast(`${m.name}: ${err.message}`, "error");
+    }
+    await refreshModels();
+    await refreshQueue(); // its waiting jobs now say paused (or have a forecast again)
+  });
   const actionCell = cell("");
-  actionCell.append(action);
-  const queue = `${m.running} running, ${m.queue_depth} queued`;
+  actionCell.append(action, " ", pause);
+  const queue = `${m.running} running, ${m.queue_depth} queued${m.paused ? " (paused)" : ""}`;
   const vram = m.vram_estimate_mib ? `~${(m.vram_estimate_mib / 1024).toFixed(1)} GiB` : "—";
   tr.append(cell(m.name, "name"), cell(m.backend), stateCell, cell(m.tasks.join(", ")), cell(queue), cell(vram, "num"), actionCell);
   return tr;

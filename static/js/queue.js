@@ -6,6 +6,9 @@
 // Finished jobs leave after a few seconds, except failures and training runs
 // (their outcome is not in the gallery): those stay until dismissed.  A job that
 // leaves goes to the Finished list below (the server's recent jobs too, at load).
+// Other keys' queued jobs are listed too (/api/tasks?scope=shared): for a key that
+// is not an admin's they come private (no prompt), are not streamed and cannot be
+// cancelled; while any is listed the panel refreshes every few seconds.
 
 import { api, subscribe } from "./api.js";
 import { $, fromTemplate, formatSeconds, toast } from "./dom.js";
@@ -13,18 +16,26 @@ import { $, fromTemplate, formatSeconds, toast } from "./dom.js";
 const MAX_STREAMS = 4;
 const FINISHED_MAX = 20;
 const FINISHED_LINGER_MS = 3000;
+const SHARED_REFRESH_MS = 3000;
 const PHASE_TEXT = { caching: "encoding the dataset", training: "training" };
 const STATUS_TEXT = { waiting: "queued", running: "running", done: "done", error: "failed", cancelled: "cancelled" };
 
 const jobs = new Map(); // task_id -> {status, receivedAt, el, close, params}
 let onFinished = () => {};
 let refreshTimer = null;
+let sharedTimer = null;
 
 const finished = (s) => s === "done" || s === "error" || s === "cancelled";
 
 function title(job) {
+  if (job.status.private) {
+    const st = job.status;
+    const size = st.width && st.height ? ` · ${st.width}×${st.height}` : "";
+    const n = st.task_length > 1 ? ` · ${st.task_length} images` : "";
+    return `Another user's ${st.task === "generate" ? "job" : st.task} on ${st.model}${size}${n}`;
+  }
   const p = job.params ?? job.status.metadata ?? {};
-  const what = p.prompt || p.adapter_name || job.status.extra?.adapter_name || job.status.images?.[0]?.prompt || job.status.task_id;
+  const what = p.prompt || job.status.prompt || p.adapter_name || job.status.extra?.adapter_name || job.status.images?.[0]?.prompt || job.status.task_id;
   return `${job.status.task === "generate" ? "" : `${job.status.task}: `}${what}`;
 }
 
@@ -35,6 +46,8 @@ function etaSeconds(job) {
 function render(job) {
   const { el, status: st } = job;
   el.dataset.status = st.status;
+  el.classList.toggle("private", Boolean(st.private));
+  el.classList.toggle("paused", Boolean(st.paused));
   const chip = $(".status", el);
   chip.textContent = STATUS_TEXT[st.status] ?? st.status;
   chip.className = `chip status ${st.status}`;
@@ -61,6 +74,7 @@ function render(job) {
   $(".pos", el).textContent = parts.join(" · ");
   if (st.status !== "running") $(".job-preview", el).hidden = true; // the result is in the gallery
   const cancel = $(".cancel", el);
+  cancel.hidden = Boolean(st.private); // another key's job: not ours to cancel
   const verb = finished(st.status) ? "Dismiss" : training ? "Stop" : "Cancel";
   cancel.setAttribute("aria-label", `${verb} ${training ? "training" : "job"} ${title(job)}`);
   cancel.title = finished(st.status) ? "Dismiss" : training ? "Stop (keeps a checkpoint)" : "Cancel";
@@ -74,8 +88,8 @@ function tickOne(job) {
     delete eta.dataset.seconds;
     return;
   }
-  if (typeof job.status.wait_remaining !== "number") { // no live worker: no honest forecast
-    eta.textContent = "ETA unknown";
+  if (typeof job.status.wait_remaining !== "number") { // paused, or no live worker: no honest forecast
+    eta.textContent = job.status.paused ? "paused" : "ETA unknown";
     delete eta.dataset.seconds;
     return;
   }
@@ -115,7 +129,7 @@ function remove(taskId) {
   job.close?.();
   job.el.remove();
   jobs.delete(taskId);
-  if (finished(job.status.status)) addFinished(job.status, job.params);
+  if (finished(job.status.status) && !job.status.private) addFinished(job.status, job.params);
   updateEmpty();
 }
 
@@ -149,7 +163,7 @@ function updateEmpty() {
 
 /** Open streams for the most urgent unwatched jobs. */
 function pump() {
-  const live = [...jobs.values()].filter((j) => !finished(j.status.status));
+  const live = [...jobs.values()].filter((j) => !finished(j.status.status) && !j.status.private);
   let open = live.filter((j) => j.close).length;
   const rank = (j) => (j.status.status === "running" ? -1 : j.status.pos);
   for (const job of live.filter((j) => !j.close).sort((a, b) => rank(a) - rank(b))) {
@@ -184,7 +198,7 @@ function scheduleRefresh() {
 export async function refresh() {
   let data;
   try {
-    data = await api("/api/tasks?limit=200");
+    data = await api("/api/tasks?limit=200&scope=shared");
   } catch (err) {
     toast(`Queue: ${err.message}`, "error");
     return;
@@ -199,6 +213,10 @@ export async function refresh() {
     if (jobs.has(st.task_id) && !seen.has(st.task_id)) update(st);
     else if (!jobs.has(st.task_id) && st.task !== "train") addFinished(st);
   }
+  // another key's job that left the queue has ended (we follow no stream of it)
+  for (const job of [...jobs.values()]) if (job.status.private && !seen.has(job.status.task_id)) remove(job.status.task_id);
+  clearTimeout(sharedTimer);
+  if ([...jobs.values()].some((j) => j.status.private)) sharedTimer = setTimeout(refresh, SHARED_REFRESH_MS);
   pump();
   return data;
 }

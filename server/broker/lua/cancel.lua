@@ -10,7 +10,7 @@ if status == '"waiting"' then
   local t = now()
   q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
   redis.call('HSET', jk, 'status', '"cancelled"', 'message', message, 'finished_at', ts(t))
-  redis.call('ZADD', K_DONE, ts(t), id)
+  into_done(jk, id, t)
   quota_release(jk, id)
   expire_job(jk, ttl)
   to_outbox(jk, id, t)

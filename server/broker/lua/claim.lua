@@ -3,9 +3,10 @@
 -- the worker from Redis TIME, into run:{m} with the lease deadline.  Returns the
 -- record's HGETALL, or false (also when it runs after ``valid until``: a claim whose
 -- sender gave up waiting takes nothing, or the job would run nowhere until its lease
--- expired and count as lost).
+-- expired and count as lost), and while the queue is paused (prelude's ``paused``).
 local m, worker, lease = ARGV[3], ARGV[4], tonumber(ARGV[5])
 if ARGV[6] and ARGV[6] ~= '' and now() > tonumber(ARGV[6]) then return false end
+if paused(m) then return false end
 for _ = 1, 16 do
   local top = redis.call('ZRANGE', k_queue(m), 0, 0, 'WITHSCORES')
   if #top == 0 then return false end

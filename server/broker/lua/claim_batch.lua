@@ -7,9 +7,10 @@
 -- those companions are claimed as ``claim`` claims one (attempt + 1, running on the
 -- worker from Redis TIME, into run:{m} with the lease deadline), and their
 -- HGETALLs returned, the head's first; else nothing ({}), and the worker claims
--- as usual.
+-- as usual.  Nothing while the queue is paused (prelude's ``paused``).
 local m, worker, lease, head = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[7]
 if ARGV[6] ~= '' and now() > tonumber(ARGV[6]) then return {} end
+if paused(m) then return {} end
 local top = redis.call('ZRANGE', k_queue(m), 0, 0, 'WITHSCORES')
 if #top == 0 or top[1] ~= head then return {} end
 local key = redis.call('HGET', k_job(head), 'batch')

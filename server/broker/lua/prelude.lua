@@ -19,6 +19,11 @@ local function now()
 end
 local function ts(x) return string.format('%.6f', x) end
 
+-- an admin paused model m's queue, or every queue ('*'): claims take nothing
+local function paused(m)
+  return redis.call('SISMEMBER', K_PAUSED, m) == 1 or redis.call('SISMEMBER', K_PAUSED, '*') == 1
+end
+
 local function event(id, m, kind)
   redis.call('XADD', K_EVENTS, 'MAXLEN', '~', MAXLEN, '*', 'job', id, 'model', m, 'kind', kind)
   if FOR_WORKERS[kind] then  -- workers follow only these: no wake-up per step of every job
@@ -112,6 +117,14 @@ local function q_remove(m, id, vec)
   if not s then return false end
   q_take(m, id, tonumber(s), vec, false)
   return true
+end
+
+-- a job that ended: into ``done`` and its owner's (keys.owner_done: '' for none)
+local function into_done(jk, id, t)
+  redis.call('ZADD', K_DONE, ts(t), id)
+  local owner = redis.call('HGET', jk, 'owner')
+  owner = (owner and owner ~= 'null') and cjson.decode(owner) or ''
+  redis.call('ZADD', k_owner_done(owner), ts(t), id)
 end
 
 -- the job's inputs and the record itself expire with the result TTL

@@ -18,7 +18,7 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
       else
         redis.call('HINCRBY', jk, 'lost', 1)
         redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))
-        redis.call('ZADD', K_DONE, ts(t), id)
+        into_done(jk, id, t)
         quota_release(jk, id)
         expire_job(jk, ttl)
         to_outbox(jk, id, t)
