@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from .redis_fixtures import RedisServer
-from .servers import ROOT, RunningServer, free_port, start_server, stub_settings
+from .servers import BROKERS, ROOT, RunningServer, free_port, start_server, stub_settings
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +55,6 @@ def broker_args(request: pytest.FixtureRequest) -> Callable[[dict[str, Any]], tu
     return on  # type: ignore[return-value]
 
 
-BROKERS = ["memory", "redis"]
 
 
 @pytest.fixture(scope="session", params=BROKERS)

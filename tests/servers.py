@@ -103,3 +103,6 @@ def stub_settings(**model: Any) -> dict[str, Any]:
     }
     cfg.update(model)
     return {"models": {"stub": cfg}, "default_model": "stub"}
+
+
+BROKERS = ["memory", "redis"]  # the brokers the fixtures run every server test on
