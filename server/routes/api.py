@@ -27,6 +27,7 @@ from ..schemas import (
     LoadRequest,
     LoraRef,
     ModelsResponse,
+    MoveRequest,
     PngInfoRequest,
     PngInfoResponse,
     SubmitResponse,
@@ -255,6 +256,14 @@ async def cancel(request: Request) -> Response:
     return json_response(CancelResponse(task_id=job.id, status=job.status.value))
 
 
+async def move(request: Request) -> Response:
+    """A waiting job to the front or the back (server/queue.py: of its owner's jobs;
+    an admin's front: first of its priority)."""
+    req = await decode_json(request, MoveRequest)
+    job = await service_of(request).move(await _job(request), req.to, caller_of(request.scope))
+    return json_response(await status_of(request, job))
+
+
 async def clear(request: Request) -> Response:
     return json_response(ClearResponse(cancelled=await service_of(request).clear(caller_of(request.scope))))
 
@@ -305,6 +314,7 @@ ROUTES = [
     route("/api/tasks", tasks, ["GET"], Doc("The queue and recent jobs", response=TasksResponse, tags=("jobs",), params=(Param("limit", "integer", "At most this many of each (1 to 1000; default 50)."), Param("cursor", "string", "The next_cursor of the previous page: the next page of recent.")))),
     route("/api/cancel", cancel, ["GET", "POST"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
     route("/api/tasks/{task_id}", cancel, ["DELETE"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
+    route("/api/tasks/{task_id}/move", move, ["POST"], Doc("Move a waiting job to the front or the back of its owner's jobs (an admin: front of its priority)", body=MoveRequest, response=JobStatusResponse, tags=("jobs",), params=(TASK_ID,), statuses=(400, 404, 409))),
     route("/api/clear", clear, ["GET", "POST"], Doc("Cancel every queued job", response=ClearResponse, tags=("jobs",))),
     route("/api/ls", ls, ["GET"], Doc("Configured models", response=ModelsResponse, tags=("models",))),
     route("/api/ps", ps, ["GET"], Doc("Models with queue state and learned forecast coefficients", response=ModelsResponse, tags=("models",))),
