@@ -52,6 +52,11 @@ class Caller:
     signed_for: str | None = None  # a signed image link: this task id only (one image, fetch only)
     weight: int = 1  # its share of turns within a priority (queue.fairness "fair")
 
+    @property
+    def share(self) -> str:
+        """Its fair-share key: its key id; every caller without a key shares one."""
+        return self.key_id or "-"
+
     def sees(self, owner: str | None, job_id: str) -> bool:
         return self.admin or owner == self.key_id or self.signed_for == job_id
 

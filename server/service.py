@@ -37,7 +37,6 @@ log = logging.getLogger("easel")
 RECENT_PAGE = 500  # finished jobs read from the broker at a time
 FOLLOW_SECONDS = 30.0  # a follow lasts this long unless renewed
 PREVIEW_WANT_SECONDS = 5.0  # a previews=true follow lasts this long unless renewed
-ANONYMOUS_SHARE = "-"  # the one fair-share key of every caller without a key
 SubmitCheck = Callable[[JobRecord], Coroutine[Any, Any, None]]
 
 
@@ -161,7 +160,7 @@ class Service:
             raise Unavailable("the server is shutting down and accepts no new jobs")
         job.owner = caller.key_id
         if self.settings.queue.fairness == "fair":  # the brokers take turns by share (server/queue.py)
-            job.share, job.weight = caller.key_id or ANONYMOUS_SHARE, caller.weight
+            job.share, job.weight = caller.share, caller.weight
         key = None
         if idempotency is not None:
             key = SubmitKey(idempotency.scope(caller), idempotency.fingerprint, self.settings.queue.result_ttl_seconds)
@@ -362,17 +361,10 @@ class Service:
         """A waiting job to the front or the back of its owner's jobs at its priority;
         an admin's "front" puts it first of its priority (its key's turn next)."""
         if not caller.admin and self.settings.queue.fairness != "fair":
-            raise Conflict(
-                'moving one\'s own jobs needs queue.fairness "fair" (under "fifo" the queue is not kept per key); '
-                "ask an admin to move it",
-                code="queue_not_fair",
-            )
-        if job.status is not JobStatus.WAITING or not await self.broker.move(job.id, to == "front", caller.admin and to == "front"):
-            raise Conflict(
-                f"task {job.id} is not waiting (it is {job.status.value}); only a waiting job can be moved",
-                param="task_id",
-                code="job_not_waiting",
-            )
+            raise Conflict('only an admin moves jobs under queue.fairness "fifo" (the queue is not kept per key)', code="queue_not_fair")
+        if not await self.broker.move(job.id, to == "front", caller.admin and to == "front"):
+            job = await self.get(job.id, caller)
+            raise Conflict(f"task {job.id} is {job.status.value}: only a waiting job can be moved", param="task_id", code="job_not_waiting")
         log.info("job %s on %s: moved to the %s (%s)", job.id, job.model, to, "admin" if caller.admin else "owner")
         return await self.get(job.id, caller)
 
