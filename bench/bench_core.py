@@ -33,10 +33,15 @@ sys.path.insert(0, str(ROOT))
 from tests.redis_fixtures import RedisServer  # noqa: E402
 from tests.servers import RunningServer, start_server, stub_settings  # noqa: E402
 
+KEYS = [f"bench-key-{k}" for k in range(4)]  # the status bench's jobs come from these keys in turn (fair share)
+ADMIN = {"Authorization": "Bearer bench-admin"}
 
-def submit_many(url: str, n: int, body: dict[str, object]) -> list[str]:
+
+def submit_many(url: str, n: int, body: dict[str, object], keys: list[str] | None = None) -> list[str]:
+    """``n`` jobs; with ``keys``: job i from key i % len(keys)."""
     with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=8)) as c:
-        return [c.post("/api/generate", json=body).json()["task_id"] for _ in range(n)]
+        heads = [{"Authorization": f"Bearer {k}"} for k in keys or []] or [{}]
+        return [c.post("/api/generate", json=body, headers=heads[i % len(heads)]).json()["task_id"] for i in range(n)]
 
 
 def status_latency(c: httpx.Client, probes: list[str], calls: int) -> list[tuple[float, int]]:
@@ -63,7 +68,8 @@ def status_cluster(tmp: Path, broker: str) -> Iterator[RunningServer]:
     """The node that answers status calls: memory (one process, role all) or Redis
     (redis-server + one api node + one worker node)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    cfg = {**stub_settings(simulate_step_seconds=1000.0), "queue": {"capacity": 10000, "shutdown_grace_seconds": 1}}
+    cfg = {**stub_settings(simulate_step_seconds=1000.0), "queue": {"capacity": 10000, "shutdown_grace_seconds": 1},
+           "auth": {"api_keys": KEYS, "admin_keys": ["bench-admin"]}}  # fmt: skip
     if broker == "memory":
         srv = start_server(tmp, cfg)
         try:
@@ -86,15 +92,17 @@ def status_cluster(tmp: Path, broker: str) -> Iterator[RunningServer]:
 
 
 def bench_status(tmp: Path, calls: int, broker: str, depth: int = 5000) -> tuple[float, float]:
-    """With ``depth`` jobs queued behind a running one: a status call for the last job
+    """With ``depth`` jobs queued behind a running one, from four keys in turn (fair
+    share on: four lanes, in the order they arrived): a status call for the last job
     against one for the job 10 deep, alternating calls in the same queue."""
     with status_cluster(tmp, broker) as srv:
         c = srv.client
+        c.headers.update(ADMIN)
         blocker = c.post("/api/generate", json={"prompt": "blocker", "steps": 200}).json()["task_id"]
         wait_running(c, blocker)
         body = {"prompt": "queued", "steps": 4}
         t0 = time.perf_counter()
-        ids = submit_many(srv.url, depth, body)
+        ids = submit_many(srv.url, depth, body, KEYS)
         submit_s = time.perf_counter() - t0
         status_latency(c, [ids[9], ids[-1]], 200)  # warm-up
         (shallow, pos10), (deep, posn) = status_latency(c, [ids[9], ids[-1]], calls)

@@ -52,6 +52,12 @@ class Caller:
     admin: bool = False  # sees and cancels every job
     quota: QuotaConfig = field(default_factory=QuotaConfig)
     signed_for: str | None = None  # a signed image link: this task id only (one image, fetch only)
+    weight: int = 1  # its share of turns within a priority (queue.fairness "fair")
+
+    @property
+    def share(self) -> str:
+        """Its fair-share key: its key id; every caller without a key shares one."""
+        return self.key_id or "-"
 
     def sees(self, owner: str | None, job_id: str) -> bool:
         return self.admin or owner == self.key_id or self.signed_for == job_id
@@ -80,7 +86,9 @@ class Keys:
         for entries, admin in ((auth.api_keys, False), (auth.admin_keys, True)):
             for entry in entries:
                 key = entry.key if isinstance(entry, KeyConfig) else entry
-                self._callers[key.encode()] = Caller(key_id(entry), admin=admin, quota=_quota(entry, auth.quota))
+                self._callers[key.encode()] = Caller(
+                    key_id(entry), admin=admin, quota=_quota(entry, auth.quota), weight=entry.weight if isinstance(entry, KeyConfig) else 1
+                )
         secret = auth.url_secret or "\n".join(sorted(k.decode() for k in self._callers))
         self._signing_key = hashlib.sha256(b"easel image links\n" + secret.encode()).digest()
         self.link_ttl = auth.link_ttl_seconds or settings.queue.result_ttl_seconds

@@ -104,6 +104,9 @@ class QueueConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     result_ttl_seconds: Annotated[float, Meta(gt=0)] = 3600.0
     result_memory_mib: PositiveInt = 1024  # encoded images kept in memory
     shutdown_grace_seconds: NonNegFloat = 30.0
+    # within a priority: "fair" takes the keys' jobs in turns (weighted by each key's
+    # weight; anonymous callers count as one key), "fifo" in arrival order
+    fairness: Literal["fair", "fifo"] = "fair"
 
 
 class LimitsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -142,6 +145,7 @@ class KeyConfig(QuotaConfig, kw_only=True):
 
     key: Annotated[str, Meta(min_length=1)]
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    weight: Annotated[int, Meta(ge=1, le=1000)] = 1  # its share of turns within a priority (queue.fairness "fair")
 
 
 class AuthConfig(Struct, forbid_unknown_fields=True, kw_only=True):

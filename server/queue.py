@@ -1,138 +1,135 @@
-"""Per-model priority queue with O(log n) positions and forecast sums (the memory broker's).
+"""Per-model priority queue, fair between keys, with O(log n) positions and forecast
+sums (the memory broker's).
 
-Jobs are ordered by ``(priority, seq)``: lower priority first, FIFO within a
-priority.  Each distinct priority is a *level* holding its jobs in arrival order.
-A job's forecast vector ends with a count of one, so summing the vectors of the
-jobs ahead of a job gives both its position and the forecast features of what it
-waits for.  A level keeps prefix sums of the vectors in arrival order and subtracts
-the jobs that left: those popped from the front as one running sum (each was ahead
-of every job still waiting), those cancelled from the middle through a Fenwick
-(binary indexed) tree.  Push and pop cost one vector add, a cancel and a position
-O(log n); the jobs ahead in lower levels are their levels' totals.  Nothing scans
-the queue.
+Lower priority first.  Within a priority (a *level*) every fair-share key (a job's
+``share``: its owner's key id, one id for anonymous callers; one shared id for all
+under ``queue.fairness: "fifo"``) has a *lane*, its own jobs in their order
+(``lanes.Lane``), and the lanes take turns, weighted: a weighted round-robin by
+virtual time.  A key's turn costs ``stride = STRIDE // weight``; a lane's ``base``
+is the virtual time it has been served up to, so its n-th waiting job has the tag
+``base + n * stride``.  The next job is the head with the smallest tag, ties to the
+lane that opened first (``since``).  Taking a job moves its lane's ``base`` on by a
+stride and the level's clock to the head's tag; a lane that opens (a key with
+nothing waiting at the level) starts at the clock, so a key earns no credit for
+being away, and a burst of one key waits its turns like everyone else.  With equal
+weights that is plain round-robin; weights 3:1 take three jobs to one.
+
+Positions follow the same rule, without scanning: a job that is its lane's n-th
+runs after, of every other lane, the jobs whose tag is lower (or equal, for a lane
+that opened earlier): a count from the two lanes' ``base`` and ``stride``, whose
+sum is that lane's prefix sum (``Lane.first``).  So the cost ahead of a job is its
+own lane's prefix, one prefix per other lane of its level (keys are few, jobs
+many) and the totals of the levels before it.
+
+Moves: a job to the front or the back of its own lane (the owner's reorder);
+``first``: to the front of its lane with the lane's turn next (an admin's "front of
+the priority", and a re-run after a release or a lost lease).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import heapq
+from collections.abc import Iterator
 
 import numpy as np
 from sortedcontainers import SortedDict
 
-from .features import WIDTH
+from .features import DIM, WIDTH
+from .lanes import Job, Lane
 
-MIN_SLOTS = 64
+__all__ = ["STRIDE", "Job", "ModelQueue"]
 
-
-class Job:
-    """A queue entry: a waiting job's id, order and forecast vector."""
-
-    __slots__ = ("id", "level", "priority", "seq", "slot", "vector")
-
-    def __init__(self, job_id: str, priority: int, seq: int, vector: np.ndarray) -> None:
-        self.id = job_id
-        self.priority = priority
-        self.seq = seq
-        self.vector = vector
-        self.level: _Level | None = None
-        self.slot = -1
+STRIDE = 720720  # a turn of weight 1 (the lcm of 1..16: exact strides for those weights)
 
 
-class _Fenwick:
-    def __init__(self, capacity: int) -> None:
-        self.tree = np.zeros((capacity + 1, WIDTH), dtype=np.float64)
+class _Share:
+    """A key's lane in a level and where it stands in the round-robin."""
 
-    def add(self, slot: int, vec: np.ndarray) -> None:
-        i = slot + 1
-        n = self.tree.shape[0]
-        while i < n:
-            self.tree[i] += vec
-            i += i & -i
+    __slots__ = ("base", "lane", "since", "stride")
 
-    def prefix(self, slot: int) -> np.ndarray:
-        """Sum of slots [0, slot)."""
-        out = np.zeros(WIDTH, dtype=np.float64)
-        i = slot
-        while i > 0:
-            out += self.tree[i]
-            i -= i & -i
-        return out
+    def __init__(self, base: int, stride: int, since: int) -> None:
+        self.lane = Lane()
+        self.base = base
+        self.stride = stride
+        self.since = since
+
+    def tag(self, n: int) -> int:
+        return self.base + n * self.stride
 
 
 class _Level:
     def __init__(self, priority: int) -> None:
         self.priority = priority
-        self.jobs: deque[Job] = deque()  # arrival order; cancelled jobs are skipped lazily
+        self.shares: dict[str, _Share] = {}
+        self.clock = 0  # virtual time: the tag of the last head taken
+        self.opened = 0  # lanes opened so far (their ``since``)
         self.live = 0
-        self.next_slot = 0
-        self.cum = np.zeros((MIN_SLOTS + 1, WIDTH), dtype=np.float64)  # cum[k]: sum of slots [0, k)
-        self.popped = np.zeros(WIDTH, dtype=np.float64)  # jobs taken from the front
-        self.cancelled: _Fenwick | None = None  # jobs taken from anywhere else (made at the first)
 
     def push(self, job: Job) -> None:
-        if self.next_slot + 1 >= self.cum.shape[0]:
-            self._compact()
-        assert job.vector is not None
-        slot = self.next_slot
-        np.add(self.cum[slot], job.vector, out=self.cum[slot + 1])
-        job.level = self
-        job.slot = slot
-        self.next_slot = slot + 1
-        self.jobs.append(job)
+        share = self.shares.get(job.share)
+        if share is None:
+            share = self.shares[job.share] = _Share(self.clock, STRIDE // job.weight, self.opened)
+            self.opened += 1
+        share.lane.push(job)
         self.live += 1
 
-    def pop(self) -> Job | None:
-        while self.jobs:
-            job = self.jobs.popleft()
-            if job.level is self:
-                self.popped += job.vector
-                self._left(job)
-                return job
-        return None
+    def head(self) -> Job | None:
+        best = min(self.shares.values(), key=lambda s: (s.tag(1), s.since), default=None)
+        return best.lane.head() if best is not None else None
 
-    def remove(self, job: Job) -> None:
-        if self.cancelled is None:
-            self.cancelled = _Fenwick(self.cum.shape[0] - 1)
-        assert job.vector is not None
-        self.cancelled.add(job.slot, job.vector)
-        self._left(job)
-
-    def _left(self, job: Job) -> None:
-        job.level = None
-        job.slot = -1
+    def remove(self, job: Job, *, charge: bool, lead: bool) -> None:
+        """Out of its lane; ``charge``: it was taken to run (its lane's turn is used);
+        ``lead``: it was the level's head (the clock moves to its tag)."""
+        share = self.shares[job.share]
+        if lead:
+            self.clock = share.tag(1)
+        if charge:
+            share.base += share.stride
+        share.lane.remove(job)
         self.live -= 1
-        if self.live == 0:  # start afresh: drops lazily skipped entries and float drift
-            self.jobs.clear()
-            self.next_slot = 0
-            self.popped[:] = 0
-            self.cancelled = None
+        if share.lane.live == 0:
+            del self.shares[job.share]
+
+    def move(self, job: Job, *, front: bool, first: bool) -> None:
+        share = self.shares[job.share]
+        share.lane.move(job, front or first)
+        if first:  # its tag just below every other head's: its lane goes next
+            others = [s.tag(1) for s in self.shares.values() if s is not share]
+            if others:
+                share.base = min(share.base, min(others) - 1 - share.stride)
 
     def ahead(self, job: Job) -> np.ndarray:
-        """Summed vectors of the jobs of this level ahead of ``job``."""
-        out = self.cum[job.slot] - self.popped
-        if self.cancelled is not None:
-            out -= self.cancelled.prefix(job.slot)
+        share = self.shares[job.share]
+        out = share.lane.ahead(job)
+        tag = share.tag(int(round(out[DIM])) + 1)
+        for other in self.shares.values():
+            if other is not share:
+                n = (tag - other.base - (0 if other.since < share.since else 1)) // other.stride
+                out = out + other.lane.first(min(max(n, 0), other.lane.live))
         return out
 
     @property
     def total(self) -> np.ndarray:
-        out = self.cum[self.next_slot] - self.popped
-        if self.cancelled is not None:
-            out -= self.cancelled.prefix(self.next_slot)
+        out = np.zeros(WIDTH, dtype=np.float64)
+        for share in self.shares.values():
+            out += share.lane.total
         return out
 
-    def _compact(self) -> None:
-        """Renumber the waiting jobs from slot 0, with room for as many again."""
-        live = [j for j in self.jobs if j.level is self]
-        self.cum = np.zeros((max(MIN_SLOTS, 2 * len(live) + 2) + 1, WIDTH), dtype=np.float64)
-        self.jobs = deque()
-        self.next_slot = 0
-        self.live = 0
-        self.popped[:] = 0
-        self.cancelled = None
-        for j in live:
-            self.push(j)
+    def order(self) -> Iterator[Job]:
+        """The waiting jobs in run order (a merge of the lanes by tag)."""
+        heap: list[tuple[int, int, int, Iterator[Job], _Share]] = []
+        for share in self.shares.values():
+            heap.append((share.tag(1), share.since, 1, iter(share.lane.waiting()), share))
+        heapq.heapify(heap)
+        while heap:
+            tag, since, n, jobs, share = heap[0]
+            job = next(jobs, None)
+            if job is None:
+                heapq.heappop(heap)
+                continue
+            heapq.heapreplace(heap, (share.tag(n + 1), since, n + 1, jobs, share))
+            yield job
 
 
 class ModelQueue:
@@ -144,7 +141,6 @@ class ModelQueue:
         self._size = 0
         self._ready = asyncio.Event()
         self._closed = False
-        self._spare: _Level | None = None  # an emptied level, reused (a queue often runs empty)
         self.entries: dict[str, Job] = {}  # waiting jobs by id
         self.held = False  # paused: ``get`` hands out nothing (jobs still queue)
 
@@ -158,51 +154,54 @@ class ModelQueue:
     def push(self, job: Job) -> None:
         level = self._levels.get(job.priority)
         if level is None:
-            level, self._spare = self._spare or _Level(job.priority), None
-            level.priority = job.priority
-            self._levels[job.priority] = level
+            level = self._levels[job.priority] = _Level(job.priority)
         level.push(job)
         self.entries[job.id] = job
         self._size += 1
         self._ready.set()
 
     def push_front(self, job: Job) -> None:
-        """Queue ``job`` ahead of every job of its priority (a re-run; O(n) in its level)."""
-        level = self._levels.get(job.priority)
-        behind = [j for j in level.jobs if j.level is level] if level is not None else []
-        for j in behind:
-            self.remove(j)
+        """Queue ``job`` first of its priority: its lane's front, its lane's turn next (a re-run)."""
         self.push(job)
-        for j in behind:
-            self.push(j)
+        self._levels[job.priority].move(job, front=True, first=True)
 
-    def remove(self, job: Job) -> bool:
-        """Take a waiting job out (cancel). False if it is not in this queue."""
-        level = job.level
-        if level is None or self._levels.get(level.priority) is not level:
+    def move(self, job: Job, *, front: bool, first: bool = False) -> bool:
+        """A waiting job to the front or the back of its key's jobs; ``first``: the
+        front of its priority (its key's turn next).  False if it does not wait here."""
+        level = self._level_of(job)
+        if level is None:
             return False
-        level.remove(job)
+        level.move(job, front=front, first=first)
+        return True
+
+    def remove(self, job: Job, *, charge: bool = False) -> bool:
+        """Take a waiting job out (cancel; ``charge``: claimed, its key's turn used,
+        and when it is the head the level's clock moves on).  False if it is not in
+        this queue."""
+        level = self._level_of(job)
+        if level is None:
+            return False
+        level.remove(job, charge=charge, lead=charge and job is level.head())
         del self.entries[job.id]
         self._size -= 1
         if level.live == 0:
-            self._retire(level)
+            del self._levels[level.priority]
         return True
 
-    def pop_nowait(self) -> Job | None:
-        while self._levels:
-            priority, level = self._levels.peekitem(0)
-            job = level.pop()
-            if level.live == 0:
-                self._retire(level)
-            if job is not None:
-                del self.entries[job.id]
-                self._size -= 1
-                return job
-        return None
+    def _level_of(self, job: Job) -> _Level | None:
+        level = self._levels.get(job.priority)
+        if job.lane is None or level is None or self.entries.get(job.id) is not job:
+            return None
+        return level
 
-    def _retire(self, level: _Level) -> None:
-        del self._levels[level.priority]
-        self._spare = level
+    def head(self) -> Job | None:
+        return self._levels.peekitem(0)[1].head() if self._levels else None
+
+    def pop_nowait(self) -> Job | None:
+        job = self.head()
+        if job is not None:
+            self.remove(job, charge=True)
+        return job
 
     async def get(self, timeout: float | None = None) -> Job | None:
         """Next job, waiting up to ``timeout`` seconds for one; None once the queue is
@@ -233,7 +232,7 @@ class ModelQueue:
 
     def ahead(self, job: Job) -> np.ndarray:
         """Summed feature vector (last component: count) of the jobs ahead of ``job``."""
-        level = job.level
+        level = self._level_of(job)
         if level is None:
             return np.zeros(WIDTH, dtype=np.float64)
         out = level.ahead(job)
@@ -243,21 +242,20 @@ class ModelQueue:
 
     def total(self, priority: int | None = None) -> np.ndarray:
         """Summed vectors of every waiting job (of priority <= ``priority``: what a new
-        job of that priority would queue behind)."""
+        job of that priority would at most queue behind)."""
         out = np.zeros(WIDTH, dtype=np.float64)
         for p in self._levels.irange(maximum=priority):
             out += self._levels[p].total
         return out
 
     def jobs(self, limit: int | None = None) -> list[Job]:
-        """Waiting jobs in run order (O(limit), for listings)."""
+        """Waiting jobs in run order (O(limit log keys), for listings)."""
         out: list[Job] = []
         for level in self._levels.values():
-            for j in level.jobs:
-                if j.level is level:
-                    out.append(j)
-                    if limit is not None and len(out) >= limit:
-                        return out
+            for j in level.order():
+                out.append(j)
+                if limit is not None and len(out) >= limit:
+                    return out
         return out
 
     def drain(self) -> list[Job]:

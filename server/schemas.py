@@ -203,6 +203,13 @@ class LoadRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     model: str
 
 
+class MoveRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    to: Annotated[
+        Literal["front", "back"],
+        Meta(description="front or back of the caller's own waiting jobs at the job's priority; an admin's front: first of its priority."),
+    ]
+
+
 class SubmitResponse(Struct, kw_only=True):
     task_id: str
     task_length: Annotated[int, Meta(description="Number of images the job will produce.")]

@@ -172,6 +172,8 @@ class Service:
             raise Unavailable("the server is shutting down and accepts no new jobs")
         allowlist.check(caller, job)
         job.owner = caller.key_id
+        if self.settings.queue.fairness == "fair":  # the brokers take turns by share (server/queue.py)
+            job.share, job.weight = caller.share, caller.weight
         key = None
         if idempotency is not None:
             key = SubmitKey(idempotency.scope(caller), idempotency.fingerprint, self.settings.queue.result_ttl_seconds)
@@ -323,6 +325,17 @@ class Service:
         if job.status is JobStatus.WAITING and out.status is JobStatus.CANCELLED:
             log.info("job %s on %s: cancelled (%s)", job.id, job.model, out.message)
         return out
+
+    async def move(self, job: JobRecord, to: str, caller: Caller) -> JobRecord:
+        """A waiting job to the front or the back of its owner's jobs at its priority;
+        an admin's "front" puts it first of its priority (its key's turn next)."""
+        if not caller.admin and self.settings.queue.fairness != "fair":
+            raise Conflict('only an admin moves jobs under queue.fairness "fifo" (the queue is not kept per key)', code="queue_not_fair")
+        if not await self.broker.move(job.id, to == "front", caller.admin and to == "front"):
+            job = await self.get(job.id, caller)
+            raise Conflict(f"task {job.id} is {job.status.value}: only a waiting job can be moved", param="task_id", code="job_not_waiting")
+        log.info("job %s on %s: moved to the %s (%s)", job.id, job.model, to, "admin" if caller.admin else "owner")
+        return await self.get(job.id, caller)
 
     async def clear(self, caller: Caller = OPEN) -> int:
         """Cancel every waiting job (an admin or an open server), or the caller's own."""

@@ -255,6 +255,19 @@ async def test_a_job_of_another_call_is_never_claimed_as_a_companion(broker: Bro
     assert [j.id for j in claimed] == ["a"]
 
 
+@pytest.mark.anyio
+async def test_a_batch_forms_in_fair_share_order_from_the_fair_share_head(broker: Broker) -> None:
+    jobs = [_queued("a1", 4, 1), _queued("a2", 4, 2), _queued("a3", 4, 3), _queued("b1", 4, 4)]
+    for job in jobs:
+        job.share = job.id[0]
+        await broker.submit(job, {}, 100)
+    assert [j.id for j in await broker.waiting("stub", 10)] == ["a1", "b1", "a2", "a3"]  # the keys' turns
+    assert await broker.claim_batch("stub", "w", 30, BatchPlan(head="a1", ids=["a2"], window=["a1", "a2"])) == []  # b1 unseen
+    claimed = await broker.claim_batch("stub", "w", 30, BatchPlan(head="a1", ids=["b1", "a2"], window=["a1", "b1", "a2"]))
+    assert [j.id for j in claimed] == ["a1", "b1", "a2"]
+    assert [j.id for j in await broker.waiting("stub", 10)] == ["a3"]
+
+
 # ----------------------------------------------------------------------------- the worker's batches (stub, memory broker)
 
 

@@ -16,6 +16,7 @@ from server.broker.base import Admission, Broker, BrokerUnavailable, QueueFullEr
 from server.features import DECAYED, DIM, STATS, WIDTH, apply, job_vector
 from server.forecast import call_features, observation
 from server.jobs import Item, JobRecord, JobStatus, input_key, result_key
+from server.queue import STRIDE
 
 from .redis_fixtures import RedisServer, redis_flushed, redis_server, redis_server_fresh, redis_url  # noqa: F401
 
@@ -155,6 +156,158 @@ async def test_positions_and_sums_ahead_match_a_brute_force_count(broker: Broker
     assert (await broker.depth("m"))[0] == len(live)
     expected = [x.id for x in sorted(live, key=lambda x: order[x.id])]
     assert [x.id for x in await broker.waiting("m", 100_000)] == expected
+
+
+class FairShare:
+    """server/queue.py's rule, brute force: every lane a list, the run order a sort of
+    every waiting job by (priority, its lane's turn for it, when its lane opened)."""
+
+    def __init__(self) -> None:
+        self.levels: dict[int, dict[str, Any]] = {}
+
+    def _level(self, priority: int) -> dict[str, Any]:
+        return self.levels.setdefault(priority, {"clock": 0, "opened": 0, "lanes": {}})
+
+    def push(self, job: JobRecord, front: bool = False) -> None:
+        level = self._level(job.priority)
+        lane = level["lanes"].get(job.share)
+        if lane is None:
+            lane = level["lanes"][job.share] = {"base": level["clock"], "stride": STRIDE // job.weight, "since": level["opened"], "jobs": []}
+            level["opened"] += 1
+        lane["jobs"].insert(0, job.id) if front else lane["jobs"].append(job.id)
+
+    def first(self, job: JobRecord) -> None:
+        level = self.levels[job.priority]
+        own = level["lanes"][job.share]
+        others = [ln["base"] + ln["stride"] for s, ln in level["lanes"].items() if s != job.share]
+        if others:
+            own["base"] = min(own["base"], min(others) - 1 - own["stride"])
+
+    def move(self, job: JobRecord, front: bool, first: bool) -> None:
+        lane = self.levels[job.priority]["lanes"][job.share]
+        lane["jobs"].remove(job.id)
+        lane["jobs"].insert(0, job.id) if front or first else lane["jobs"].append(job.id)
+        if first:
+            self.first(job)
+
+    def remove(self, job: JobRecord, charge: bool = False) -> None:
+        level = self.levels[job.priority]
+        lane = level["lanes"][job.share]
+        if charge:
+            if self.head_of(job.priority) == job.id:
+                level["clock"] = lane["base"] + lane["stride"]
+            lane["base"] += lane["stride"]
+        lane["jobs"].remove(job.id)
+        if not lane["jobs"]:
+            del level["lanes"][job.share]
+        if not level["lanes"]:
+            del self.levels[job.priority]
+
+    def keys(self) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for priority, level in self.levels.items():
+            for lane in level["lanes"].values():
+                for n, job_id in enumerate(lane["jobs"], 1):
+                    out[job_id] = (priority, lane["base"] + n * lane["stride"], lane["since"])
+        return out
+
+    def head_of(self, priority: int) -> str:
+        keys = self.keys()
+        return min((k for k in keys if keys[k][0] == priority), key=lambda k: keys[k])
+
+    def order(self) -> list[str]:
+        keys = self.keys()
+        return sorted(keys, key=lambda k: keys[k])
+
+
+async def test_fair_share_positions_and_sums_match_a_brute_force_simulation(broker: Broker) -> None:
+    rng = random.Random(11)
+    sim = FairShare()
+    live: dict[str, JobRecord] = {}
+    weights = {"a": 1, "b": 3, "c": 2, "-": 1}
+    for step in range(400):
+        op = rng.random()
+        if op < 0.45 or not live:
+            share = rng.choice(["a", "a", "a", "b", "c", "-"])
+            j = make_job(rng.choice([-1, 0, 0, 0, 0, 3]), steps=rng.randint(1, 30), task=rng.choice(["generate", "edit"]),
+                         share=share, weight=weights[share])  # fmt: skip
+            await broker.submit(j, {}, capacity=100_000)
+            live[j.id] = j
+            sim.push(j)
+        elif op < 0.55:
+            j = live.pop(rng.choice(sorted(live)))
+            rec = await broker.cancel(j.id, "gone")
+            assert rec is not None and rec.status is JobStatus.CANCELLED
+            sim.remove(j)
+        elif op < 0.65:
+            j = live[rng.choice(sorted(live))]
+            front, first = rng.random() < 0.5, rng.random() < 0.3
+            assert await broker.move(j.id, front, first)
+            sim.move(j, front, first)
+        else:
+            got = await broker.claim("m", "w", lease=30, timeout=0)
+            assert got is not None
+            assert got.id == sim.order()[0], step
+            sim.remove(live[got.id], charge=True)
+            if op < 0.75:  # released: first of its priority, its lane's turn next
+                assert await broker.release(got, got.attempt)
+                sim.push(live[got.id], front=True)
+                sim.first(live[got.id])
+            else:
+                del live[got.id]
+                await broker.finish(got, JobStatus.DONE, {}, attempt=got.attempt, blobs={})
+        order = sim.order()
+        if live and (rng.random() < 0.3 or step % 50 == 0):
+            probe = live[rng.choice(sorted(live))]
+            ahead = [live[i] for i in order[: order.index(probe.id)]]
+            st = await broker.standing(probe, "m")
+            assert int(round(st.ahead[DIM])) == len(ahead), step
+            np.testing.assert_allclose(st.ahead, sum((vector(x) for x in ahead), np.zeros(WIDTH)), atol=1e-6)
+        if rng.random() < 0.1:
+            assert [x.id for x in await broker.waiting("m", 100_000)] == order
+    assert [x.id for x in await broker.waiting("m", 100_000)] == sim.order()
+    assert [x.id for x in await broker.waiting("m", 7)] == sim.order()[:7]
+
+
+async def test_two_keys_take_turns_and_weights_set_the_share(broker: Broker) -> None:
+    for _ in range(30):
+        await broker.submit(make_job(share="a"), {}, capacity=1000)
+    first = await broker.claim("m", "w", lease=30, timeout=0)  # a's first runs
+    late = make_job(share="b")
+    await broker.submit(late, {}, capacity=1000)
+    st = await broker.standing(late, "m")
+    assert int(st.ahead[DIM]) == 1  # one more of a's, then b's
+    ids = [j.id for j in await broker.waiting("m", 3)]
+    assert ids[1] == late.id and first is not None
+    heavy = [make_job(priority=1, share="h", weight=3) for _ in range(30)]
+    light = [make_job(priority=1, share="l", weight=1) for _ in range(10)]
+    for j in [*heavy, *light]:
+        await broker.submit(j, {}, capacity=1000)
+    order = [j.share for j in await broker.waiting("m", 100) if j.priority == 1]
+    assert order == ["h", "h", "h", "l"] * 10
+
+
+async def test_a_move_reorders_a_key_s_own_jobs_or_puts_a_job_first(broker: Broker) -> None:
+    a = [make_job(share="a") for _ in range(3)]
+    b = [make_job(share="b") for _ in range(3)]
+    for x, y in zip(a, b, strict=True):
+        await broker.submit(x, {}, capacity=100)
+        await broker.submit(y, {}, capacity=100)
+
+    async def pos(job: JobRecord) -> int:
+        return int((await broker.standing(job, "m")).ahead[DIM])
+
+    assert [await pos(j) for j in a] == [0, 2, 4]
+    assert await broker.move(a[2].id, True)  # the front of a's own jobs: a's first turn
+    assert [await pos(j) for j in (a[2], a[0], a[1])] == [0, 2, 4]
+    assert await broker.move(a[2].id, False)  # back again
+    assert [await pos(j) for j in a] == [0, 2, 4]
+    assert await broker.move(b[2].id, True, True)  # first of the priority
+    assert await pos(b[2]) == 0 and await pos(a[0]) == 1
+    claimed = await broker.claim("m", "w", lease=30, timeout=0)
+    assert claimed is not None and claimed.id == b[2].id
+    assert not await broker.move(b[2].id, True)  # running: not moved
+    assert not await broker.move("nope", True)
 
 
 async def test_standing_counts_running_jobs(broker: Broker) -> None:

@@ -109,3 +109,32 @@ def test_full_flag_follows_capacity(n: int) -> None:
     for i in range(n):
         q.push(make_job(seq=i))
     assert q.full and len(q) == n
+
+
+def test_fair_share_sums_follow_the_run_order_through_compactions_cancels_and_moves() -> None:
+    rng = random.Random(5)
+    q = ModelQueue(100_000)
+    live: list[Job] = []
+    for seq in range(1, 4000):
+        op = rng.random()
+        if op < 0.55 or not live:
+            j = make_job(rng.choice([0, 0, 0, 2]), steps=rng.randint(1, 30), seq=seq)
+            j.share, j.weight = rng.choice([("a", 1), ("a", 1), ("b", 2), ("c", 5)])
+            q.push(j)
+            live.append(j)
+        elif op < 0.7:
+            assert q.remove(live.pop(rng.randrange(len(live))))
+        elif op < 0.8:
+            assert q.move(rng.choice(live), front=rng.random() < 0.5, first=rng.random() < 0.2)
+        else:
+            expected = q.jobs(1)[0]
+            assert q.pop_nowait() is expected
+            live.remove(expected)
+        if live and rng.random() < 0.1:
+            order = q.jobs()
+            probe = rng.choice(live)
+            ahead = order[: order.index(probe)]
+            got = q.ahead(probe)
+            assert int(round(got[DIM])) == len(ahead)
+            np.testing.assert_allclose(got, sum((j.vector for j in ahead), np.zeros(WIDTH)), atol=1e-6)
+    assert sorted(j.id for j in q.jobs()) == sorted(j.id for j in live)

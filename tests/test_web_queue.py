@@ -4,6 +4,7 @@ panel lists finished jobs instead of saying "No jobs yet."."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -45,3 +46,25 @@ def test_a_job_that_leaves_the_queue_goes_to_the_finished_list(page: Any) -> Non
     expect(page.locator("#queue li")).to_have_count(0)
     expect(page.locator("#queue-empty")).to_be_visible()
     expect(page.locator("#queue-empty")).not_to_have_text("No jobs yet.")
+
+
+def test_the_arrows_move_a_queued_job_to_the_front_of_the_queue(page: Any, web_server: RunningServer) -> None:
+    c = web_server.client
+    held = c.post("/api/generate", json={"prompt": "hang", "steps": 1}).json()["task_id"]
+    c.get("/api/status", params={"task_id": held, "wait": 10, "since": "waiting"})
+    first, second = (c.post("/api/generate", json={"prompt": p, "steps": 1}).json()["task_id"] for p in ("queued kite", "queued lark"))
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    lark = page.locator(f'#queue li[data-task-id="{second}"]')
+    expect(lark.locator(".pos")).to_have_text("2 jobs ahead")
+    front = lark.locator('.move[data-to="front"]')
+    expect(front).to_have_attribute("aria-label", re.compile(r"^Move job .+ to the front$"))
+    front.click()
+    expect(lark.locator(".pos")).to_have_text("1 job ahead")
+    expect(page.locator(f'#queue li[data-task-id="{first}"] .pos')).to_have_text("2 jobs ahead")
+    assert c.get("/api/status", params={"task_id": second}).json()["pos"] == 1
+    expect(lark.locator('.move[data-to="back"]')).to_be_visible()
+    c.post("/api/cancel", params={"task_id": held, "wait": 0})
+    for task_id in (first, second):
+        wait_done(c, task_id)
+    expect(lark.locator(".move").first).to_be_hidden()

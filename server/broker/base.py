@@ -150,7 +150,8 @@ class Queue(Protocol):
         did not come in time (see there)."""
 
     async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
-        """The next waiting job of ``model`` (priority, then arrival), now running on
+        """The next waiting job of ``model`` (priority, then the fair-share turn of its
+        key — ``JobRecord.share``, see server/queue.py — then the key's own order), now running on
         ``worker`` with a lease of ``lease`` seconds: ``attempt`` bumped, ``started_at``
         set.  Waits up to ``timeout`` seconds for one; None if none came."""
 
@@ -164,6 +165,11 @@ class Queue(Protocol):
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
         """What is ahead of waiting ``job`` (O(log n)); of a job not in the queue (yet):
         what it would queue behind at its priority now; ``job`` None: everything queued."""
+
+    async def move(self, job_id: str, front: bool, first: bool = False) -> bool:
+        """A waiting job to the front (or the back) of its fair-share key's jobs at its
+        priority; ``first``: to the front of its priority, its key's turn next (as a
+        ``release``d job goes).  False when it does not wait."""
 
     async def depth(self, model: str) -> tuple[int, int]:
         """(waiting, running) of ``model``."""

@@ -2,7 +2,7 @@
 
 One table (``KEYS``) names them all.  ``Keys`` builds them in Python; the Lua scripts
 (``lua/*.lua``, loaded by ``scripts.py``) get the same table as generated functions
-(``k_job(id)``, ``k_fenwick(m, level)``) and constants (``K_OUTBOX``), so a key's
+(``k_job(id)``, ``k_fenwick(m, level, share)``) and constants (``K_OUTBOX``), so a key's
 name is written once.
 
 ======================  ===========  ==================================================
@@ -11,16 +11,21 @@ key                     type         holds
 ``job:{id}``            hash         one JSON value per ``JobRecord`` field, plus
                                      ``cancel`` (1: cancel asked) and ``vec`` (the
                                      job's forecast vector, ``entry=value;...``)
-``q:{m}``               sorted set   waiting job -> ``level * 2**32 + position``
+``q:{m}``               sorted set   waiting job -> ``level * 2**32 + position`` (the
+                                     position in its lane: not the run order)
 ``lv:{m}``              sorted set   levels of ``q:{m}`` that hold jobs (score = level)
-``seq:{m}``             hash         per level: ``h{level}`` / ``t{level}`` head and
-                                     tail counters of the positions
-``fen:{m}:{level}``     hash         the level's sparse Fenwick tree over positions
+``ln:{m}:{level}:{s}``  sorted set   a fair-share lane: the waiting jobs of share ``s``
+                                     at the level -> position (lua/queue.lua)
+``rr:{m}:{level}``      hash         the level's turns: ``clock``, ``opened``, per lane
+                                     ``b:s`` base, ``s:s`` stride, ``o:s`` opened as
+``seq:{m}``             hash         per lane: ``h{s}:{level}`` / ``t{s}:{level}`` head
+                                     and tail counters of the positions
+``fen:{m}:{level}:{s}`` hash         the lane's sparse Fenwick tree over positions
                                      (``node:entry``), its totals (``t:entry``), the
-                                     sums of the heads claimed (``p:entry``) and the
+                                     sums of the heads taken (``p:entry``) and the
                                      entries its jobs use (``u:entry``)
-``pop:{m}:{level}``     list         ``position|vec`` of the heads claimed, still in
-                                     the tree (lua/prelude.lua)
+``pop:{m}:{level}:{s}`` list         ``position|vec`` of the heads taken, still in
+                                     the tree (lua/queue.lua)
 ``run:{m}``             sorted set   running job -> lease deadline (Redis TIME)
 ``wk:{m}``              sorted set   live worker -> presence deadline (Redis TIME)
 ``wki:{m}``             hash         worker -> its ``WorkerInfo`` JSON
@@ -63,8 +68,10 @@ KEYS: dict[str, str] = {
     "queue": "q:{m}",
     "levels": "lv:{m}",
     "counters": "seq:{m}",
-    "fenwick": "fen:{m}:{level}",
-    "popped": "pop:{m}:{level}",
+    "lane": "ln:{m}:{level}:{share}",
+    "turns": "rr:{m}:{level}",
+    "fenwick": "fen:{m}:{level}:{share}",
+    "popped": "pop:{m}:{level}:{share}",
     "running": "run:{m}",
     "presence": "wk:{m}",
     "worker_info": "wki:{m}",
@@ -111,8 +118,14 @@ class Keys:
     def counters(self, model: str) -> str:
         return self.key("counters", model)
 
-    def fenwick(self, model: str, level: int) -> str:
-        return self.key("fenwick", model, level)
+    def lane(self, model: str, level: int, share: str) -> str:
+        return self.key("lane", model, level, share)
+
+    def turns(self, model: str, level: int) -> str:
+        return self.key("turns", model, level)
+
+    def fenwick(self, model: str, level: int, share: str) -> str:
+        return self.key("fenwick", model, level, share)
 
     def running(self, model: str) -> str:
         return self.key("running", model)

@@ -131,7 +131,7 @@ class MemoryBroker(LocalEvents):
             return []  # a job the plan did not see came ahead of one it takes
         jobs, now = [], self.now()  # one start: the jobs of a batch leave the model together (standing.running_ahead)
         for entry in (heads[0], *taken):
-            q.remove(entry)
+            q.remove(entry, charge=True)  # every job taken uses a turn of its key
             jobs.append(self._running_now(model, self._jobs[entry.id], worker, now))
         return jobs
 
@@ -165,6 +165,17 @@ class MemoryBroker(LocalEvents):
         entry = q.entries.get(job.id)
         ahead = q.ahead(entry) if entry is not None else q.total(job.priority)  # not queued: as if it were now
         return Standing(running=running, ahead=ahead)
+
+    async def move(self, job_id: str, front: bool, first: bool = False) -> bool:
+        job = self._jobs.get(job_id)
+        if job is None or job.status is not JobStatus.WAITING:
+            return False
+        q = self._queue(job.model)
+        entry = q.entries.get(job_id)
+        if entry is None or not q.move(entry, front=front, first=first):
+            return False
+        self.notifier.changed(job_id)
+        return True
 
     async def depth(self, model: str) -> tuple[int, int]:
         return len(self._queue(model)), len(self._running[model])
@@ -427,7 +438,7 @@ class MemoryBroker(LocalEvents):
 
 
 def _entry(job: JobRecord) -> Entry:
-    return Entry(job.id, job.priority, job.seq, job_vector(job.task, np.asarray(job.features)))
+    return Entry(job.id, job.priority, job.seq, job_vector(job.task, np.asarray(job.features)), job.share, job.weight)
 
 
 def _probe(job_id: str) -> JobRecord:

@@ -129,18 +129,22 @@ class RedisBroker(RedisEvents, RedisAccounts):
     @guarded
     async def standing(self, job: JobRecord | None, model: str) -> Standing:
         level = str(job.priority + LEVEL_SHIFT) if job is not None else ""
-        running_raw, totals, prefix, waits = await self._script("standing", model, job.id if job is not None else "", WIDTH, level)
+        running_raw, totals, prefixes, waits = await self._script("standing", model, job.id if job is not None else "", WIDTH, level)
         running = [r for r in (decode_record(raw) for raw in running_raw) if r is not None]
         running.sort(key=lambda j: j.seq)
         ahead = np.zeros(WIDTH, dtype=np.float64)
-        if int(waits):  # (redis_scripts: a level's popped heads stay in its tree, and are subtracted)
-            for level in totals:
-                total, popped = floats(level).reshape(2, WIDTH)
+        if int(waits):  # (redis_scripts: a lane's popped heads stay in its tree, and are subtracted)
+            for lane in totals:
+                total, popped = floats(lane).reshape(2, WIDTH)
                 ahead += total - popped
-            if prefix:  # only the entries the level uses
-                used, values = [int(e) for e in prefix[0]], floats(prefix[1]).reshape(-1, len(prefix[0]))
+            for used_raw, nodes in prefixes:  # the lanes of which only the first jobs are ahead: the entries they use
+                used, values = [int(e) for e in used_raw], floats(nodes).reshape(-1, len(used_raw))
                 ahead[used] += values[1:].sum(axis=0) - values[0]
         return Standing(running=running, ahead=ahead)
+
+    @guarded
+    async def move(self, job_id: str, front: bool, first: bool = False) -> bool:
+        return bool(int(await self._script("move", job_id, "1" if front else "0", "1" if first else "0")))
 
     @guarded
     async def depth(self, model: str) -> tuple[int, int]:
@@ -154,7 +158,7 @@ class RedisBroker(RedisEvents, RedisAccounts):
     async def waiting(self, model: str, limit: int) -> list[JobRecord]:
         if limit <= 0:
             return []
-        ids = await self._redis.zrange(self.keys.queue(model), 0, limit - 1)
+        ids = await self._script("waiting", model, min(limit, 2**31))  # run order: lua/queue.lua's turns
         return [r for _, r in await self._records(ids) if r is not None]
 
     @guarded

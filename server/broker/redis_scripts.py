@@ -12,19 +12,25 @@ Record values are JSON (one per ``JobRecord`` field); the scripts write JSON
 texts (``'"running"'``, ``'null'``, numbers as their text) and decode at most a
 single field (``model``, ``inputs``), never the whole record.
 
-Queue: ``q:{m}`` scores are ``level * 2^32 + position``; within a level new jobs
-take tail positions counting up from 2^31 and re-runs head positions counting
-down from 2^31 - 1.  Each level keeps a sparse Fenwick tree over the 2^32
-positions (``fen:{m}:{level}``, fields ``node:entry`` for the non-zero entries of
-the job vectors) and its totals (``t:entry``): a push or a removal is 32 node
-updates, a prefix 32 node reads.  A claim takes the head of a level, which is
-cheaper: its vector is added to the level's popped sums (``p:entry``) and listed
-in ``pop:{m}:{level}``, and stays in the tree; every popped position is before
-every waiting one, so the sum ahead of a job is its prefix minus the popped sums
-(and a level's waiting total, its totals minus them).  A re-run pushed at the head
-would break that order, so it first takes the listed popped vectors out of the
-tree for real.  A level that empties is deleted (which also drops float drift),
-like the in-memory queue's.
+Queue: ``q:{m}`` scores are ``level * 2^32 + position``; a level holds a lane per
+fair-share key (``ln:{m}:{level}:{share}``, the turns between them in
+``rr:{m}:{level}``: ``lua/queue.lua``, the rule of ``server/queue.py``).  Within a
+lane new jobs take tail positions counting up from 2^31 and re-runs (and moves to
+the front) head positions counting down from 2^31 - 1.  Each lane keeps a sparse
+Fenwick tree over the 2^32 positions (``fen:{m}:{level}:{share}``, fields
+``node:entry`` for the non-zero entries of the job vectors) and its totals
+(``t:entry``): a push or a removal is 32 node updates, a prefix 32 node reads.
+Taking a lane's head is cheaper: its vector is added to the lane's popped sums
+(``p:entry``) and listed in ``pop:{m}:{level}:{share}``, and stays in the tree;
+every popped position is before every waiting one, so the sum of a lane's jobs
+before a position is its prefix minus the popped sums (and a lane's waiting total,
+its totals minus them).  A re-run pushed at the head would break that order, so it
+first takes the listed popped vectors out of the tree for real.  A lane that
+empties is deleted (which also drops float drift), like the in-memory queue's;
+a level that empties, with its turns.  The sum ahead of a job reads its own lane's
+prefix, one prefix per other lane of its level (the count of its jobs whose turn
+comes first: a key's position found by ZRANGE) and the totals of the lanes of the
+levels before: O(lanes · log n), flat in the queue's depth.
 """
 
 from __future__ import annotations
@@ -43,10 +49,14 @@ def prelude() -> str:
     return "\n".join(lua_keys() if line.startswith(KEYS_MARK) else line for line in lines) + "\n"
 
 
+SHARED = ("prelude", "queue")  # before every script, in this order
+
+
 def load() -> dict[str, str]:
-    """Every script by name (its file's stem), each with the prelude before it."""
-    shared = prelude()
-    return {path.stem: shared + path.read_text() for path in sorted(LUA.glob("*.lua")) if path.stem != "prelude"}
+    """Every script by name (its file's stem), each with the prelude and the queue's
+    functions (``lua/queue.lua``) before it."""
+    shared = prelude() + (LUA / "queue.lua").read_text()
+    return {path.stem: shared + path.read_text() for path in sorted(LUA.glob("*.lua")) if path.stem not in SHARED}
 
 
 SCRIPTS: dict[str, str] = load()

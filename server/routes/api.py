@@ -27,6 +27,7 @@ from ..schemas import (
     LoadRequest,
     LoraRef,
     ModelsResponse,
+    MoveRequest,
     PngInfoRequest,
     PngInfoResponse,
     SubmitResponse,
@@ -246,6 +247,14 @@ async def cancel(request: Request) -> Response:
     return json_response(CancelResponse(task_id=job.id, status=job.status.value))
 
 
+async def move(request: Request) -> Response:
+    """A waiting job to the front or the back (server/queue.py: of its owner's jobs;
+    an admin's front: first of its priority)."""
+    req = await decode_json(request, MoveRequest)
+    job = await service_of(request).move(await _job(request), req.to, caller_of(request.scope))
+    return json_response(await status_of(request, job))
+
+
 async def clear(request: Request) -> Response:
     return json_response(ClearResponse(cancelled=await service_of(request).clear(caller_of(request.scope))))
 
@@ -303,6 +312,7 @@ ROUTES = [
     ), statuses=(400, 403, 404))),
     route("/api/cancel", cancel, ["GET", "POST"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
     route("/api/tasks/{task_id}", cancel, ["DELETE"], Doc("Cancel a queued or running job", response=CancelResponse, tags=("jobs",), params=(TASK_ID,))),
+    route("/api/tasks/{task_id}/move", move, ["POST"], Doc("Move a waiting job to the front or the back of its owner's jobs (an admin: front of its priority)", body=MoveRequest, response=JobStatusResponse, tags=("jobs",), params=(TASK_ID,), statuses=(400, 404, 409))),
     route("/api/clear", clear, ["GET", "POST"], Doc("Cancel every queued job", response=ClearResponse, tags=("jobs",))),
     route("/api/ls", ls, ["GET"], Doc("Configured models", response=ModelsResponse, tags=("models",))),
     route("/api/ps", ps, ["GET"], Doc("Models with queue state and learned forecast coefficients", response=ModelsResponse, tags=("models",))),

@@ -9,6 +9,7 @@
 // Other keys' queued jobs are listed too (/api/tasks?scope=shared): for a key that
 // is not an admin's they come private (no prompt), are not streamed and cannot be
 // cancelled; while any is listed the panel refreshes every few seconds.
+// A queued job's arrows move it to the front or the back of its owner's queued jobs.
 
 import { api, subscribe } from "./api.js";
 import { $, fromTemplate, formatSeconds, toast } from "./dom.js";
@@ -73,6 +74,10 @@ function render(job) {
   if (st.extra?.loss !== undefined) parts.push(`loss ${Number(st.extra.loss).toFixed(4)}`);
   $(".pos", el).textContent = parts.join(" · ");
   if (st.status !== "running") $(".job-preview", el).hidden = true; // the result is in the gallery
+  for (const move of el.querySelectorAll(".move")) {
+    move.hidden = st.status !== "waiting" || Boolean(st.private); // only an owner or an admin moves a job
+    move.setAttribute("aria-label", `Move job ${title(job)} to the ${move.dataset.to}`);
+  }
   const cancel = $(".cancel", el);
   cancel.hidden = Boolean(st.private); // another key's job: not ours to cancel
   const verb = finished(st.status) ? "Dismiss" : training ? "Stop" : "Cancel";
@@ -229,10 +234,21 @@ export function track(status, params = null) {
   const job = { status, receivedAt: performance.now(), el, close: null, params };
   jobs.set(status.task_id, job);
   $(".cancel", el).addEventListener("click", () => cancel(job));
+  for (const move of el.querySelectorAll(".move")) move.addEventListener("click", () => moveJob(job, move.dataset.to));
   $("#queue").append(el);
   updateEmpty();
   render(job);
   pump();
+}
+
+/** A waiting job to the front or the back of the caller's own queued jobs (an admin's front: first of its priority). */
+async function moveJob(job, to) {
+  try {
+    update(await api(`/api/tasks/${encodeURIComponent(job.status.task_id)}/move`, { method: "POST", body: { to } }));
+    scheduleRefresh(); // everyone's position moved
+  } catch (err) {
+    toast(`Move: ${err.message}`, "error");
+  }
 }
 
 async function cancel(job) {

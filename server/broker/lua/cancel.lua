@@ -8,7 +8,7 @@ local status = redis.call('HGET', jk, 'status')
 local m = model_of(jk)
 if status == '"waiting"' then
   local t = now()
-  q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
+  q_remove(m, id, jk, false)
   redis.call('HSET', jk, 'status', '"cancelled"', 'message', message, 'finished_at', ts(t))
   into_done(jk, id, t)
   quota_release(jk, id)

@@ -27,7 +27,7 @@ end
 set_pairs(jk, i)
 redis.call('HSET', jk, 'status', status, 'finished_at', ts(t))
 redis.call('ZREM', k_running(m), id)
-q_remove(m, id, redis.call('HGET', jk, 'vec') or '')
+q_remove(m, id, jk, false)
 into_done(jk, id, t)
 quota_release(jk, id)
 expire_job(jk, ttl)

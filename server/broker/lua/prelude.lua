@@ -31,92 +31,12 @@ local function event(id, m, kind)
   end
 end
 
-local function lowbit(i)
-  local p = 1
-  while i % (p * 2) == 0 do p = p * 2 end
-  return p
-end
-
-local function neg(v)
-  if string.sub(v, 1, 1) == '-' then return string.sub(v, 2) end
-  return '-' .. v
-end
-
--- add (sign 1) or subtract (sign -1) vec at position pos of a level's tree
-local function fen_add(key, pos, vec, sign)
-  for e, v in string.gmatch(vec, '(%d+)=([^;]+)') do
-    if sign < 0 then v = neg(v) else redis.call('HSET', key, 'u:' .. e, 1) end  -- u: the entries the level uses
-    redis.call('HINCRBYFLOAT', key, 't:' .. e, v)
-    local i = pos + 1
-    while i <= TWO32 do
-      redis.call('HINCRBYFLOAT', key, int(i) .. ':' .. e, v)
-      i = i + lowbit(i)
-    end
-  end
-end
-
 local function model_of(jk)
   return cjson.decode(redis.call('HGET', jk, 'model'))
 end
 
 local function level_of(jk)
   return tonumber(redis.call('HGET', jk, 'priority')) + SHIFT
-end
-
--- the level's popped heads out of the tree for real (before a push at the head)
-local function flush_popped(m, level)
-  local key, pk = k_fenwick(m, level), k_popped(m, level)
-  local popped = redis.call('LRANGE', pk, 0, -1)
-  if #popped == 0 then return end
-  for _, item in ipairs(popped) do
-    local pos, vec = string.match(item, '^(%d+)|(.*)$')
-    fen_add(key, tonumber(pos), vec, -1)
-    for e in string.gmatch(vec, '(%d+)=') do redis.call('HDEL', key, 'p:' .. e) end
-  end
-  redis.call('DEL', pk)
-end
-
--- queue a job at the tail (arrival) or the head (re-run) of its level
-local function q_push(m, id, level, head, vec)
-  local pos
-  if head then
-    flush_popped(m, level)
-    pos = HALF - redis.call('HINCRBY', k_counters(m), 'h' .. int(level), 1)
-  else
-    pos = HALF + redis.call('HINCRBY', k_counters(m), 't' .. int(level), 1) - 1
-  end
-  redis.call('ZADD', k_queue(m), int(level * TWO32 + pos), id)
-  redis.call('ZADD', k_levels(m), int(level), int(level))
-  fen_add(k_fenwick(m, level), pos, vec, 1)
-end
-
--- take a waiting job (its score known) out of the queue and the sums; ``head``:
--- it is the first of its level (a claim), so it joins the popped sums instead
-local function q_take(m, id, score, vec, head)
-  local level = math.floor(score / TWO32)
-  local pos = score - level * TWO32
-  redis.call('ZREM', k_queue(m), id)
-  local lo = int(level * TWO32)
-  local hi = '(' .. int((level + 1) * TWO32)
-  if redis.call('ZCOUNT', k_queue(m), lo, hi) == 0 then
-    redis.call('DEL', k_fenwick(m, level), k_popped(m, level))
-    redis.call('ZREM', k_levels(m), int(level))
-    redis.call('HDEL', k_counters(m), 'h' .. int(level), 't' .. int(level))
-  elseif head then
-    local key = k_fenwick(m, level)
-    for e, v in string.gmatch(vec, '(%d+)=([^;]+)') do redis.call('HINCRBYFLOAT', key, 'p:' .. e, v) end
-    redis.call('RPUSH', k_popped(m, level), int(pos) .. '|' .. vec)
-  else
-    fen_add(k_fenwick(m, level), pos, vec, -1)
-  end
-end
-
--- take a job out of the queue if it waits there; true if it did
-local function q_remove(m, id, vec)
-  local s = redis.call('ZSCORE', k_queue(m), id)
-  if not s then return false end
-  q_take(m, id, tonumber(s), vec, false)
-  return true
 end
 
 -- a job that ended: into ``done`` and its owner's (keys.owner_done: '' for none)

@@ -14,7 +14,8 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
         redis.call('HSET', jk, 'lost', '1', 'status', '"waiting"', 'worker', 'null', 'step', '0',
           'first_step_at', 'null', 'last_step_at', 'null')
         drop_previews(jk, id)
-        q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '')
+        q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '', share_of(jk), stride_of(jk))
+        q_first(m, level_of(jk), share_of(jk))
       else
         redis.call('HINCRBY', jk, 'lost', 1)
         redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))

@@ -89,6 +89,6 @@ redis.call('HSET', jk, 'seq', seq, 'created_at', t, 'status', '"waiting"', 'vec'
 if ik ~= '' then redis.call('SET', ik, ARGV[12], 'EX', ARGV[13]) end
 redis.call('SADD', k_task(ARGV[8]), id)
 redis.call('SADD', K_MODELS, m)
-q_push(m, id, level, false, vec)
+q_push(m, id, level, false, vec, share_of(jk), stride_of(jk))
 event(id, m, 'submit')
 return {seq, t}
