@@ -68,6 +68,8 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     tile_size: Annotated[int, Meta(ge=0)] = 512  # upscalers: input tile edge in px; 0 = no tiling
     # stub only: seconds per denoising step at one megapixel (per image)
     simulate_step_seconds: NonNegFloat = 0.0
+    # stub only: seconds per denoising step of a pipeline call however many images it makes (what a batch shares)
+    simulate_call_step_seconds: NonNegFloat = 0.0
     # forecast prior: seconds per unit of each term of server/forecast.py's TERMS
     # (job, step, step_mp, decode_mp, ...); missing terms are 0
     forecast_prior: dict[str, NonNegFloat] | None = None

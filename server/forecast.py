@@ -41,7 +41,20 @@ proportions.
 
 Because the model is linear, the forecast for everything ahead of a job is the
 coefficients times the *sum* of the features ahead, which the queue keeps as prefix
-sums; no scan of the queue is needed.
+sums; no scan of the queue is needed.  The jobs of one batch class (``JobRecord.batch``)
+run as calls of up to ``target_inflight`` (worker/batch.py), so a job's vector also
+counts it in its class's bucket (``BUCKETS``, hashed: jobs, steps, megapixels per
+image): from the sums ahead, a queued job's forecast counts ceil(n / target_inflight)
+calls per class instead of n, each call's part paid once (``batch_forecast``).  The
+approximation: every class's jobs ahead form full calls in queue order, a job's own
+call is filled by compatible jobs behind it (their images counted as its own), two
+classes in one bucket count as one.  Its error: with one class queued, none beyond
+the fit's (the calls are the ones the worker plans); what the sums cannot see is the
+order: classes interleaved so that ``batch_max_delay`` stops a batch are forecast up
+to one call part per job ahead early, a job that will join a call overtaking others
+up to their seconds late, a class's last call ahead without the images of the jobs
+behind that fill it (up to ``target_inflight`` - 1 images early); a bucket collision
+is early by up to one call part per job of the smaller class.
 
 A job is done when its results are stored, a little after it leaves the model; that
 storing overlaps the next job's run, so it is no part of what a job costs the jobs
@@ -52,6 +65,7 @@ megapixels over the jobs timed, kept with each fit's statistics).
 from __future__ import annotations
 
 import statistics
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -96,7 +110,9 @@ PHASES: tuple[str, ...] = ("head", "steps", "tail")
 NF = len(FEATURES)
 MASKS = np.array([[1.0 if t.phase == p else 0.0 for t in TERMS] for p in PHASES])  # phase x feature
 DIM = NF * len(FITS)  # one block of features per fit
-WIDTH = DIM + 1  # a job vector: its fit's features, then a count of one (jobs ahead = sum of vectors)
+BUCKETS = 16  # batch classes (``JobRecord.batch`` keys, hashed) a queue vector tells apart
+BATCH = DIM + 1  # then per bucket: (jobs, their steps, their megapixels per image) of a batchable job
+WIDTH = BATCH + 3 * BUCKETS  # a job vector: its fit's features, a count of one (jobs ahead = sum of vectors), its bucket
 GENERIC_PRIOR: dict[str, float] = {
     "job": 0.3, "after_job": 0.01, "first_call": 0.3, "reference": 0.05, "reference_mp": 0.5, "step": 0.01, "step_mp": 1.0, "step_image": 0.005,
     "step_reference_mp": 0.5, "finish": 0.02, "decode_mp": 0.3,
@@ -139,6 +155,8 @@ def call_features(task: str, steps: int, megapixels: float, n: int, reference_mp
 
 AFTER_JOB = FEATURES.index("after_job")
 FIRST_CALL = FEATURES.index("first_call")
+STEP = FEATURES.index("step")
+DECODE_BATCH_MP = FEATURES.index("decode_batch_mp")
 
 
 def with_after_job(feats: np.ndarray | Sequence[float], after: bool, first_call: bool = False) -> np.ndarray:
@@ -158,16 +176,26 @@ def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
     return per_call[0] if len(per_call) == 1 else np.sum(per_call, axis=0)
 
 
-def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
-    """The job's features placed in its fit's block of a WIDTH vector, whose last
-    component (a count of one job) the forecast gives no weight.  Features of
-    another length (a record from an older version) count as nothing."""
+def job_vector(task: str, feats: np.ndarray, batch: str = "") -> np.ndarray:
+    """The job's features placed in its fit's block of a WIDTH vector, then a count
+    of one job and, for a job of batch class ``batch`` (``JobRecord.batch``), its
+    bucket's (1, steps, megapixels per image): the forecast gives these no weight
+    (``batch_forecast`` reads them).  Features of another length (a record from an
+    older version) count as nothing."""
     vec = np.zeros(WIDTH, dtype=np.float64)
     if len(feats) == NF:
         f = FITS.index(fit_of(task))
         vec[f * NF : (f + 1) * NF] = feats
+        if batch and fit_of(task) == "image":
+            b = BATCH + 3 * bucket(batch)
+            vec[b : b + 3] = (1.0, feats[STEP], feats[OUTPUT_MP] - feats[DECODE_BATCH_MP])
     vec[DIM] = 1.0
     return vec
+
+
+def bucket(batch: str) -> int:
+    """The bucket of a batch class in a queue vector (the same in every process)."""
+    return zlib.crc32(batch.encode()) % BUCKETS
 
 
 # ----- measuring a job's phases (the worker) ---------------------------------------------

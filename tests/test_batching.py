@@ -11,6 +11,7 @@ import asyncio
 import io
 import random
 import re
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -453,3 +454,32 @@ async def test_a_job_behind_a_running_batch_waits_for_one_call_not_for_each_job(
         # the three leave the model together: one call's remaining time, then its own
         assert st["wait_remaining"] < max(left) + 0.5 * sum(left), (st, left)
         assert (await app.final(behind))["status"] == "done" and (await app.final(hold))["status"] == "done"
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+async def test_queued_jobs_are_forecast_with_the_calls_they_will_form(tmp_path: Path) -> None:
+    """8 compatible jobs queued, target_inflight 4, on a stub whose steps cost mostly
+    per call (as on a GPU): they run as two calls of four.  Read while the first call
+    runs, each job's forecast matches when it finished; counted one call per job, the
+    last of the second call would be forecast ~2x too late (four calls, not one)."""
+    call_step, image_step = 0.15, 12.0 * 64 * 64 / 1e6  # seconds a step: per call, per 64x64 image
+    async with stub_app(tmp_path, target_inflight=4, simulate_step_seconds=12.0, simulate_call_step_seconds=call_step) as app:
+        for k in range(2):  # warm: the first call's set-up, and the costs learned from real calls
+            assert (await app.final(await app.submit(f"warm {k}", steps=3)))["status"] == "done"
+        hold = await app.submit("hold", steps=8)  # another class: the model is busy while the others queue
+        ids = [await app.submit(f"a lighthouse {k}", seed=k, steps=3) for k in range(8)]
+        while (await app.status(ids[0]))["step"] < 2:  # the first call runs, with its step rate measured
+            await asyncio.sleep(0.02)
+        read_at = time.time()  # the memory broker's clock
+        forecast = [(await app.status(t))["wait_remaining"] for t in ids]
+        done = [await app.final(t) for t in ids]
+        assert (await app.final(hold))["status"] == "done"
+    assert [[j.id for j in p.jobs] for p in app.planned] == [ids[:4], ids[4:]]
+    actual = [d["finished_at"] - read_at for d in done]
+    for k, (f, a) in enumerate(zip(forecast, actual, strict=True)):
+        assert abs(f - a) <= 0.15 * a + 0.15, (k, forecast, actual)
+    single = 3 * (call_step + image_step)  # a call of one job; one of four: 3 * (call_step + 4 * image_step), ~1.7 singles
+    assert forecast[7] - forecast[4] < 0.1 * forecast[4]  # the four leave the model together
+    assert forecast[7] < forecast[3] + 2.5 * single  # counted one call per job: four singles after the first call
+

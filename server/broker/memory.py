@@ -404,7 +404,7 @@ class MemoryBroker(LocalEvents):
 
 
 def _entry(job: JobRecord) -> Entry:
-    return Entry(job.id, job.priority, job.seq, job_vector(job.task, np.asarray(job.features)))
+    return Entry(job.id, job.priority, job.seq, job_vector(job.task, np.asarray(job.features), job.batch))
 
 
 def _probe(job_id: str) -> JobRecord:
