@@ -38,6 +38,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = False
     target_inflight: Annotated[int, Meta(ge=1, le=64)] = 1  # the most jobs one batched pipeline call runs
     batch_max_delay: Annotated[float, Meta(ge=0, le=10)] = 0.1  # a batch may finish a job it overtakes this fraction later
+    batch_wait_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0  # the most a job waits for companions, when the forecast says it pays
     model_path: str | None = None
     base_model_path: str | None = None
     transformer_path: str | None = None

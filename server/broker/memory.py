@@ -96,6 +96,7 @@ class MemoryBroker(LocalEvents):
         self._blobs.update(blobs)
         self._jobs[job.id] = job
         q.push(_entry(job))
+        self.saw_submit(job.model)
         if idempotency is not None:
             self._remember(idempotency, job.id)
         return None

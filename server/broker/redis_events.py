@@ -144,6 +144,7 @@ class RedisEvents(RedisBase):
         if job_id:
             self.notifier.changed(job_id, progress_only=kind == "progress")
         if kind == "submit":
+            self.saw_submit(model)
             for ev in self._claim_waiters.get(model, ()):
                 ev.set()
         elif kind == "cancel":
