@@ -24,7 +24,7 @@ from server.app import create_app
 from server.backends.base import BackendError, BatchSteps, JobCancelled, batches
 from server.broker.base import BatchPlan, Broker
 from server.config import ModelConfig, Settings, build_settings
-from server.forecast import DIM, FITS, CostModel, job_vector
+from server.forecast import BATCH, DIM, FITS, CostModel, job_vector
 from server.jobs import Item, JobRecord, JobStatus, batch_key
 from server.standing import job_features
 from server.worker.batch import Plan, plan_batch
@@ -229,6 +229,9 @@ async def test_the_claim_of_a_batch_takes_the_head_and_its_companions_at_once(br
     later = _queued("y", 4, 6)
     await broker.submit(later, {}, 100)
     assert int((await broker.standing(later, "stub")).ahead[DIM]) == 1  # the queue's sums stay exact
+    x = jobs[1]  # with its batch class's bucket (what forecasts count calls from)
+    np.testing.assert_allclose((await broker.standing(later, "stub")).ahead, job_vector(x.task, np.asarray(x.features), x.batch), atol=1e-9)
+    assert (await broker.standing(later, "stub")).ahead[BATCH:].sum() > 0
     assert int((await broker.standing(await broker.get("x"), "stub")).ahead[DIM]) == 0
     assert (await broker.claim("stub", "w", 30, 0)).id == "x"  # type: ignore[union-attr]
 
