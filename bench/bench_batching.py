@@ -17,6 +17,12 @@ A drain is submitted at once; its time is the last job's ``finished_at`` minus t
 first job's ``started_at`` (the broker's clock).  Printed: per round the ratio
 batch4 / batch1, and the medians (goals: compatible <= 0.7, mixed <= 1.03).  The
 server's log lines ``one call of K`` say which batches formed.
+
+Each job's forecast error, as ``bench/bench_forecast.py`` measures it
+(``expected_time_seconds`` at submission vs ``finished_at - created_at``), is printed
+per kind: MAPE and mean signed error of the jobs that ran batched (batch4, in calls
+of two or more: the log says which), of those batch4 ran alone, and of batch1's
+(goal: batched within the same bounds as single).
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ def bodies(kind: str, jobs: int) -> list[dict[str, Any]]:
             for k, (s, w) in enumerate(shapes)]  # fmt: skip
 
 
-def drain(c: httpx.Client, model: str, kind: str, jobs: int) -> float:
+def drain(c: httpx.Client, model: str, kind: str, jobs: int, errors: dict[str, float] | None = None) -> float:
+    """Seconds to drain ``jobs`` of ``kind`` on ``model``; each job's forecast error
+    (signed, relative: + is too long) goes into ``errors`` by job id."""
     ids = [c.post("/api/generate", json={**b, "model": model}).json()["task_id"] for b in bodies(kind, jobs)]
     done = []
     for tid in ids:
@@ -67,7 +75,22 @@ def drain(c: httpx.Client, model: str, kind: str, jobs: int) -> float:
             pass
         assert st["status"] == "done", st
         done.append(st)
+        if errors is not None:
+            actual = st["finished_at"] - st["created_at"]
+            errors[tid] = (st["expected_time_seconds"] - actual) / actual
     return float(max(d["finished_at"] for d in done) - min(d["started_at"] for d in done))
+
+
+def call_sizes(log: str, model: str) -> dict[str, int]:
+    """Job id -> jobs of the call it ran in, from the server's log (a job not named ran alone)."""
+    return {tid: int(n) for ids, n in re.findall(rf"jobs ([\w,]+) on {model}: one call of (\d+)", log) for tid in ids.split(",")}
+
+
+def error_line(name: str, errs: list[float]) -> str:
+    if not errs:
+        return f"{name}: no jobs"
+    mape = 100 * statistics.fmean(abs(e) for e in errs)
+    return f"{name}: MAPE {mape:.1f}%, mean signed {100 * statistics.fmean(errs):+.1f}% ({len(errs)} jobs)"
 
 
 def main() -> None:
@@ -84,17 +107,19 @@ def main() -> None:
             for model in ("batch4", "batch1"):  # warm-up: the first calls, and a forecast to decide with
                 for kind in KINDS:
                     drain(c, model, kind, 4)
+            errors: dict[str, dict[str, float]] = {f"{kind}/{model}": {} for kind in KINDS for model in ("batch4", "batch1")}
             ratios: dict[str, list[float]] = {kind: [] for kind in KINDS}
             times: dict[str, list[float]] = {f"{kind}/{model}": [] for kind in KINDS for model in ("batch4", "batch1")}
             for r in range(args.rounds):
                 for kind in KINDS:
                     order = ("batch4", "batch1") if r % 2 == 0 else ("batch1", "batch4")
-                    got = {model: drain(c, model, kind, args.jobs) for model in order}
+                    got = {model: drain(c, model, kind, args.jobs, errors[f"{kind}/{model}"]) for model in order}
                     times[f"{kind}/batch4"].append(got["batch4"])
                     times[f"{kind}/batch1"].append(got["batch1"])
                     ratios[kind].append(got["batch4"] / got["batch1"])
                     print(f"round {r + 1} {kind}: batch4 {got['batch4']:.3f} s, batch1 {got['batch1']:.3f} s, ratio {ratios[kind][-1]:.3f}", flush=True)
             calls = [int(k) for k in re.findall(r"on batch4: one call of (\d+)", srv.log())]
+            sizes = call_sizes(srv.log(), "batch4")
         finally:
             srv.stop()
     for kind, goal in KINDS.items():
@@ -103,6 +128,14 @@ def main() -> None:
         print(f"{kind}: medians {m4:.3f} / {m1:.3f} s = {m4 / m1:.3f} (rounds {', '.join(f'{x:.3f}' for x in rs)}; "
               f"spread {min(rs):.3f}-{max(rs):.3f}); goal: {'<= ' + str(goal) if goal else 'none'}")  # fmt: skip
     print(f"batches formed on batch4: {len(calls)} (sizes {sorted(calls)})")
+    print("forecast error (expected_time_seconds at submission vs finished_at - created_at; + is too long):")
+    for kind in KINDS:
+        on4 = errors[f"{kind}/batch4"]
+        batched = [e for tid, e in on4.items() if sizes.get(tid, 1) > 1]
+        alone = [e for tid, e in on4.items() if sizes.get(tid, 1) == 1]
+        print(f"  {kind}: {error_line('batched (batch4, calls of 2+)', batched)}; {error_line('alone on batch4', alone)}; "
+              f"{error_line('single (batch1)', list(errors[f'{kind}/batch1'].values()))}")  # fmt: skip
+    print("goal: batched jobs within the same bounds as single ones (bench/bench_forecast.py: MAPE <= 5%, signed within +-3%)")
 
 
 if __name__ == "__main__":

@@ -394,5 +394,5 @@ async def build_job(
         inputs=list(inputs.blobs),
         deadline_at=deadline,
     )
-    job.batch = batch_key(job, family(cfg).batches)
+    job.batch = batch_key(job, family(cfg).batches and cfg.target_inflight > 1)  # no class where nothing batches
     return job, inputs

@@ -38,6 +38,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = False
     target_inflight: Annotated[int, Meta(ge=1, le=64)] = 1  # the most jobs one batched pipeline call runs
     batch_max_delay: Annotated[float, Meta(ge=0, le=10)] = 0.1  # a batch may finish a job it overtakes this fraction later
+    batch_wait_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0  # the most a job waits for companions, when the forecast says it pays
     model_path: str | None = None
     base_model_path: str | None = None
     transformer_path: str | None = None
@@ -68,6 +69,8 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     tile_size: Annotated[int, Meta(ge=0)] = 512  # upscalers: input tile edge in px; 0 = no tiling
     # stub only: seconds per denoising step at one megapixel (per image)
     simulate_step_seconds: NonNegFloat = 0.0
+    # stub only: seconds per denoising step of a pipeline call however many images it makes (what a batch shares)
+    simulate_call_step_seconds: NonNegFloat = 0.0
     # forecast prior: seconds per unit of each term of server/forecast.py's TERMS
     # (job, step, step_mp, decode_mp, ...); missing terms are 0
     forecast_prior: dict[str, NonNegFloat] | None = None

@@ -13,6 +13,7 @@ vectors without knowing the cost model that reads them.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,7 +58,12 @@ PHASES: tuple[str, ...] = ("head", "steps", "tail")
 NF = len(FEATURES)
 MASKS = np.array([[1.0 if t.phase == p else 0.0 for t in TERMS] for p in PHASES])  # phase x feature
 DIM = NF * len(FITS)  # one block of features per fit
-WIDTH = DIM + 1  # a job vector: its fit's features, then a count of one (jobs ahead = sum of vectors)
+BUCKETS = 16  # batch classes (``JobRecord.batch`` keys, hashed) a queue vector tells apart
+BATCH = DIM + 1  # then per bucket: (jobs, their steps, their megapixels per image) of a batchable job
+WIDTH = BATCH + 3 * BUCKETS  # a job vector: its fit's features, a count of one (jobs ahead = sum of vectors), its bucket
+STEP = FEATURES.index("step")
+OUTPUT_MP = FEATURES.index("decode_mp")  # a job's output megapixels, all images
+DECODE_BATCH_MP = FEATURES.index("decode_batch_mp")
 
 
 def unknown_terms(prior: Mapping[str, float]) -> list[str]:
@@ -65,16 +71,26 @@ def unknown_terms(prior: Mapping[str, float]) -> list[str]:
     return sorted(set(prior) - set(FEATURES))
 
 
-def job_vector(task: str, feats: np.ndarray) -> np.ndarray:
-    """The job's features placed in its fit's block of a WIDTH vector, whose last
-    component (a count of one job) the forecast gives no weight.  Features of
-    another length (a record from an older version) count as nothing."""
+def job_vector(task: str, feats: np.ndarray, batch: str = "") -> np.ndarray:
+    """The job's features placed in its fit's block of a WIDTH vector, then a count
+    of one job and, for a job of batch class ``batch`` (``JobRecord.batch``), its
+    bucket's (1, steps, megapixels per image): the forecast gives these no weight
+    (``batch_forecast`` reads them).  Features of another length (a record from an
+    older version) count as nothing."""
     vec = np.zeros(WIDTH, dtype=np.float64)
     if len(feats) == NF:
         f = FITS.index(fit_of(task))
         vec[f * NF : (f + 1) * NF] = feats
+        if batch and fit_of(task) == "image":
+            b = BATCH + 3 * bucket(batch)
+            vec[b : b + 3] = (1.0, feats[STEP], feats[OUTPUT_MP] - feats[DECODE_BATCH_MP])
     vec[DIM] = 1.0
     return vec
+
+
+def bucket(batch: str) -> int:
+    """The bucket of a batch class in a queue vector (the same in every process)."""
+    return zlib.crc32(batch.encode()) % BUCKETS
 
 
 # a fit's statistics as one flat vector, so that a broker can keep them (and add a

@@ -41,7 +41,20 @@ proportions.
 
 Because the model is linear, the forecast for everything ahead of a job is the
 coefficients times the *sum* of the features ahead, which the queue keeps as prefix
-sums; no scan of the queue is needed.
+sums; no scan of the queue is needed.  The jobs of one batch class (``JobRecord.batch``)
+run as calls of up to ``target_inflight`` (worker/batch.py), so a job's vector also
+counts it in its class's bucket (``BUCKETS``, hashed: jobs, steps, megapixels per
+image): from the sums ahead, a queued job's forecast counts ceil(n / target_inflight)
+calls per class instead of n, each call's part paid once (``batch_forecast``).  The
+approximation: every class's jobs ahead form full calls in queue order, a job's own
+call is filled by compatible jobs behind it (their images counted as its own), two
+classes in one bucket count as one.  Its error: with one class queued, none beyond
+the fit's (the calls are the ones the worker plans); what the sums cannot see is the
+order: classes interleaved so that ``batch_max_delay`` stops a batch are forecast up
+to one call part per job ahead early, a job that will join a call overtaking others
+up to their seconds late, a class's last call ahead without the images of the jobs
+behind that fill it (up to ``target_inflight`` - 1 images early); a bucket collision
+is early by up to one call part per job of the smaller class.
 
 A job is done when its results are stored, a little after it leaves the model; that
 storing overlaps the next job's run, so it is no part of what a job costs the jobs
@@ -63,6 +76,7 @@ from .features import (
     FITS,
     MASKS,
     NF,
+    OUTPUT_MP,
     SIGNED,
     STATS,
     STORING,
@@ -166,7 +180,6 @@ def measured_phases(calls: Sequence[CallTimes], seconds: float) -> tuple[float, 
     return head, max(0.0, denoise), max(0.0, tail)
 
 
-OUTPUT_MP = FEATURES.index("decode_mp")  # a job's output megapixels, all images
 
 
 def observation(

@@ -1,8 +1,12 @@
 """Where a job stands: its position and forecast, from the broker's queue sums, the
 running jobs' progress, the model's learned costs and its live workers.
 
-    wait = (remaining of the running jobs + cost of the jobs ahead) / live slots
-           + the job's own cost
+    wait = (remaining of the running jobs + cost of the calls ahead) / live slots
+           + the cost of the job's own call
+
+The jobs ahead are counted as the calls they will form when the model batches
+(``target_inflight`` above 1; ``batch_forecast``), and the job's own call with the
+compatible jobs that share it.
 
 ``pos`` counts the unfinished jobs ahead on the same model (running ones included),
 so 0 means running, or next with a worker free.  With no live worker for the model,
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from . import batch_forecast
+from .batch_forecast import ahead_in_call, behind, class_of, waiting_seconds
 from .broker.base import ALL, Broker, WorkerInfo
 from .config import Settings
 from .features import DIM, FITS, NF, job_vector
@@ -146,11 +152,24 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
         load = cost.term(job.task, "first_call")
     if slots == 0:
         return Where(pos, None, no_worker_note(job.model))
-    before = (running_ahead(forecasts, cost, st.running, now) + cost.predict(st.ahead)) / slots
-    own = job.predicted
+    size = batch_size(forecasts.settings, job.model)
+    vec = job_vector(job.task, np.asarray(job.features), job.batch)
+    companions = 0  # compatible jobs behind it that its call takes too (one more read: the queue's total)
+    if size > 1 and class_of(vec) is not None and ahead_in_call(st.ahead, vec, size) < size - 1:
+        everything = await broker.standing(None, job.model)
+        companions = behind(everything.ahead, st.ahead, vec, queued=job.seq > 0)
+    calls_ahead, call = waiting_seconds(cost, st.ahead, vec, size, companions)
+    before = (running_ahead(forecasts, cost, st.running, now) + calls_ahead) / slots
+    own = job.predicted + call - cost.predict(vec)  # its own forecast, and its call's other jobs
     if pos < slots and len(job.features) == NF:  # it runs at once, right after no other job
         own = max(0.0, own - job.features[AFTER_JOB] * cost.term(job.task, "after_job"))
     return Where(pos, load + before + own)
+
+
+def batch_size(settings: Settings, model: str) -> int:
+    """The most jobs of ``model`` one pipeline call runs (``target_inflight``)."""
+    cfg = settings.models.get(model)
+    return cfg.target_inflight if cfg is not None else 1
 
 
 async def queue_seconds(forecasts: Forecasts, model: str) -> float:
@@ -159,7 +178,8 @@ async def queue_seconds(forecasts: Forecasts, model: str) -> float:
     st = await forecasts.broker.standing(None, model)
     now = forecasts.broker.now()
     slots = max(1, await forecasts.slots(model))
-    return (running_ahead(forecasts, cost, st.running, now) + cost.predict(st.ahead)) / slots
+    queued = batch_forecast.queue_seconds(cost, st.ahead, batch_size(forecasts.settings, model))
+    return (running_ahead(forecasts, cost, st.running, now) + queued) / slots
 
 
 def running_ahead(forecasts: Forecasts, cost: CostModel, running: list[JobRecord], now: float) -> float:

@@ -11,6 +11,7 @@ import asyncio
 import io
 import random
 import re
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from server.app import create_app
 from server.backends.base import BackendError, BatchSteps, JobCancelled, batches
 from server.broker.base import BatchPlan, Broker
 from server.config import ModelConfig, Settings, build_settings
-from server.features import DIM, FITS, job_vector
+from server.features import BATCH, DIM, FITS, job_vector
 from server.forecast import CostModel
 from server.jobs import Item, JobRecord, JobStatus, batch_key
 from server.standing import job_features
@@ -229,6 +230,9 @@ async def test_the_claim_of_a_batch_takes_the_head_and_its_companions_at_once(br
     later = _queued("y", 4, 6)
     await broker.submit(later, {}, 100)
     assert int((await broker.standing(later, "stub")).ahead[DIM]) == 1  # the queue's sums stay exact
+    x = jobs[1]  # with its batch class's bucket (what forecasts count calls from)
+    np.testing.assert_allclose((await broker.standing(later, "stub")).ahead, job_vector(x.task, np.asarray(x.features), x.batch), atol=1e-9)
+    assert (await broker.standing(later, "stub")).ahead[BATCH:].sum() > 0
     assert int((await broker.standing(await broker.get("x"), "stub")).ahead[DIM]) == 0
     assert (await broker.claim("stub", "w", 30, 0)).id == "x"  # type: ignore[union-attr]
 
@@ -281,6 +285,10 @@ class App:
     @property
     def planned(self) -> list[Plan]:
         return self.app.state.service.worker.batcher.planned  # type: ignore[no-any-return]
+
+    @property
+    def waited(self) -> list[tuple[str, float]]:
+        return self.app.state.service.worker.batcher.waited  # type: ignore[no-any-return]
 
     async def submit(self, prompt: str, **body: Any) -> str:
         r = await self.c.post("/api/generate", json={"prompt": prompt, **body})
@@ -467,3 +475,106 @@ async def test_a_job_behind_a_running_batch_waits_for_one_call_not_for_each_job(
         # the three leave the model together: one call's remaining time, then its own
         assert st["wait_remaining"] < max(left) + 0.5 * sum(left), (st, left)
         assert (await app.final(behind))["status"] == "done" and (await app.final(hold))["status"] == "done"
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+async def test_queued_jobs_are_forecast_with_the_calls_they_will_form(tmp_path: Path) -> None:
+    """8 compatible jobs queued, target_inflight 4, on a stub whose steps cost mostly
+    per call (as on a GPU): they run as two calls of four.  Read while the first call
+    runs, each job's forecast matches when it finished; counted one call per job, the
+    last of the second call would be forecast ~2x too late (four calls, not one)."""
+    call_step, image_step = 0.15, 12.0 * 64 * 64 / 1e6  # seconds a step: per call, per 64x64 image
+    async with stub_app(tmp_path, target_inflight=4, simulate_step_seconds=12.0, simulate_call_step_seconds=call_step) as app:
+        for k in range(2):  # warm: the first call's set-up, and the costs learned from real calls
+            assert (await app.final(await app.submit(f"warm {k}", steps=3)))["status"] == "done"
+        hold = await app.submit("hold", steps=8)  # another class: the model is busy while the others queue
+        ids = [await app.submit(f"a lighthouse {k}", seed=k, steps=3) for k in range(8)]
+        while (await app.status(ids[0]))["step"] < 2:  # the first call runs, with its step rate measured
+            await asyncio.sleep(0.02)
+        read_at = time.time()  # the memory broker's clock
+        forecast = [(await app.status(t))["wait_remaining"] for t in ids]
+        done = [await app.final(t) for t in ids]
+        assert (await app.final(hold))["status"] == "done"
+    assert [[j.id for j in p.jobs] for p in app.planned] == [ids[:4], ids[4:]]
+    actual = [d["finished_at"] - read_at for d in done]
+    for k, (f, a) in enumerate(zip(forecast, actual, strict=True)):
+        assert abs(f - a) <= 0.15 * a + 0.15, (k, forecast, actual)
+    single = 3 * (call_step + image_step)  # a call of one job; one of four: 3 * (call_step + 4 * image_step), ~1.7 singles
+    assert forecast[7] - forecast[4] < 0.1 * forecast[4]  # the four leave the model together
+    assert forecast[7] < forecast[3] + 2.5 * single  # counted one call per job: four singles after the first call
+
+
+# ----------------------------------------------------------------------------- waiting for companions (batch_wait_ms)
+
+
+@pytest.mark.anyio
+async def test_a_wait_for_a_submit_wakes_on_the_next_one(broker: Broker) -> None:
+    seen = broker.submits("stub")
+    assert not await broker.wait_submitted("stub", 0.05, seen)  # none came
+    await broker.submit(_queued("a", 4, 1), {}, 100)
+    assert await broker.wait_submitted("stub", 10, seen)  # (Redis: woken by the events stream)
+    seen = broker.submits("stub")
+    waiter = asyncio.ensure_future(broker.wait_submitted("stub", 10, seen))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await broker.submit(_queued("b", 4, 2), {}, 100)
+    assert await waiter
+
+
+def test_the_wait_pays_only_when_companions_come_fast_enough_to_save_more_than_it_costs() -> None:
+    from server.worker.batch_wait import wait_seconds
+
+    # 2 compatible jobs a second, each saving a 1 s call part: 2 s saved per second waited
+    assert wait_seconds(rate=2.0, part=1.0, members=1, delayed=1, size=4, left=5.0) == pytest.approx(1.5)  # until 3 more came
+    assert wait_seconds(rate=2.0, part=1.0, members=1, delayed=1, size=4, left=0.5) == 0.5  # batch_wait_ms bounds it
+    assert wait_seconds(rate=2.0, part=1.0, members=1, delayed=2, size=4, left=5.0) == 0.0  # two jobs wait: 2 s lost a second
+    assert wait_seconds(rate=0.0, part=1.0, members=1, delayed=1, size=4, left=5.0) == 0.0  # nothing coming: at once
+    assert wait_seconds(rate=2.0, part=1.0, members=4, delayed=4, size=4, left=5.0) == 0.0  # the call is full
+    assert wait_seconds(rate=2.0, part=0.0, members=1, delayed=1, size=4, left=5.0) == 0.0  # calls share nothing
+    assert wait_seconds(rate=2.0, part=1.0, members=1, delayed=1, size=4, left=5.0, slack=0.2) == 0.2  # a deadline
+    assert wait_seconds(rate=2.0, part=1.0, members=1, delayed=1, size=4, left=5.0, slack=0.0) == 0.0
+
+
+def test_the_rate_of_a_class_is_its_recent_arrivals_and_falls_when_they_stop() -> None:
+    from server.worker.batch_wait import Arrivals, deadline_slack
+
+    arrivals = Arrivals()
+    jobs = [_queued(f"a{k}", 4, k) for k in range(5)]
+    for k, j in enumerate(jobs):
+        j.created_at = 100.0 + 0.5 * k  # 2 a second
+    arrivals.saw(jobs[:1])
+    assert arrivals.rate(jobs[0].batch, 100.0) == 0.0  # one arrival tells nothing
+    arrivals.saw(jobs)
+    arrivals.saw(jobs)  # each counts once
+    assert arrivals.rate(jobs[0].batch, 102.0) == pytest.approx(2.0)
+    assert arrivals.rate(jobs[0].batch, 110.0) == pytest.approx(0.4)  # none since: it falls
+    assert arrivals.rate(_queued("x", 8, 1).batch, 102.0) == 0.0  # another class: nothing seen
+    jobs[1].deadline_at, jobs[2].deadline_at = 103.0, 101.0  # met in order (done at 102), missed anyway (done at 103)
+    assert deadline_slack(jobs[:3], [1.0, 1.0, 1.0], 100.0) == pytest.approx(1.0)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(90)
+async def test_a_head_waits_for_companions_only_when_they_come_and_it_pays(tmp_path: Path) -> None:
+    """batch_wait_ms 3000 on a stub whose steps cost mostly per call: a lone job runs
+    at once; after a burst of its class, a job waits, and one submitted 0.3 s after
+    it joins its call; a job of another class runs at once."""
+    model = {"target_inflight": 4, "simulate_step_seconds": 12.0, "simulate_call_step_seconds": 0.4, "batch_wait_ms": 3000}
+    async with stub_app(tmp_path, **model) as app:
+        lone = await app.final(await app.submit("a fox", steps=4))
+        assert lone["started_at"] - lone["created_at"] < 0.5 and app.waited == []  # nothing compatible coming
+        hold = await app.submit("hold", steps=2)  # another class: the model is busy while a burst of the class queues
+        burst = [await app.submit(f"a lighthouse {k}", seed=k, steps=3) for k in range(4)]
+        for tid in (hold, *burst):
+            assert (await app.final(tid))["status"] == "done"
+        a = await app.submit("a harbour", seed=10, steps=3)
+        await asyncio.sleep(0.3)  # the next of the stream comes 0.3 s later (not a synchronisation: the scenario)
+        b = await app.submit("a harbour at dawn", seed=11, steps=3)
+        first, second = await app.final(a), await app.final(b)
+        assert first["status"] == second["status"] == "done"
+        assert [j.id for j in app.planned[-1].jobs] == [a, b]  # one call
+        assert [head for head, _ in app.waited] == [a]
+        assert second["created_at"] <= first["started_at"] < first["created_at"] + 3.0
+        other = await app.final(await app.submit("an owl", steps=5))  # a class with nothing coming
+        assert other["started_at"] - other["created_at"] < 0.5 and [head for head, _ in app.waited] == [a]

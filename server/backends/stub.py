@@ -3,6 +3,8 @@
 It needs no GPU and no weights.  ``simulate_step_seconds`` (seconds per denoising
 step at one megapixel, per image; edits cost 25% more per reference image) makes
 it behave like a real model for queueing, progress, cancel and forecasts;
+``simulate_call_step_seconds`` adds seconds per step of a pipeline call however
+many images it makes (what a batch of jobs shares, as a GPU's fixed cost per step);
 ``simulate_first_call_seconds`` makes the first job after a load that much slower,
 as a real pipeline's set-up makes it.
 
@@ -76,7 +78,7 @@ class StubBackend:
 
     def cost_prior(self, fit: str) -> dict[str, float] | None:
         s = self.cfg.simulate_step_seconds
-        return {"job": 0.002, "step_mp": s, "step_reference_mp": s * REF_COST}
+        return {"job": 0.002, "step": self.cfg.simulate_call_step_seconds, "step_mp": s, "step_reference_mp": s * REF_COST}
 
     def count_tokens(self, prompt: str) -> tuple[int, int | None]:
         return count_words(prompt)  # no tokenizer: words
@@ -96,7 +98,7 @@ class StubBackend:
         if not self.warm and self.cfg.simulate_first_call_seconds > 0:  # set-up before the first step
             self._sleeper.wait(self.cfg.simulate_first_call_seconds)
         self.warm = True
-        per_step = self.step_seconds(item)
+        per_step = self.cfg.simulate_call_step_seconds + self.step_seconds(item)
         steps = item.run_steps
         for i in range(1, steps + 1):
             if per_step > 0:
@@ -117,7 +119,7 @@ class StubBackend:
         if not self.warm and self.cfg.simulate_first_call_seconds > 0:
             self._sleeper.wait(self.cfg.simulate_first_call_seconds)
         self.warm = True
-        per_step = sum(self.step_seconds(item) for item in items)
+        per_step = self.cfg.simulate_call_step_seconds + sum(self.step_seconds(item) for item in items)
         steps = items[0].run_steps
         for i in range(1, steps + 1):
             if per_step > 0:

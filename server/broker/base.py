@@ -290,6 +290,14 @@ class Events(Protocol):
         """Wait for the job's next change (``progress=False``: not a mere step); False
         on timeout.  Waiters re-read the record: the event is only a wake-up."""
 
+    def submits(self, model: str) -> int:
+        """How many submits of ``model`` this process has seen (a mark for ``wait_submitted``)."""
+
+    async def wait_submitted(self, model: str, timeout: float, seen: int) -> bool:
+        """Wait up to ``timeout`` seconds for a submit of ``model`` after the mark
+        ``seen`` (``submits``, taken before the caller read the queue: none is missed);
+        False when none came.  A wake-up only: the caller reads the queue again."""
+
     def on_cancel(self, callback: CancelCallback) -> None:
         """Called (on the event loop) with the id of every job whose cancel was asked."""
 

@@ -105,6 +105,7 @@ class MemoryBroker(LocalEvents):
         self._blobs.update(blobs)
         self._jobs[job.id] = job
         q.push(_entry(job))
+        self.saw_submit(job.model)
         if idempotency is not None:
             self._remember(idempotency, job.id)
         return None
@@ -438,7 +439,7 @@ class MemoryBroker(LocalEvents):
 
 
 def _entry(job: JobRecord) -> Entry:
-    return Entry(job.id, job.priority, job.seq, job_vector(job.task, np.asarray(job.features)), job.share, job.weight)
+    return Entry(job.id, job.priority, job.seq, job_vector(job.task, np.asarray(job.features), job.batch), job.share, job.weight)
 
 
 def _probe(job_id: str) -> JobRecord:

@@ -80,21 +80,39 @@ class Notifier:
                     del table[job_id]
 
 
+SUBMITTED = "\0submitted "  # + model: the notifier's key of a model's submits (no job id starts so)
+
+
 class LocalEvents:
     """What both brokers do alike with the events that reach this process: change
-    waiters, and the callbacks of this process's worker (cancel, model commands)."""
+    waiters, submit waiters, and the callbacks of this process's worker (cancel,
+    model commands)."""
 
     def __init__(self) -> None:
         self.notifier = Notifier()
         self.cancel_callbacks: list[CancelCallback] = []
         self.command_callbacks: list[CommandCallback] = []
         self.pause_version = 0  # changes when a pause or resume reaches this process
+        self._submits_seen: dict[str, int] = {}  # model -> submits seen
 
     def pauses_changed(self) -> None:
         """A queue was paused or resumed (here, or on another node): every follower
         re-reads its job, whose status now says so (or no more)."""
         self.pause_version += 1
         self.notifier.changed_all()
+
+    def saw_submit(self, model: str) -> None:
+        """A job of ``model`` was queued (event loop only): wake ``wait_submitted``."""
+        self._submits_seen[model] = self._submits_seen.get(model, 0) + 1
+        self.notifier.changed(SUBMITTED + model)
+
+    def submits(self, model: str) -> int:
+        return self._submits_seen.get(model, 0)
+
+    async def wait_submitted(self, model: str, timeout: float, seen: int) -> bool:
+        if self._submits_seen.get(model, 0) > seen:
+            return True
+        return await self.notifier.wait(SUBMITTED + model, max(0.0, timeout))
 
     async def wait_change(self, job_id: str, timeout: float | None, *, progress: bool = True) -> bool:
         return await self.notifier.wait(job_id, timeout, progress=progress)

@@ -80,7 +80,7 @@ def decode_record(raw: dict[bytes, bytes] | list[bytes] | None) -> JobRecord | N
 
 def vector_text(job: JobRecord) -> str:
     """The job's forecast vector as the scripts keep it: ``entry=value;...`` (non-zero entries)."""
-    vec = job_vector(job.task, np.asarray(job.features, dtype=np.float64))
+    vec = job_vector(job.task, np.asarray(job.features, dtype=np.float64), job.batch)
     return ";".join(f"{i}={float(v)!r}" for i, v in enumerate(vec) if v != 0.0 and math.isfinite(v))
 
 

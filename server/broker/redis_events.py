@@ -165,6 +165,8 @@ class RedisEvents(RedisBase):
         if job_id:
             self.notifier.changed(job_id, progress_only=kind == "progress")
         if kind == "submit" or (kind == "resume" and model != ALL):
+            if kind == "submit":
+                self.saw_submit(model)
             for ev in self._claim_waiters.get(model, ()):
                 ev.set()
         elif kind == "resume":  # every queue

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..backends.base import Backend, BatchSteps, batches
+from ..batch_forecast import own_part
 from ..broker.base import BatchPlan, Broker
 from ..features import job_vector
 from ..forecast import AFTER_JOB, FIRST_CALL, CostModel, call_features
 from ..standing import Forecasts
+from .batch_wait import Arrivals, deadline_slack, wait_seconds
 from .execute import Inputs, prompt_tokens, work_item
 
 if TYPE_CHECKING:
@@ -140,21 +142,40 @@ def _breaks(job: JobRecord, batched: float, in_order: float) -> bool:
 
 
 class Batcher:
-    """Claims a model's next jobs: a batch when the forecast says so, else one."""
+    """Claims a model's next jobs: a batch when the forecast says so, else one; with
+    ``batch_wait_ms``, the head of an idle model's queue first waits for companions
+    when the forecast says that pays (``batch_wait``)."""
 
     def __init__(self, settings: Settings, broker: Broker) -> None:
         self.settings = settings
         self.broker = broker
         self.forecasts = Forecasts(settings, broker)
         self.planned: list[Plan] = []  # the batches this worker formed, newest last (a few kept: tests, the log)
+        self.arrivals: dict[str, Arrivals] = {}  # per model
+        self.waited: list[tuple[str, float]] = []  # (head, seconds it was to wait) of each wait begun, newest last (tests, the log)
+        self._until: dict[str, tuple[str, float]] = {}  # model -> (head, broker time its wait ends at the latest)
 
     async def claim(self, ms: ModelState, worker: str, lease: float, timeout: float) -> list[JobRecord]:
+        """The next jobs to run, or [] when none came (or the head waits: the caller
+        claims again).  ``timeout``: 0 when the model has a job's results to store
+        meanwhile (never waits then), else the longest to wait for work."""
         size = ms.cfg.target_inflight
         if size > 1 and ms.backend is not None and batches(ms.backend):
+            wait_for = ms.cfg.batch_wait_ms / 1000 if timeout > 0 else 0.0
+            seen = self.broker.submits(ms.name)  # before the read: no submit after it is missed
             waiting = await self.broker.waiting(ms.name, WINDOW)
-            if len(waiting) > 1 and waiting[0].batch:
+            arrivals = self.arrivals.setdefault(ms.name, Arrivals())
+            arrivals.saw(waiting)
+            if not waiting and wait_for > 0:  # a job that comes may wait for companions: do not claim it blind
+                await self.broker.wait_submitted(ms.name, timeout, seen)
+                return []
+            if waiting and waiting[0].batch:
                 cost = await self.forecasts.cost(ms.name)
-                plan = plan_batch(waiting, cost, size, ms.cfg.batch_max_delay, self.broker.now())
+                now = self.broker.now()
+                plan = plan_batch(waiting, cost, size, ms.cfg.batch_max_delay, now)
+                if wait_for > 0 and (until := self._wait_until(ms, waiting, plan, cost, arrivals, now)) > now:
+                    await self.broker.wait_submitted(ms.name, min(until - now, timeout), seen)
+                    return []
                 if plan is not None:
                     jobs = await self.broker.claim_batch(ms.name, worker, lease, plan.claim)
                     if jobs:
@@ -164,6 +185,33 @@ class Batcher:
                         return jobs
         job = await self.broker.claim(ms.name, worker, lease, timeout)
         return [job] if job is not None else []
+
+    def _wait_until(self, ms: ModelState, waiting: list[JobRecord], plan: Plan | None, cost: CostModel, arrivals: Arrivals,
+                    now: float) -> float:  # fmt: skip
+        """Broker time until which the head waits for companions (``now`` or before: it runs now)."""
+        head = waiting[0]
+        members = len(plan.jobs) if plan is not None else 1
+        seconds = [_cost(cost, j) for j in waiting]
+        if plan is not None:  # the call's jobs finish together, then the others in order
+            ids = {j.id for j in plan.jobs}
+            seconds = [plan.seconds] + [0.0] * (members - 1) + [s for j, s in zip(waiting, seconds, strict=True) if j.id not in ids]
+            waiting = [*plan.jobs, *(j for j in waiting if j.id not in ids)]
+        part = own_part(cost, job_vector(head.task, np.asarray(head.features), head.batch))
+        left = head.created_at + ms.cfg.batch_wait_ms / 1000 - now
+        wait = wait_seconds(arrivals.rate(head.batch, now), part, members, len(waiting), ms.cfg.target_inflight, left,
+                            deadline_slack(waiting, seconds, now))  # fmt: skip
+        earlier = self._until.get(ms.name)
+        if wait <= 0:
+            self._until.pop(ms.name, None)
+            return now
+        until = now + wait
+        if earlier is not None and earlier[0] == head.id:
+            until = min(until, earlier[1])  # the first look bounds the wait: it never grows
+        else:
+            self.waited = [*self.waited[-15:], (head.id, wait)]
+            log.info("job %s on %s: waits up to %.0f ms for companions (the forecast says it pays)", head.id, ms.name, 1000 * wait)
+        self._until[ms.name] = (head.id, until)
+        return until
 
 
 def execute_batch(
