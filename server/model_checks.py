@@ -36,6 +36,16 @@ def model_problem(name: str, model: ModelConfig) -> str | None:
             f"{key}.offload 'sequential' does not work with a GGUF transformer (accelerate fails re-creating "
             "its quantized parameters at load: Diffusers issue #14691); use offload 'model' or 'none'"
         )
+    if model.device_map == "device" and model.offload != "none":
+        return (
+            f"{key}.device_map 'device' loads every component onto the GPU, which offload {model.offload!r} exists to "
+            "avoid (Diffusers refuses offload on a device-mapped pipeline); use device_map 'auto' (or 'off') with offload"
+        )
+    if model.device_map == "device" and not model.device.startswith(("cuda", "auto")):
+        return (
+            f"{key}.device_map 'device' loads the weights straight onto a CUDA device; this model runs on {model.device!r}, "
+            "where loading already goes to host memory: use device_map 'auto'"
+        )
     if model.quantization == "fp8dq" and model.device.startswith(("cpu", "mps")):
         return (
             f"{key}.quantization 'fp8dq' runs float8 matmuls, which need a CUDA GPU of compute capability 9.0 or "

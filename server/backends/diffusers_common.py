@@ -26,7 +26,7 @@ from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
 from .prompt_cache import PromptCache
 from .speed import apply_speed_knobs, reset_attention_backend
-from .weights import resolve_device, resolve_dtype, resolve_source
+from .weights import device_map, resolve_device, resolve_dtype, resolve_source
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -149,6 +149,8 @@ class DiffusersBackend:
 
     def from_pretrained(self, pipeline_cls: Any, path: str | None, key: str = "model_path", **kwargs: Any) -> Any:
         source, extra = resolve_source(path, key, self.name)
+        if (mapped := device_map(self.cfg.device_map, self.device, self.cfg.offload)) is not None and hasattr(pipeline_cls, "components"):
+            extra["device_map"] = mapped  # a pipeline: each component read straight onto the device
         try:
             return pipeline_cls.from_pretrained(source, dtype=self.dtype, **extra, **kwargs)
         except (OSError, ValueError) as exc:
