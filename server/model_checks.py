@@ -22,6 +22,17 @@ def gguf_transformer(model: ModelConfig) -> bool:
     return path.endswith(".gguf")
 
 
+def cache_problem(name: str, model: ModelConfig, cache: str) -> str | None:
+    """What is wrong with a request's ``cache`` for ``models.<name>``, or None."""
+    if model.step_cache == "off":
+        takes = " and ".join(k for k, f in FAMILIES.items() if f.step_cache)
+        return (
+            f"cache {cache!r}: model {name!r} has no step cache (its settings' step_cache is 'off'; the {takes} "
+            "backends take one); drop cache, or use a model that enables it"
+        )
+    return None
+
+
 def model_problem(name: str, model: ModelConfig) -> str | None:
     """What is wrong with ``models.<name>`` (the message names the key), or None."""
     family = FAMILIES[model.backend]
@@ -39,7 +50,7 @@ def model_problem(name: str, model: ModelConfig) -> str | None:
     if model.device_map == "device" and model.offload != "none":
         return (
             f"{key}.device_map 'device' loads every component onto the GPU, which offload {model.offload!r} exists to "
-            "avoid (Diffusers refuses offload on a device-mapped pipeline); use device_map 'auto' (or 'off') with offload"
+            "avoid (the whole model on the GPU at once, then moved back); use device_map 'auto' (or 'off') with offload"
         )
     if model.device_map == "device" and not model.device.startswith(("cuda", "auto")):
         return (
