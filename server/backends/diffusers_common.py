@@ -25,7 +25,7 @@ from .lora import applied_loras
 from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
 from .prompt_cache import PromptCache
-from .speed import apply_speed_knobs, reset_attention_backend
+from .speed import apply_speed_knobs, reset_attention_backend, use_step_cache
 from .weights import device_map, resolve_device, resolve_dtype, resolve_source
 
 if TYPE_CHECKING:
@@ -391,6 +391,7 @@ class DiffusersBackend:
         preview = self._preview(item)
         images: list[Image.Image] = []
         failure: BackendError | None = None
+        use_step_cache(self.pipe, self.cfg, item.cache)
         try:
             with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
                 for k, gens in enumerate(batches):

@@ -15,6 +15,8 @@ and ``compile``); each measured before its default was chosen (bench/README.md).
   output changed less than ``step_cache_threshold`` (relative) since the last step, the
   other blocks are skipped and their last residual reused. Fewer transformer passes for
   many-step models (Qwen-Image-Edit's 40), at some cost in fidelity; no gain at 4 steps.
+  A job's ``cache: "off"`` runs without it (``use_step_cache``; the hooks go for that
+  call and come back for the next job that does not say so).
 """
 
 from __future__ import annotations
@@ -68,6 +70,18 @@ def enable_step_cache(pipe: Any, threshold: float) -> None:
     from diffusers import FirstBlockCacheConfig
 
     denoiser(pipe).enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
+def use_step_cache(pipe: Any, cfg: Any, wanted: str | None) -> None:
+    """A call's step cache: the model's ``step_cache`` unless the job says ``cache: "off"``."""
+    if cfg.step_cache == "off":
+        return
+    model = denoiser(pipe)
+    on = wanted != "off"
+    if on and not model.is_cache_enabled:
+        enable_step_cache(pipe, cfg.step_cache_threshold)
+    elif not on and model.is_cache_enabled:
+        model.disable_cache()
 
 
 def apply_speed_knobs(model: str, pipe: Any, cfg: Any) -> None:
