@@ -345,6 +345,8 @@ async def build_job(
     loras = [Lora(lr.name, lr.scale) for lr in req.loras or []]
     if loras and not caps.supports_lora:
         raise BadRequest(f"model {ms.name!r} has no lora_dir configured, so loras cannot be used", param="loras")
+    if len(loras) > 1 and cfg.compile == "regional":  # backends/lora.py: one adapter slot, swapped in place
+        raise BadRequest(f"model {ms.name!r} compiles its denoiser and swaps one LoRA in place per job; send one LoRA", param="loras")
     for i, lora in enumerate(loras):
         try:
             resolve_lora(lora.name, cfg.lora_dir, ms.name)

@@ -82,6 +82,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     load_on_demand: bool = False
     idle_unload_seconds: Annotated[float, Meta(gt=0)] | None = None  # unloaded after this long with no job
     lora_cache_size: NonNegInt = 4  # LoRA adapters kept loaded (switched per job); 0 = removed after each job
+    lora_max_rank: PositiveInt = 64  # compile "regional": LoRAs are swapped in place, their ranks padded to this (backends/lora.py)
     # speed knobs (backends/speed.py): Diffusers' attention backend of the denoiser; regional torch.compile
     attention_backend: str = "native"
     compile: Literal["off", "regional"] = "off"

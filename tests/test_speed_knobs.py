@@ -130,3 +130,49 @@ def test_cache_on_a_model_without_a_step_cache_is_a_400_with_a_stable_code(serve
     bad = c.post("/api/generate", json={"prompt": "a fox", "cache": "fastest"})
     assert bad.status_code == 400 and "cache" in bad.text
     assert c.post("/api/generate", json={"prompt": "a fox"}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- LoRAs on a compiled denoiser
+
+
+@pytest.mark.timeout(600)  # the first LoRA job compiles: ~2 min on the 2-core machine
+def test_loras_switch_on_a_compiled_denoiser_without_recompiling(tiny_flux2_klein: Path, tiny_root: Path) -> None:
+    """``compile: "regional"`` with a lora_dir swaps LoRAs in place (Diffusers' hotswap):
+    after the first LoRA job (which compiles), another LoRA of a different rank, a job
+    without one and a new scale all run the compiled blocks as they are
+    (``error_on_recompile``), and each gives what the same LoRA gives uncompiled."""
+    import torch._dynamo
+
+    from server.backends.base import LoraSpec
+    from tests import tiny_pipelines as tp
+
+    lora_dir = tiny_root / "loras_hotswap"
+    tp.make_lora("flux2_klein", tiny_flux2_klein, lora_dir / "one", rank=4, seed=1)
+    tp.make_lora("flux2_klein", tiny_flux2_klein, lora_dir / "two", rank=8, seed=2)
+    compiled: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), compile="regional", lora_dir=str(lora_dir), lora_max_rank=8)
+    plain: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), lora_dir=str(lora_dir))
+
+    def run(backend: Any, *loras: tuple[str, float]) -> Any:
+        return backend.run(item(steps=2, loras=[LoraSpec(n, s) for n, s in loras]), RecordingContext())[0]
+
+    try:
+        first = run(compiled, ("one", 1.0))  # the first LoRA changes the blocks: this call compiles
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            two, none, half, one_again = run(compiled, ("two", 1.0)), run(compiled), run(compiled, ("two", 0.5)), run(compiled, ("one", 1.0))
+        assert max_diff(first, one_again) <= 2 and max_diff(first, two) > 10
+        for got, loras in ((first, [("one", 1.0)]), (two, [("two", 1.0)]), (none, []), (half, [("two", 0.5)])):
+            assert max_diff(got, run(plain, *loras)) <= 3, loras
+        with pytest.raises(BackendError, match="send one, or set compile"):
+            run(compiled, ("one", 1.0), ("two", 1.0))
+    finally:
+        compiled.unload()
+        plain.unload()
+
+
+def test_two_loras_on_a_compiled_model_are_a_400_at_submission(server_factory: Any, tmp_path: Path) -> None:
+    from tests.conftest import stub_settings
+
+    c = server_factory(stub_settings(compile="regional", lora_dir=str(tmp_path))).client
+    r = c.post("/api/generate", json={"prompt": "a fox", "loras": [{"name": "one"}, {"name": "two"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "loras", r.text
+    assert "one LoRA" in r.json()["error"]["message"]

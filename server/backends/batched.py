@@ -55,7 +55,7 @@ def run_batch(backend: DiffusersBackend, items: list[WorkItem], ctx: StepContext
         return kw
 
     use_step_cache(backend.pipe, backend.cfg, first.cache)
-    with applied_loras(backend.pipe, first.loras, backend.cfg.lora_dir, backend.name, backend.cfg.lora_cache_size):
+    with applied_loras(backend.pipe, first.loras, backend.cfg.lora_dir, backend.name, backend.cfg.lora_cache_size, backend.cfg.compile == "regional"):
         out = pipe(generator=generators, num_images_per_prompt=1, callback_on_step_end=callback, **kwargs)
     return [out.images[r : r + it.n] for it, r in zip(items, rows, strict=True)]
 

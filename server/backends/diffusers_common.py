@@ -393,7 +393,7 @@ class DiffusersBackend:
         failure: BackendError | None = None
         use_step_cache(self.pipe, self.cfg, item.cache)
         try:
-            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
+            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size, self.cfg.compile == "regional"):
                 for k, gens in enumerate(batches):
                     callback = step_callback(ctx, preview, len(batches), k)
                     out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)

@@ -10,7 +10,8 @@ and ``compile``); each measured before its default was chosen (bench/README.md).
 - ``compile: "regional"``: ``compile_repeated_blocks(fullgraph=True)``: each repeated
   transformer block compiled once and reused (seconds, not the minutes of compiling
   the whole model); the first job of each new size pays the compile, later ones run
-  the compiled code.
+  the compiled code.  With a ``lora_dir`` LoRAs are swapped in place (Diffusers' LoRA
+  hotswap, ``backends/lora.py``): switching them does not recompile.
 - ``step_cache: "first_block"``: Diffusers' first-block cache: when the first block's
   output changed less than ``step_cache_threshold`` (relative) since the last step, the
   other blocks are skipped and their last residual reused. Fewer transformer passes for
@@ -90,4 +91,6 @@ def apply_speed_knobs(model: str, pipe: Any, cfg: Any) -> None:
     if cfg.step_cache == "first_block":
         enable_step_cache(pipe, cfg.step_cache_threshold)
     if cfg.compile == "regional":
+        if cfg.lora_dir is not None:  # LoRAs are then swapped in place (backends/lora.py): prepared before the first one
+            pipe.enable_lora_hotswap(target_rank=cfg.lora_max_rank)
         compile_regional(model, pipe)
