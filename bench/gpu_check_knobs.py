@@ -8,7 +8,14 @@
 - ``attention backends``: each of Diffusers' attention backends this host can run,
   switched on the loaded model (CUDA);
 - ``fp8dq (torchao, Hopper)``: float8 activations and weights (CUDA, compute
-  capability 9.0 or newer).
+  capability 9.0 or newer);
+- ``device_map load``: the load straight onto the GPU (``device_map: "device"``)
+  against one through host memory (``"off"``) (CUDA);
+- ``step cache per job``: a job with ``cache: "off"`` against the model's step cache
+  (``"fast"``), transformer passes and seconds (CPU too; the families that take it);
+- ``LoRA hotswap under compile``: two LoRAs of different ranks, a job without one and
+  a new scale on a regionally compiled denoiser, with recompiles made errors (CUDA;
+  the tiny models, which make their LoRAs).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from typing import Any
 import torch
 
 from bench.gpu_check_core import Check, Env, Loaded, Result, Skip, Target, timed_run, work
+from server.backends.base import LoraSpec
 from server.backends.speed import denoiser, reset_attention_backend, set_attention_backend
+from server.families import FAMILIES
 
 ATTENTION = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flex", "flash", "_flash_3", "sage", "xformers")
 HOPPER = (9, 0)
@@ -121,10 +130,80 @@ def fp8dq(env: Env, target: Target, loaded: Loaded) -> Result:
     return Result(seconds, peak, f"{seconds:.3f} s/job", f"torchao {torchao.__version__}, float8 rowwise{versus}")
 
 
+def device_map_load(env: Env, target: Target, loaded: Loaded) -> Result:
+    env.needs_cuda()
+    loaded.get(target, env.served, device_map="off")
+    through_host = loaded.seconds
+    ms = loaded.get(target, env.served, device_map="device")
+    if ms.backend.pipe.hf_device_map != "cuda":  # type: ignore[union-attr]
+        raise AssertionError(f"the pipeline was not device-mapped: hf_device_map {ms.backend.pipe.hf_device_map!r}")  # type: ignore[union-attr]
+    seconds, peak = timed_run(env, ms, work(target))
+    return Result(
+        loaded.seconds, peak, f"{through_host / loaded.seconds:.2f}x",
+        f"load straight to the GPU {loaded.seconds:.2f} s, through host memory {through_host:.2f} s; a job after it {seconds:.3f} s",
+    )  # fmt: skip
+
+
+def step_cache_per_job(env: Env, target: Target, loaded: Loaded) -> Result:
+    if not FAMILIES[target.backend].step_cache:
+        takes = ", ".join(k for k, f in FAMILIES.items() if f.step_cache)
+        raise Skip(f"only {takes} take Diffusers' step cache")
+    ms = loaded.get(target, env.served, step_cache="first_block")
+    blocks = denoiser(ms.backend.pipe).transformer_blocks  # type: ignore[union-attr]
+    calls: list[int] = []
+    hook = blocks[-1].register_forward_hook(lambda *_: calls.append(1))
+    found: dict[str, tuple[float, int]] = {}
+    try:
+        for cache in ("fast", "off", "fast"):
+            calls.clear()
+            found[cache] = (timed_run(env, ms, dataclasses.replace(work(target), cache=cache))[0], len(calls))
+    finally:
+        hook.remove()
+    (fast, fast_calls), (off, off_calls) = found["fast"], found["off"]
+    if fast_calls > off_calls:
+        raise AssertionError(f"the step cache ran the last block {fast_calls} times, without it {off_calls}")
+    return Result(
+        fast, None, f"{fast / off:.2f}x",
+        f"cache fast {fast:.3f} s ({fast_calls} passes of the last block), off {off:.3f} s ({off_calls}); "
+        f"step_cache_threshold {ms.cfg.step_cache_threshold}",
+    )  # fmt: skip
+
+
+def lora_hotswap(env: Env, target: Target, loaded: Loaded) -> Result:
+    env.needs_cuda()
+    if not target.label.endswith("(tiny)") or target.backend not in ("flux2_klein", "z_image", "sdxl"):
+        raise Skip("the tiny FLUX.2-klein, Z-Image and SDXL models make their LoRAs here; real models have none")
+    import torch._dynamo
+
+    from tests import tiny_pipelines as tp
+
+    lora_dir = target.cfg["model_path"] + "-loras"
+    tp.make_lora(target.backend, target.cfg["model_path"], f"{lora_dir}/one", rank=4, seed=1)  # type: ignore[arg-type]
+    tp.make_lora(target.backend, target.cfg["model_path"], f"{lora_dir}/two", rank=8, seed=2)  # type: ignore[arg-type]
+    ms = loaded.get(target, env.served, compile="regional", lora_dir=lora_dir, lora_max_rank=8)
+    item = work(target)
+
+    def job(*loras: tuple[str, float]) -> float:
+        return timed_run(env, ms, dataclasses.replace(item, loras=[LoraSpec(n, s) for n, s in loras]))[0]
+
+    first = job(("one", 1.0))  # the first LoRA changes the blocks: this call compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        swaps = [job(("two", 1.0)), job(), job(("two", 0.5)), job(("one", 1.0))]
+    steady = statistics.median(swaps)
+    return Result(
+        steady, None, "0 recompiles",
+        f"first LoRA job {first:.2f} s (compiles); then LoRA two (rank 8), none, scale 0.5, LoRA one: "
+        f"{', '.join(f'{s:.3f}' for s in swaps)} s, none recompiled",
+    )  # fmt: skip
+
+
 def knob_checks(env: Env) -> list[Check]:
     return [
         Check("prompt cache", prompt_cache),
         Check("attention backends", attention_backends),
         Check("compile regional", compile_regional),
         Check("fp8dq (torchao, Hopper)", fp8dq),
+        Check("device_map load", device_map_load),
+        Check("step cache per job", step_cache_per_job),
+        Check("LoRA hotswap under compile", lora_hotswap),
     ]

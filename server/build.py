@@ -27,6 +27,7 @@ from .errors import BadRequest
 from .families import default_steps, family
 from .jobs import Item, JobRecord, Lora, batch_key, input_key, new_id
 from .masking import BAD_IMAGE, DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
+from .model_checks import cache_problem
 from .schemas import Expand, GenerateRequest, ImageRef
 
 if TYPE_CHECKING:
@@ -344,6 +345,8 @@ async def build_job(
     loras = [Lora(lr.name, lr.scale) for lr in req.loras or []]
     if loras and not caps.supports_lora:
         raise BadRequest(f"model {ms.name!r} has no lora_dir configured, so loras cannot be used", param="loras")
+    if len(loras) > 1 and cfg.compile == "regional":  # backends/lora.py: one adapter slot, swapped in place
+        raise BadRequest(f"model {ms.name!r} compiles its denoiser and swaps one LoRA in place per job; send one LoRA", param="loras")
     for i, lora in enumerate(loras):
         try:
             resolve_lora(lora.name, cfg.lora_dir, ms.name)
@@ -357,28 +360,15 @@ async def build_job(
             f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength",
             param="strength",
         )
-    items = []
-    seed_i = seed
-    for prompt in prompts:
-        items.append(
-            Item(
-                prompt=prompt,
-                width=width,
-                height=height,
-                steps=steps,
-                seed=seed_i,
-                n=req.n,
-                negative_prompt=req.negative_prompt,
-                guidance=req.guidance if req.guidance is not None else cfg.recommended_guidance,
-                images=refs,
-                init_image=init,
-                strength=strength,
-                mask=mask_key,
-                mask_blur=mask_blur,
-                loras=loras,
-            )
-        )
-        seed_i += req.n
+    if req.cache is not None and (problem := cache_problem(ms.name, cfg, req.cache)) is not None:
+        raise BadRequest(problem, param="cache", code="cache_unavailable")
+    guidance = req.guidance if req.guidance is not None else cfg.recommended_guidance
+    items = [
+        Item(prompt=prompt, width=width, height=height, steps=steps, seed=seed + k * req.n, n=req.n, negative_prompt=req.negative_prompt,
+             guidance=guidance, images=refs, init_image=init, strength=strength, mask=mask_key, mask_blur=mask_blur, loras=loras,
+             cache=req.cache)
+        for k, prompt in enumerate(prompts)
+    ]  # fmt: skip
     job = JobRecord(
         id=inputs.job_id,
         model=ms.name,

@@ -58,6 +58,10 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     rng: Literal["cpu", "device"] = "cpu"
     vram_estimate_mib: int | None = None
     offload: Literal["none", "model", "sequential"] = "none"
+    # where from_pretrained puts the weights as it reads them: "auto" = straight onto a CUDA device when offload is
+    # "none" (Diffusers' device_map), else into host memory and then moved; "device" = straight there or a config
+    # error; "off" = always through host memory (backends/weights.py)
+    device_map: Literal["auto", "device", "off"] = "auto"
     quantization: Literal["none", "fp8", "fp8dq"] = "none"  # fp8: weight-only; fp8dq: float8 matmuls (CUDA, Hopper)
     quantize_text_encoder: bool = False  # with quantization: the text encoder too, float8 weight-only (FLUX.2-klein's Qwen3)
     vae_tiling: bool = False
@@ -81,6 +85,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     load_on_demand: bool = False
     idle_unload_seconds: Annotated[float, Meta(gt=0)] | None = None  # unloaded after this long with no job
     lora_cache_size: NonNegInt = 4  # LoRA adapters kept loaded (switched per job); 0 = removed after each job
+    lora_max_rank: PositiveInt = 64  # compile "regional": LoRAs are swapped in place, their ranks padded to this (backends/lora.py)
     # speed knobs (backends/speed.py): Diffusers' attention backend of the denoiser; regional torch.compile
     attention_backend: str = "native"
     compile: Literal["off", "regional"] = "off"

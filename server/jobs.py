@@ -61,6 +61,7 @@ class Item(Struct, kw_only=True):
     mask_blur: int = 0  # feather (px) inside the mask's edge when compositing
     loras: list[Lora] = []
     scale: int | None = None  # upscale jobs: the factor
+    cache: str | None = None  # "off" | "fast": the model's step cache for this job (None: the model's default)
 
     @property
     def megapixels(self) -> float:
@@ -214,14 +215,14 @@ def batch_key(job: JobRecord, batches: bool) -> str:
     no reference or init image, no mask, on a family that ``batches``
     (``families.Family.batches``); the same size, steps, guidance, strength and LoRA
     set, and a negative prompt in all or none.  Prompts, negative prompts, seeds and
-    ``n`` may differ."""
+    ``n`` may differ.  The step cache (``cache``) too: one call runs with it or without."""
     if not batches or job.task != "generate" or len(job.items) != 1 or job.upscale is not None:
         return ""
     it = job.items[0]
     if it.images or it.init_image or it.mask:
         return ""
     loras = ",".join(f"{lr.name}:{lr.scale:g}" for lr in it.loras)
-    return f"{it.width}x{it.height}|{it.steps}|{it.guidance}|{it.strength}|{loras}|{it.negative_prompt is not None}"
+    return f"{it.width}x{it.height}|{it.steps}|{it.guidance}|{it.strength}|{loras}|{it.negative_prompt is not None}|{it.cache}"
 
 
 # the record's fields, for brokers that store one field per key (Redis hashes)

@@ -22,6 +22,17 @@ def gguf_transformer(model: ModelConfig) -> bool:
     return path.endswith(".gguf")
 
 
+def cache_problem(name: str, model: ModelConfig, cache: str) -> str | None:
+    """What is wrong with a request's ``cache`` for ``models.<name>``, or None."""
+    if model.step_cache == "off":
+        takes = " and ".join(k for k, f in FAMILIES.items() if f.step_cache)
+        return (
+            f"cache {cache!r}: model {name!r} has no step cache (its settings' step_cache is 'off'; the {takes} "
+            "backends take one); drop cache, or use a model that enables it"
+        )
+    return None
+
+
 def model_problem(name: str, model: ModelConfig) -> str | None:
     """What is wrong with ``models.<name>`` (the message names the key), or None."""
     family = FAMILIES[model.backend]
@@ -35,6 +46,16 @@ def model_problem(name: str, model: ModelConfig) -> str | None:
         return (
             f"{key}.offload 'sequential' does not work with a GGUF transformer (accelerate fails re-creating "
             "its quantized parameters at load: Diffusers issue #14691); use offload 'model' or 'none'"
+        )
+    if model.device_map == "device" and model.offload != "none":
+        return (
+            f"{key}.device_map 'device' loads every component onto the GPU, which offload {model.offload!r} exists to "
+            "avoid (the whole model on the GPU at once, then moved back); use device_map 'auto' (or 'off') with offload"
+        )
+    if model.device_map == "device" and not model.device.startswith(("cuda", "auto")):
+        return (
+            f"{key}.device_map 'device' loads the weights straight onto a CUDA device; this model runs on {model.device!r}, "
+            "where loading already goes to host memory: use device_map 'auto'"
         )
     if model.quantization == "fp8dq" and model.device.startswith(("cpu", "mps")):
         return (

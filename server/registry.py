@@ -29,7 +29,8 @@ class ModelState:
     state: State = "unloaded"
     backend: Backend | None = None
     load_error: str | None = None
-    size_mib: float | None = None  # measured after its last load (server/residency.py)
+    size_mib: float | None = None  # measured after its last load, raised to its peak after jobs (server/residency.py)
+    weights_mib: float | None = None  # measured after its last load: its weights alone
     load_seconds: float | None = None  # mean seconds of its loads here
     loads: int = 0
     warm: bool = False  # has run a job since its last load (the first pays forecast's first_call)

@@ -86,6 +86,12 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True, omit_def
     expand: Annotated[Expand, Meta(description="Edits: outpaint, padding images[0] by these pixels; the original area comes back unchanged.")] | None = None
     loras: list[LoraRef] | None = None
     upscale: Literal[2, 4] | None = None
+    cache: Annotated[
+        Literal["off", "fast"],
+        Meta(description="The model's step cache for this job: 'fast' reuses the later transformer blocks' work on steps whose "
+             "first block barely changed (fewer passes, slightly different pixels), 'off' runs every block. Only on a model "
+             "whose settings enable it (step_cache), where it is the default; elsewhere a 400 (cache_unavailable)."),
+    ] | None = None
     upload_urls: list[str] | None = None
     webhook_url: str | None = None
     metadata: dict[str, Any] | None = None

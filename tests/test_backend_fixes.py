@@ -182,3 +182,85 @@ def test_fp8_quantizes_the_transformer_and_optionally_the_text_encoder(tiny_flux
              type(backend.pipe.text_encoder.model.layers[0].mlp.up_proj.weight).__name__}  # fmt: skip
     assert kinds == {"Float8Tensor"}
     assert backend.run(item(), RecordingContext())[0].size == (64, 64)
+
+
+# ----------------------------------------------------------------------------- loading straight to the device
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "offload", "expected"),
+    [
+        ("auto", "cuda", "none", "cuda"),
+        ("auto", "cuda:0", "none", "cuda"),
+        ("auto", "cuda:1", "none", None),  # Diffusers takes only the device type: the current device
+        ("auto", "cuda", "model", None),  # offload keeps the components in host memory
+        ("auto", "cuda", "sequential", None),
+        ("auto", "cpu", "none", None),
+        ("auto", "mps", "none", None),
+        ("off", "cuda", "none", None),
+        ("device", "cuda", "none", "cuda"),
+    ],
+)
+def test_device_map_goes_straight_to_a_cuda_device_only_without_offload(setting: str, device: str, offload: str, expected: str | None) -> None:
+    from server.backends.weights import device_map
+
+    assert device_map(setting, device, offload) == expected
+
+
+def test_device_map_device_on_another_cuda_index_is_a_load_error() -> None:
+    from server.backends.base import BackendError
+    from server.backends.weights import device_map
+
+    with pytest.raises(BackendError, match="device_map 'auto'"):
+        device_map("device", "cuda:1", "none")
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"device": "cuda", "offload": "model"}, "offload 'model'"),
+        ({"device": "cuda", "offload": "sequential"}, "offload 'sequential'"),
+        ({"device": "cpu"}, "runs on 'cpu'"),
+    ],
+)
+def test_device_map_device_with_offload_or_off_cuda_is_refused_in_the_settings(extra: dict[str, str], words: str) -> None:
+    from server.config import ConfigError, build_settings
+
+    model = {"backend": "sdxl", "model_path": "/models/sdxl", "device_map": "device", **extra}
+    with pytest.raises(ConfigError, match="models.x.device_map") as info:
+        build_settings({"models": {"x": model}})
+    assert words in str(info.value)
+    build_settings({"models": {"x": {**model, "device_map": "auto"}}})  # the default loads either way
+
+
+class RecordingPipeline:
+    """A stand-in pipeline class (it has ``components``) that records what easel asks
+    ``from_pretrained`` for: the keyword arguments of a CUDA load, on a CPU machine."""
+
+    components: dict[str, Any] = {}
+    asked: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, source: str, **kwargs: Any) -> str:
+        cls.asked = kwargs
+        return source
+
+
+@pytest.mark.parametrize(("extra", "mapped"), [({}, "cuda"), ({"offload": "model"}, None), ({"device_map": "off"}, None)])
+def test_a_cuda_model_asks_diffusers_for_the_device_map(tiny_sdxl: Path, extra: dict[str, str], mapped: str | None) -> None:
+    from server.backends import create_backend
+    from server.config import ModelConfig, Settings
+
+    backend: Any = create_backend("x", ModelConfig(backend="sdxl", model_path=str(tiny_sdxl), device="cuda", **extra), Settings())  # type: ignore[arg-type]
+    backend.from_pretrained(RecordingPipeline, str(tiny_sdxl))
+    assert RecordingPipeline.asked.get("device_map") == mapped
+    assert RecordingPipeline.asked["dtype"] == torch.bfloat16
+
+
+def test_on_the_cpu_a_pipeline_loads_as_before_without_a_device_map(tiny_sdxl: Path) -> None:
+    backend: Any = load_backend("sdxl", model_path=str(tiny_sdxl), device="cpu")
+    try:
+        assert backend.pipe.hf_device_map is None
+        assert backend.pipe.unet.device.type == "cpu"
+    finally:
+        backend.unload()

@@ -28,6 +28,8 @@ CUDA_ONLY = (
     "attention backends",
     "compile regional",
     "fp8dq (torchao, Hopper)",
+    "device_map load",
+    "LoRA hotswap under compile",
 )
 SWEEP = {"sdxl": [0, 1], "z_image": [0, 1], "flux2_klein": [0, 1, 2], "qwen_edit_gguf": [1, 2]}
 
@@ -109,7 +111,16 @@ def test_prints_one_table_with_every_row(check: dict[str, Any]) -> None:
     out = check["stdout"]
     lines = out.splitlines()
     assert "easel GPU check on cpu" in out and "| backend" in out and " 0 failed in " in out
-    assert len(check["rows"]) == len(TINY) * 15
+    assert len(check["rows"]) == len(TINY) * 18
     for r in check["rows"]:
         assert any(r["target"] in line and f"| {r['check']} " in line and f"| {r['status']} " in line for line in lines), r
     assert "Peak VRAM per reference image, flux2_klein (tiny)" in out and "| # references |" in out
+
+
+@pytest.mark.parametrize("backend", TINY)
+def test_step_cache_row_runs_on_the_cpu_where_the_family_takes_it(check: dict[str, Any], backend: str) -> None:
+    r = row(check, backend, "step cache per job")
+    if backend == "qwen_edit_gguf":
+        assert r["status"] == "ok" and r["value"].endswith("x") and r["seconds"] > 0 and "passes of the last block" in r["detail"], r
+    else:
+        assert r["status"] == "skipped" and "qwen_edit_gguf" in r["detail"], r

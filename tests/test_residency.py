@@ -200,3 +200,85 @@ def test_a_wrapper_tensor_counts_the_tensors_it_holds() -> None:
     assert sum(tensor_bytes(w, seen) for w in weights) == 3 * (100 * 1 + 10 * 4)  # not one weight's worth
     shared = torch.ones(5)
     assert tensor_bytes(shared, seen) == 20 and tensor_bytes(shared, seen) == 0  # a shared tensor counts once
+
+
+# ----------------------------------------------------------------------------- the upscaler in the server's process
+
+
+def upscaler_host(tmp_path: Any, budget: int) -> Any:
+    """A model host with the tiny Real-ESRGAN upscaler and two stubs, all in this
+    process (as on a worker: the upscaler never runs in a process of its own)."""
+    from server.config import build_settings
+    from server.worker.host import ModelHost
+    from tests.tiny_upscaler import write_tiny_esrgan
+
+    path = write_tiny_esrgan(tmp_path / "RealESRGAN_x4_tiny.pth")
+    settings = build_settings({
+        "models": {
+            "up": {"backend": "upscale_esrgan", "model_path": str(path), "device": "cpu"},
+            "gen": stub(simulate_size_mib=400),
+            "other": stub(simulate_size_mib=500),
+        },
+        "upscaler": "up",
+        "residency": {"memory_budget_mib": {"cpu": budget}},
+    })  # fmt: skip
+    return ModelHost.alone(settings)
+
+
+def test_the_upscalers_peak_after_a_lease_counts_once_beside_its_process_models(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upscaler's peak (tiles, CUDA context) is measured after each post-processing
+    lease; the process's peak also covers the generation model's 400 MiB of weights,
+    which are not counted twice.  300 MiB of tiles fit the 1000 MiB budget beside it;
+    700 MiB do not, and the idle generation model is unloaded."""
+    from PIL import Image
+
+    from server.backends import upscale
+
+    process_peak: list[float] = []
+    monkeypatch.setattr(upscale, "peak_mib", lambda device: process_peak[-1] if process_peak else None)  # CUDA's figure
+
+    async def scenario() -> None:
+        host = upscaler_host(tmp_path, 1000)
+        gen = await host.load("gen")
+        async with host.lease("up") as backend:
+            up = host.registry.get("up")
+            assert up.weights_mib is not None and 0 < up.weights_mib < 10  # the checkpoint's module, measured
+            weights = up.weights_mib
+            process_peak.append(400 + weights + 300)  # gen's weights, the upscaler's, 300 MiB of its tiles and context
+            backend.upscale(Image.new("RGB", (32, 32), (90, 40, 200)), 2)
+        assert up.size_mib == pytest.approx(weights + 300)
+        assert gen.state == "loaded"  # 400 + weights + 300 <= 1000
+        async with host.lease("up") as backend:
+            process_peak.append(400 + weights + 700)
+            backend.upscale(Image.new("RGB", (32, 32), (90, 40, 200)), 2)
+        assert up.size_mib == pytest.approx(weights + 700)
+        assert (gen.state, up.state) == ("unloaded", "loaded")  # 1100 + weights > 1000: the idle model made room
+
+    import anyio
+
+    anyio.run(scenario)
+
+
+def test_a_lent_upscaler_is_not_evicted_to_make_room(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upscaler (300 MiB at its peak) is the least recently used model, and
+    unloading it would make room, but it is lent out (a post-processing step runs):
+    loading another model unloads the idle one instead."""
+    from PIL import Image
+
+    from server.backends import upscale
+
+    async def scenario() -> None:
+        host = upscaler_host(tmp_path, 1000)
+        async with host.lease("up") as backend:
+            up = host.registry.get("up")
+            monkeypatch.setattr(upscale, "peak_mib", lambda device: (up.weights_mib or 0.0) + 300)
+            backend.upscale(Image.new("RGB", (32, 32), (90, 40, 200)), 2)
+        async with host.lease("up"):
+            gen = await host.load("gen")
+            host.residency.touch("gen")  # used after the upscaler: the upscaler is the least recently used
+            other = await host.load("other")  # 400 + 500 + the upscaler's 300 and weights > 1000: one must go
+            assert (other.state, gen.state, up.state) == ("loaded", "unloaded", "loaded")
+
+    import anyio
+
+    anyio.run(scenario)

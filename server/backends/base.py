@@ -152,6 +152,7 @@ class WorkItem:
     mask: Image | None = None  # L, 255 = repaint, the size of images[0]; the worker composites the result
     mask_blur: int = 0
     loras: list[LoraSpec] = field(default_factory=list)
+    cache: str | None = None  # "off" | "fast": the model's step cache for this call (None: the model's step_cache)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
 
     @property

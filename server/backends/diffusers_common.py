@@ -25,8 +25,8 @@ from .lora import applied_loras
 from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
 from .prompt_cache import PromptCache
-from .speed import apply_speed_knobs, reset_attention_backend
-from .weights import resolve_device, resolve_dtype, resolve_source
+from .speed import apply_speed_knobs, reset_attention_backend, use_step_cache
+from .weights import device_map, resolve_device, resolve_dtype, resolve_source
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -149,6 +149,8 @@ class DiffusersBackend:
 
     def from_pretrained(self, pipeline_cls: Any, path: str | None, key: str = "model_path", **kwargs: Any) -> Any:
         source, extra = resolve_source(path, key, self.name)
+        if (mapped := device_map(self.cfg.device_map, self.device, self.cfg.offload)) is not None and hasattr(pipeline_cls, "components"):
+            extra["device_map"] = mapped  # a pipeline: each component read straight onto the device
         try:
             return pipeline_cls.from_pretrained(source, dtype=self.dtype, **extra, **kwargs)
         except (OSError, ValueError) as exc:
@@ -389,8 +391,9 @@ class DiffusersBackend:
         preview = self._preview(item)
         images: list[Image.Image] = []
         failure: BackendError | None = None
+        use_step_cache(self.pipe, self.cfg, item.cache)
         try:
-            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
+            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size, self.cfg.compile == "regional"):
                 for k, gens in enumerate(batches):
                     callback = step_callback(ctx, preview, len(batches), k)
                     out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)

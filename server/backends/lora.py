@@ -8,6 +8,15 @@ that asks for a cached adapter again only switches to it (``set_adapters``): no 
 is read and nothing is re-fused; the least recently used adapter past the cache size
 is deleted.  The cache lives with the denoiser module, which ``from_pipe`` variants
 share.  Without a cache the adapters are removed when the job ends.
+
+On a model with ``compile: "regional"`` adapters are swapped in place instead
+(``hotswapped_lora``: Diffusers' LoRA hotswap, prepared at load with
+``enable_lora_hotswap(target_rank=lora_max_rank)``): one adapter slot whose weights
+are replaced (``load_lora_weights(..., hotswap=True)``), ranks padded to
+``lora_max_rank`` and scales held in tensors, so switching LoRAs, changing a scale or
+running without one (scale 0) never recompiles the compiled blocks; only the first
+LoRA after a load changes the blocks (one compile).  One LoRA per job there, on the
+denoiser only (Diffusers does not hotswap text-encoder LoRA weights).
 """
 
 from __future__ import annotations
@@ -113,7 +122,13 @@ def remove_loras(pipe: Any, names: list[str]) -> None:
 
 
 @contextmanager
-def applied_loras(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str, cache_size: int = 0) -> Iterator[None]:
+def applied_loras(
+    pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str, cache_size: int = 0, hotswap: bool = False
+) -> Iterator[None]:
+    if hotswap:
+        hotswapped_lora(pipe, specs, lora_dir, model)
+        yield
+        return
     if not specs:
         yield
         return
@@ -189,6 +204,60 @@ def load_loras_as(pipe: Any, spec: LoraSpec, path: Path, adapter: str, model: st
         raise BackendError(
             f"LoRA {spec.name!r} has no weights matching model {model!r}; it was probably trained for another model family"
         )
+
+
+HOT = "easel_hot"  # the one adapter slot of a compiled model
+# denoiser module -> (weight file, mtime) of the adapter in its slot, and each LoRA layer's scaling at scale 1
+_HOT: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], dict[Any, float]]] = weakref.WeakKeyDictionary()
+
+
+def hotswapped_lora(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str) -> None:
+    """The job's LoRA (or none: scale 0) in the compiled denoiser's one slot (see the module doc)."""
+    if len(specs) > 1:
+        raise BackendError(
+            f"model {model!r} compiles its denoiser (compile 'regional') and swaps one LoRA in place per job; "
+            f"this job asks for {len(specs)}: send one, or set compile to 'off'"
+        )
+    owner = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None) or pipe
+    current = _HOT.get(owner)
+    if specs:
+        path = resolve_lora(specs[0].name, lora_dir, model)
+        key = (str(path), path.stat().st_mtime_ns)
+        if current is None or current[0] != key:
+            if current is not None:
+                _HOT[owner] = (("", 0), current[1])  # until the swap succeeds the slot's weights are nobody's
+            _swap_in(pipe, owner, specs[0], path, model, swap=current is not None)
+            current = _HOT[owner] = (key, {m: float(m.scaling[HOT]) for m in owner.modules() if HOT in getattr(m, "scaling", {})})
+    if current is not None:
+        scale = specs[0].scale if specs else 0.0
+        for module, base in current[1].items():
+            value = module.scaling[HOT]
+            if hasattr(value, "fill_"):
+                value.fill_(base * scale)  # in place: the compiled code reads the tensor
+            else:
+                module.scaling[HOT] = base * scale
+
+
+def _swap_in(pipe: Any, owner: Any, spec: LoraSpec, path: Path, model: str, *, swap: bool) -> None:
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=HOT, hotswap=swap)
+    except Exception as exc:  # peft/diffusers raise many types: text-encoder weights, a rank over target_rank, other layers
+        if not swap:
+            _delete_quietly(pipe, HOT)
+        raise BackendError(
+            f"LoRA {spec.name!r} could not be swapped into model {model!r} (compile 'regional' swaps LoRAs in place: one "
+            f"LoRA on the denoiser's layers, of rank up to models.{model}.lora_max_rank): {exc}"
+        ) from exc
+    adapters = pipe.get_list_adapters()  # component name -> its adapters
+    denoiser = "transformer" if owner is getattr(pipe, "transformer", None) else "unet"
+    others = [name for name, group in adapters.items() if HOT in group and name != denoiser]
+    if HOT not in adapters.get(denoiser, []) or others:
+        _delete_quietly(pipe, HOT)
+        raise BackendError(
+            f"LoRA {spec.name!r} does not fit model {model!r}'s in-place swapping (compile 'regional'): "
+            + (f"it has weights for {', '.join(others)}, which Diffusers does not swap; use a denoiser-only LoRA or compile 'off'"
+               if others else "it has no weights for the denoiser; it was probably trained for another model family")
+        )  # fmt: skip
 
 
 def _delete_quietly(pipe: Any, adapter: str) -> None:

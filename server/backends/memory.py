@@ -69,6 +69,8 @@ def module_bytes(obj: Any) -> int:
         modules = [m for m in components.values() if hasattr(m, "parameters") and hasattr(m, "buffers")]
     elif hasattr(obj, "parameters") and hasattr(obj, "buffers"):
         modules = [obj]
+    elif hasattr(getattr(obj, "model", None), "parameters"):  # a spandrel descriptor (the upscaler) holds its module
+        modules = [obj.model]
     seen: set[int] = set()
     return sum(tensor_bytes(t, seen) for module in modules for t in (*module.parameters(), *module.buffers()))
 

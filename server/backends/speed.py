@@ -10,11 +10,14 @@ and ``compile``); each measured before its default was chosen (bench/README.md).
 - ``compile: "regional"``: ``compile_repeated_blocks(fullgraph=True)``: each repeated
   transformer block compiled once and reused (seconds, not the minutes of compiling
   the whole model); the first job of each new size pays the compile, later ones run
-  the compiled code.
+  the compiled code.  With a ``lora_dir`` LoRAs are swapped in place (Diffusers' LoRA
+  hotswap, ``backends/lora.py``): switching them does not recompile.
 - ``step_cache: "first_block"``: Diffusers' first-block cache: when the first block's
   output changed less than ``step_cache_threshold`` (relative) since the last step, the
   other blocks are skipped and their last residual reused. Fewer transformer passes for
   many-step models (Qwen-Image-Edit's 40), at some cost in fidelity; no gain at 4 steps.
+  A job's ``cache: "off"`` runs without it (``use_step_cache``; the hooks go for that
+  call and come back for the next job that does not say so).
 """
 
 from __future__ import annotations
@@ -70,10 +73,24 @@ def enable_step_cache(pipe: Any, threshold: float) -> None:
     denoiser(pipe).enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
+def use_step_cache(pipe: Any, cfg: Any, wanted: str | None) -> None:
+    """A call's step cache: the model's ``step_cache`` unless the job says ``cache: "off"``."""
+    if cfg.step_cache == "off":
+        return
+    model = denoiser(pipe)
+    on = wanted != "off"
+    if on and not model.is_cache_enabled:
+        enable_step_cache(pipe, cfg.step_cache_threshold)
+    elif not on and model.is_cache_enabled:
+        model.disable_cache()
+
+
 def apply_speed_knobs(model: str, pipe: Any, cfg: Any) -> None:
     """The model's ``attention_backend``, ``step_cache`` and ``compile``, once it is on its device."""
     set_attention_backend(model, pipe, cfg.attention_backend)
     if cfg.step_cache == "first_block":
         enable_step_cache(pipe, cfg.step_cache_threshold)
     if cfg.compile == "regional":
+        if cfg.lora_dir is not None:  # LoRAs are then swapped in place (backends/lora.py): prepared before the first one
+            pipe.enable_lora_hotswap(target_rank=cfg.lora_max_rank)
         compile_regional(model, pipe)

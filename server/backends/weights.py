@@ -40,6 +40,25 @@ def resolve_dtype(spec: str, device: str, float16: bool = True) -> torch.dtype:
     return torch.float32
 
 
+def device_map(setting: str, device: str, offload: str) -> str | None:
+    """The ``device_map`` a pipeline's ``from_pretrained`` gets (``models.NAME.device_map``):
+    ``"cuda"`` puts each component's weights on the GPU as they are read (no copy in
+    host memory first, no ``.to()`` over every tensor: faster loads, which
+    ``load_on_demand`` pays per job), None loads into host memory.  Diffusers 0.42
+    takes ``"balanced"``, ``"cpu"`` or the accelerator's type (``"cuda"``: the current
+    device, so ``cuda:0`` here; another index loads through host memory); offload needs
+    the components in host memory, so it never uses one."""
+    cuda = device in ("cuda", "cuda:0")
+    if setting == "off" or offload != "none" or (setting == "auto" and not cuda):
+        return None
+    if not cuda:
+        raise BackendError(
+            f"device_map 'device' loads straight onto the GPU 'cuda' (cuda:0), but this model runs on {device!r}; "
+            "use device_map 'auto'"
+        )
+    return "cuda"
+
+
 def hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_TOKEN") or None
 

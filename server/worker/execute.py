@@ -52,7 +52,7 @@ def work_item(task: str, item: Item, inputs: Inputs) -> WorkItem:
         strength=item.strength,
         mask=inputs.image(item.mask, "mask").convert("L") if item.mask else None,
         mask_blur=item.mask_blur,
-        loras=[LoraSpec(lr.name, lr.scale) for lr in item.loras],
+        loras=[LoraSpec(lr.name, lr.scale) for lr in item.loras], cache=item.cache,
         extra={"scale": item.scale} if item.scale else {},
     )  # fmt: skip
 

@@ -3,7 +3,7 @@
 It loads and unloads models (in this process, or each in its own: ``process.py``),
 decides residency (server/residency.py: what must be unloaded for a model to fit,
 idle unloads, on-demand loads), measures what a model holds (after its load, and
-after each job: its peak), restarts a model whose process was lost, and lends
+after each job or lease: its peak), restarts a model whose process was lost, and lends
 models to the upscaler and to ``/api/upscale`` jobs (``lease``): a leased model
 stays loaded, and a lease waits for a load in progress on an event, never a poll.
 
@@ -32,7 +32,7 @@ from ..families import runs_isolated
 from ..features import FITS
 from ..forecast import prior_vector
 from ..jobs import JobStatus
-from ..residency import NoRoom, Residency, TooBig, too_big
+from ..residency import NoRoom, Residency, TooBig, record_peak, shares_device, too_big
 from .process import ModelProcess
 
 if TYPE_CHECKING:
@@ -160,6 +160,7 @@ class ModelHost:
         ms.load_seconds = took if ms.load_seconds is None else (ms.load_seconds * ms.loads + took) / (ms.loads + 1)
         ms.loads += 1
         ms.size_mib = size if size is not None else ms.size_mib
+        ms.weights_mib = size
         ms.backend = backend
         ms.warm = False
         self._set(ms, "loaded")
@@ -224,19 +225,14 @@ class ModelHost:
         """On the model's thread, right after a job's pipeline calls: cached blocks back
         to the device when another model shares it, and the model's size raised to its
         measured peak (the budget counts what it really holds)."""
+        models = list(self.registry.models.values())
         try:
-            peak = backend.after_job(self._shares_device(ms))
+            peak = backend.after_job(shares_device(ms, models))
         except BackendError as exc:
             log.warning("model %s: could not measure it after a job (%s)", ms.name, exc)
             return
-        if peak is not None and (ms.size_mib is None or peak > ms.size_mib):
-            log.info("model %s: holds %.0f MiB at its peak (was counted as %s MiB)", ms.name, peak, ms.size_mib)
-            ms.size_mib = peak
+        if peak is not None and record_peak(ms, peak, models):
             self._grown.add(ms.name)
-
-    def _shares_device(self, ms: ModelState) -> bool:  # only a CUDA allocator keeps blocks to give back
-        device = model_device(ms.cfg)
-        return device.startswith("cuda") and any(m is not ms and m.state == "loaded" and model_device(m.cfg) == device for m in self.registry.models.values())
 
     async def warmed(self, ms: ModelState) -> None:
         """Its first job ran: forecasts behind it no longer count the first call's set-up."""
@@ -253,13 +249,9 @@ class ModelHost:
         models = list(self.registry.models.values())
         if self.residency.over(ms, models) <= 0:
             return
-        busy = await self._busy()
-        loaded = [m for m in models if m is not ms and m.state == "loaded" and m.name not in busy]
-        for other in sorted(loaded, key=lambda m: self.residency.last_used.get(m.name, 0.0)):
-            if model_device(other.cfg) != model_device(ms.cfg) or self.residency.over(ms, models) <= 0:
-                continue
-            log.info("model %s: its measured peak leaves no room for idle model %s; unloading it", ms.name, other.name)
-            await self.unload(other.name)
+        for other in self.residency.make_room(ms, models, await self._busy()):
+            log.info("model %s: its measured peak leaves no room for idle model %s; unloading it", ms.name, other)
+            await self.unload(other)
 
     # ----- restarts -----------------------------------------------------------------------
 
@@ -363,17 +355,24 @@ class ModelHost:
 
     @asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Backend]:
+        """``acquire`` / ``release`` around one use; what the use held at its peak counts after it."""
         backend = await self.acquire(name)
         try:
             yield backend
         finally:
-            await self.release(name)
+            try:
+                ms = self.registry.get(name)
+                self.residency.touch(name)
+                await anyio.to_thread.run_sync(self.job_ended, ms, backend)
+                await self.check_fit(ms)
+            finally:
+                await self.release(name)
 
     # ----- residency -----------------------------------------------------------------------
 
     async def _busy(self) -> set[str]:
-        """Models with waiting or running jobs (never evicted)."""
-        busy = self.running_models()
+        """Models with waiting or running jobs, or lent out (never evicted)."""
+        busy = self.running_models() | {name for name, count in self._leases.items() if count > 0}
         for name, ms in self.registry.models.items():
             if name not in busy and ms.state == "loaded" and (await self.broker.depth(name)) != (0, 0):
                 busy.add(name)
