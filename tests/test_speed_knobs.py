@@ -119,7 +119,7 @@ def test_the_cache_field_reaches_the_job_and_splits_batches() -> None:
 
 
 def test_cache_on_a_model_without_a_step_cache_is_a_400_with_a_stable_code(server_factory: Any) -> None:
-    from tests.conftest import stub_settings
+    from tests.servers import stub_settings
 
     c = server_factory(stub_settings()).client
     r = c.post("/api/generate", json={"prompt": "a fox", "cache": "fast"})
@@ -170,7 +170,7 @@ def test_loras_switch_on_a_compiled_denoiser_without_recompiling(tiny_flux2_klei
 
 
 def test_two_loras_on_a_compiled_model_are_a_400_at_submission(server_factory: Any, tmp_path: Path) -> None:
-    from tests.conftest import stub_settings
+    from tests.servers import stub_settings
 
     c = server_factory(stub_settings(compile="regional", lora_dir=str(tmp_path))).client
     r = c.post("/api/generate", json={"prompt": "a fox", "loras": [{"name": "one"}, {"name": "two"}]})
