@@ -18,18 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from ..features import DIM, STATS, apply, job_vector
+from ..features import DIM, job_vector
 from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
 from .base import ALL, Admission, BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
 from .memory_accounts import Accounts
+from .memory_stats import MemoryStatistics
 from .notify import LocalEvents
 
 PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 
 
-class MemoryBroker(LocalEvents):
+class MemoryBroker(LocalEvents, MemoryStatistics):
     name = "memory"
     distributed = False
 
@@ -37,6 +38,7 @@ class MemoryBroker(LocalEvents):
         self.ttl = result_ttl
         self.memory_cap = result_memory_bytes
         LocalEvents.__init__(self)
+        MemoryStatistics.__init__(self)
         self._jobs: dict[str, JobRecord] = {}
         self._queues: dict[str, ModelQueue] = {}
         self._running: dict[str, dict[str, JobRecord]] = {}  # model -> id -> record
@@ -47,9 +49,6 @@ class MemoryBroker(LocalEvents):
         self._seq = 0
         self._cancel_asked: set[str] = set()  # running jobs whose cancel was asked
         self._workers: dict[tuple[str, str], WorkerInfo] = {}
-        self._stats: dict[str, dict[str, np.ndarray]] = {}
-        self._stats_version: dict[str, int] = {}
-        self._priors: dict[str, dict[str, list[float]]] = {}
         self._outbox: dict[str, float] = {}  # job -> when its delivery is due (the delivery outbox)
         self._submits: dict[str, tuple[str, str, float]] = {}  # idempotency key -> (job, fingerprint, expiry)
         self._accounts = Accounts()  # quotas: each owner's unfinished jobs and GPU-second bookings
@@ -416,26 +415,6 @@ class MemoryBroker(LocalEvents):
 
     async def ledger(self, owner: str) -> tuple[list[str], list[tuple[str, float, float, bool]]]:
         return self._accounts.ledger(owner)
-
-    # ----- forecast statistics ---------------------------------------------------------
-
-    async def observe_cost(self, model: str, task: str, decayed: list[float], added: list[float], forget: float) -> None:
-        stats = self._stats.setdefault(model, {})
-        stats[task] = apply(stats.get(task, np.zeros(STATS)), decayed, added, forget)
-        self._stats_version[model] = self._stats_version.get(model, 0) + 1
-
-    async def cost_stats(self, model: str) -> dict[str, list[float]]:
-        return {task: v.tolist() for task, v in self._stats.get(model, {}).items()}
-
-    async def set_priors(self, model: str, priors: dict[str, list[float]]) -> None:
-        self._priors[model] = priors
-        self._stats_version[model] = self._stats_version.get(model, 0) + 1
-
-    async def priors(self, model: str) -> dict[str, list[float]]:
-        return self._priors.get(model, {})
-
-    def stats_version(self, model: str) -> int | None:
-        return self._stats_version.get(model, 0)
 
 
 def _entry(job: JobRecord) -> Entry:
