@@ -27,6 +27,7 @@ from .errors import BadRequest
 from .families import default_steps, family
 from .jobs import Item, JobRecord, Lora, batch_key, input_key, new_id
 from .masking import BAD_IMAGE, DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
+from .samplers import Unsupported, choose
 from .schemas import Expand, GenerateRequest, ImageRef
 
 if TYPE_CHECKING:
@@ -304,6 +305,10 @@ async def build_job(
         )
     fmt = parse_format(req.format)
     seed = parse_seed(req.seed)
+    try:
+        sampler, schedule = choose(cfg.backend, req.sampler, req.scheduler).stored
+    except Unsupported as exc:
+        raise BadRequest(f"model {ms.name!r}: {exc}", param=exc.param, code=exc.code) from None
     inputs = Inputs()
     max_pixels = settings.limits.max_image_pixels
     refs: list[str] = []
@@ -360,24 +365,11 @@ async def build_job(
     items = []
     seed_i = seed
     for prompt in prompts:
-        items.append(
-            Item(
-                prompt=prompt,
-                width=width,
-                height=height,
-                steps=steps,
-                seed=seed_i,
-                n=req.n,
-                negative_prompt=req.negative_prompt,
-                guidance=req.guidance if req.guidance is not None else cfg.recommended_guidance,
-                images=refs,
-                init_image=init,
-                strength=strength,
-                mask=mask_key,
-                mask_blur=mask_blur,
-                loras=loras,
-            )
-        )
+        items.append(Item(
+            prompt=prompt, width=width, height=height, steps=steps, seed=seed_i, n=req.n, negative_prompt=req.negative_prompt,
+            guidance=req.guidance if req.guidance is not None else cfg.recommended_guidance, images=refs, init_image=init,
+            strength=strength, mask=mask_key, mask_blur=mask_blur, loras=loras, sampler=sampler, scheduler=schedule,
+        ))  # fmt: skip
         seed_i += req.n
     job = JobRecord(
         id=inputs.job_id,

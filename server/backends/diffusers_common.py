@@ -25,6 +25,7 @@ from .lora import applied_loras
 from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
 from .prompt_cache import PromptCache
+from .sampling import scheduler_for
 from .speed import apply_speed_knobs, reset_attention_backend
 from .weights import resolve_device, resolve_dtype, resolve_source
 
@@ -390,7 +391,8 @@ class DiffusersBackend:
         images: list[Image.Image] = []
         failure: BackendError | None = None
         try:
-            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size):
+            with (applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size),
+                  scheduler_for(pipe, self.cfg.backend, item.sampler, item.scheduler)):  # fmt: skip
                 for k, gens in enumerate(batches):
                     callback = step_callback(ctx, preview, len(batches), k)
                     out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)
