@@ -7,6 +7,8 @@
 #
 #   podman build --format docker --target api -t easel-api .
 #   podman build --format docker --target worker -t easel-worker .
+#   podman build --format docker --target worker --build-arg EXTRAS=diffusers -t easel-worker-cpu \
+#       --build-arg TORCH="torch==2.14.1+cpu torchvision==0.29.1+cpu --extra-index-url https://download.pytorch.org/whl/cpu" .
 #
 # BASE: any image with python3 >= 3.11 and its venv module (default: the official slim
 # Python image). pip reads whatever pip configuration the build mounts (an index URL, a
@@ -46,10 +48,16 @@ RUN pip install /src && rm -rf /src
 USER easel
 
 FROM base AS worker
+# EXTRAS: gpu (Diffusers, torch, torchao), or diffusers (without torchao: a CPU-only worker).
+# TORCH: pip arguments that pick torch's build, e.g. CPU wheels (PyTorch's CPU index, or a wheelhouse
+# the mounted pip configuration names): pip then leaves out the CUDA libraries (~3 GB) that PyPI's
+# torch pulls in. Default: PyPI's torch (CUDA).
+ARG EXTRAS=gpu
+ARG TORCH=""
 ENV EASEL_ROLE=worker \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-RUN pip install "/src[gpu]" && rm -rf /src
+RUN pip install ${TORCH} "/src[${EXTRAS}]" && rm -rf /src
 USER easel
 
 FROM base AS gradio

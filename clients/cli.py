@@ -71,6 +71,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
+    p.add_argument("--sampler", help="an A1111 sampler name the model runs, e.g. 'DPM++ 2M'")
+    p.add_argument("--scheduler", help="an A1111 schedule for the sampler: Automatic, Karras, Exponential, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("-n", "--n", type=int, help="number of images")
     p.add_argument("--format", choices=["PNG", "JPEG", "WEBP"])
@@ -97,7 +99,8 @@ def parser(prog: str = "python -m clients", epilog: str | None = None) -> argpar
 
 
 def _options(args: argparse.Namespace) -> GenerateOptions:
-    keys = ("model", "negative_prompt", "width", "height", "steps", "guidance", "seed", "n", "format", "quality", "priority")
+    keys = ("model", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "scheduler", "seed", "n", "format",
+            "quality", "priority")  # fmt: skip
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}  # type: ignore[return-value]
 
 

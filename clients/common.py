@@ -37,6 +37,8 @@ class GenerateOptions(TypedDict, total=False):
     height: int
     steps: int
     guidance: float
+    sampler: str
+    scheduler: str
     seed: int
     n: int
     format: str

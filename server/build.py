@@ -28,6 +28,7 @@ from .families import default_steps, family
 from .jobs import Item, JobRecord, Lora, batch_key, input_key, new_id
 from .masking import BAD_IMAGE, DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
 from .model_checks import cache_problem
+from .samplers import Unsupported, choose
 from .schemas import Expand, GenerateRequest, ImageRef
 
 if TYPE_CHECKING:
@@ -305,6 +306,10 @@ async def build_job(
         )
     fmt = parse_format(req.format)
     seed = parse_seed(req.seed)
+    try:
+        sampler, schedule = choose(cfg.backend, req.sampler, req.scheduler).stored
+    except Unsupported as exc:
+        raise BadRequest(f"model {ms.name!r}: {exc}", param=exc.param, code=exc.code) from None
     inputs = Inputs()
     max_pixels = settings.limits.max_image_pixels
     refs: list[str] = []
@@ -366,7 +371,7 @@ async def build_job(
     items = [
         Item(prompt=prompt, width=width, height=height, steps=steps, seed=seed + k * req.n, n=req.n, negative_prompt=req.negative_prompt,
              guidance=guidance, images=refs, init_image=init, strength=strength, mask=mask_key, mask_blur=mask_blur, loras=loras,
-             cache=req.cache)
+             cache=req.cache, sampler=sampler, scheduler=schedule)
         for k, prompt in enumerate(prompts)
     ]  # fmt: skip
     job = JobRecord(

@@ -41,31 +41,33 @@ class Family:
     step_cache: bool = False
     simulated: bool = False  # sizes and costs come from the config's simulate_* keys (the stub)
     batches: bool = False  # several jobs' generates may share one pipeline call (prompt and generator lists)
+    sampling: str = ""  # the samplers it runs (server/samplers.py TABLES): epsilon (UNet), flow (flow matching), "": its own only
     needs: tuple[str, ...] = DIFFUSERS_EXTRA  # packages it imports: a model of it on an install without them fails in one line
 
 
 FAMILIES: dict[str, Family] = {
     f.key: f
     for f in (
-        Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True, batches=True, needs=()),
+        Family("stub", "stub:StubBackend", ("generate", "edit"), inpaint=True, in_process=True, simulated=True, batches=True, needs=(),
+               sampling="epsilon"),
         # steps and guidance: the model cards' (FLUX.2-klein 4B/9B, distilled: 4 steps, guidance 1;
         # SDXL base: ~30 steps (Diffusers' default is 50), guidance 5; Z-Image-Turbo: 9 steps
         # (Diffusers' example 8), guidance 0; Qwen-Image-Edit-2509/2511: 40 steps, true_cfg_scale 4)
         Family(
             "flux2_klein", "flux2_klein:Flux2KleinBackend", ("generate", "edit"), ("Flux2KleinPipeline",),
-            inpaint=True, trainable="flux-lora", quantizes=True, steps=4, guidance=1.0, float16=False, batches=True,
+            inpaint=True, trainable="flux-lora", quantizes=True, steps=4, guidance=1.0, float16=False, batches=True, sampling="flow",
         ),
         Family(
             "sdxl", "sdxl:SDXLBackend", ("generate", "edit"), ("StableDiffusionXLPipeline",), inpaint=True,
-            steps=30, guidance=5.0, vae_path=True, batches=True,
+            steps=30, guidance=5.0, vae_path=True, batches=True, sampling="epsilon",
         ),
         Family(
             "z_image", "z_image:ZImageBackend", ("generate", "edit"), ("ZImagePipeline",), inpaint=True,
-            trainable="z-image-lora", steps=9, guidance=0.0, float16=False, batches=True,
+            trainable="z-image-lora", steps=9, guidance=0.0, float16=False, batches=True, sampling="flow",
         ),
         Family(
             "qwen_edit_gguf", "qwen_edit_gguf:QwenEditGGUFBackend", ("edit",), ("QwenImageEditPlusPipeline",),
-            inpaint=True, steps=40, guidance=4.0, float16=False, step_cache=True,
+            inpaint=True, steps=40, guidance=4.0, float16=False, step_cache=True, sampling="flow",
         ),
         Family(
             "upscale_esrgan", "upscale:UpscaleBackend", ("upscale",), in_process=True, isolatable=False, steps=1,

@@ -21,6 +21,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest
+from .samplers import SCHEDULES
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -56,6 +57,9 @@ def build(job: JobRecord, item: Item, seed: int) -> str:
     if tags:
         prompt = f"{prompt} {tags}" if prompt else tags
     params: dict[str, str] = {"Steps": str(item.steps)}
+    if item.sampler:  # as A1111 writes them: the sampler, and the schedule it ran
+        params["Sampler"] = item.sampler
+        params["Schedule type"] = SCHEDULES[item.scheduler].label if item.scheduler in SCHEDULES else "Automatic"
     if item.guidance is not None:
         params["CFG scale"] = _number(item.guidance)
     params["Seed"] = str(seed)
@@ -129,6 +133,9 @@ def parse(text: str) -> dict[str, Any]:
         out["width"], out["height"] = int(size[1]), int(size[2])
     if params.get("Model"):
         out["model"] = params["Model"]
+    for key, name in (("Sampler", "sampler"), ("Schedule type", "scheduler")):
+        if params.get(key):
+            out[name] = params[key]
     return out
 
 

@@ -62,6 +62,8 @@ class Item(Struct, kw_only=True):
     loras: list[Lora] = []
     scale: int | None = None  # upscale jobs: the factor
     cache: str | None = None  # "off" | "fast": the model's step cache for this job (None: the model's default)
+    sampler: str | None = None  # A1111's sampler name (server/samplers.py); None: the model's own scheduler
+    scheduler: str | None = None  # A1111's schedule id (karras...); None: automatic
 
     @property
     def megapixels(self) -> float:
@@ -72,7 +74,7 @@ class Item(Struct, kw_only=True):
         """The denoising steps its pipeline call runs: ``steps`` times ``strength`` for
         img2img and masked edits (``backends.base.run_steps``), else ``steps``.  The
         job's ``total_steps``, its progress, previews and forecast all count these."""
-        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None)
+        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None, self.sampler)
 
 
 class ImageResult(Struct, kw_only=True):
@@ -213,8 +215,8 @@ class JobRecord(Struct, kw_only=True):
 def batch_key(job: JobRecord, batches: bool) -> str:
     """What jobs must share to run in one pipeline call (""): a generate of one item,
     no reference or init image, no mask, on a family that ``batches``
-    (``families.Family.batches``); the same size, steps, guidance, strength and LoRA
-    set, and a negative prompt in all or none.  Prompts, negative prompts, seeds and
+    (``families.Family.batches``); the same size, steps, guidance, strength, sampler,
+    schedule and LoRA set, and a negative prompt in all or none.  Prompts, negative prompts, seeds and
     ``n`` may differ.  The step cache (``cache``) too: one call runs with it or without."""
     if not batches or job.task != "generate" or len(job.items) != 1 or job.upscale is not None:
         return ""
@@ -222,7 +224,8 @@ def batch_key(job: JobRecord, batches: bool) -> str:
     if it.images or it.init_image or it.mask:
         return ""
     loras = ",".join(f"{lr.name}:{lr.scale:g}" for lr in it.loras)
-    return f"{it.width}x{it.height}|{it.steps}|{it.guidance}|{it.strength}|{loras}|{it.negative_prompt is not None}|{it.cache}"
+    sampling = f"{it.sampler}|{it.scheduler}"
+    return f"{it.width}x{it.height}|{it.steps}|{it.guidance}|{it.strength}|{sampling}|{loras}|{it.negative_prompt is not None}|{it.cache}"
 
 
 # the record's fields, for brokers that store one field per key (Redis hashes)

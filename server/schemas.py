@@ -70,6 +70,14 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True, omit_def
     height: Dimension | None = None
     steps: Steps | None = None
     guidance: float | None = None
+    sampler: Annotated[str, Meta(
+        description="An A1111 sampler name the model runs (e.g. Euler a, DPM++ 2M; GET /api/ls lists each model's; "
+                    "an older name with a schedule, DPM++ 2M Karras, works too). Default: the model's own scheduler.",
+        examples=["DPM++ 2M"])] | None = None  # fmt: skip
+    scheduler: Annotated[str, Meta(
+        description="An A1111 schedule (Automatic, Uniform, Karras, Exponential, SGM Uniform) for the sampler. "
+                    "Default: Automatic (the sampler's own: DPM++ 2M runs Karras, else the model's).",
+        examples=["Karras"])] | None = None  # fmt: skip
     n: Annotated[int, Meta(ge=1, le=64, description="Images per prompt.")] = 1
     format: Format = "PNG"
     quality: Quality = 85
@@ -295,6 +303,8 @@ class PngInfoResponse(Struct, kw_only=True, omit_defaults=False):
     model: str | None = None
     loras: Annotated[list[LoraRef], Meta(description="From <lora:name:scale> in the prompt.")] | None = None
     strength: Annotated[float, Meta(description="A1111's Denoising strength (edits).")] | None = None
+    sampler: Annotated[str, Meta(description="A1111's Sampler.")] | None = None
+    scheduler: Annotated[str, Meta(description="A1111's Schedule type.")] | None = None
 
 
 class TasksResponse(Struct, kw_only=True):
@@ -341,6 +351,8 @@ class ModelInfo(Struct, kw_only=True):
     default_height: int
     recommended_steps: int | None
     recommended_guidance: float | None
+    samplers: Annotated[list[str], Meta(description="The sampler names /api/generate's sampler takes for this model (none: it runs its own scheduler only).")] = []
+    schedulers: Annotated[list[str], Meta(description="The schedules its samplers take (scheduler).")] = []
     queue_depth: int
     running: int
     load_error: str | None = None

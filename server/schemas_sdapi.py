@@ -26,9 +26,10 @@ class SdTxt2ImgRequest(Struct, kw_only=True):
     cfg_scale: float | None = None
     width: Annotated[int, Meta(description="A multiple of 16; default: the model's.")] | None = None
     height: Annotated[int, Meta(description="A multiple of 16; default: the model's.")] | None = None
-    sampler_name: Annotated[str, Meta(description="Accepted and listed; easel runs each model's own scheduler (info.sampler_honoured).")] | None = None
-    sampler_index: str | None = None
-    scheduler: str | None = None
+    sampler_name: Annotated[str, Meta(description="A sampler of GET /sdapi/v1/samplers; another is accepted, listed in "
+                                                  "info.ignored, and the model runs its own scheduler (info.sampler_honoured).")] | None = None
+    sampler_index: Annotated[str, Meta(description="The sampler, when sampler_name is not given (A1111's older field).")] | None = None
+    scheduler: Annotated[str, Meta(description="A schedule of GET /sdapi/v1/schedulers (Automatic: the sampler's own).")] | None = None
     override_settings: Annotated[dict[str, Any], Meta(description="sd_model_checkpoint picks the model for this request.")] | None = None
     send_images: bool = True
     priority: Annotated[bool | int, Meta(description="easel: as in /api/generate.")] = False

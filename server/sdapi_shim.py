@@ -4,9 +4,10 @@ and the listings A1111 clients read before they generate.
 
 Routes live in ``routes/sdapi.py``; this module knows nothing about HTTP.
 
-Samplers: every easel model runs its own Diffusers scheduler (the one its weights
-ship with). A1111 sampler and scheduler names are accepted and listed, and ``info``
-says they were not honoured (``sampler_honoured: false``)."""
+Samplers: A1111's ``sampler_name`` (else ``sampler_index``) and ``scheduler`` run as
+the Diffusers scheduler ``server/samplers.py`` maps them to, where the model's family
+runs it; a name it does not run is accepted, listed in ``info.ignored``, and the model
+runs its own scheduler (``info.sampler_honoured: false``): never a 422."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from .errors import BadRequest
 from .families import UPSCALERS
 from .jobs import Item, JobRecord, JobStatus
 from .routes.common import decode
+from .samplers import AUTOMATIC, SCHEDULES, Choice, Unsupported, choose
+from .samplers import samplers as sampler_table
+from .samplers import schedules as schedule_table
 from .schemas import GenerateRequest
 from .schemas_sdapi import SdImg2ImgRequest, SdModel, SdNamed, SdTxt2ImgRequest
 from .version import __version__
@@ -35,16 +39,6 @@ if TYPE_CHECKING:
     from .registry import ModelState
     from .service import Service
 
-# the names A1111 1.10 lists (GET /sdapi/v1/samplers, /schedulers)
-SAMPLERS = ("DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
-            "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++",
-            "PLMS", "UniPC", "LCM")  # fmt: skip
-SCHEDULERS = (("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
-              ("polyexponential", "Polyexponential"), ("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"),
-              ("align_your_steps", "Align Your Steps"), ("simple", "Simple"), ("normal", "Normal"), ("ddim", "DDIM"),
-              ("beta", "Beta"))  # fmt: skip
-# declared in the request types but not acted on: listed as ignored when given
-NOT_HONOURED = {"sampler_name", "sampler_index", "scheduler"}
 UNSET: tuple[Any, ...] = (None, "", [], {}, False, 0, -1, "None")  # values that ask for nothing
 SELECTION = "sdapi:model:{owner}"  # blob key: the model a key picked with POST /options
 
@@ -64,8 +58,8 @@ def decode_object(body: bytes) -> dict[str, Any]:
 
 def ignored(body: dict[str, Any], typ: type[SdTxt2ImgRequest]) -> list[str]:
     """The fields of ``body`` that asked for something easel does not do: every field
-    the request type does not declare (or declares as not honoured)."""
-    honoured = set(typ.__struct_fields__) - NOT_HONOURED
+    the request type does not declare (a sampler the model does not run: ``sampling``)."""
+    honoured = set(typ.__struct_fields__)
     out = [k for k, v in body.items() if k not in honoured and not _unset(v)]
     out += [f"override_settings.{k}" for k, v in (body.get("override_settings") or {}).items()
             if k != "sd_model_checkpoint" and not _unset(v)]  # fmt: skip
@@ -131,6 +125,29 @@ async def model_for(service: Service, caller: Caller, req: SdTxt2ImgRequest) -> 
     return name
 
 
+def sampling(req: SdTxt2ImgRequest, backend: str) -> tuple[dict[str, str], list[str]]:
+    """(GenerateRequest's sampler / scheduler, the A1111 fields not honoured): as A1111,
+    ``sampler_name`` else ``sampler_index``; a sampler or schedule the model's family
+    does not run is dropped (the model runs its own scheduler), never refused."""
+    name = req.sampler_name or req.sampler_index
+    given = "sampler_name" if req.sampler_name else "sampler_index"
+    schedule = req.scheduler if req.scheduler and req.scheduler.casefold() != AUTOMATIC else None
+    try:
+        return _fields(choose(backend, name, schedule)), []
+    except Unsupported as exc:
+        if exc.param == "scheduler" and name:
+            try:  # the sampler on its own schedule
+                return _fields(choose(backend, name, None)), ["scheduler"]
+            except Unsupported:
+                pass
+        return {}, sorted(k for k, v in ((given, name), ("scheduler", schedule)) if v)
+
+
+def _fields(choice: Choice) -> dict[str, str]:
+    sampler, schedule = choice.stored
+    return {k: v for k, v in (("sampler", sampler), ("scheduler", schedule)) if v}
+
+
 def generate_fields(req: SdTxt2ImgRequest, ms: ModelState) -> dict[str, Any]:
     """The GenerateRequest fields of a txt2img request (img2img adds its own)."""
     if req.batch_size > ms.capabilities.max_output_images:
@@ -145,6 +162,7 @@ def generate_fields(req: SdTxt2ImgRequest, ms: ModelState) -> dict[str, Any]:
         fields["prompt"] = prompt
     if loras:
         fields["loras"] = loras
+    fields.update(sampling(req, ms.cfg.backend)[0])
     for name, value in (("negative_prompt", req.negative_prompt or None), ("steps", req.steps), ("guidance", req.cfg_scale),
                         ("width", req.width), ("height", req.height)):  # fmt: skip
         if value is not None:
@@ -229,7 +247,8 @@ def info(job: JobRecord, req: SdTxt2ImgRequest, ignored_fields: list[str]) -> st
         "prompt": first.prompt, "all_prompts": [it.prompt for it, _ in images],
         "negative_prompt": first.negative_prompt or "", "all_negative_prompts": [it.negative_prompt or "" for it, _ in images],
         "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
-        "width": first.width, "height": first.height, "sampler_name": req.sampler_name, "scheduler": req.scheduler,
+        "width": first.width, "height": first.height, "sampler_name": first.sampler or req.sampler_name or req.sampler_index,
+        "scheduler": (SCHEDULES[first.scheduler].label if first.scheduler else "Automatic") if first.sampler else req.scheduler,
         "cfg_scale": first.guidance, "steps": first.steps, "batch_size": first.n, "n_iter": len(job.items),
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": job.model,
         "sd_model_hash": model_hash(job.model)[:10], "sd_vae_name": None, "sd_vae_hash": None,
@@ -239,18 +258,21 @@ def info(job: JobRecord, req: SdTxt2ImgRequest, ignored_fields: list[str]) -> st
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(job.created_at)), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": f"easel {__version__}",
         # easel's own
-        "task_id": job.id, "ignored": ignored_fields, "sampler_honoured": False, "scheduler_honoured": False,
+        "task_id": job.id, "ignored": ignored_fields, "sampler_honoured": first.sampler is not None,
+        "scheduler_honoured": first.sampler is not None and "scheduler" not in ignored_fields,
         "interrupted": job.status is JobStatus.CANCELLED, "message": job.message,
     }  # fmt: skip
     return json.dumps(out)
 
 
-def samplers() -> list[SdNamed]:
-    return [SdNamed(name=n, label=n) for n in SAMPLERS]
+def samplers(backend: str) -> list[SdNamed]:
+    """The samplers a model of ``backend`` runs, as A1111 lists its own."""
+    return [SdNamed(name=s.name, label=s.name, aliases=list(s.aliases),
+                    options={"scheduler": s.default} if s.default else {}) for s in sampler_table(backend)]  # fmt: skip
 
 
-def schedulers() -> list[SdNamed]:
-    return [SdNamed(name=n, label=label) for n, label in SCHEDULERS]
+def schedulers(backend: str) -> list[SdNamed]:
+    return [SdNamed(name=s.name, label=s.label, aliases=list(s.aliases)) for s in schedule_table(backend)]
 
 
 def png_parameters(text: str) -> dict[str, Any]:

@@ -177,9 +177,12 @@ def cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_generate_writes_a_valid_image_and_draws_progress(slow_server: RunningServer, tmp_path: Path) -> None:
     out = tmp_path / "cli.png"
-    res = cli(slow_server, "generate", "from the cli", "-o", str(out), "--steps", "4", "--seed", "42")
+    res = cli(slow_server, "generate", "from the cli", "-o", str(out), "--steps", "4", "--seed", "42",
+              "--sampler", "DPM++ 2M", "--scheduler", "Karras")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert Image.open(out).size == (64, 64)
+    bad = cli(slow_server, "-q", "generate", "x", "-o", str(out), "--sampler", "DPM fast")  # the flag reaches the server
+    assert bad.returncode != 0 and "sampler 'DPM fast' is not one this model runs" in bad.stderr and "Euler a" in bad.stderr
     assert json.loads(res.stdout)[0]["seed"] == 42
     assert "step 4/4" in res.stderr and "ETA" in res.stderr
 

@@ -1,10 +1,18 @@
-"""The Dockerfile's api image, built and run with podman: a Redis (on the host), an
+"""The Dockerfile's images, built and run with podman: a Redis (on the host), an
 API container and a stub-worker container; a job through the API container's port;
-the worker container restarted with jobs queued, and every job finishing.
+the worker container restarted with jobs queued, and every job finishing.  And the
+worker image (torch, Diffusers): a worker container running a tiny SDXL pipeline
+mounted at /models, for a job through an API container.
 
 No container registry is reachable in CI, so the base image is made from Debian
 packages (mmdebstrap -> podman import) and passed as BASE; pip inside the build reads
-the host's pip configuration, mounted for the build only.  Where podman or mmdebstrap
+the host's pip configuration, mounted for the build only.  The worker image is built
+with the ``diffusers`` extra and the torch pip picks (PyPI's CUDA build: ~3 GB of
+NVIDIA libraries, which run on the CPU too), or ``EASEL_TEST_TORCH``'s pip arguments,
+e.g. ``"torch==2.14.1+cpu torchvision==0.29.1+cpu --extra-index-url
+https://download.pytorch.org/whl/cpu"`` where PyTorch's CPU index is reachable (a CPU
+torch needs a CPU torchvision: PyPI's, built for CUDA, fails to import beside it, and
+spandrel imports it).  Where pip finds no torch the worker test skips, saying so.  Where podman or mmdebstrap
 is missing, or the machine cannot run a container, the tests skip with the reason.
 
 Facts of such hosts this handles: rootful podman inside a container needs
@@ -13,6 +21,7 @@ cgroups are hybrid (crun refuses them); HEALTHCHECK needs ``--format docker``.""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -26,12 +35,15 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from .redis_fixtures import RedisServer
 from .servers import ROOT, free_port
 
 BASE_TAG = "localhost/easel-test-base:bookworm"
 API_TAG = "localhost/easel-test-api:latest"
+WORKER_TAG = "localhost/easel-test-worker:latest"
+TORCH_SPEC = os.environ.get("EASEL_TEST_TORCH", "")  # pip arguments that pick torch's build ("": pip's choice)
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -191,3 +203,70 @@ def test_jobs_queued_while_the_worker_restarts_all_finish(cluster: Cluster) -> N
     assert {c.get("/api/status", params={"task_id": t}).json()["status"] for t in tasks} == {"waiting"}
     cluster.podman("start", cluster.worker)
     assert [finished(c, t)["status"] for t in tasks] == ["done"] * 3
+
+
+# ------------------------------------------------------------------ the worker image: torch and Diffusers
+
+
+def torch_found(tmp: Path) -> str | None:
+    """None when the host's pip finds the worker image's torch, else why not."""
+    spec = TORCH_SPEC.split() or ["torch"]
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(tmp), *spec],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    return None if r.returncode == 0 else f"pip finds no torch ({' '.join(spec)}; EASEL_TEST_TORCH): {r.stderr.strip()[-300:]}"
+
+
+@pytest.fixture(scope="module")
+def worker_image(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> str:
+    tmp = tmp_path_factory.mktemp("build_worker")
+    if (why := torch_found(tmp / "probe")) is not None:
+        pytest.skip(why)
+    old = podman("image", "inspect", "-f", "{{.Id}}", WORKER_TAG, check=False).stdout.strip()
+    started = time.monotonic()
+    podman("build", "--format", "docker", "--network", "host", "--target", "worker", "--build-arg", f"BASE={BASE_TAG}",
+           "--build-arg", "EXTRAS=diffusers", "--build-arg", f"TORCH={TORCH_SPEC}", *host_pip_config(tmp),
+           "-t", WORKER_TAG, str(ROOT), timeout=1200)  # fmt: skip
+    print(f"worker image built in {time.monotonic() - started:.0f} s")  # noqa: T201 (the CI log keeps it)
+    if old and old != podman("image", "inspect", "-f", "{{.Id}}", WORKER_TAG).stdout.strip():
+        podman("rmi", old, check=False)  # the last run's image (~6 GB with CUDA's torch) is not kept
+    return WORKER_TAG
+
+
+def test_the_worker_image_runs_a_diffusers_model_for_the_api_container(
+    podman: Podman, api_image: str, worker_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.tiny_pipelines import build_sdxl
+
+    tmp = tmp_path_factory.mktemp("torch_cluster")
+    model = build_sdxl(tmp / "sdxl")
+    subprocess.run(["chmod", "-R", "a+rX", str(model)], check=True)  # the image's user reads it
+    redis = RedisServer(tmp / "redis")
+    redis.start()
+    settings = tmp / "local.json"
+    settings.write_text(json.dumps({"models": {"sdxl": {"backend": "sdxl", "model_path": "/models/sdxl", "device": "cpu", "enabled": True,
+                                                        "default_width": 64, "default_height": 64, "recommended_steps": 2}},
+                                    "default_model": "sdxl", "broker": {"prefix": f"ctrw{free_port()}:"}}))  # fmt: skip
+    settings.chmod(0o644)
+    tag, api_port = f"easel-test-w{free_port()}", free_port()
+    names = [f"{tag}-api", f"{tag}-worker"]
+    try:
+        for name, image, role, port in ((names[0], api_image, "api", api_port), (names[1], worker_image, "worker", free_port())):
+            podman("run", "-d", "--name", name, "--network", "host", "-v", f"{settings}:/srv/easel/local.json:ro",
+                   "-v", f"{model}:/models/sdxl:ro", "-e", f"EASEL_ROLE={role}", "-e", f"EASEL_PORT={port}",
+                   "-e", f"EASEL_BROKER={redis.url}", "-e", "HF_HUB_OFFLINE=1", "-e", "OMP_NUM_THREADS=1", image)  # fmt: skip
+        url = f"http://127.0.0.1:{api_port}"
+        wait_healthy(podman, names[0], url)
+        c = httpx.Client(base_url=url, timeout=60)
+        r = c.post("/api/generate", json={"prompt": "a containerised fox", "seed": 3, "sampler": "DPM++ 2M"})
+        assert r.status_code == 200, r.text
+        st = finished(c, r.json()["task_id"])
+        assert st["status"] == "done", (st, podman("logs", names[1], check=False).stdout[-3000:])
+        png = c.get("/api/image", params={"task_id": st["task_id"]}).content
+        with Image.open(io.BytesIO(png)) as img:  # the infotext: the sampler ran there
+            assert img.size == (64, 64) and "Sampler: DPM++ 2M, Schedule type: Karras" in img.info["parameters"]
+        versions = podman("run", "--rm", worker_image, "python3", "-c", "import torch, spandrel, diffusers; print(torch.__version__)")
+        assert versions.stdout.strip()[:1].isdigit()  # and the upscaler's spandrel imports there too
+    finally:
+        for name in names:
+            podman("rm", "-f", "-t", "5", name, check=False)
+        redis.stop()

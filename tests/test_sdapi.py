@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -61,8 +62,9 @@ def test_txt2img_answers_a1111s_shape_with_seeds_s_s_plus_1(world: World) -> Non
     assert r.info["sd_model_name"] == "stub" and r.info["cfg_scale"] == 3
     assert "Seed: 9" in r.info["infotexts"][2] and r.images[2].info["parameters"] == r.info["infotexts"][2]
     # what webuiapi sends and easel does not do is listed, never refused
-    assert {"sampler_name", "hr_scale", "denoising_strength"} <= set(r.info["ignored"])
-    assert r.info["sampler_name"] == "Euler a" and r.info["sampler_honoured"] is False
+    assert {"hr_scale", "denoising_strength"} <= set(r.info["ignored"])
+    # webuiapi's default sampler, Euler a, is one the model (the stub: an SDXL-like family) runs
+    assert r.info["sampler_name"] == "Euler a" and r.info["sampler_honoured"] is True and "sampler_name" not in r.info["ignored"]
     assert r.parameters["prompt"] == "a red fox"
 
 
@@ -80,6 +82,24 @@ def test_unknown_fields_are_accepted_and_listed(world: World) -> None:
     assert r.status_code == 200, r.text
     info = r.json()["info"]
     assert all(f in info for f in ("alwayson_scripts", "some_future_field", "override_settings.CLIP_stop_at_last_layers"))
+
+
+@pytest.mark.parametrize(("fields", "ignored", "ran"), [
+    ({"sampler_name": "No Such Sampler"}, ["sampler_name"], None),
+    ({"sampler_index": "Restart"}, ["sampler_index"], None),  # A1111 has it; Diffusers has no counterpart
+    ({"sampler_name": "DDIM", "scheduler": "Karras"}, ["scheduler"], "DDIM"),  # DDIM takes no Karras sigmas
+    ({"sampler_name": "DPM++ 2M SDE Karras"}, [], "DPM++ 2M SDE"),  # A1111's older name: sampler + schedule
+])  # fmt: skip
+def test_samplers_the_model_does_not_run_are_listed_as_ignored_never_refused(
+    world: World, fields: dict[str, str], ignored: list[str], ran: str | None
+) -> None:
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 1, **fields}
+    r = httpx.post(f"{world.srv.url}/sdapi/v1/txt2img", json=body, auth=("u", KEYS[0]), timeout=60)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert [f for f in info["ignored"] if f in ("sampler_name", "sampler_index", "scheduler")] == ignored
+    assert info["sampler_honoured"] is (ran is not None)
+    assert (f"Sampler: {ran}," in info["infotexts"][0]) if ran else "Sampler:" not in info["infotexts"][0]
 
 
 @pytest.mark.parametrize(("path", "body", "param"), [
@@ -206,6 +226,7 @@ def test_extra_single_image_upscales(world: World) -> None:
 def test_listings_clients_read_first(world: World) -> None:
     api = client(world)
     assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+    assert "Restart" not in api.util_get_sampler_names()  # listed: only what the model runs
     assert [lr["name"] for lr in api.get_loras()] == ["style"]
     assert api.get_sd_vae() == [] and api.get_cmd_flags()["api"] is True
     assert api.get_memory()["ram"]["total"] > 0

@@ -88,5 +88,7 @@ def test_sillytavern_sequence(srv: RunningServer) -> None:
     data = res.json()
     assert png_of(data["images"][0]).size == (64, 64)
     info = json.loads(data["info"])
-    assert {"url", "hr_scale", "denoising_strength", "override_settings.sd_vae", "sampler_name"} <= set(info["ignored"])
+    assert {"url", "hr_scale", "denoising_strength", "override_settings.sd_vae"} <= set(info["ignored"])
+    assert info["sampler_honoured"] and (info["sampler_name"], info["scheduler"]) == ("DPM++ 2M", "Karras")
+    assert "sampler_name" not in info["ignored"] and "Sampler: DPM++ 2M, Schedule type: Karras" in info["infotexts"][0]
     assert api.post("/sdapi/v1/interrupt").is_success  # sent when the user closes the request

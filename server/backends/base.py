@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ..families import FAMILIES
+from ..samplers import timesteps
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -112,15 +113,16 @@ def host_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
-def run_steps(steps: int, strength: float | None, partial: bool) -> int:
+def run_steps(steps: int, strength: float | None, partial: bool, sampler: str | None = None) -> int:
     """The denoising steps a pipeline call really runs: img2img and inpainting
     (``partial``) start ``strength`` of the way into the schedule, so they run
     ``int(steps * strength)`` of ``steps`` (Diffusers' rule; 0 means none, a request
-    the build refuses); any other call runs ``steps``.  A family that rounds otherwise
-    reports its own total with each step, and that total wins (server/worker/context.py)."""
-    if not partial or strength is None:
-        return steps
-    return min(steps, int(steps * strength))
+    the build refuses); any other call runs ``steps``.  Some samplers run more
+    timesteps than steps, each a step of the call (Heun: 2n - 1; ``samplers.timesteps``).
+    A family that rounds otherwise reports its own total with each step, and that
+    total wins (server/worker/context.py)."""
+    n = steps if not partial or strength is None else min(steps, int(steps * strength))
+    return timesteps(sampler, n)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class WorkItem:
     loras: list[LoraSpec] = field(default_factory=list)
     cache: str | None = None  # "off" | "fast": the model's step cache for this call (None: the model's step_cache)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
+    sampler: str | None = None  # A1111's sampler name (server/samplers.py); None: the model's own scheduler
+    scheduler: str | None = None  # A1111's schedule id; None: automatic
 
     @property
     def megapixels(self) -> float:
@@ -162,7 +166,7 @@ class WorkItem:
     @property
     def run_steps(self) -> int:
         """The steps the call runs (``run_steps``): fewer than ``steps`` for img2img."""
-        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None)
+        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None, self.sampler)
 
 
 class StepContext(Protocol):

@@ -17,6 +17,7 @@ import torch
 
 from .base import BackendError, StepContext, WorkItem
 from .lora import applied_loras
+from .sampling import scheduler_for
 from .speed import use_step_cache
 
 if TYPE_CHECKING:
@@ -55,16 +56,17 @@ def run_batch(backend: DiffusersBackend, items: list[WorkItem], ctx: StepContext
         return kw
 
     use_step_cache(backend.pipe, backend.cfg, first.cache)
-    with applied_loras(backend.pipe, first.loras, backend.cfg.lora_dir, backend.name, backend.cfg.lora_cache_size, backend.cfg.compile == "regional"):
+    with (applied_loras(backend.pipe, first.loras, backend.cfg.lora_dir, backend.name, backend.cfg.lora_cache_size, backend.cfg.compile == "regional"),
+          scheduler_for(pipe, backend.cfg.backend, first.sampler, first.scheduler)):  # fmt: skip
         out = pipe(generator=generators, num_images_per_prompt=1, callback_on_step_end=callback, **kwargs)
     return [out.images[r : r + it.n] for it, r in zip(items, rows, strict=True)]
 
 
 def check_compatible(backend: DiffusersBackend, items: list[WorkItem]) -> None:
-    """Only generates of one size, steps, guidance, LoRA set and step cache share a call."""
+    """Only generates of one size, steps, guidance, sampler, schedule, LoRA set and step cache share a call."""
     first = items[0]
-    call = (first.width, first.height, first.steps, first.guidance, first.loras, first.negative_prompt is None, first.cache)
+    call = (first.width, first.height, first.steps, first.guidance, first.sampler, first.scheduler, first.loras, first.negative_prompt is None, first.cache)
     for it in items:
-        same = (it.width, it.height, it.steps, it.guidance, it.loras, it.negative_prompt is None, it.cache) == call
+        same = (it.width, it.height, it.steps, it.guidance, it.sampler, it.scheduler, it.loras, it.negative_prompt is None, it.cache) == call
         if not same or it.task != "generate" or it.images or it.init_image is not None or it.mask is not None or not backend._batchable(it):
             raise BackendError(f"model {backend.name!r}: these jobs cannot share a pipeline call; they run one by one")

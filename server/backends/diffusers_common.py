@@ -25,6 +25,7 @@ from .lora import applied_loras
 from .memory import peak_mib
 from .memory import release_cache as release_cached_blocks
 from .prompt_cache import PromptCache
+from .sampling import scheduler_for
 from .speed import apply_speed_knobs, reset_attention_backend, use_step_cache
 from .weights import device_map, resolve_device, resolve_dtype, resolve_source
 
@@ -393,7 +394,8 @@ class DiffusersBackend:
         failure: BackendError | None = None
         use_step_cache(self.pipe, self.cfg, item.cache)
         try:
-            with applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size, self.cfg.compile == "regional"):
+            with (applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size, self.cfg.compile == "regional"),
+                  scheduler_for(pipe, self.cfg.backend, item.sampler, item.scheduler)):  # fmt: skip
                 for k, gens in enumerate(batches):
                     callback = step_callback(ctx, preview, len(batches), k)
                     out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)

@@ -13,6 +13,7 @@ from ..auth import OPEN, Caller, caller_of
 from ..broker.base import ALL
 from ..openapi import Doc, Param, route
 from ..registry import ModelState, device_report
+from ..samplers import samplers, schedules
 from ..schemas import ModelInfo, ModelsResponse, PauseResponse, WorkerView
 from ..service import ModelStatus, Service
 from .common import json_response, service_of
@@ -35,6 +36,8 @@ async def model_info(service: Service, ms: ModelState, status: ModelStatus, fore
         default_height=cfg.default_height,
         recommended_steps=cfg.recommended_steps,
         recommended_guidance=cfg.recommended_guidance,
+        samplers=[s.name for s in samplers(cfg.backend)],
+        schedulers=[s.label for s in schedules(cfg.backend)] if samplers(cfg.backend) else [],
         queue_depth=status.waiting,
         running=status.running,
         load_error=status.load_error,

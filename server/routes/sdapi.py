@@ -85,7 +85,8 @@ async def generate(request: Request, typ: type[SdTxt2ImgRequest]) -> Response:
     images = [_b64((await service.image(job, r.index, delete=False))[1]) for r in job.results] if req.send_images else []
     if isinstance(req, SdImg2ImgRequest) and req.include_init_images:
         images += [_bare(i) for i in req.init_images]
-    return json_response(SdImagesResponse(images=images, parameters=body, info=sdapi_shim.info(job, req, sdapi_shim.ignored(body, typ))))
+    ignored = sorted(sdapi_shim.ignored(body, typ) + sdapi_shim.sampling(req, ms.cfg.backend)[1])
+    return json_response(SdImagesResponse(images=images, parameters=body, info=sdapi_shim.info(job, req, ignored)))
 
 
 async def finished(request: Request, service: Service, job: JobRecord) -> JobRecord:
@@ -169,11 +170,14 @@ async def options(request: Request) -> Response:
 
 
 async def samplers(request: Request) -> Response:
-    return json_response(sdapi_shim.samplers())
+    """The samplers of the caller's model (its pick with POST /options, else the default)."""
+    service = service_of(request)
+    return json_response(sdapi_shim.samplers(service.model(await _current(service, caller_of(request.scope))).cfg.backend))
 
 
 async def schedulers(request: Request) -> Response:
-    return json_response(sdapi_shim.schedulers())
+    service = service_of(request)
+    return json_response(sdapi_shim.schedulers(service.model(await _current(service, caller_of(request.scope))).cfg.backend))
 
 
 async def loras(request: Request) -> Response:
@@ -265,8 +269,9 @@ ROUTES: list[Any] = [
         "GET: the caller's model as sd_model_checkpoint; POST sd_model_checkpoint: the model of the caller's later "
         "sdapi jobs (others' are unchanged); other options are ignored", SdOptionsRequest)),
     route(f"{PREFIX}/sd-models", sd_models, ["GET"], _list("Models that generate or edit, as A1111 checkpoints", SdModel)),
-    route(f"{PREFIX}/samplers", samplers, ["GET"], _list("A1111 sampler names (accepted; each model runs its own scheduler)", SdNamed)),
-    route(f"{PREFIX}/schedulers", schedulers, ["GET"], _list("A1111 scheduler names (accepted; not honoured)", SdNamed)),
+    route(f"{PREFIX}/samplers", samplers, ["GET"], _list(
+        "The samplers the caller's model runs (others are accepted and listed in info.ignored)", SdNamed)),
+    route(f"{PREFIX}/schedulers", schedulers, ["GET"], _list("The schedules the caller's model's samplers take", SdNamed)),
     route(f"{PREFIX}/loras", loras, ["GET"], _list("LoRAs in the caller's model's lora_dir, for <lora:NAME:SCALE>", SdLora)),
     route(f"{PREFIX}/upscalers", upscalers, ["GET"], _list("Upscaler models", SdUpscaler)),
     route(f"{PREFIX}/sd-vae", sd_vae, ["GET"], _list("VAEs (none: each model uses its own)", SdVae)),

@@ -54,6 +54,7 @@ def work_item(task: str, item: Item, inputs: Inputs) -> WorkItem:
         mask_blur=item.mask_blur,
         loras=[LoraSpec(lr.name, lr.scale) for lr in item.loras], cache=item.cache,
         extra={"scale": item.scale} if item.scale else {},
+        sampler=item.sampler, scheduler=item.scheduler,
     )  # fmt: skip
 
 
