@@ -143,12 +143,15 @@ def test_a_status_filter_on_the_queue_lists_only_those(srv: RunningServer, pause
 def test_a_keys_own_queued_job_behind_more_than_a_page_of_others_is_listed_and_counted(srv: RunningServer, paused: None) -> None:
     with client(srv, ALICE) as alice, client(srv, BOB) as bob:
         theirs = [submit(alice, f"{SECRET} {i}") for i in range(5)]
-        mine = submit(bob, "bob's late job")
+        mine = submit(bob, "bob's late job", priority=1)  # a lower priority: behind all of alice's, fair share or not
         own = tasks(srv, BOB, limit=3)
         assert [j["task_id"] for j in own["queue"]] == [mine] and own["queue_total"] == 1
         assert own["queue"][0]["pos"] == 5
         shared = tasks(srv, BOB, limit=3, scope="shared")
         assert [j["task_id"] for j in shared["queue"]] == theirs[:3] and shared["queue_total"] == 6
+        early = submit(bob, "bob's job at alice's priority")  # fair share: after one more of alice's, not all five
+        assert tasks(srv, BOB, limit=3)["queue"][0]["pos"] == 1
+        bob.delete(f"/api/tasks/{early}")
         for t in theirs:
             alice.delete(f"/api/tasks/{t}")
         bob.delete(f"/api/tasks/{mine}")
