@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from .servers import RunningServer, stub_settings
-from .web_fixtures import TIMEOUT_MS, PageGuard, browser, expect, guard, shot  # noqa: F401  (fixtures)
+from .web_fixtures import TIMEOUT_MS, PageGuard, browser, expect, guard, open_ready, shot  # noqa: F401  (fixtures)
 
 SECRET = "alice's secret lighthouse"
 KEYS = {"alice": "alice-key", "bob": "bob-key", "root": "root-key"}
@@ -36,14 +36,7 @@ def open_page(browser: Any, web_server: RunningServer, guard: PageGuard) -> Iter
         ctx = browser.new_context(viewport={"width": 1280, "height": 900})
         ctx.add_init_script(f"localStorage.setItem('easel.apiKey', {KEYS[who]!r})")
         contexts.append(ctx)
-        pg = ctx.new_page()
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.on("console", guard.on_console)
-        pg.on("pageerror", lambda exc: guard.errors.append(f"uncaught: {exc}"))
-        pg.on("request", guard.on_request)
-        pg.goto(web_server.url + "/")
-        pg.wait_for_selector("body[data-ready]")
-        return pg
+        return open_ready(ctx, web_server.url, guard)
 
     yield make
     for ctx in contexts:

@@ -62,15 +62,20 @@ def guard() -> PageGuard:
 @pytest.fixture
 def page(browser: Any, web_server: RunningServer, guard: PageGuard) -> Iterator[Any]:
     ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    yield open_ready(ctx, web_server.url, guard)
+    ctx.close()
+
+
+def open_ready(ctx: Any, url: str, guard: PageGuard) -> Any:
+    """A new page of ``ctx`` on the web UI at ``url``, watched by ``guard``, once the app is ready."""
     pg = ctx.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
     pg.on("console", guard.on_console)
     pg.on("pageerror", lambda exc: guard.errors.append(f"uncaught: {exc}"))
     pg.on("request", guard.on_request)
-    pg.goto(web_server.url + "/")
+    pg.goto(url + "/")
     pg.wait_for_selector("body[data-ready]")
-    yield pg
-    ctx.close()
+    return pg
     assert guard.errors == [], f"console errors: {guard.errors}"
     assert guard.offsite == [], f"requests left loopback: {guard.offsite}"
 
