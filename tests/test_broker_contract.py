@@ -287,6 +287,43 @@ async def test_two_keys_take_turns_and_weights_set_the_share(broker: Broker) -> 
     assert order == ["h", "h", "h", "l"] * 10
 
 
+async def test_jobs_left_waiting_in_the_layout_before_fair_share_join_their_lanes(
+    redis_flushed: RedisServer, anyio_backend: str,  # noqa: F811
+) -> None:
+    """A Redis written by a version before fair share: its waiting jobs sit in ``q:{m}``
+    and the per-level sums, in no lane, and their records name no share.  A node of
+    this version moves them into lanes when it starts: they run in their old order."""
+    old = redis_broker(redis_flushed.url)
+    await old.start()
+    jobs = [make_job(p) for p in [0, 1, 0, 0, 1]]
+    for j in jobs:
+        await old.submit(j, {}, capacity=100)
+    r, prefix = old._redis, old.prefix  # type: ignore[attr-defined]
+    for pattern in ("ln:*", "rr:*", "fen:*", "pop:*"):  # the lanes did not exist
+        for key in [k async for k in r.scan_iter(match=prefix + pattern)]:
+            await r.delete(key)
+    await r.delete(prefix + "seq:m")
+    for j in jobs:
+        await r.hdel(f"{prefix}job:{j.id}", "share", "weight")
+    level_sums = f"{prefix}fen:m:{2**20}"  # one of the old layout's per-level trees
+    await r.hset(level_sums, mapping={"t:45": 3})
+    assert await old.claim("m", "w", lease=30, timeout=0) is None  # stranded: no lane holds them
+    await old.close()
+    new = redis_broker(redis_flushed.url)
+    await new.start()
+    try:
+        expected = [j.id for j in sorted(jobs, key=lambda j: (j.priority, j.seq))]
+        assert [j.id for j in await new.waiting("m", 100)] == expected
+        for n, job_id in enumerate(expected):
+            stored = await new.get(job_id)
+            assert stored is not None and int((await new.standing(stored, "m")).ahead[DIM]) == n
+        assert not await r.exists(level_sums)
+        claimed = [(await new.claim("m", "w", lease=30, timeout=0)) for _ in expected]
+        assert [c.id for c in claimed if c is not None] == expected
+    finally:
+        await new.close()
+
+
 async def test_a_move_reorders_a_key_s_own_jobs_or_puts_a_job_first(broker: Broker) -> None:
     a = [make_job(share="a") for _ in range(3)]
     b = [make_job(share="b") for _ in range(3)]

@@ -24,6 +24,9 @@ key                     type         holds
                                      (``node:entry``), its totals (``t:entry``), the
                                      sums of the heads taken (``p:entry``) and the
                                      entries its jobs use (``u:entry``)
+``fen:{m}:{level}``      hash         before fair share: the level's one tree (and
+``pop:{m}:{level}``     list         its popped heads); lua/migrate_lanes.lua moves
+                                     such a queue's jobs into lanes and removes them
 ``pop:{m}:{level}:{s}`` list         ``position|vec`` of the heads taken, still in
                                      the tree (lua/queue.lua)
 ``run:{m}``             sorted set   running job -> lease deadline (Redis TIME)
@@ -72,6 +75,9 @@ KEYS: dict[str, str] = {
     "turns": "rr:{m}:{level}",
     "fenwick": "fen:{m}:{level}:{share}",
     "popped": "pop:{m}:{level}:{share}",
+    # a level's sums and popped list before fair share (one per level): removed by lua/migrate_lanes.lua
+    "old_fenwick": "fen:{m}:{level}",
+    "old_popped": "pop:{m}:{level}",
     "running": "run:{m}",
     "presence": "wk:{m}",
     "worker_info": "wki:{m}",

@@ -32,6 +32,8 @@ class RedisEvents(RedisBase):
         self._loop = asyncio.get_running_loop()
         self._closed = False
         await self._measure_clock()
+        if moved := int(await self._script("migrate_lanes")):
+            log.warning("%d waiting jobs queued by an older version joined their fair-share lanes", moved)
         last = await self._redis.xrevrange(self.events_key, count=1)
         last_id = last[0][0] if last else b"0-0"
         self._reader_redis = aioredis.Redis.from_url(self.url, **client_options(socket_timeout=READ_BLOCK_MS / 1000 + 10))
