@@ -33,6 +33,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from server.backends.base import Task, WorkItem  # noqa: E402
+from server.items import Item  # noqa: E402
 from tests.backend_helpers import RecordingContext, load_backend, reference  # noqa: E402
 
 EDIT_ONLY = {"qwen_edit_gguf"}
@@ -131,7 +132,7 @@ def bench_backend(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> N
     rows = []
     for size in args.sizes:
         w, h = parse_size(size)
-        work = WorkItem(task=task, prompt="a lighthouse at dusk", width=w, height=h, steps=args.steps, seed=0, images=base_refs)
+        work = WorkItem(task, Item(prompt="a lighthouse at dusk", width=w, height=h, steps=args.steps, seed=0), images=base_refs)
         rows.append(Row(f"{w}x{h}" + (" (1 ref)" if base_refs else ""), *measure(backend, work, args.repeats)))
     print(table(f"### {name}: by resolution", rows))
 
@@ -141,15 +142,8 @@ def bench_backend(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> N
         for n in args.refs:
             if n == 0 and name in EDIT_ONLY:
                 continue
-            work = WorkItem(
-                task="edit" if n else "generate",
-                prompt="put them together",
-                width=w,
-                height=h,
-                steps=args.steps,
-                seed=0,
-                images=refs[:n],
-            )
+            spec = Item(prompt="put them together", width=w, height=h, steps=args.steps, seed=0)
+            work = WorkItem("edit" if n else "generate", spec, images=refs[:n])
             rows.append(Row(f"{n} refs @ {w}x{h}", *measure(backend, work, args.repeats)))
         print(table(f"### {name}: by number of reference images", rows))
 
@@ -172,15 +166,8 @@ def bench_isolated(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> 
     child = psutil.Process(backend.pid)
     task: Task = "edit" if name in EDIT_ONLY else "generate"
     w, h = parse_size(args.sizes[-1])
-    work = WorkItem(
-        task=task,
-        prompt="a lighthouse",
-        width=w,
-        height=h,
-        steps=args.steps,
-        seed=0,
-        images=[reference()] if task == "edit" else [],
-    )
+    spec = Item(prompt="a lighthouse", width=w, height=h, steps=args.steps, seed=0)
+    work = WorkItem(task, spec, images=[reference()] if task == "edit" else [])
     start = time.perf_counter()
     backend.run(work, RecordingContext())
     run_s = time.perf_counter() - start

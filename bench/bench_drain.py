@@ -56,6 +56,7 @@ from server import hostmem  # noqa: E402
 from server.backends import create_backend  # noqa: E402
 from server.backends.base import WorkItem  # noqa: E402
 from server.config import build_settings  # noqa: E402
+from server.items import Item  # noqa: E402
 from server.worker.encode import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext  # noqa: E402
@@ -151,7 +152,7 @@ def direct_drain(backend: Any, n: int, size: int, steps: int) -> dict[str, float
     t0 = time.perf_counter()
     image = None
     for i in range(n):
-        image = backend.run(WorkItem(task="generate", prompt=PROMPT, width=size, height=size, steps=steps, seed=i), ctx)[0]
+        image = backend.run(WorkItem("generate", Item(prompt=PROMPT, width=size, height=size, steps=steps, seed=i)), ctx)[0]
     calls = time.perf_counter() - t0
     encode(image, "PNG", 85)  # the server's last job is encoded before its finished_at
     return {"calls": calls, "with_last_encode": time.perf_counter() - t0}

@@ -34,7 +34,7 @@ def main() -> None:
 
     import torch
 
-    from server.backends.base import LoraSpec
+    from server.items import Lora
     from tests import tiny_pipelines as tp
     from tests.backend_helpers import RecordingContext, item, load_backend
 
@@ -53,13 +53,13 @@ def main() -> None:
         try:
             patterns = {"A,A,A,A": "AAAA", "A,B,A,B": "ABAB"}
             for name in "AB":  # warm-up: both adapters loaded once (the cache's steady state)
-                backend.run(item(loras=[LoraSpec(name, 1.0)]), RecordingContext())
+                backend.run(item(loras=[Lora(name, 1.0)]), RecordingContext())
             per_job: dict[str, list[float]] = {label: [] for label in patterns}
             for _ in range(max(1, args.jobs // 4)):  # blocks of the two patterns interleaved: shared cores drift alike
                 for label, names in patterns.items():
                     start = time.perf_counter()
                     for name in names:
-                        backend.run(item(loras=[LoraSpec(name, 1.0)]), RecordingContext())
+                        backend.run(item(loras=[Lora(name, 1.0)]), RecordingContext())
                     per_job[label].append((time.perf_counter() - start) / len(names))
             results = {label: (statistics.median(t), statistics.mean(t)) for label, t in per_job.items()}
             base = results["A,A,A,A"][0]

@@ -31,6 +31,7 @@ from server import hostmem  # noqa: E402
 from server.backends import create_backend  # noqa: E402
 from server.backends.base import WorkItem  # noqa: E402
 from server.config import build_settings  # noqa: E402
+from server.items import Item  # noqa: E402
 from server.worker.process import ModelProcess  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext  # noqa: E402
@@ -40,7 +41,7 @@ def drain(backend: Any, n: int, size: int, steps: int) -> float:
     ctx = NoopContext()
     t0 = time.perf_counter()
     for i in range(n):
-        backend.run(WorkItem(task="generate", prompt=PROMPT, width=size, height=size, steps=steps, seed=i), ctx)
+        backend.run(WorkItem("generate", Item(prompt=PROMPT, width=size, height=size, steps=steps, seed=i)), ctx)
     return time.perf_counter() - t0
 
 

@@ -113,8 +113,8 @@ def generate(dtype: str) -> Check:
         target.found[f"peak {dtype}"] = peak
         target.found[f"seconds {dtype}"] = seconds
         refs = f", {len(item.images)} ref" if item.images else ""
-        detail = f"{item.steps} steps{refs}, {DTYPES[dtype]} on {env.device}; loaded in {loaded.seconds:.2f} s"
-        return Result(seconds, peak, f"{item.width}x{item.height}", detail)
+        detail = f"{item.spec.steps} steps{refs}, {DTYPES[dtype]} on {env.device}; loaded in {loaded.seconds:.2f} s"
+        return Result(seconds, peak, f"{item.spec.width}x{item.spec.height}", detail)
 
     return Check(f"generate {dtype}", run)
 

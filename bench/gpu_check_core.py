@@ -3,6 +3,7 @@ rows and results, loading a model as the server does and timing one run."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import numpy as np
 import torch
 
 from server.backends.base import Task, WorkItem
 from server.config import build_settings
+from server.items import Item
 from server.registry import ModelState
 from server.worker.host import ModelHost
 from tests.backend_helpers import NoopContext, reference
@@ -132,7 +135,12 @@ def work(target: Target, refs: int | None = None, size: tuple[int, int] | None =
     images = [reference(target.ref_side, target.ref_side, seed=i) for i in range(k)]
     strength = 1.0 if images and target.backend in ONE_REFERENCE else None  # img2img: every step denoises
     task: Task = "edit" if k else "generate"
-    return WorkItem(task=task, prompt=PROMPT, width=w, height=h, steps=target.steps, seed=1, images=images, strength=strength)
+    return WorkItem(task, Item(prompt=PROMPT, width=w, height=h, steps=target.steps, seed=1, strength=strength), images=images)
+
+
+def respec(item: WorkItem, **changes: Any) -> WorkItem:
+    """``item`` with its spec's ``changes`` (a new spec; the old item is left as it was)."""
+    return dataclasses.replace(item, spec=msgspec.structs.replace(item.spec, **changes))
 
 
 def timed_run(env: Env, ms: ModelState, item: WorkItem) -> tuple[float, float | None]:
@@ -148,8 +156,9 @@ def timed_run(env: Env, ms: ModelState, item: WorkItem) -> tuple[float, float | 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / MIB if env.cuda else None
-    if len(images) != item.n or any(im.size != (item.width, item.height) for im in images):
-        raise AssertionError(f"asked {item.n} image(s) {item.width}x{item.height}, got {[im.size for im in images]}")
+    spec = item.spec
+    if len(images) != spec.n or any(im.size != (spec.width, spec.height) for im in images):
+        raise AssertionError(f"asked {spec.n} image(s) {spec.width}x{spec.height}, got {[im.size for im in images]}")
     if any(float(np.asarray(im.convert("RGB"), dtype=np.float32).std()) < 1.0 for im in images):
         raise AssertionError("a uniform image came back (NaN or overflow in the pipeline, e.g. an fp16 VAE)")
     return seconds, peak

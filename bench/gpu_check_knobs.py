@@ -20,16 +20,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from typing import Any
 
 import torch
 
-from bench.gpu_check_core import Check, Env, Loaded, Result, Skip, Target, timed_run, work
-from server.backends.base import LoraSpec
+from bench.gpu_check_core import Check, Env, Loaded, Result, Skip, Target, respec, timed_run, work
 from server.backends.speed import denoiser, reset_attention_backend, set_attention_backend
 from server.families import FAMILIES
+from server.items import Lora
 
 ATTENTION = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flex", "flash", "_flash_3", "sage", "xformers")
 HOPPER = (9, 0)
@@ -53,7 +52,7 @@ def prompt_cache(env: Env, target: Target, loaded: Loaded) -> Result:
     calls, hooks = encoder_calls(backend.pipe)
     try:
         for k in range(3):
-            new.append(timed_run(env, ms, dataclasses.replace(item, prompt=f"{item.prompt}, take {k}"))[0])
+            new.append(timed_run(env, ms, respec(item, prompt=f"{item.spec.prompt}, take {k}"))[0])
             before = len(calls)
             repeated.append(timed_run(env, ms, item)[0])
             if len(calls) != before:
@@ -156,7 +155,7 @@ def step_cache_per_job(env: Env, target: Target, loaded: Loaded) -> Result:
     try:
         for cache in ("fast", "off", "fast"):
             calls.clear()
-            found[cache] = (timed_run(env, ms, dataclasses.replace(work(target), cache=cache))[0], len(calls))
+            found[cache] = (timed_run(env, ms, respec(work(target), cache=cache))[0], len(calls))
     finally:
         hook.remove()
     (fast, fast_calls), (off, off_calls) = found["fast"], found["off"]
@@ -184,7 +183,7 @@ def lora_hotswap(env: Env, target: Target, loaded: Loaded) -> Result:
     item = work(target)
 
     def job(*loras: tuple[str, float]) -> float:
-        return timed_run(env, ms, dataclasses.replace(item, loras=[LoraSpec(n, s) for n, s in loras]))[0]
+        return timed_run(env, ms, respec(item, loras=[Lora(n, s) for n, s in loras]))[0]
 
     first = job(("one", 1.0))  # the first LoRA changes the blocks: this call compiles
     with torch._dynamo.config.patch(error_on_recompile=True):

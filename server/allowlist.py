@@ -24,7 +24,8 @@ from .errors import NotAllowed
 
 if TYPE_CHECKING:
     from .auth import Caller
-    from .jobs import Item, JobRecord
+    from .items import Item
+    from .jobs import JobRecord
 
 DENOISING = ("generate", "edit")  # the tasks whose steps max_steps limits
 

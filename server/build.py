@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 from PIL import Image
 
-from .backends.base import BackendError, run_steps
+from .backends.base import BackendError
 from .backends.lora import resolve_lora
 from .errors import BadRequest
 from .families import default_steps, family
-from .jobs import Item, JobRecord, Lora, batch_key, input_key, new_id
+from .items import Item, Lora, run_steps
+from .jobs import JobRecord, batch_key, input_key, new_id
 from .masking import BAD_IMAGE, DEFAULT_BLUR, canvas_size, decode_mask, encode_mask, encode_png, expand_canvas, is_all_keep
 from .model_checks import cache_problem
 from .samplers import Unsupported, choose

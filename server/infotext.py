@@ -26,7 +26,8 @@ from .samplers import SCHEDULES
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from .jobs import Item, JobRecord
+    from .items import Item
+    from .jobs import JobRecord
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
-from .backends.base import run_steps
+from .items import Item
 from .training.plan import TrainPlan
 
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -35,46 +35,6 @@ class JobStatus(str, enum.Enum):
     @property
     def finished(self) -> bool:
         return self in (JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED)
-
-
-class Lora(Struct, frozen=True):
-    name: str
-    scale: float = 1.0
-
-
-class Item(Struct, kw_only=True):
-    """One pipeline call of a job: ``n`` images for one prompt; image ``k`` uses
-    seed ``seed + k``.  Images are blob keys (``images``, ``init_image``, ``mask``)."""
-
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    seed: int
-    n: int = 1
-    negative_prompt: str | None = None
-    guidance: float | None = None
-    images: list[str] = []
-    init_image: str | None = None
-    strength: float | None = None
-    mask: str | None = None  # L PNG, 255 = repaint (server/masking.py), the size of images[0]
-    mask_blur: int = 0  # feather (px) inside the mask's edge when compositing
-    loras: list[Lora] = []
-    scale: int | None = None  # upscale jobs: the factor
-    cache: str | None = None  # "off" | "fast": the model's step cache for this job (None: the model's default)
-    sampler: str | None = None  # A1111's sampler name (server/samplers.py); None: the model's own scheduler
-    scheduler: str | None = None  # A1111's schedule id (karras...); None: automatic
-
-    @property
-    def megapixels(self) -> float:
-        return self.width * self.height / 1_000_000
-
-    @property
-    def run_steps(self) -> int:
-        """The denoising steps its pipeline call runs: ``steps`` times ``strength`` for
-        img2img and masked edits (``backends.base.run_steps``), else ``steps``.  The
-        job's ``total_steps``, its progress, previews and forecast all count these."""
-        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None, self.sampler)
 
 
 class ImageResult(Struct, kw_only=True):

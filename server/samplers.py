@@ -163,7 +163,7 @@ class Choice:
 
     @property
     def stored(self) -> tuple[str | None, str | None]:
-        """(sampler, schedule) as a job keeps them (``jobs.Item``): canonical names, the
+        """(sampler, schedule) as a job keeps them (``items.Item``): canonical names, the
         schedule that runs (None: the model's own)."""
         if self.sampler is None:
             return None, None

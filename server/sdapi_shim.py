@@ -25,7 +25,8 @@ from .auth import OPEN
 from .build import decode_b64, parse_seed
 from .errors import BadRequest
 from .families import UPSCALERS
-from .jobs import Item, JobRecord, JobStatus
+from .items import Item
+from .jobs import JobRecord, JobStatus
 from .routes.common import decode
 from .samplers import AUTOMATIC, SCHEDULES, Choice, Unsupported, choose
 from .samplers import samplers as sampler_table

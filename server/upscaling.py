@@ -26,7 +26,8 @@ from .backends.base import BackendError
 from .build import Inputs, load_image, parse_format, parse_priority
 from .errors import BadRequest, Conflict
 from .families import UPSCALERS
-from .jobs import Item, JobRecord
+from .items import Item
+from .jobs import JobRecord
 
 if TYPE_CHECKING:
     from .auth import Caller

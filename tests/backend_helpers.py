@@ -13,6 +13,7 @@ from PIL import Image
 from server.backends import create_backend
 from server.backends.base import Backend, JobCancelled, WorkItem
 from server.config import ModelConfig, Settings
+from server.items import Item
 
 
 class NoopContext:
@@ -66,10 +67,15 @@ def load_backend(backend: str, **cfg: Any) -> Backend:
     return instance
 
 
+DECODED = ("images", "init_image", "mask")  # WorkItem's own fields: the inputs as images
+
+
 def item(task: str = "generate", **kw: Any) -> WorkItem:
-    """A small, fast WorkItem: 64x64, 2 steps, seed 0."""
+    """A small, fast WorkItem: 64x64, 2 steps, seed 0; ``kw`` are ``items.Item``'s
+    fields, or the decoded input images (``images``, ``init_image``, ``mask``)."""
     defaults: dict[str, Any] = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 0}
-    return WorkItem(task=task, **{**defaults, **kw})  # type: ignore[arg-type]
+    spec = Item(**{**defaults, **{k: v for k, v in kw.items() if k not in DECODED}})
+    return WorkItem(task, spec, **{k: v for k, v in kw.items() if k in DECODED})  # type: ignore[arg-type]
 
 
 def reference(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:

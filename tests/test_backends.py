@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from server.backends import create_backend
-from server.backends.base import BackendError, JobCancelled, LoraSpec
+from server.backends.base import BackendError, JobCancelled
 from server.config import ModelConfig, Settings
 from server.features import FEATURES, FITS
 from server.forecast import prior_vector
+from server.items import Lora
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:
@@ -153,8 +154,8 @@ def test_the_stubs_cost_prior_is_checked_term_by_term() -> None:
 @pytest.mark.parametrize("name", WITH_LORA)
 def test_lora_changes_pixels_and_scale_zero_gives_base(loaded: dict[str, Backend], name: str) -> None:
     base = run(loaded[name], basic(name))[0]
-    styled = run(loaded[name], basic(name, loras=[LoraSpec("style", 1.0)]))[0]
-    zero = run(loaded[name], basic(name, loras=[LoraSpec("style", 0.0)]))[0]
+    styled = run(loaded[name], basic(name, loras=[Lora("style", 1.0)]))[0]
+    zero = run(loaded[name], basic(name, loras=[Lora("style", 0.0)]))[0]
     assert max_diff(base, styled) > 8
     assert max_diff(base, zero) == 0
 
@@ -162,7 +163,7 @@ def test_lora_changes_pixels_and_scale_zero_gives_base(loaded: dict[str, Backend
 @pytest.mark.parametrize("name", WITH_LORA)
 def test_job_after_a_lora_job_runs_on_base_weights(loaded: dict[str, Backend], name: str) -> None:
     base = run(loaded[name], basic(name))[0]
-    run(loaded[name], basic(name, loras=[LoraSpec("style", 1.0)]))
+    run(loaded[name], basic(name, loras=[Lora("style", 1.0)]))
     assert max_diff(base, run(loaded[name], basic(name))[0]) == 0
 
 
@@ -172,14 +173,14 @@ def test_job_after_a_lora_job_runs_on_base_weights(loaded: dict[str, Backend], n
 )
 def test_bad_lora_names_are_refused(loaded: dict[str, Backend], lora: str, message: str) -> None:
     with pytest.raises(BackendError, match=message):
-        run(loaded["z_image"], basic("z_image", loras=[LoraSpec(lora)]))
+        run(loaded["z_image"], basic("z_image", loras=[Lora(lora)]))
     assert len(run(loaded["z_image"], basic("z_image"))) == 1
 
 
 def test_lora_without_lora_dir_is_refused(tiny_z_image: Path) -> None:
     backend = load_backend("z_image", model_path=str(tiny_z_image))
     with pytest.raises(BackendError, match="no lora_dir"):
-        run(backend, basic("z_image", loras=[LoraSpec("style")]))
+        run(backend, basic("z_image", loras=[Lora("style")]))
 
 
 def test_lora_for_another_model_family_is_a_clear_error(loaded: dict[str, Backend], lora_dirs: dict[str, Path]) -> None:
@@ -187,7 +188,7 @@ def test_lora_for_another_model_family_is_a_clear_error(loaded: dict[str, Backen
     backend.cfg.lora_dir = str(lora_dirs["sdxl"])  # type: ignore[attr-defined]
     try:
         with pytest.raises(BackendError, match="another model family"):
-            run(backend, basic("z_image", loras=[LoraSpec("style")]))
+            run(backend, basic("z_image", loras=[Lora("style")]))
     finally:
         backend.cfg.lora_dir = str(lora_dirs["z_image"])  # type: ignore[attr-defined]
 
@@ -217,6 +218,21 @@ def test_too_many_references_are_refused(loaded: dict[str, Backend]) -> None:
 def test_edit_only_model_refuses_text_to_image(loaded: dict[str, Backend]) -> None:
     with pytest.raises(BackendError, match="does not support 'generate'"):
         run(loaded["qwen_edit_gguf"], item("generate"))
+
+
+def test_a_masked_qwen_edit_runs_at_its_own_size_without_changing_the_stored_item(loaded: dict[str, Backend]) -> None:
+    """QwenImageEditInpaint runs at its own size (here 64x64 of area, the 96x64's
+    aspect): the work item gets a spec of that size for its previews, while the job's
+    stored item (the same ``items.Item`` the record holds) keeps the size asked."""
+    from PIL import Image
+
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (16, 16, 64, 48))
+    work = item("edit", images=[reference(96, 64)], mask=mask, width=96, height=64)
+    stored = work.spec
+    run(loaded["qwen_edit_gguf"], work)
+    assert (stored.width, stored.height) == (96, 64)
+    assert work.spec is not stored and (work.spec.width, work.spec.height) != (96, 64)
 
 
 @pytest.mark.parametrize("name", ("sdxl", "z_image"))

@@ -11,7 +11,8 @@ import pytest
 from server.batch_forecast import behind, queue_seconds, saved, waiting_seconds
 from server.features import BUCKETS, bucket, job_vector
 from server.forecast import CostModel, prior_vector
-from server.jobs import Item, JobRecord, batch_key
+from server.items import Item
+from server.jobs import JobRecord, batch_key
 from server.standing import job_features
 from server.worker.batch import batch_features
 

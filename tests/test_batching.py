@@ -26,7 +26,8 @@ from server.broker.base import BatchPlan, Broker
 from server.config import ModelConfig, Settings, build_settings
 from server.features import BATCH, DIM, FITS, job_vector
 from server.forecast import CostModel
-from server.jobs import Item, JobRecord, JobStatus, batch_key
+from server.items import Item
+from server.jobs import JobRecord, JobStatus, batch_key
 from server.standing import job_features
 from server.worker.batch import Plan, plan_batch
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff
@@ -82,7 +83,7 @@ def test_a_batched_items_images_equal_the_item_run_alone(loaded: dict[str, Backe
     for work, images, ctx in zip(items, together, ctxs, strict=True):
         alone = backend.run(work, RecordingContext())
         for a, b in zip(alone, images, strict=True):
-            assert max_diff(a, b) <= 2, f"{name}: {work.prompt!r} differs batched"
+            assert max_diff(a, b) <= 2, f"{name}: {work.spec.prompt!r} differs batched"
         assert ctx.steps == [(1, 2), (2, 2)]  # every job sees each step of the one call
 
 

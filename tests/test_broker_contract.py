@@ -15,7 +15,8 @@ import pytest
 from server.broker.base import Admission, Broker, BrokerUnavailable, QueueFullError, QuotaRefused, SubmitKey, WorkerInfo
 from server.features import DECAYED, DIM, STATS, WIDTH, apply, job_vector
 from server.forecast import call_features, observation
-from server.jobs import Item, JobRecord, JobStatus, input_key, result_key
+from server.items import Item
+from server.jobs import JobRecord, JobStatus, input_key, result_key
 from server.queue import STRIDE
 
 from .redis_fixtures import RedisServer, redis_flushed, redis_server, redis_server_fresh, redis_url  # noqa: F401

@@ -143,7 +143,8 @@ async def test_1_a_submit_script_that_reaches_redis_after_its_caller_gave_up_que
     the call's timeout, runs when Redis resumes, and refuses (``SubmitUnknown``)."""
     from server.broker.base import SubmitKey, SubmitUnknown
     from server.broker.redis import RedisBroker
-    from server.jobs import Item, JobRecord
+    from server.items import Item
+    from server.jobs import JobRecord
 
     broker = RedisBroker(redis_server_fresh.url, result_ttl=60, timeout=0.5)
     await broker.start()
@@ -210,7 +211,8 @@ async def test_3_a_fenced_attempts_images_and_previews_never_become_the_jobs(
     late finish and late preview are refused and store nothing: the job's image is
     attempt 2's, and attempt 1's previews went when it was reaped."""
     from server.broker.redis import RedisBroker
-    from server.jobs import Item, JobRecord, JobStatus, preview_key, result_key
+    from server.items import Item
+    from server.jobs import JobRecord, JobStatus, preview_key, result_key
 
     a = RedisBroker(redis_server_fresh.url, result_ttl=60, timeout=2)
     b = RedisBroker(redis_server_fresh.url, result_ttl=60, timeout=2)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from server import infotext
-from server.jobs import Item, JobRecord, Lora
+from server.items import Item, Lora
+from server.jobs import JobRecord
 
 from .servers import stub_settings
 from .test_api import wait_done

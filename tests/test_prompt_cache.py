@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from server.backends.base import LoraSpec
+from server.items import Lora
 from tests.backend_helpers import RecordingContext, item, load_backend, max_diff, reference
 
 if TYPE_CHECKING:
@@ -54,8 +54,8 @@ def test_a_lora_job_misses_and_the_cache_is_bounded(tiny_flux2_klein: Path, lora
     backend: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), lora_dir=str(lora_dirs["flux2_klein"]),
                                 prompt_cache_size=2)  # fmt: skip
     assert encoder_calls(backend, item())[0] > 0
-    assert encoder_calls(backend, item(loras=[LoraSpec("style", 1.0)]))[0] > 0
-    assert encoder_calls(backend, item(loras=[LoraSpec("style", 1.0)]))[0] == 0
+    assert encoder_calls(backend, item(loras=[Lora("style", 1.0)]))[0] > 0
+    assert encoder_calls(backend, item(loras=[Lora("style", 1.0)]))[0] == 0
     assert encoder_calls(backend, item(prompt="third"))[0] > 0  # evicts the first
     assert len(backend.prompt_cache) == 2
     assert encoder_calls(backend, item())[0] > 0

@@ -148,8 +148,8 @@ def test_measured_size_of_a_real_tiny_pipeline(server_factory: Callable[..., Run
 
 @pytest.mark.parametrize("cache_size", [4, 1])
 def test_loras_stay_resident_and_switch_per_job(tiny_flux2_klein: Any, tiny_root: Any, cache_size: int) -> None:
-    from server.backends.base import LoraSpec
     from server.backends.lora import cached_adapters
+    from server.items import Lora
 
     from . import tiny_pipelines as tp
     from .backend_helpers import RecordingContext, item, load_backend, max_diff
@@ -161,7 +161,7 @@ def test_loras_stay_resident_and_switch_per_job(tiny_flux2_klein: Any, tiny_root
     backend: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), lora_dir=str(lora_dir), lora_cache_size=cache_size)
     try:
         def run(*loras: str) -> Any:
-            return backend.run(item(loras=[LoraSpec(n, 1.0) for n in loras]), RecordingContext())[0]
+            return backend.run(item(loras=[Lora(n, 1.0) for n in loras]), RecordingContext())[0]
 
         base, one, two, one_again, base_again = run(), run("one"), run("two"), run("one"), run()
         assert max_diff(one, two) > 0 and max_diff(one, base) > 0

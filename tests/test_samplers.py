@@ -68,7 +68,8 @@ def test_what_a_family_does_not_run_is_refused_with_what_it_does(
 
 
 def test_the_sampler_is_part_of_what_jobs_must_share_to_batch() -> None:
-    from server.jobs import Item, JobRecord, batch_key
+    from server.items import Item
+    from server.jobs import JobRecord, batch_key
 
     def key(sampler: str | None, scheduler: str | None = None) -> str:
         it = Item(prompt="x", width=64, height=64, steps=2, seed=1, sampler=sampler, scheduler=scheduler)

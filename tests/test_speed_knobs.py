@@ -143,7 +143,7 @@ def test_loras_switch_on_a_compiled_denoiser_without_recompiling(tiny_flux2_klei
     (``error_on_recompile``), and each gives what the same LoRA gives uncompiled."""
     import torch._dynamo
 
-    from server.backends.base import LoraSpec
+    from server.items import Lora
     from tests import tiny_pipelines as tp
 
     lora_dir = tiny_root / "loras_hotswap"
@@ -153,7 +153,7 @@ def test_loras_switch_on_a_compiled_denoiser_without_recompiling(tiny_flux2_klei
     plain: Any = load_backend("flux2_klein", model_path=str(tiny_flux2_klein), lora_dir=str(lora_dir))
 
     def run(backend: Any, *loras: tuple[str, float]) -> Any:
-        return backend.run(item(steps=2, loras=[LoraSpec(n, s) for n, s in loras]), RecordingContext())[0]
+        return backend.run(item(steps=2, loras=[Lora(n, s) for n, s in loras]), RecordingContext())[0]
 
     try:
         first = run(compiled, ("one", 1.0))  # the first LoRA changes the blocks: this call compiles

@@ -14,6 +14,7 @@ from server.backends.base import Backend, BackendError, JobCancelled, WorkItem
 from server.backends.tiling import tile_boxes
 from server.backends.upscale import UpscaleBackend
 from server.config import ModelConfig, Settings
+from server.items import Item
 from tests.tiny_upscaler import write_tiny_esrgan
 
 
@@ -86,7 +87,7 @@ def test_x2_model_asked_for_x4_runs_twice(tmp_path: Path) -> None:
     backend = make_backend(write_tiny_esrgan(tmp_path / "x2.pth", scale=2, layout="esrgan"))
     backend.load()
     ctx = RecordingContext()
-    (out,) = backend.run(WorkItem("upscale", "", 32, 24, 1, 0, images=[noise_image(32, 24)], extra={"scale": 4}), ctx)
+    (out,) = backend.run(WorkItem("upscale", Item(prompt="", width=32, height=24, steps=1, seed=0, scale=4), images=[noise_image(32, 24)]), ctx)
     assert out.size == (128, 96)
     assert ctx.steps == [(1, 2), (2, 2)]  # one step per pass (each pass fits in one tile)
 
@@ -98,8 +99,8 @@ def test_tiled_result_matches_untiled(x4_path: Path) -> None:
     untiled.load()
     tiled.load()
     ctx = RecordingContext()
-    (a,) = untiled.run(WorkItem("upscale", "", 160, 120, 1, 0, images=[image], extra={"scale": 4}), RecordingContext())
-    (b,) = tiled.run(WorkItem("upscale", "", 160, 120, 1, 0, images=[image], extra={"scale": 4}), ctx)
+    (a,) = untiled.run(WorkItem("upscale", Item(prompt="", width=160, height=120, steps=1, seed=0, scale=4), images=[image]), RecordingContext())
+    (b,) = tiled.run(WorkItem("upscale", Item(prompt="", width=160, height=120, steps=1, seed=0, scale=4), images=[image]), ctx)
     assert a.size == b.size == (640, 480)
     diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
     assert diff.max() <= 2
@@ -138,9 +139,9 @@ def test_input_over_max_pixels_is_refused(x4_path: Path) -> None:
 
 def test_other_tasks_and_missing_input_are_refused(x4: UpscaleBackend) -> None:
     with pytest.raises(BackendError, match="only serves upscale jobs"):
-        x4.run(WorkItem("generate", "a cat", 64, 64, 4, 0), RecordingContext())
+        x4.run(WorkItem("generate", Item(prompt="a cat", width=64, height=64, steps=4, seed=0)), RecordingContext())
     with pytest.raises(BackendError, match="needs one input image"):
-        x4.run(WorkItem("upscale", "", 64, 64, 1, 0), RecordingContext())
+        x4.run(WorkItem("upscale", Item(prompt="", width=64, height=64, steps=1, seed=0)), RecordingContext())
 
 
 def test_unloaded_backend_says_so(x4_path: Path) -> None:
@@ -182,6 +183,6 @@ def test_cancel_stops_between_tiles(x4_path: Path) -> None:
     backend.load()
     ctx = CancelAfterFirstTile()
     with pytest.raises(JobCancelled):
-        backend.run(WorkItem("upscale", "", 96, 64, 1, 0, images=[noise_image(96, 64)], extra={"scale": 4}), ctx)
+        backend.run(WorkItem("upscale", Item(prompt="", width=96, height=64, steps=1, seed=0, scale=4), images=[noise_image(96, 64)]), ctx)
     assert ctx.steps == [(1, 6)]
     assert backend.upscale(noise_image(16, 16), 4).size == (64, 64)  # the lock was released

@@ -11,10 +11,10 @@ from __future__ import annotations
 import gc
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from ..families import FAMILIES
-from ..samplers import timesteps
+from ..items import Item, run_steps
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -113,60 +113,23 @@ def host_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
-def run_steps(steps: int, strength: float | None, partial: bool, sampler: str | None = None) -> int:
-    """The denoising steps a pipeline call really runs: img2img and inpainting
-    (``partial``) start ``strength`` of the way into the schedule, so they run
-    ``int(steps * strength)`` of ``steps`` (Diffusers' rule; 0 means none, a request
-    the build refuses); any other call runs ``steps``.  Some samplers run more
-    timesteps than steps, each a step of the call (Heun: 2n - 1; ``samplers.timesteps``).
-    A family that rounds otherwise reports its own total with each step, and that
-    total wins (server/worker/context.py)."""
-    n = steps if not partial or strength is None else min(steps, int(steps * strength))
-    return timesteps(sampler, n)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    name: str
-    scale: float = 1.0
-
-
 @dataclass
 class WorkItem:
-    """One pipeline call: ``n`` images for one prompt.
-
-    Image ``k`` of the call uses seed ``seed + k`` so that results are reproducible
-    one by one.
-    """
+    """One pipeline call as a backend sees it: the stored ``spec`` (``items.Item``:
+    prompt, size, steps, seed, ``n``, LoRAs...; image ``k`` uses seed ``spec.seed + k``)
+    and its input images decoded (``spec`` holds them as blob keys)."""
 
     task: Task
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    seed: int
-    n: int = 1
-    negative_prompt: str | None = None
-    guidance: float | None = None
-    images: list[Image] = field(default_factory=list)  # edit references
+    spec: Item
+    images: list[Image] = field(default_factory=list)  # edit references (spec.images decoded)
     init_image: Image | None = None  # img2img source
-    strength: float | None = None
     mask: Image | None = None  # L, 255 = repaint, the size of images[0]; the worker composites the result
-    mask_blur: int = 0
-    loras: list[LoraSpec] = field(default_factory=list)
-    cache: str | None = None  # "off" | "fast": the model's step cache for this call (None: the model's step_cache)
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
-    sampler: str | None = None  # A1111's sampler name (server/samplers.py); None: the model's own scheduler
-    scheduler: str | None = None  # A1111's schedule id; None: automatic
-
-    @property
-    def megapixels(self) -> float:
-        return self.width * self.height / 1_000_000
 
     @property
     def run_steps(self) -> int:
-        """The steps the call runs (``run_steps``): fewer than ``steps`` for img2img."""
-        return run_steps(self.steps, self.strength, self.init_image is not None or self.mask is not None, self.sampler)
+        """The steps the call runs (``items.run_steps``): fewer than ``spec.steps`` for img2img."""
+        spec = self.spec
+        return run_steps(spec.steps, spec.strength, self.init_image is not None or self.mask is not None, spec.sampler)
 
 
 class StepContext(Protocol):

@@ -33,17 +33,17 @@ def run_batch(backend: DiffusersBackend, items: list[WorkItem], ctx: StepContext
     if backend.pipe is None:
         raise BackendError(f"model {backend.name!r} is not loaded; load it first")
     check_compatible(backend, items)
-    backend.prompt_cache.scope = tuple((lora.name, lora.scale) for lora in first.loras)  # adapters may change the encoder
+    backend.prompt_cache.scope = tuple((lora.name, lora.scale) for lora in first.spec.loras)  # adapters may change the encoder
     pipe, kwargs = backend._call_kwargs(first)
-    kwargs = backend._rows_kwargs(kwargs, [it.negative_prompt for it in items for _ in range(it.n)])
+    kwargs = backend._rows_kwargs(kwargs, [it.spec.negative_prompt for it in items for _ in range(it.spec.n)])
     kwargs.update(
-        prompt=[it.prompt for it in items for _ in range(it.n)],
-        num_inference_steps=first.steps,
+        prompt=[it.spec.prompt for it in items for _ in range(it.spec.n)],
+        num_inference_steps=first.spec.steps,
         callback_on_step_end_tensor_inputs=["latents"],
         output_type="pil",
     )
     generators = [g for it in items for g in backend.generators(it)]
-    rows = [sum(it.n for it in items[:k]) for k in range(len(items))]  # each item's first row
+    rows = [sum(it.spec.n for it in items[:k]) for k in range(len(items))]  # each item's first row
     previews = [backend._preview(it) for it in items]
 
     def callback(pipe: Any, i: int, _t: Any, kw: dict[str, Any]) -> dict[str, Any]:
@@ -55,18 +55,18 @@ def run_batch(backend: DiffusersBackend, items: list[WorkItem], ctx: StepContext
                 ctx.preview(shown)  # type: ignore[arg-type]  # a BatchSteps: one image per item
         return kw
 
-    use_step_cache(backend.pipe, backend.cfg, first.cache)
-    with (applied_loras(backend.pipe, first.loras, backend.cfg.lora_dir, backend.name, backend.cfg.lora_cache_size, backend.cfg.compile == "regional"),
-          scheduler_for(pipe, backend.cfg.backend, first.sampler, first.scheduler)):  # fmt: skip
+    use_step_cache(backend.pipe, backend.cfg, first.spec.cache)
+    with (applied_loras(backend.pipe, first.spec.loras, backend.cfg.lora_dir, backend.name, backend.cfg.lora_cache_size, backend.cfg.compile == "regional"),
+          scheduler_for(pipe, backend.cfg.backend, first.spec.sampler, first.spec.scheduler)):  # fmt: skip
         out = pipe(generator=generators, num_images_per_prompt=1, callback_on_step_end=callback, **kwargs)
-    return [out.images[r : r + it.n] for it, r in zip(items, rows, strict=True)]
+    return [out.images[r : r + it.spec.n] for it, r in zip(items, rows, strict=True)]
 
 
 def check_compatible(backend: DiffusersBackend, items: list[WorkItem]) -> None:
     """Only generates of one size, steps, guidance, sampler, schedule, LoRA set and step cache share a call."""
     first = items[0]
-    call = (first.width, first.height, first.steps, first.guidance, first.sampler, first.scheduler, first.loras, first.negative_prompt is None, first.cache)
+    call = (first.spec.width, first.spec.height, first.spec.steps, first.spec.guidance, first.spec.sampler, first.spec.scheduler, first.spec.loras, first.spec.negative_prompt is None, first.spec.cache)
     for it in items:
-        same = (it.width, it.height, it.steps, it.guidance, it.sampler, it.scheduler, it.loras, it.negative_prompt is None, it.cache) == call
+        same = (it.spec.width, it.spec.height, it.spec.steps, it.spec.guidance, it.spec.sampler, it.spec.scheduler, it.spec.loras, it.spec.negative_prompt is None, it.spec.cache) == call
         if not same or it.task != "generate" or it.images or it.init_image is not None or it.mask is not None or not backend._batchable(it):
             raise BackendError(f"model {backend.name!r}: these jobs cannot share a pipeline call; they run one by one")

@@ -288,13 +288,13 @@ class DiffusersBackend:
         GPU generation and library version; the CPU's are the same everywhere (the
         pipelines draw the noise there and move it to the device)."""
         device = "cpu" if self.cfg.rng == "cpu" or self.device.startswith("mps") else self.device
-        return [torch.Generator(device).manual_seed(item.seed + k) for k in range(item.n)]
+        return [torch.Generator(device).manual_seed(item.spec.seed + k) for k in range(item.spec.n)]
 
     def guidance(self, item: WorkItem) -> float:
-        return item.guidance if item.guidance is not None else default_guidance(self.cfg)
+        return item.spec.guidance if item.spec.guidance is not None else default_guidance(self.cfg)
 
     def strength(self, item: WorkItem) -> float:
-        return item.strength if item.strength is not None else self.cfg.default_strength
+        return item.spec.strength if item.spec.strength is not None else self.cfg.default_strength
 
     def img2img_kwargs(self, item: WorkItem) -> dict[str, Any] | None:
         """``image`` and ``strength`` for an img2img call when ``item`` has a source
@@ -306,12 +306,12 @@ class DiffusersBackend:
             return None
         check_references([source])
         strength = self.strength(item)
-        if int(item.steps * strength) < 1:
+        if int(item.spec.steps * strength) < 1:
             raise BackendError(
-                f"strength {strength:g} with {item.steps} steps leaves no denoising step; "
+                f"strength {strength:g} with {item.spec.steps} steps leaves no denoising step; "
                 f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength"
             )
-        return {"image": fit_image(source, item.width, item.height), "strength": strength}
+        return {"image": fit_image(source, item.spec.width, item.spec.height), "strength": strength}
 
     def inpaint_kwargs(self, item: WorkItem) -> dict[str, Any]:
         """``image``, ``mask_image`` and ``strength`` (default 1: the masked area is
@@ -320,13 +320,13 @@ class DiffusersBackend:
         if not item.images or item.mask is None:
             raise BackendError("a masked edit needs a reference image and a mask")
         source = check_references(item.images[:1])[0]
-        strength = item.strength if item.strength is not None else 1.0
-        if int(item.steps * strength) < 1:
+        strength = item.spec.strength if item.spec.strength is not None else 1.0
+        if int(item.spec.steps * strength) < 1:
             raise BackendError(
-                f"strength {strength:g} with {item.steps} steps leaves no denoising step; "
+                f"strength {strength:g} with {item.spec.steps} steps leaves no denoising step; "
                 f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength"
             )
-        size = (item.width, item.height)
+        size = (item.spec.width, item.spec.height)
         return {
             "image": source.resize(size, Image.Resampling.LANCZOS),
             "mask_image": item.mask.convert("L").resize(size, Image.Resampling.NEAREST),
@@ -363,7 +363,7 @@ class DiffusersBackend:
             z = self._spatial_latents(pipe, latents[:1], item) if rgb is not None else None
             if rgb is None or z is None or z.shape[1] != rgb.channels:
                 return None
-            return rgb.project(z[0], item.width, item.height)
+            return rgb.project(z[0], item.spec.width, item.spec.height)
 
         return project
 
@@ -379,11 +379,11 @@ class DiffusersBackend:
             raise BackendError(
                 f"model {self.name!r} does not support {item.task!r} (it supports: {', '.join(self.capabilities.tasks)})"
             )
-        self.prompt_cache.scope = tuple((lora.name, lora.scale) for lora in item.loras)  # adapters may change the encoder
+        self.prompt_cache.scope = tuple((lora.name, lora.scale) for lora in item.spec.loras)  # adapters may change the encoder
         pipe, kwargs = self._call_kwargs(item)
         kwargs.update(
-            prompt=item.prompt,
-            num_inference_steps=item.steps,
+            prompt=item.spec.prompt,
+            num_inference_steps=item.spec.steps,
             callback_on_step_end_tensor_inputs=["latents"],
             output_type="pil",
         )
@@ -392,10 +392,10 @@ class DiffusersBackend:
         preview = self._preview(item)
         images: list[Image.Image] = []
         failure: BackendError | None = None
-        use_step_cache(self.pipe, self.cfg, item.cache)
+        use_step_cache(self.pipe, self.cfg, item.spec.cache)
         try:
-            with (applied_loras(self.pipe, item.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size, self.cfg.compile == "regional"),
-                  scheduler_for(pipe, self.cfg.backend, item.sampler, item.scheduler)):  # fmt: skip
+            with (applied_loras(self.pipe, item.spec.loras, self.cfg.lora_dir, self.name, self.cfg.lora_cache_size, self.cfg.compile == "regional"),
+                  scheduler_for(pipe, self.cfg.backend, item.spec.sampler, item.spec.scheduler)):  # fmt: skip
                 for k, gens in enumerate(batches):
                     callback = step_callback(ctx, preview, len(batches), k)
                     out = pipe(generator=gens, num_images_per_prompt=len(gens), callback_on_step_end=callback, **kwargs)
@@ -405,13 +405,13 @@ class DiffusersBackend:
             if not out_of_memory(exc):
                 raise
             advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
-            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {item.width}x{item.height} "
-                                    f"with n={item.n} and {len(item.images)} reference image(s); try a smaller size, fewer "
+            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {item.spec.width}x{item.spec.height} "
+                                    f"with n={item.spec.n} and {len(item.images)} reference image(s); try a smaller size, fewer "
                                     f"images or references{advice}")  # fmt: skip
         if failure is not None:  # out of the except, whose traceback held the pipeline's frames and their tensors
             free_memory()  # now empty_cache can give them back
             raise failure
-        return images[: item.n]
+        return images[: item.spec.n]
 
     def run_batch(self, items: list[WorkItem], ctx: StepContext) -> list[list[Image.Image]]:
         """Several compatible items in one pipeline call (``backends/batched.py``)."""
@@ -427,8 +427,8 @@ class DiffusersBackend:
                 raise
             advice = ", or set offload to 'model' for this model" if self.device != "cpu" else ""
             first = items[0]
-            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {first.width}x{first.height} with "
-                                    f"{sum(it.n for it in items)} images of {len(items)} jobs in one call; try a smaller target_inflight{advice}")  # fmt: skip
+            failure = released(exc, f"out of {memory_of(self.device)} running model {self.name!r} at {first.spec.width}x{first.spec.height} with "
+                                    f"{sum(it.spec.n for it in items)} images of {len(items)} jobs in one call; try a smaller target_inflight{advice}")  # fmt: skip
         free_memory()  # out of the except, whose traceback held the pipeline's frames and their tensors
         raise failure
 

@@ -56,8 +56,8 @@ class Flux2KleinBackend(DiffusersBackend):
 
     def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
         kwargs: dict[str, Any] = {
-            "width": item.width,
-            "height": item.height,
+            "width": item.spec.width,
+            "height": item.spec.height,
             "guidance_scale": self.guidance(item),
         }
         refs = check_references(item.images) if item.task == "edit" else []
@@ -71,10 +71,10 @@ class Flux2KleinBackend(DiffusersBackend):
             kwargs.update(self.inpaint_kwargs(item), image_reference=refs[1:] or None)
         elif refs:
             kwargs["image"] = refs
-        if item.negative_prompt and self.guidance(item) > 1 and not self.pipe.config.is_distilled:
+        if item.spec.negative_prompt and self.guidance(item) > 1 and not self.pipe.config.is_distilled:
             # the pipeline has no negative_prompt argument, only pre-computed embeddings
             with torch.no_grad():
-                kwargs["negative_prompt_embeds"] = self.pipe.encode_prompt(prompt=item.negative_prompt)[0]
+                kwargs["negative_prompt_embeds"] = self.pipe.encode_prompt(prompt=item.spec.negative_prompt)[0]
         if item.mask is not None:
             return self.inpaint_variant("Flux2KleinInpaintPipeline"), kwargs
         return self.pipe, kwargs
@@ -94,7 +94,7 @@ class Flux2KleinBackend(DiffusersBackend):
         # latents: (B, h*w, 4C) tokens in row-major order over the packed (2x2-patchified),
         # batch-normalized grid -> (B, C, 2h, 2w), still normalized (as ComfyUI's Flux2 format)
         f = pipe.vae_scale_factor * 2
-        h, w = item.height // f, item.width // f
+        h, w = item.spec.height // f, item.spec.width // f
         x = latents.reshape(latents.shape[0], h, w, -1).permute(0, 3, 1, 2)
         return pipe._unpatchify_latents(x)  # type: ignore[no-any-return]
 

@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import BackendError, LoraSpec
+from ..items import Lora
+from .base import BackendError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -89,7 +90,7 @@ def adapter_name(index: int, name: str) -> str:
     return f"easel{index}_" + re.sub(r"\W", "_", name)[:40]
 
 
-def load_loras(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str) -> list[str]:
+def load_loras(pipe: Any, specs: list[Lora], lora_dir: str | None, model: str) -> list[str]:
     """Load and activate ``specs``; returns the adapter names (for ``remove_loras``)."""
     names: list[str] = []
     try:
@@ -123,7 +124,7 @@ def remove_loras(pipe: Any, names: list[str]) -> None:
 
 @contextmanager
 def applied_loras(
-    pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str, cache_size: int = 0, hotswap: bool = False
+    pipe: Any, specs: list[Lora], lora_dir: str | None, model: str, cache_size: int = 0, hotswap: bool = False
 ) -> Iterator[None]:
     if hotswap:
         hotswapped_lora(pipe, specs, lora_dir, model)
@@ -170,7 +171,7 @@ def clear_cached_loras(transformer: Any) -> None:
         cache.clear()
 
 
-def activate_cached(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str, cache_size: int) -> list[str]:
+def activate_cached(pipe: Any, specs: list[Lora], lora_dir: str | None, model: str, cache_size: int) -> list[str]:
     """Load (once) and activate ``specs`` with their scales; returns their adapter names."""
     cache = _cache_of(pipe)
     weights: dict[str, float] = {}
@@ -192,7 +193,7 @@ def activate_cached(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, mode
     return list(weights)
 
 
-def load_loras_as(pipe: Any, spec: LoraSpec, path: Path, adapter: str, model: str) -> None:
+def load_loras_as(pipe: Any, spec: Lora, path: Path, adapter: str, model: str) -> None:
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
     except Exception as exc:  # peft/diffusers raise many types for bad files
@@ -211,7 +212,7 @@ HOT = "easel_hot"  # the one adapter slot of a compiled model
 _HOT: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], dict[Any, float]]] = weakref.WeakKeyDictionary()
 
 
-def hotswapped_lora(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, model: str) -> None:
+def hotswapped_lora(pipe: Any, specs: list[Lora], lora_dir: str | None, model: str) -> None:
     """The job's LoRA (or none: scale 0) in the compiled denoiser's one slot (see the module doc)."""
     if len(specs) > 1:
         raise BackendError(
@@ -238,7 +239,7 @@ def hotswapped_lora(pipe: Any, specs: list[LoraSpec], lora_dir: str | None, mode
                 module.scaling[HOT] = base * scale
 
 
-def _swap_in(pipe: Any, owner: Any, spec: LoraSpec, path: Path, model: str, *, swap: bool) -> None:
+def _swap_in(pipe: Any, owner: Any, spec: Lora, path: Path, model: str, *, swap: bool) -> None:
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=HOT, hotswap=swap)
     except Exception as exc:  # peft/diffusers raise many types: text-encoder weights, a rank over target_rank, other layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import torch
 
 from . import latent_preview
@@ -46,15 +47,15 @@ class QwenEditGGUFBackend(DiffusersBackend):
             return self._inpaint(item, len(refs))
         return self.pipe, {
             "image": refs,
-            "width": item.width,
-            "height": item.height,
+            "width": item.spec.width,
+            "height": item.spec.height,
             "true_cfg_scale": self.guidance(item),
-            "negative_prompt": item.negative_prompt or " ",
+            "negative_prompt": item.spec.negative_prompt or " ",
         }
 
     def _inpaint(self, item: WorkItem, refs: int) -> tuple[Any, dict[str, Any]]:
         """QwenImageEditInpaintPipeline: one image, run at ~1 MP of its aspect whatever
-        the size asked (``item``'s size is set to that, for previews; the worker resizes
+        the size asked (``item``'s spec is replaced by one of that size, for previews; the worker resizes
         the result back and composites it)."""
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint
 
@@ -62,10 +63,11 @@ class QwenEditGGUFBackend(DiffusersBackend):
             raise BackendError(f"a masked edit on model {self.name!r} takes one image (the one to edit), got {refs}")
         kwargs = self.inpaint_kwargs(item)
         pipe = self.inpaint_variant("QwenImageEditInpaintPipeline")
-        w, h, _ = inpaint.calculate_dimensions(1024 * 1024, item.width / item.height)
+        w, h, _ = inpaint.calculate_dimensions(1024 * 1024, item.spec.width / item.spec.height)
         multiple = pipe.vae_scale_factor * 2
-        item.width, item.height = w // multiple * multiple, h // multiple * multiple
-        kwargs.update(true_cfg_scale=self.guidance(item), negative_prompt=item.negative_prompt or " ")
+        # a new spec for this call, never the stored job's
+        item.spec = msgspec.structs.replace(item.spec, width=w // multiple * multiple, height=h // multiple * multiple)
+        kwargs.update(true_cfg_scale=self.guidance(item), negative_prompt=item.spec.negative_prompt or " ")
         return pipe, kwargs
 
     def _token_limit(self, tokenizer: Any) -> int | None:
@@ -74,7 +76,7 @@ class QwenEditGGUFBackend(DiffusersBackend):
 
     def _spatial_latents(self, pipe: Any, latents: torch.Tensor, item: WorkItem) -> torch.Tensor | None:
         # packed 2x2 tokens -> (B, C, 1, h, w), normalized by latents_mean / latents_std (as ComfyUI's Wan21)
-        return pipe._unpack_latents(latents, item.height, item.width, pipe.vae_scale_factor)[:, :, 0]  # type: ignore[no-any-return]
+        return pipe._unpack_latents(latents, item.spec.height, item.spec.width, pipe.vae_scale_factor)[:, :, 0]  # type: ignore[no-any-return]
 
     def _decode_spatial(self, pipe: Any, z: torch.Tensor) -> torch.Tensor:
         vae = pipe.vae

@@ -29,14 +29,14 @@ class SDXLBackend(DiffusersBackend):
     def _call_kwargs(self, item: WorkItem) -> tuple[Any, dict[str, Any]]:
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
-        kwargs: dict[str, Any] = {"guidance_scale": self.guidance(item), "negative_prompt": item.negative_prompt}
+        kwargs: dict[str, Any] = {"guidance_scale": self.guidance(item), "negative_prompt": item.spec.negative_prompt}
         if item.mask is not None:
             inpaint = self.inpaint_kwargs(item)
             pipe = self.inpaint_variant("StableDiffusionXLInpaintPipeline")
-            return pipe, {**kwargs, **inpaint, "width": item.width, "height": item.height}
+            return pipe, {**kwargs, **inpaint, "width": item.spec.width, "height": item.spec.height}
         img2img = self.img2img_kwargs(item)
         if img2img is None:
-            return self.pipe, {**kwargs, "width": item.width, "height": item.height}
+            return self.pipe, {**kwargs, "width": item.spec.width, "height": item.spec.height}
         # the img2img pipeline takes its size from the (already resized) source image
         return self.variant("img2img", StableDiffusionXLImg2ImgPipeline), {**kwargs, **img2img}
 

@@ -21,7 +21,6 @@ the error a broken CUDA context gives (an illegal memory access).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import textwrap
 import threading
@@ -90,7 +89,7 @@ class StubBackend:
 
     def step_seconds(self, item: WorkItem) -> float:
         refs = sum(im.width * im.height for im in item.images) / 1_000_000
-        return self.cfg.simulate_step_seconds * item.n * (item.megapixels + REF_COST * refs)
+        return self.cfg.simulate_step_seconds * item.spec.n * (item.spec.megapixels + REF_COST * refs)
 
     def run(self, item: WorkItem, ctx: StepContext) -> list[Image.Image]:
         if self.cfg.simulate_faults:
@@ -105,10 +104,8 @@ class StubBackend:
                 self._sleeper.wait(per_step)
             ctx.step(i, steps)
             if ctx.wants_preview(i):  # drawn at preview size: cheap
-                w, h = preview_size(item.width, item.height)
-                small = dataclasses.replace(item, width=w, height=h)
-                ctx.preview(self._draw(small, item.seed, blur_to=i / steps))
-        return [self._draw(item, item.seed + k) for k in range(item.n)]
+                ctx.preview(self._draw(item, item.spec.seed, preview_size(item.spec.width, item.spec.height), blur_to=i / steps))
+        return [self._draw(item, item.spec.seed + k) for k in range(item.spec.n)]
 
     def run_batch(self, items: list[WorkItem], ctx: StepContext) -> list[list[Image.Image]]:
         """Several compatible items in one simulated call: each step costs what the
@@ -126,18 +123,17 @@ class StubBackend:
                 self._sleeper.wait(per_step)
             ctx.step(i, steps)
             if ctx.wants_preview(i):
-                small = [dataclasses.replace(it, width=preview_size(it.width, it.height)[0], height=preview_size(it.width, it.height)[1]) for it in items]
-                ctx.preview([self._draw(sm, it.seed, blur_to=i / steps) for sm, it in zip(small, items, strict=True)])  # type: ignore[arg-type]
-        return [[self._draw(item, item.seed + k) for k in range(item.n)] for item in items]
+                ctx.preview([self._draw(it, it.spec.seed, preview_size(it.spec.width, it.spec.height), blur_to=i / steps) for it in items])  # type: ignore[arg-type]
+        return [[self._draw(item, item.spec.seed + k) for k in range(item.spec.n)] for item in items]
 
     def _misbehave(self, item: WorkItem, ctx: StepContext) -> None:
         """The test prompts (``simulate_faults``; see the module doc)."""
-        prompt = item.prompt.strip().lower()
+        prompt = item.spec.prompt.strip().lower()
         if prompt == "fail":
             raise BackendError("the stub backend was asked to fail (prompt 'fail')")
         if prompt == "device fault":
             raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated by the stub)")
-        if (hang := _hang_seconds(item.prompt)) is not None:
+        if (hang := _hang_seconds(item.spec.prompt)) is not None:
             self._hang(hang, ctx)
 
     def _hang(self, seconds: float, ctx: StepContext) -> None:
@@ -148,16 +144,17 @@ class StubBackend:
         if ctx.cancelled:
             raise JobCancelled()
 
-    def _draw(self, item: WorkItem, seed: int, blur_to: float = 1.0) -> Image.Image:
+    def _draw(self, item: WorkItem, seed: int, size: tuple[int, int] | None = None, blur_to: float = 1.0) -> Image.Image:
+        """The image of ``item`` for ``seed``, at ``size`` (a preview's) or the item's."""
         c1, c2 = _colours(seed)
-        w, h = item.width, item.height
+        w, h = size or (item.spec.width, item.spec.height)
         # a diagonal gradient: c1 pasted over c2 through the ramp as a mask
         img = Image.new("RGB", (w, h), c2)
         img.paste(c1, (0, 0, w, h), _ramp(w, h))
         if item.images:
             img = Image.blend(img, ImageOps.fit(item.images[0].convert("RGB"), (w, h)), 0.5)
         if w >= MIN_TEXT_WIDTH and h >= MIN_TEXT_HEIGHT:
-            self._caption(img, item.prompt, seed)
+            self._caption(img, item.spec.prompt, seed)
         if blur_to < 1.0:
             img = img.reduce(max(1, int(8 * (1 - blur_to)) or 1)).resize((w, h))
         return img

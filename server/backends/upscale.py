@@ -18,7 +18,7 @@ which detects the architecture (ESRGAN/RRDBNet, Real-ESRGAN compact, SwinIR...).
 
 Interface: ``UpscaleBackend(name, cfg, settings)`` with ``load()``, ``unload()``,
 ``run(item, ctx)`` (task ``upscale``: ``item.images[0]`` is the input,
-``item.extra["scale"]`` 2 or 4) and ``upscale(image, scale, progress=None)`` for
+``item.spec.scale`` 2 or 4) and ``upscale(image, scale, progress=None)`` for
 post-processing steps (thread-safe; call off the event loop).
 """
 
@@ -100,7 +100,7 @@ class UpscaleBackend:
             raise BackendError(f"model {self.name!r} is an upscaler; it only serves upscale jobs, not {item.task}")
         if not item.images:
             raise BackendError("an upscale job needs one input image")
-        scale = item.extra.get("scale", 4)
+        scale = item.spec.scale or 4
         return [self.upscale(item.images[0], scale, progress=ctx.step)]
 
     def upscale(self, image: Image.Image, scale: int, progress: Progress | None = None) -> Image.Image:

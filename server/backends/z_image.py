@@ -24,10 +24,10 @@ class ZImageBackend(DiffusersBackend):
         from diffusers import ZImageImg2ImgPipeline
 
         kwargs: dict[str, Any] = {
-            "width": item.width,
-            "height": item.height,
+            "width": item.spec.width,
+            "height": item.spec.height,
             "guidance_scale": self.guidance(item),
-            "negative_prompt": item.negative_prompt,
+            "negative_prompt": item.spec.negative_prompt,
         }
         if item.mask is not None:
             return self.inpaint_variant("ZImageInpaintPipeline"), {**kwargs, **self.inpaint_kwargs(item)}

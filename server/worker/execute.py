@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from ..backends.base import Backend, BackendError, LoraSpec, WorkItem, failure_message
+from ..backends.base import Backend, BackendError, WorkItem, failure_message
 from ..build import decode_image
-from ..jobs import Item, JobRecord, image_tokens
+from ..items import Item
+from ..jobs import JobRecord, image_tokens
 from ..masking import composite
 from .process import ModelProcess
 
@@ -41,21 +42,15 @@ class Inputs:
 
 
 def work_item(task: str, item: Item, inputs: Inputs) -> WorkItem:
-    """The backend's view of one pipeline call of a stored job: the same fields, its
-    blob keys decoded to images."""
+    """The backend's view of one pipeline call of a stored job: the stored item
+    itself, its blob keys decoded to images."""
     return WorkItem(
         task=task,  # type: ignore[arg-type]
-        prompt=item.prompt, width=item.width, height=item.height, steps=item.steps, seed=item.seed, n=item.n,
-        negative_prompt=item.negative_prompt, guidance=item.guidance,
+        spec=item,
         images=[inputs.image(k, f"images[{i}]") for i, k in enumerate(item.images)],
         init_image=inputs.image(item.init_image, "init_image") if item.init_image else None,
-        strength=item.strength,
         mask=inputs.image(item.mask, "mask").convert("L") if item.mask else None,
-        mask_blur=item.mask_blur,
-        loras=[LoraSpec(lr.name, lr.scale) for lr in item.loras], cache=item.cache,
-        extra={"scale": item.scale} if item.scale else {},
-        sampler=item.sampler, scheduler=item.scheduler,
-    )  # fmt: skip
+    )
 
 
 def execute(backend: Backend, job: JobRecord, ctx: JobContext, blobs: dict[str, bytes], max_pixels: int) -> tuple[list[Image], list[float]]:
@@ -91,7 +86,7 @@ def execute(backend: Backend, job: JobRecord, ctx: JobContext, blobs: dict[str, 
         times = ctx.begin_call(item.run_steps)
         out = backend.run(work, ctx)
         if work.mask is not None and work.images:  # outside the mask, the original pixels
-            out = [composite(im, work.images[0], work.mask, work.mask_blur) for im in out]
+            out = [composite(im, work.images[0], work.mask, item.mask_blur) for im in out]
         images.extend(out)
         ctx.end_call()
         seconds.append((times.end or times.start) - times.start)
