@@ -16,7 +16,7 @@ from server.broker.base import Admission, Broker, BrokerUnavailable, QueueFullEr
 from server.features import DECAYED, DIM, STATS, WIDTH, apply, job_vector
 from server.forecast import call_features, observation
 from server.items import Item
-from server.jobs import JobRecord, JobStatus, input_key, result_key
+from server.jobs import JobRecord, JobStatus, input_key, preview_key, result_key
 from server.queue import STRIDE
 
 from .redis_fixtures import RedisServer, redis_flushed, redis_server, redis_server_fresh, redis_url  # noqa: F401
@@ -429,8 +429,14 @@ async def test_finish_is_fenced_and_release_requeues_at_the_head(broker: Broker)
     await broker.submit(b, {}, capacity=10)
     first = await broker.claim("m", "w", lease=30, timeout=0)
     assert first is not None and first.id == a.id
+    assert await broker.put_attempt_blob(a.id, 1, preview_key(a.id, 0), b"partial")  # the attempt's preview
+    assert await broker.update(first, {"step": 2, "previews": 1, "preview_seq": 3, "preview_step": 2}, attempt=1)
     assert await broker.release(first, 1)
     assert not await broker.release(first, 1)  # no longer running
+    requeued = await broker.get(a.id)
+    assert requeued is not None and requeued.status is JobStatus.WAITING and requeued.worker is None
+    assert (requeued.step, requeued.previews, requeued.preview_seq, requeued.preview_step) == (0, 0, 0, 0)
+    assert await broker.get_blob(preview_key(a.id, 0)) is None  # the lost attempt's previews go with it
     again = await broker.claim("m", "w2", lease=30, timeout=0)
     assert again is not None and again.id == a.id and again.attempt == 2 and again.lost == 0
     late = make_job()

@@ -272,10 +272,13 @@ class MemoryBroker(LocalEvents, MemoryStatistics):
         if stored is None or stored.status is not JobStatus.RUNNING:
             return False
         self._running[stored.model].pop(stored.id, None)
-        stored.status = JobStatus.WAITING
+        stored.status = JobStatus.WAITING  # what lua/queue.lua's requeue resets too
         stored.worker = None
         stored.step = 0
         stored.first_step_at = stored.last_step_at = None
+        for key in (*(preview_key(stored.id, k) for k in range(stored.previews)), live_preview_key(stored.id)):
+            self._drop(key)  # the lost attempt's previews go with it (its re-run makes its own)
+        stored.previews = stored.preview_seq = stored.preview_step = 0
         self._queue(stored.model).push_front(_entry(stored))
         self.notifier.changed(stored.id)
         return True

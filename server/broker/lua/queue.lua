@@ -130,6 +130,17 @@ local function q_first(m, level, share)
   end
 end
 
+-- a running job back to the head of its priority, its lane's turn next (release, and
+-- reap's first loss): the lost attempt's progress and previews go (as the memory
+-- broker's ``release``)
+local function requeue(m, id, jk)
+  redis.call('HSET', jk, 'status', '"waiting"', 'worker', 'null', 'step', '0', 'first_step_at', 'null', 'last_step_at', 'null')
+  drop_previews(jk, id)
+  local level, share = level_of(jk), share_of(jk)
+  q_push(m, id, level, true, redis.call('HGET', jk, 'vec') or '', share, stride_of(jk))
+  q_first(m, level, share)
+end
+
 -- take a waiting job (its score known) out of the queue and the sums; ``charge``:
 -- it was taken to run (its lane's turn is used; the clock moves to its tag if it
 -- was the level's head).  A lane's head joins its popped sums instead of the tree.

@@ -11,11 +11,8 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
     if redis.call('EXISTS', jk) == 1 and redis.call('HGET', jk, 'status') == '"running"' then
       handled = handled + 1
       if tonumber(redis.call('HGET', jk, 'lost') or '0') == 0 then
-        redis.call('HSET', jk, 'lost', '1', 'status', '"waiting"', 'worker', 'null', 'step', '0',
-          'first_step_at', 'null', 'last_step_at', 'null')
-        drop_previews(jk, id)
-        q_push(m, id, level_of(jk), true, redis.call('HGET', jk, 'vec') or '', share_of(jk), stride_of(jk))
-        q_first(m, level_of(jk), share_of(jk))
+        redis.call('HSET', jk, 'lost', '1')
+        requeue(m, id, jk)
       else
         redis.call('HINCRBY', jk, 'lost', 1)
         redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))
