@@ -68,7 +68,7 @@ class LocalWorkers:
         await self.worker.host.unload(name)
 
     def queued(self, model: str) -> None:
-        self.worker.host.want(model)  # a load_on_demand model that is not loaded loads now
+        self.worker.host.on_demand.want(model)  # a load_on_demand model that is not loaded loads now
 
 
 class SharedWorkers:
@@ -111,4 +111,4 @@ class SharedWorkers:
 
     def queued(self, model: str) -> None:
         if self.worker is not None:
-            self.worker.host.want(model)
+            self.worker.host.on_demand.want(model)

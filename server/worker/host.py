@@ -2,7 +2,7 @@
 
 It loads and unloads models (in this process, or each in its own: ``process.py``),
 decides residency (server/residency.py: what must be unloaded for a model to fit,
-idle unloads, on-demand loads), measures what a model holds (after its load, and
+idle unloads; on-demand loads: ``waiting.OnDemand``), measures what a model holds (after its load, and
 after each job or lease: its peak), restarts a model whose process was lost, and lends
 models to the upscaler and to ``/api/upscale`` jobs (``lease``): a leased model
 stays loaded, and a lease waits for a load in progress on an event, never a poll.
@@ -31,9 +31,9 @@ from ..errors import Conflict
 from ..families import runs_isolated
 from ..features import FITS
 from ..forecast import prior_vector
-from ..jobs import JobStatus
 from ..residency import NoRoom, Residency, TooBig, record_peak, shares_device, too_big
 from .process import ModelProcess
+from .waiting import OnDemand, cancel_waiting, fail_waiting, nobody_else
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -60,8 +60,8 @@ class ModelHost:
         self.residency = Residency(settings)
         self.accepting = True  # false once the worker stops: no on-demand loads
         self.hung: dict[str, str] = {}  # job id -> model: stalled in-process calls that have not returned
-        self._loading = asyncio.Lock()  # one residency decision and load at a time
-        self._wanted: set[str] = set()  # on-demand models waiting for room (retried as jobs end)
+        self.loading = asyncio.Lock()  # one residency decision and load at a time (``load_locked``)
+        self.on_demand = OnDemand(self)
         self._settled: dict[str, asyncio.Event] = {}  # set while a model is not loading
         self._leases: dict[str, int] = {}
         self._job_leases: dict[str, str] = {}  # job id -> model it holds (an /api/upscale job)
@@ -107,10 +107,11 @@ class ModelHost:
         ms = self.registry.get(name)
         if ms.state in ("loaded", "loading"):
             return ms
-        async with self._loading:
-            return await self._load(ms)
+        async with self.loading:
+            return await self.load_locked(ms)
 
-    async def _load(self, ms: ModelState) -> ModelState:
+    async def load_locked(self, ms: ModelState) -> ModelState:
+        """``load`` with ``loading`` held."""
         name = ms.name
         if ms.state in ("loaded", "loading"):
             return ms
@@ -153,8 +154,8 @@ class ModelHost:
         except Exception as exc:
             self._set(ms, "error", load_message(exc))
             log.warning("model %s: load failed: %s", ms.name, ms.load_error)
-            if await self._nobody_else(ms.name):  # jobs queued while it loaded would wait for ever
-                await self._fail_waiting(ms.name, ms.load_error or "the model failed to load")
+            if await nobody_else(self.broker, ms.name):  # jobs queued while it loaded would wait for ever
+                await fail_waiting(self.broker, ms.name, ms.load_error or "the model failed to load")
             return
         took = time.monotonic() - start
         ms.load_seconds = took if ms.load_seconds is None else (ms.load_seconds * ms.loads + took) / (ms.loads + 1)
@@ -200,7 +201,7 @@ class ModelHost:
             raise Conflict(f"model {name!r} is still loading; unload it once it has loaded", param="model")
         await self.on_stopping(name)
         if not self.broker.distributed and not ms.cfg.load_on_demand:  # nobody else will serve them
-            await self.cancel_waiting(name, f"model {name!r} was unloaded before the job ran")
+            await cancel_waiting(self.broker, name, f"model {name!r} was unloaded before the job ran")
         await self._release(ms)
         self._set(ms, "unloaded")
         await self.announce(name)
@@ -268,7 +269,7 @@ class ModelHost:
         await self.on_stopping(ms.name)
         await self._release(ms)
         await self.announce(ms.name)
-        async with self._loading:
+        async with self.loading:
             await self._start(ms)
         if ms.state == "loaded":
             self.on_ready(ms)
@@ -378,54 +379,6 @@ class ModelHost:
                 busy.add(name)
         return busy
 
-    def want(self, model: str) -> None:
-        """A job for ``model`` waits: load it if it loads on demand and is not loaded
-        (on a task: the caller does not wait)."""
-        ms = self.registry.models.get(model)
-        if ms is None or not ms.cfg.load_on_demand or ms.state != "unloaded" or not self.accepting:
-            return
-        self._wanted.add(model)
-        self.retry_wanted()
-
-    def retry_wanted(self) -> None:
-        if self._wanted and not self._loading.locked():
-            self.spawn(self._load_wanted())
-
-    async def _load_wanted(self) -> None:
-        """Load the on-demand models that have waiting jobs, as room allows."""
-        async with self._loading:
-            for name in list(self._wanted):
-                ms = self.registry.models[name]
-                if ms.state != "unloaded" or not self.accepting or (await self.broker.depth(name))[0] == 0:
-                    self._wanted.discard(name)
-                    continue
-                try:
-                    ms = await self._load(ms)
-                except Conflict as exc:  # busy models in the way: retried as jobs end
-                    log.info("model %s: waiting for room (%s)", name, exc)
-                    continue
-                self._wanted.discard(name)
-                if ms.state == "error" and await self._nobody_else(name):
-                    await self._fail_waiting(name, ms.load_error or "the model failed to load")
-
-    async def _nobody_else(self, model: str) -> bool:
-        """No worker (this one included) can serve ``model``: one process, or every
-        live worker that presents it reports a load error."""
-        if not self.broker.distributed:
-            return True
-        return all(w.state == "error" for w in await self.broker.workers(model))
-
-    async def _fail_waiting(self, model: str, message: str) -> None:
-        for job in await self.broker.waiting(model, 2**31):
-            fields = {"message": f"model {model!r} could not be loaded for this job: {message}"}
-            if await self.broker.finish(job, JobStatus.ERROR, fields, attempt=None, blobs={}, only_waiting=True):
-                log.info("job %s on %s: error (%s)", job.id, model, message)
-
-    async def cancel_waiting(self, model: str, message: str) -> None:
-        for job in await self.broker.waiting(model, 2**31):
-            await self.broker.cancel(job.id, message)
-            log.info("job %s on %s: cancelled (%s)", job.id, model, message)
-
     async def tick(self) -> None:
         """Each heartbeat: unload models idle past ``idle_unload_seconds``; load the
         on-demand models whose queue holds jobs (in Redis mode, any worker host may)."""
@@ -436,8 +389,8 @@ class ModelHost:
                 log.info("model %s: idle for %.1fs (idle_unload_seconds %g); unloading it", name, self.residency.idle_for(name), limit)
                 await self.unload(name)
             elif ms.cfg.load_on_demand and ms.state == "unloaded" and (await self.broker.depth(name))[0] > 0:
-                self.want(name)
-        self.retry_wanted()
+                self.on_demand.want(name)
+        self.on_demand.retry()
 
 
 async def _nothing(name: str) -> None:

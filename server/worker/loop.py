@@ -37,6 +37,7 @@ from .host import ModelHost
 from .outcome import Outcomes
 from .presence import Presence, worker_id
 from .process import ModelProcessLost
+from .waiting import cancel_waiting
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -104,7 +105,7 @@ class Worker:
         self.claiming = self.host.accepting = False
         if not self.broker.distributed:
             for name in self.registry.models:
-                await self.host.cancel_waiting(name, "the server shut down before the job ran")
+                await cancel_waiting(self.broker, name, "the server shut down before the job ran")
         loops = list(self._loops.values())
         if loops:
             _, pending = await asyncio.wait(loops, timeout=grace)
@@ -215,7 +216,7 @@ class Worker:
             for r in rs:
                 self.running.pop(r.job.id, None)
             self.host.residency.touch(ms.name)
-            self.host.retry_wanted()  # an on-demand model may fit now
+            self.host.on_demand.retry()  # an on-demand model may fit now
 
     async def _run(self, ms: ModelState, rs: list[Running], since: float | None) -> Coroutine[Any, Any, None] | None:
         for r in list(rs):
