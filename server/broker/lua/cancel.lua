@@ -11,7 +11,6 @@ if status == '"waiting"' then
   q_remove(m, id, jk, false)
   redis.call('HSET', jk, 'status', '"cancelled"', 'message', message, 'finished_at', ts(t))
   into_done(jk, id, t)
-  quota_release(jk, id)
   expire_job(jk, ttl)
   to_outbox(jk, id, t)
   event(id, m, 'change')

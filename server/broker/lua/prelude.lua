@@ -39,14 +39,6 @@ local function level_of(jk)
   return tonumber(redis.call('HGET', jk, 'priority')) + SHIFT
 end
 
--- a job that ended: into ``done`` and its owner's (keys.owner_done: '' for none)
-local function into_done(jk, id, t)
-  redis.call('ZADD', K_DONE, ts(t), id)
-  local owner = redis.call('HGET', jk, 'owner')
-  owner = (owner and owner ~= 'null') and cjson.decode(owner) or ''
-  redis.call('ZADD', k_owner_done(owner), ts(t), id)
-end
-
 -- the job's inputs and the record itself expire with the result TTL
 local function expire_job(jk, ttl)
   redis.call('EXPIRE', jk, ttl)
@@ -96,4 +88,14 @@ local function quota_release(jk, id)
     used = (s and f) and math.max(0, f - s) or 0
   end
   redis.call('HSET', lk, id, '[' .. string.match(raw, '^%[([^,]+),') .. ',' .. ts(used) .. ',false]')
+end
+
+-- a job that ended (finish, cancel, reap): into ``done`` and its owner's
+-- (keys.owner_done: '' for none), and its quota released (quota_release)
+local function into_done(jk, id, t)
+  redis.call('ZADD', K_DONE, ts(t), id)
+  local owner = redis.call('HGET', jk, 'owner')
+  owner = (owner and owner ~= 'null') and cjson.decode(owner) or ''
+  redis.call('ZADD', k_owner_done(owner), ts(t), id)
+  quota_release(jk, id)
 end

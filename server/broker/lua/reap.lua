@@ -17,7 +17,6 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
         redis.call('HINCRBY', jk, 'lost', 1)
         redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))
         into_done(jk, id, t)
-        quota_release(jk, id)
         expire_job(jk, ttl)
         to_outbox(jk, id, t)
       end
