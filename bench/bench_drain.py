@@ -22,11 +22,12 @@ redis-server in a temp dir, one ``--role api`` node taking the submissions and
 status calls, one ``--role worker`` node running the model).
 
 ``--pin`` (Linux, 2+ cores) lays the processes out as separate hosts would: the
-measured pipeline gets core 0 alone in both runs (the bench's direct calls, pinned
-there; the worker process may use every core, so its event loop and encoding run
-beside its model thread as on a GPU host), while the API node, redis-server and the
-bench's submitting and polling share the other cores. Without it, every process
-competes for every core and the rounds vary by +-5% between themselves.
+measured pipeline gets core 0 alone in both runs (the bench's direct calls, and the
+server's model process, pinned there: core 0 plays the GPU), while the worker's event
+loop and encoding, the API node, redis-server and the bench's submitting and polling
+share the other cores (the host's CPU). Without it, every process competes for every
+core and the rounds vary by +-5% between themselves.  With ``--in-process`` the model
+runs on a thread of the server's process, which then may use every core.
 """
 
 from __future__ import annotations
@@ -192,11 +193,14 @@ def main() -> None:
               + (", the server's model in the server's process" if args.in_process else ""))  # fmt: skip
         with cluster(tmp, args.mode, raw, env) as (srv, pids):
             c = srv.client
+            server_drain(c, 4, args.size, args.steps, args.timeout, pids)  # warm-up both (the model's process is up after it)
             if args.pin:
                 for name, pid in pids.items():
-                    if name not in ("worker", "server"):  # the model's process may use every core
-                        pin(pid, other_cores)
-            server_drain(c, 4, args.size, args.steps, args.timeout, pids)  # warm-up both
+                    children = psutil.Process(pid).children(recursive=True) if name in ("worker", "server") else []
+                    if name not in ("worker", "server") or children:
+                        pin(pid, other_cores)  # the host's CPU: API node, redis-server, the worker's loop and encoding
+                    for child in children:  # the model's process (and multiprocessing's idle helper): the "GPU"
+                        pin(child.pid, model_core)
             direct_drain(backend, 4, args.size, args.steps)
             rows = []
             for r in range(args.rounds):
