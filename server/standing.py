@@ -4,9 +4,12 @@ running jobs' progress, the model's learned costs and its live workers.
     wait = (remaining of the running jobs + cost of the calls ahead) / live slots
            + the cost of the job's own call
 
-The jobs ahead are counted as the calls they will form when the model batches
-(``target_inflight`` above 1; ``batch_forecast``), and the job's own call with the
-compatible jobs that share it.
+When the model batches (``target_inflight`` above 1), the jobs ahead are counted as
+the calls they will form, and the job's own call with the compatible jobs that share
+it: near the head of the queue (the first ``batch_plan.WINDOW`` waiting jobs, all the
+worker's planner looks at) by replaying the planner over them (``batch_plan.replay``:
+the batches that overtake the job are counted before it, the one it joins as its own
+call); further back from the queue's sums (``batch_forecast``).
 
 ``pos`` counts the unfinished jobs ahead on the same model (running ones included),
 so 0 means running, or next with a worker free.  With no live worker for the model,
@@ -26,6 +29,7 @@ from PIL import Image
 
 from . import batch_forecast
 from .batch_forecast import ahead_in_call, behind, class_of, waiting_seconds
+from .batch_plan import WINDOW, replay
 from .broker.base import ALL, Broker, WorkerInfo
 from .config import Settings
 from .features import DIM, FITS, NF, job_vector
@@ -127,7 +131,8 @@ def no_worker_note(model: str) -> str:
 
 
 async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
-    """(position, forecast seconds until done) of ``job``: O(log n) in the queue."""
+    """(position, forecast seconds until done) of ``job``: O(log n) in the queue (and a
+    read of the first ``WINDOW`` waiting jobs for one near the head of a model that batches)."""
     if job.status.finished:
         return Where(0, 0.0)
     broker = forecasts.broker
@@ -154,16 +159,36 @@ async def standing(forecasts: Forecasts, job: JobRecord) -> Where:
         return Where(pos, None, no_worker_note(job.model))
     size = batch_size(forecasts.settings, job.model)
     vec = job_vector(job.task, np.asarray(job.features), job.batch)
-    companions = 0  # compatible jobs behind it that its call takes too (one more read: the queue's total)
-    if size > 1 and class_of(vec) is not None and ahead_in_call(st.ahead, vec, size) < size - 1:
-        everything = await broker.standing(None, job.model)
-        companions = behind(everything.ahead, st.ahead, vec, queued=job.seq > 0)
-    calls_ahead, call = waiting_seconds(cost, st.ahead, vec, size, companions)
+    planned = await near_head(forecasts, job, cost, size, int(st.ahead[DIM]), now) if size > 1 else None
+    if planned is not None:  # the worker's own plans, replayed
+        calls_ahead, call = planned
+    else:  # counted from the queue's sums
+        companions = 0  # compatible jobs behind it that its call takes too (one more read: the queue's total)
+        if size > 1 and class_of(vec) is not None and ahead_in_call(st.ahead, vec, size) < size - 1:
+            everything = await broker.standing(None, job.model)
+            companions = behind(everything.ahead, st.ahead, vec, queued=job.seq > 0)
+        calls_ahead, call = waiting_seconds(cost, st.ahead, vec, size, companions)
     before = (running_ahead(forecasts, cost, st.running, now) + calls_ahead) / slots
     own = job.predicted + call - cost.predict(vec)  # its own forecast, and its call's other jobs
     if pos < slots and len(job.features) == NF:  # it runs at once, right after no other job
         own = max(0.0, own - job.features[AFTER_JOB] * cost.term(job.task, "after_job"))
     return Where(pos, load + before + own)
+
+
+async def near_head(forecasts: Forecasts, job: JobRecord, cost: CostModel, size: int, ahead: int, now: float) -> tuple[float, float] | None:
+    """(seconds of the calls before the job's own, seconds of its own call) for a job
+    among the first ``WINDOW`` waiting of a model that batches: the worker's planner
+    replayed over them (``batch_plan.replay``), so the batches that will overtake it,
+    and the one it joins, are the ones the worker will form.  None further back (or
+    when the job was claimed meanwhile): the queue's sums count its calls."""
+    if ahead >= WINDOW:
+        return None
+    waiting = await forecasts.broker.waiting(job.model, WINDOW)
+    if not any(w.id == job.id for w in waiting):
+        return None
+    cfg = forecasts.settings.models.get(job.model)
+    max_delay = cfg.batch_max_delay if cfg is not None else 0.0
+    return replay(waiting, cost, size, max_delay, now, until=job.id)[job.id]
 
 
 def batch_size(settings: Settings, model: str) -> int:

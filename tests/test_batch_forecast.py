@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from server.batch_forecast import behind, queue_seconds, saved, waiting_seconds
+from server.batch_plan import batch_features
 from server.features import BUCKETS, bucket, job_vector
 from server.forecast import CostModel, prior_vector
 from server.items import Item
 from server.jobs import JobRecord, batch_key
 from server.standing import job_features
-from server.worker.batch import batch_features
 
 # a model whose calls share much (a GPU: the per-step cost hardly grows with the batch)
 # and decode a batch cheaper per image: every term of a call's part is in play

@@ -26,11 +26,12 @@ import anyio.to_thread
 
 from .. import deadlines
 from ..backends.base import BackendError, JobCancelled, device_fault, failure_message
+from ..batch_plan import batch_features
 from ..broker.base import Broker, BrokerUnavailable
 from ..forecast import measured_phases
 from ..jobs import JobRecord, JobStatus
 from ..watchdog import job_limit, stall_message, timeout_message, watch
-from .batch import Batcher, batch_features, execute_batch, shares
+from .batch import Batcher, execute_batch, shares
 from .context import JobContext, LoopClock, Running
 from .execute import execute
 from .host import ModelHost
