@@ -22,7 +22,13 @@ Each job's forecast error, as ``bench/bench_forecast.py`` measures it
 (``expected_time_seconds`` at submission vs ``finished_at - created_at``), is printed
 per kind: MAPE and mean signed error of the jobs that ran batched (batch4, in calls
 of two or more: the log says which), of those batch4 ran alone, and of batch1's
-(goal: batched within the same bounds as single).
+(goal: batched within the same bounds as single).  And what the server adds per job
+(the drain less its pipeline calls): in a mixed queue, the two models' processes may
+run the same calls at different speeds (this VM: up to +-20% between processes), so
+the drains' ratio there is read with the calls' ratio beside it.
+
+``--pin``: both models' processes on core 0 (they run in turn, as on one GPU), the
+server and the bench on the other cores.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.servers import RunningServer, start_server  # noqa: E402
@@ -65,9 +72,12 @@ def bodies(kind: str, jobs: int) -> list[dict[str, Any]]:
             for k, (s, w) in enumerate(shapes)]  # fmt: skip
 
 
-def drain(c: httpx.Client, model: str, kind: str, jobs: int, errors: dict[str, float] | None = None) -> float:
+def drain(c: httpx.Client, model: str, kind: str, jobs: int, errors: dict[str, float] | None = None,
+          calls: list[float] | None = None) -> float:  # fmt: skip
     """Seconds to drain ``jobs`` of ``kind`` on ``model``; each job's forecast error
-    (signed, relative: + is too long) goes into ``errors`` by job id."""
+    (signed, relative: + is too long) goes into ``errors`` by job id, and the seconds
+    of the drain's pipeline calls (its images' ``seconds``: a call's split by images)
+    onto ``calls``."""
     ids = [c.post("/api/generate", json={**b, "model": model}).json()["task_id"] for b in bodies(kind, jobs)]
     done = []
     for tid in ids:
@@ -78,7 +88,15 @@ def drain(c: httpx.Client, model: str, kind: str, jobs: int, errors: dict[str, f
         if errors is not None:
             actual = st["finished_at"] - st["created_at"]
             errors[tid] = (st["expected_time_seconds"] - actual) / actual
+    if calls is not None:
+        calls.append(sum(float(im["seconds"]) for d in done for im in d["images"]))
     return float(max(d["finished_at"] for d in done) - min(d["started_at"] for d in done))
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (and the threads it starts later) onto ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
 
 
 def call_sizes(log: str, model: str) -> dict[str, int]:
@@ -97,7 +115,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--pin", action="store_true",
+                        help="both models' processes on core 0 (they run in turn: the GPU), the server and the bench on the others")
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cores) < 2:
+        parser.error("--pin needs two cores or more")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         folder = tp.build_sdxl(tmp / "sdxl")
@@ -107,18 +130,25 @@ def main() -> None:
             for model in ("batch4", "batch1"):  # warm-up: the first calls, and a forecast to decide with
                 for kind in KINDS:
                     drain(c, model, kind, 4)
+            if args.pin:  # after the warm-up: both models' processes are up
+                children = psutil.Process(srv.proc.pid).children(recursive=True)
+                pin(srv.proc.pid, set(cores[1:]))
+                pin(os.getpid(), set(cores[1:]))
+                for child in children:
+                    pin(child.pid, {cores[0]})
             errors: dict[str, dict[str, float]] = {f"{kind}/{model}": {} for kind in KINDS for model in ("batch4", "batch1")}
             ratios: dict[str, list[float]] = {kind: [] for kind in KINDS}
             times: dict[str, list[float]] = {f"{kind}/{model}": [] for kind in KINDS for model in ("batch4", "batch1")}
+            calls: dict[str, list[float]] = {key: [] for key in times}
             for r in range(args.rounds):
                 for kind in KINDS:
                     order = ("batch4", "batch1") if r % 2 == 0 else ("batch1", "batch4")
-                    got = {model: drain(c, model, kind, args.jobs, errors[f"{kind}/{model}"]) for model in order}
+                    got = {model: drain(c, model, kind, args.jobs, errors[f"{kind}/{model}"], calls[f"{kind}/{model}"]) for model in order}
                     times[f"{kind}/batch4"].append(got["batch4"])
                     times[f"{kind}/batch1"].append(got["batch1"])
                     ratios[kind].append(got["batch4"] / got["batch1"])
                     print(f"round {r + 1} {kind}: batch4 {got['batch4']:.3f} s, batch1 {got['batch1']:.3f} s, ratio {ratios[kind][-1]:.3f}", flush=True)
-            calls = [int(k) for k in re.findall(r"on batch4: one call of (\d+)", srv.log())]
+            formed = [int(k) for k in re.findall(r"on batch4: one call of (\d+)", srv.log())]
             sizes = call_sizes(srv.log(), "batch4")
         finally:
             srv.stop()
@@ -127,7 +157,14 @@ def main() -> None:
         rs = ratios[kind]
         print(f"{kind}: medians {m4:.3f} / {m1:.3f} s = {m4 / m1:.3f} (rounds {', '.join(f'{x:.3f}' for x in rs)}; "
               f"spread {min(rs):.3f}-{max(rs):.3f}); goal: {'<= ' + str(goal) if goal else 'none'}")  # fmt: skip
-    print(f"batches formed on batch4: {len(calls)} (sizes {sorted(calls)})")
+    print(f"batches formed on batch4: {len(formed)} (sizes {sorted(formed)})")
+    print("what the server adds (drain - its pipeline calls, per job; median of the rounds) and the calls themselves:")
+    for kind in KINDS:
+        gap = {m: statistics.median((t - cs) / args.jobs for t, cs in zip(times[f"{kind}/{m}"], calls[f"{kind}/{m}"], strict=True))
+               for m in ("batch4", "batch1")}  # fmt: skip
+        c4, c1 = statistics.median(calls[f"{kind}/batch4"]), statistics.median(calls[f"{kind}/batch1"])
+        print(f"  {kind}: per job batch4 {1000 * gap['batch4']:.2f} ms, batch1 {1000 * gap['batch1']:.2f} ms; "
+              f"pipeline calls batch4 / batch1 {c4:.3f} / {c1:.3f} s = {c4 / c1:.3f}")  # fmt: skip
     print("forecast error (expected_time_seconds at submission vs finished_at - created_at; + is too long):")
     for kind in KINDS:
         on4 = errors[f"{kind}/batch4"]
