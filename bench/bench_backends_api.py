@@ -1,7 +1,7 @@
 """A real Diffusers backend through the API (run by hand: ``python bench/bench_backends_api.py``).
 
 1. End-to-end API time of a tiny-SDXL job (submit, long-poll until done, fetch the
-   PNG) against a direct call of the same pipeline folder with the same parameters
+   PNG; ``--mode redis``: through an API node, the job run by a worker node) against a direct call of the same pipeline folder with the same parameters
    in this process (``StableDiffusionXLPipeline.from_pretrained``), same torch
    threads, runs alternated, medians compared. The server keeps freed memory for the
    next job (``host_memory.retain_mib``, server/hostmem.py) and this process, like a
@@ -33,6 +33,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_core import forecast_error  # noqa: E402
+from bench.nodes import cluster, lay_out  # noqa: E402
 from server import hostmem  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.worker.encode import encode  # noqa: E402
@@ -65,7 +66,9 @@ def direct_call(pipe: Any, size: int, steps: int, seed: int) -> Any:
     return out.images[0]
 
 
-def bench_overhead(srv: RunningServer, folder: Path, runs: int, size: int, steps: int) -> None:
+def bench_overhead(srv: RunningServer, folder: Path, runs: int, size: int, steps: int, cores: tuple[set[int], set[int]] | None) -> None:
+    """``cores``: (the model's core, the others) with ``--pin``: the direct calls on the
+    model's core, the bench's HTTP calls on the others."""
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -77,9 +80,13 @@ def bench_overhead(srv: RunningServer, folder: Path, runs: int, size: int, steps
         direct_call(pipe, size, steps, 0)
     api, direct, encoded = [], [], []
     for _ in range(runs):
+        if cores is not None:
+            os.sched_setaffinity(0, cores[1])
         t0 = time.perf_counter()
         api_job(c, body)
         api.append(time.perf_counter() - t0)
+        if cores is not None:
+            os.sched_setaffinity(0, cores[0])
         t0 = time.perf_counter()
         image = direct_call(pipe, size, steps, 0)
         direct.append(time.perf_counter() - t0)
@@ -111,7 +118,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["overhead", "forecast"])
     p.add_argument("--tune-direct", action="store_true", help="the server's malloc settings for the direct call too")
+    p.add_argument("--mode", choices=["memory", "redis"], default="memory",
+                   help="the overhead through one server (memory) or an API node, a worker node and redis-server")
+    p.add_argument("--pin", action="store_true", help="the server's model process and the direct calls on core 0, the rest on the others")
     args = p.parse_args()
+    all_cores = sorted(os.sched_getaffinity(0))
+    if args.pin and len(all_cores) < 2:
+        p.error("--pin needs two cores or more")
+    cores = ({all_cores[0]}, set(all_cores[1:])) if args.pin else None
     torch.set_num_threads(args.threads)
     if args.tune_direct and not hostmem.tune(Settings().host_memory.retain_mib):
         p.error("--tune-direct needs glibc")
@@ -121,12 +135,13 @@ def main() -> None:
         env = {"OMP_NUM_THREADS": str(args.threads)}
         if args.only in (None, "overhead"):
             tuned = "the server's malloc settings" if args.tune_direct else "glibc's default malloc settings"
-            print(f"1. tiny SDXL: API vs direct pipeline call ({args.threads} torch thread(s); direct call with {tuned})")
-            srv = start_server(tmp, sdxl_settings(folder), env=env)
-            try:
-                bench_overhead(srv, folder, args.runs, args.size, args.steps)
-            finally:
-                srv.stop()
+            print(f"1. tiny SDXL: API vs direct pipeline call ({args.threads} torch thread(s); direct call with {tuned}; "
+                  f"mode {args.mode}{', pinned' if args.pin else ''})")  # fmt: skip
+            with cluster(tmp, args.mode, sdxl_settings(folder), env) as (srv, pids):
+                if cores is not None:
+                    api_job(srv.client, {"prompt": PROMPT, "width": 64, "height": 64, "steps": 1})  # the model's process is up
+                    lay_out(pids, *cores)
+                bench_overhead(srv, folder, args.runs, args.size, args.steps, cores)
         if args.only in (None, "forecast"):
             print("2. forecast error on 16 mixed tiny-SDXL jobs (64-128 px, 2-6 steps, n 1-2)")
             srv = start_server(tmp, sdxl_settings(folder), env=env)

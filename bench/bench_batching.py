@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.nodes import pin  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.servers import RunningServer, start_server  # noqa: E402
 
@@ -91,12 +92,6 @@ def drain(c: httpx.Client, model: str, kind: str, jobs: int, errors: dict[str, f
     if calls is not None:
         calls.append(sum(float(im["seconds"]) for d in done for im in d["images"]))
     return float(max(d["finished_at"] for d in done) - min(d["started_at"] for d in done))
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` (and the threads it starts later) onto ``cpus``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
 
 
 def call_sizes(log: str, model: str) -> dict[str, int]:

@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +50,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_backends_api import PROMPT, sdxl_settings  # noqa: E402
+from bench.nodes import cluster, lay_out  # noqa: E402
 from server import hostmem  # noqa: E402
 from server.backends import create_backend  # noqa: E402
 from server.backends.base import WorkItem  # noqa: E402
@@ -61,46 +59,6 @@ from server.items import Item  # noqa: E402
 from server.worker.encode import encode  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext  # noqa: E402
-from tests.redis_fixtures import RedisServer  # noqa: E402
-from tests.servers import RunningServer, start_server  # noqa: E402
-
-
-@contextmanager
-def cluster(tmp: Path, mode: str, settings: dict[str, Any], env: dict[str, str]) -> Iterator[tuple[RunningServer, dict[str, int]]]:
-    """The node that takes submissions: memory (role all) or Redis (api + worker),
-    and the pids of the processes (for their CPU time)."""
-    if mode == "memory":
-        srv = start_server(tmp, settings, env=env)
-        try:
-            yield srv, {"server": srv.proc.pid}
-        finally:
-            srv.stop()
-        return
-    redis = RedisServer(tmp / "redis")
-    redis.start()
-    nodes: list[RunningServer] = []
-    try:
-        api = start_server(tmp, settings, ("--broker", redis.url, "--role", "api"), env=env)
-        nodes.append(api)
-        worker = start_server(tmp, settings, ("--broker", redis.url, "--role", "worker"), env=env)
-        nodes.append(worker)
-        deadline = time.monotonic() + 60
-        while not api.client.get("/v1/models").json()["data"]:  # the worker's presence
-            if time.monotonic() > deadline:
-                raise RuntimeError("the worker never announced its model")
-            time.sleep(0.1)
-        assert redis.proc is not None
-        yield api, {"api": api.proc.pid, "worker": worker.proc.pid, "redis": redis.proc.pid}
-    finally:
-        for node in nodes:
-            node.stop(signal.SIGTERM)
-        redis.stop()
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` (and the threads it starts later) onto ``cpus``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -195,12 +153,7 @@ def main() -> None:
             c = srv.client
             server_drain(c, 4, args.size, args.steps, args.timeout, pids)  # warm-up both (the model's process is up after it)
             if args.pin:
-                for name, pid in pids.items():
-                    children = psutil.Process(pid).children(recursive=True) if name in ("worker", "server") else []
-                    if name not in ("worker", "server") or children:
-                        pin(pid, other_cores)  # the host's CPU: API node, redis-server, the worker's loop and encoding
-                    for child in children:  # the model's process (and multiprocessing's idle helper): the "GPU"
-                        pin(child.pid, model_core)
+                lay_out(pids, model_core, other_cores)
             direct_drain(backend, 4, args.size, args.steps)
             rows = []
             for r in range(args.rounds):

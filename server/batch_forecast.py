@@ -1,4 +1,6 @@
-"""The forecast of queued jobs with the batching they will get.
+"""The forecast of queued jobs with the batching they will get, counted from the
+queue's sums: for a job further back than the planner looks (``batch_plan.WINDOW``);
+nearer the head, ``standing`` replays the planner itself (``batch_plan.replay``).
 
 The worker runs compatible jobs (one ``JobRecord.batch`` class) as one pipeline call
 of up to ``size`` = ``target_inflight`` jobs (worker/batch.py).  In the linear cost
