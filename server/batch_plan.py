@@ -127,13 +127,11 @@ def _breaks(job: JobRecord, batched: float, in_order: float) -> bool:
     return job.deadline_at is not None and batched > job.deadline_at >= in_order
 
 
-def replay(
-    waiting: list[JobRecord], cost: CostModel, size: int, max_delay: float, now: float, until: str | None = None
-) -> dict[str, tuple[float, float]]:
+def replay(waiting: list[JobRecord], cost: CostModel, size: int, max_delay: float, now: float) -> dict[str, tuple[float, float]]:
     """Each job of ``waiting`` (run order, the head first) -> (seconds from the model's
     next claim until its call starts, seconds of its call): the calls the worker will
     run if nothing comes ahead of them, planned as it plans them, one after another.
-    Stops once job ``until`` is placed.  O(jobs x ``size``) forecasts."""
+    O(jobs x ``size``) forecasts."""
     own = {j.id: job_seconds(cost, j) for j in waiting}
     rest, t = list(waiting), 0.0
     out: dict[str, tuple[float, float]] = {}
@@ -143,8 +141,6 @@ def replay(
         for j in call:
             out[j.id] = (t, seconds)
         t += seconds
-        if until is not None and until in out:
-            break
         taken = {j.id for j in call}
         rest = [j for j in rest if j.id not in taken]
     return out

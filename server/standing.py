@@ -58,6 +58,7 @@ class Forecasts:
         self._workers: dict[str, _Cached] = {}
         self._presence_generation = 0
         self._paused: _Cached | None = None
+        self._replays: dict[str, tuple[tuple[str, ...], CostModel, int, float, dict[str, tuple[float, float]]]] = {}
 
     async def cost(self, model: str) -> CostModel:
         version = self.broker.stats_version(model)
@@ -104,6 +105,20 @@ class Forecasts:
         if cached is None or cached.version != version or (self.broker.distributed and now - cached.at >= REFRESH_SECONDS):
             cached = self._paused = _Cached(await self.broker.paused(), version, now)
         return bool(cached.value & {model, ALL})  # type: ignore[operator]
+
+    def replayed(self, model: str, waiting: list[JobRecord], cost: CostModel, size: int, now: float) -> dict[str, tuple[float, float]]:
+        """``batch_plan.replay`` of ``model``'s first waiting jobs, kept while they and
+        the costs stay the same (for up to ``REFRESH_SECONDS``: deadlines move with the
+        clock), so a listing of the queue replays it once, not once per job."""
+        cfg = self.settings.models.get(model)
+        max_delay = cfg.batch_max_delay if cfg is not None else 0.0
+        ids = tuple(j.id for j in waiting)
+        hit = self._replays.get(model)
+        if hit is not None and hit[0] == ids and hit[1] is cost and hit[2] == size and 0 <= now - hit[3] < REFRESH_SECONDS:
+            return hit[4]
+        out = replay(waiting, cost, size, max_delay, now)
+        self._replays[model] = (ids, cost, size, now, out)
+        return out
 
     async def slots(self, model: str) -> int:
         return sum(w.slots for w in await self.workers(model) if w.state == "loaded")
@@ -186,9 +201,7 @@ async def near_head(forecasts: Forecasts, job: JobRecord, cost: CostModel, size:
     waiting = await forecasts.broker.waiting(job.model, WINDOW)
     if not any(w.id == job.id for w in waiting):
         return None
-    cfg = forecasts.settings.models.get(job.model)
-    max_delay = cfg.batch_max_delay if cfg is not None else 0.0
-    return replay(waiting, cost, size, max_delay, now, until=job.id)[job.id]
+    return forecasts.replayed(job.model, waiting, cost, size, now)[job.id]
 
 
 def batch_size(settings: Settings, model: str) -> int:
