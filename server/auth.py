@@ -33,7 +33,8 @@ from urllib.parse import parse_qs
 import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .config import KeyConfig, QuotaConfig, Settings
+from .config import Settings
+from .config_auth import KeyConfig, QuotaConfig
 from .errors import ApiError, Forbidden, Unauthorized, render
 
 if TYPE_CHECKING:

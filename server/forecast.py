@@ -17,8 +17,9 @@ A pipeline call has three phases, and each has costs of its own::
 
 A job's seconds are the sum over its calls: linear in the ``TERMS``' features, with
 one coefficient each, learned per model online.  The worker measures the phases of
-every job it runs (the step callbacks time the denoising: the median gap between
-steps times the steps; after the last step is the tail; the rest is the head), so
+every job it runs (``timing.measured_phases``: the step callbacks time the
+denoising: the median gap between steps times the steps; after the last step is the
+tail; the rest is the head), so
 each phase is fitted to its own measured seconds rather than the total alone: the
 per-job constant, the per-step cost and the decode cost no longer trade off against
 each other over a narrow range of jobs.  A job whose steps cannot be timed (fewer
@@ -64,9 +65,8 @@ megapixels over the jobs timed, kept with each fit's statistics).
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -144,42 +144,6 @@ def with_after_job(feats: np.ndarray | Sequence[float], after: bool, first_call:
 def sum_features(per_call: list[np.ndarray]) -> np.ndarray:
     """A job's features: the sum over its pipeline calls (most jobs make one)."""
     return per_call[0] if len(per_call) == 1 else np.sum(per_call, axis=0)
-
-
-# ----- measuring a job's phases (the worker) ---------------------------------------------
-
-
-@dataclass
-class CallTimes:
-    """When one pipeline call started, reported its steps and returned (``time.monotonic``)."""
-
-    start: float
-    steps: list[float] = field(default_factory=list)
-    end: float | None = None
-
-
-def measured_phases(calls: Sequence[CallTimes], seconds: float) -> tuple[float, float, float] | None:
-    """(head, steps, tail) seconds of a job that took ``seconds`` of worker time, or
-    None when its steps cannot be timed (a call reported fewer than two).  The steps
-    phase is the median gap between steps times the steps (a gap that spans a preview
-    or a second pipeline call inside one backend call does not count as a step);
-    the tail is from the last step to the call's return; the head is the rest."""
-    if not calls:  # a training run: no pipeline calls to time
-        return None
-    denoise = tail = 0.0
-    for call in calls:
-        if len(call.steps) < 2 or call.end is None:
-            return None
-        gaps = [b - a for a, b in zip(call.steps, call.steps[1:], strict=False)]
-        denoise += statistics.median(gaps) * len(call.steps)
-        tail += call.end - call.steps[-1]
-    head = seconds - denoise - tail
-    if head < 0:  # the first step was quicker than the median: no head to speak of
-        denoise += head
-        head = 0.0
-    return head, max(0.0, denoise), max(0.0, tail)
-
-
 
 
 def observation(
@@ -377,32 +341,3 @@ class CostModel:
 def _seconds(x: float) -> float:
     """Seconds to 4 significant digits (a report, not a coefficient dump)."""
     return float(f"{float(x):.4g}")
-
-
-def running_remaining(
-    now: float,
-    started_at: float,
-    predicted: float,
-    step: int,
-    total_steps: int,
-    last_step_at: float | None,
-    first_step_at: float | None = None,
-    phases: Sequence[float] = (),
-) -> float:
-    """Seconds left for a running job.
-
-    Before the first step: the prediction minus the time already spent.  After it:
-    the steps still to go at the job's own measured rate (from its first step to its
-    last; after one step, the forecast rate), plus the learned tail (decoding), minus
-    the time since the last step.
-    """
-    if step <= 0 or last_step_at is None or total_steps <= 0:
-        return max(0.0, predicted - (now - started_at))
-    head, steps, tail = phases if len(phases) == 3 else (0.0, 0.0, 0.0)
-    if step >= 2 and first_step_at is not None:
-        per_step = (last_step_at - first_step_at) / (step - 1)
-    elif steps > 0:
-        per_step = steps / total_steps
-    else:  # a record without phases (an older version): all of it was steps
-        per_step = (last_step_at - started_at) / step
-    return max(0.0, per_step * (total_steps - step) + tail - (now - last_step_at))

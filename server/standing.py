@@ -33,9 +33,10 @@ from .batch_plan import WINDOW, replay
 from .broker.base import ALL, Broker, WorkerInfo
 from .config import Settings
 from .features import DIM, FITS, NF, job_vector
-from .forecast import AFTER_JOB, CostModel, call_features, prior_vector, running_remaining, sum_features, with_after_job
+from .forecast import AFTER_JOB, CostModel, call_features, prior_vector, sum_features, with_after_job
 from .jobs import JobRecord, JobStatus
 from .residency import on_demand_slots
+from .timing import running_remaining
 
 REFRESH_SECONDS = 0.5  # how stale learned costs and worker presence may be where the broker cannot say (redis)
 

@@ -102,15 +102,15 @@ class Upscaler:
         host = self.host
         if host is not None:  # held for the job until it ends (server/worker/outcome.py)
             try:
-                await host.acquire(ms.name, job.id)
+                await host.leases.acquire(ms.name, job.id)
             except BackendError as exc:
                 raise Conflict(f"the upscaler: {exc}", param="model", code="model_not_loaded") from None
         try:
             submitted = await service.submit(job, inputs.blobs, caller, idempotency)
         except BaseException:
             if host is not None:
-                await host.release_job(job.id)
+                await host.leases.release_job(job.id)
             raise
         if submitted is not job and host is not None:  # the same request again: the first one holds the lease
-            await host.release_job(job.id)
+            await host.leases.release_job(job.id)
         return submitted

@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 from server.features import FEATURES, MASKS, job_vector
-from server.forecast import (
-    OUTPUT_MP,
-    CallTimes,
-    CostModel,
-    call_features,
-    measured_phases,
-    prior_vector,
-    running_remaining,
-    with_after_job,
-)
+from server.forecast import OUTPUT_MP, CostModel, call_features, prior_vector, with_after_job
+from server.timing import CallTimes, measured_phases, running_remaining
 
 # a tiny pipeline as measured: 40 ms per call before the steps, 12 ms per step plus
 # 0.8 s per step-megapixel, 10 ms + 0.5 s per megapixel after the steps

@@ -240,7 +240,7 @@ def test_the_upscalers_peak_after_a_lease_counts_once_beside_its_process_models(
     async def scenario() -> None:
         host = upscaler_host(tmp_path, 1000)
         gen = await host.load("gen")
-        async with host.lease("up") as backend:
+        async with host.leases.lease("up") as backend:
             up = host.registry.get("up")
             assert up.weights_mib is not None and 0 < up.weights_mib < 10  # the checkpoint's module, measured
             weights = up.weights_mib
@@ -248,7 +248,7 @@ def test_the_upscalers_peak_after_a_lease_counts_once_beside_its_process_models(
             backend.upscale(Image.new("RGB", (32, 32), (90, 40, 200)), 2)
         assert up.size_mib == pytest.approx(weights + 300)
         assert gen.state == "loaded"  # 400 + weights + 300 <= 1000
-        async with host.lease("up") as backend:
+        async with host.leases.lease("up") as backend:
             process_peak.append(400 + weights + 700)
             backend.upscale(Image.new("RGB", (32, 32), (90, 40, 200)), 2)
         assert up.size_mib == pytest.approx(weights + 700)
@@ -269,11 +269,11 @@ def test_a_lent_upscaler_is_not_evicted_to_make_room(tmp_path: Any, monkeypatch:
 
     async def scenario() -> None:
         host = upscaler_host(tmp_path, 1000)
-        async with host.lease("up") as backend:
+        async with host.leases.lease("up") as backend:
             up = host.registry.get("up")
             monkeypatch.setattr(upscale, "peak_mib", lambda device: (up.weights_mib or 0.0) + 300)
             backend.upscale(Image.new("RGB", (32, 32), (90, 40, 200)), 2)
-        async with host.lease("up"):
+        async with host.leases.lease("up"):
             gen = await host.load("gen")
             host.residency.touch("gen")  # used after the upscaler: the upscaler is the least recently used
             other = await host.load("other")  # 400 + 500 + the upscaler's 300 and weights > 1000: one must go

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..families import default_guidance, family
 from .base import BackendError, Capabilities, StepContext, WorkItem, free_memory, model_capabilities, out_of_memory
 from .batched import run_batch as batched_call
+from .inputs import img2img_inputs
 from .latent_preview import Factors, LatentRGB, fit_latent_rgb
 from .lora import applied_loras
 from .memory import peak_mib
@@ -35,24 +35,6 @@ if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
-
-MIN_REFERENCE_SIDE = 64
-
-
-def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """An RGB copy of ``image`` center-cropped and resized to exactly width x height."""
-    return ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
-
-
-def check_references(images: list[Image.Image]) -> list[Image.Image]:
-    for k, img in enumerate(images):
-        if min(img.size) < MIN_REFERENCE_SIDE:
-            raise BackendError(
-                f"reference image {k + 1} is {img.width}x{img.height}; each side must be at least "
-                f"{MIN_REFERENCE_SIDE} px — upload a larger image"
-            )
-    return [img.convert("RGB") for img in images]
-
 
 def shared_init_kwargs(pipe: Any, cls: Any) -> dict[str, Any]:
     """What ``cls(...)`` takes from the loaded ``pipe``: its components, and the
@@ -297,41 +279,9 @@ class DiffusersBackend:
         return item.spec.strength if item.spec.strength is not None else self.cfg.default_strength
 
     def img2img_kwargs(self, item: WorkItem) -> dict[str, Any] | None:
-        """``image`` and ``strength`` for an img2img call when ``item`` has a source
-        (``init_image``, else an edit's first reference), else None."""
-        source = item.init_image or (item.images[0] if item.images else None)
-        if source is None:
-            if item.task == "edit":
-                raise BackendError("an edit needs a reference image")
-            return None
-        check_references([source])
-        strength = self.strength(item)
-        if int(item.spec.steps * strength) < 1:
-            raise BackendError(
-                f"strength {strength:g} with {item.spec.steps} steps leaves no denoising step; "
-                f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength"
-            )
-        return {"image": fit_image(source, item.spec.width, item.spec.height), "strength": strength}
-
-    def inpaint_kwargs(self, item: WorkItem) -> dict[str, Any]:
-        """``image``, ``mask_image`` and ``strength`` (default 1: the masked area is
-        repainted) for an inpaint pipeline, both resized to the call's size (images[0]'s
-        rounded to multiples of 16).  The worker composites the result over images[0]."""
-        if not item.images or item.mask is None:
-            raise BackendError("a masked edit needs a reference image and a mask")
-        source = check_references(item.images[:1])[0]
-        strength = item.spec.strength if item.spec.strength is not None else 1.0
-        if int(item.spec.steps * strength) < 1:
-            raise BackendError(
-                f"strength {strength:g} with {item.spec.steps} steps leaves no denoising step; "
-                f"use at least {math.ceil(1 / max(strength, 1e-3))} steps or a higher strength"
-            )
-        size = (item.spec.width, item.spec.height)
-        return {
-            "image": source.resize(size, Image.Resampling.LANCZOS),
-            "mask_image": item.mask.convert("L").resize(size, Image.Resampling.NEAREST),
-            "strength": strength,
-        }
+        """``image`` and ``strength`` for an img2img call when ``item`` has a source, else
+        None (``inputs.img2img_inputs``)."""
+        return img2img_inputs(item, self.strength(item))
 
     def inpaint_variant(self, class_name: str) -> Any:
         """The family's Diffusers inpaint pipeline sharing the loaded components."""

@@ -16,7 +16,8 @@ import torch
 
 from . import latent_preview
 from .base import BackendError, WorkItem
-from .diffusers_common import DiffusersBackend, check_references
+from .diffusers_common import DiffusersBackend
+from .inputs import check_references, inpaint_inputs
 from .quantize import check_fp8dq_device, check_torchao, quantize
 from .single_file import load_single_file_transformer, single_file_parts
 
@@ -68,7 +69,7 @@ class Flux2KleinBackend(DiffusersBackend):
                 f"model {self.name!r} accepts at most {self.capabilities.max_images} reference images, got {len(refs)}"
             )
         if refs and item.mask is not None:  # inpaint images[0]; the others are references
-            kwargs.update(self.inpaint_kwargs(item), image_reference=refs[1:] or None)
+            kwargs.update(inpaint_inputs(item), image_reference=refs[1:] or None)
         elif refs:
             kwargs["image"] = refs
         if item.spec.negative_prompt and self.guidance(item) > 1 and not self.pipe.config.is_distilled:

@@ -15,7 +15,8 @@ import torch
 
 from . import latent_preview
 from .base import BackendError, WorkItem
-from .diffusers_common import DiffusersBackend, check_references
+from .diffusers_common import DiffusersBackend
+from .inputs import check_references, inpaint_inputs
 from .single_file import load_single_file_transformer, single_file_parts
 
 
@@ -61,7 +62,7 @@ class QwenEditGGUFBackend(DiffusersBackend):
 
         if refs > 1:
             raise BackendError(f"a masked edit on model {self.name!r} takes one image (the one to edit), got {refs}")
-        kwargs = self.inpaint_kwargs(item)
+        kwargs = inpaint_inputs(item)
         pipe = self.inpaint_variant("QwenImageEditInpaintPipeline")
         w, h, _ = inpaint.calculate_dimensions(1024 * 1024, item.spec.width / item.spec.height)
         multiple = pipe.vae_scale_factor * 2

@@ -11,6 +11,7 @@ import torch
 from . import latent_preview
 from .base import WorkItem
 from .diffusers_common import DiffusersBackend
+from .inputs import inpaint_inputs
 
 
 class SDXLBackend(DiffusersBackend):
@@ -31,7 +32,7 @@ class SDXLBackend(DiffusersBackend):
 
         kwargs: dict[str, Any] = {"guidance_scale": self.guidance(item), "negative_prompt": item.spec.negative_prompt}
         if item.mask is not None:
-            inpaint = self.inpaint_kwargs(item)
+            inpaint = inpaint_inputs(item)
             pipe = self.inpaint_variant("StableDiffusionXLInpaintPipeline")
             return pipe, {**kwargs, **inpaint, "width": item.spec.width, "height": item.spec.height}
         img2img = self.img2img_kwargs(item)

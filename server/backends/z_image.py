@@ -10,6 +10,7 @@ import torch
 from . import latent_preview
 from .base import WorkItem
 from .diffusers_common import DiffusersBackend
+from .inputs import inpaint_inputs
 
 
 class ZImageBackend(DiffusersBackend):
@@ -30,7 +31,7 @@ class ZImageBackend(DiffusersBackend):
             "negative_prompt": item.spec.negative_prompt,
         }
         if item.mask is not None:
-            return self.inpaint_variant("ZImageInpaintPipeline"), {**kwargs, **self.inpaint_kwargs(item)}
+            return self.inpaint_variant("ZImageInpaintPipeline"), {**kwargs, **inpaint_inputs(item)}
         img2img = self.img2img_kwargs(item)
         if img2img is None:
             return self.pipe, kwargs

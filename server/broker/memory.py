@@ -13,39 +13,34 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from ..features import DIM, job_vector
-from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key, result_key
+from ..jobs import PENDING, JobRecord, JobStatus, live_preview_key, preview_key
 from ..queue import Job as Entry
 from ..queue import ModelQueue
 from .base import ALL, Admission, BatchPlan, QueueFullError, Standing, SubmitKey, WorkerInfo
 from .memory_accounts import Accounts
+from .memory_retention import MemoryRetention
 from .memory_stats import MemoryStatistics
 from .notify import LocalEvents
 
 PROGRESS_FIELDS = frozenset(("step", "first_step_at", "last_step_at", "extra", "followed_until", "preview_seq", "preview_step", "preview_wanted_until"))
 
 
-class MemoryBroker(LocalEvents, MemoryStatistics):
+class MemoryBroker(LocalEvents, MemoryStatistics, MemoryRetention):
     name = "memory"
     distributed = False
 
     def __init__(self, *, result_ttl: float, result_memory_bytes: int) -> None:
-        self.ttl = result_ttl
-        self.memory_cap = result_memory_bytes
         LocalEvents.__init__(self)
         MemoryStatistics.__init__(self)
+        MemoryRetention.__init__(self, result_ttl=result_ttl, result_memory_bytes=result_memory_bytes)
         self._jobs: dict[str, JobRecord] = {}
         self._queues: dict[str, ModelQueue] = {}
         self._running: dict[str, dict[str, JobRecord]] = {}  # model -> id -> record
-        self._finished: OrderedDict[str, JobRecord] = OrderedDict()  # by finish time
-        self._finished_of: dict[str | None, int] = {}  # owner -> how many of _finished
-        self._blobs: dict[str, bytes] = {}
-        self._result_bytes = 0
         self._seq = 0
         self._cancel_asked: set[str] = set()  # running jobs whose cancel was asked
         self._workers: dict[tuple[str, str], WorkerInfo] = {}
@@ -302,57 +297,6 @@ class MemoryBroker(LocalEvents, MemoryStatistics):
                 await self.cancel(entry.id, message)
                 count += 1
         return count
-
-    async def put_blob(self, key: str, data: bytes) -> None:
-        self._blobs[key] = data  # partial images: forgotten with their job
-
-    async def put_attempt_blob(self, job_id: str, attempt: int, key: str, data: bytes) -> bool:
-        stored = self._jobs.get(job_id)
-        if stored is None or stored.attempt != attempt or stored.status is not JobStatus.RUNNING:
-            return False
-        self._blobs[key] = data
-        return True
-
-    async def get_blob(self, key: str) -> bytes | None:
-        return self._blobs.get(key)
-
-    async def delete_blob(self, key: str) -> None:
-        data = self._blobs.pop(key, None)
-        if data is not None and key.startswith("img:"):
-            self._result_bytes -= len(data)
-
-    def _evict(self, now: float | None = None) -> None:
-        """Forget expired jobs; trim result bytes over the memory cap, oldest first."""
-        now = self.now() if now is None else now
-        while self._finished:
-            job_id, job = next(iter(self._finished.items()))
-            if job.finished_at is not None and now - job.finished_at < self.ttl:
-                break
-            self._finished.popitem(last=False)
-            if (left := self._finished_of.pop(job.owner, 1) - 1) > 0:
-                self._finished_of[job.owner] = left
-            self._jobs.pop(job_id, None)
-            previews = (*(preview_key(job_id, k) for k in range(job.previews)), live_preview_key(job_id))
-            for key in (*job.inputs, *previews, *(result_key(job_id, r.index) for r in job.results)):
-                self._drop(key)
-        if self._result_bytes > self.memory_cap:
-            for job in self._finished.values():
-                for r in job.results:
-                    if self._drop(result_key(job.id, r.index)):
-                        r.gone = "evicted: the server's result memory (queue.result_memory_mib) was full"
-                if self._result_bytes <= self.memory_cap:
-                    break
-
-    def _drop(self, key: str) -> bool:
-        data = self._blobs.pop(key, None)
-        if data is not None and key.startswith("img:"):
-            self._result_bytes -= len(data)
-        return data is not None
-
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(60.0, self.ttl / 4))
-            self._evict()
 
     # ----- events --------------------------------------------------------------------
 

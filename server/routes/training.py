@@ -17,12 +17,12 @@ from ..errors import BadRequest, NotFound
 from ..families import FAMILIES
 from ..jobs import JobRecord, JobStatus
 from ..openapi import Doc, Param, route
-from ..schemas import (
+from ..schemas import SubmitResponse
+from ..schemas_training import (
     LoraInfo,
     LorasResponse,
     SeedTrainRequest,
     StopTrainingRequest,
-    SubmitResponse,
     TrainingRun,
     TrainingRunsResponse,
     TrainRequest,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..backends.inputs import fit_image
 from ..errors import BadRequest, Forbidden
 from .plan import Sample
 
@@ -116,8 +117,6 @@ def training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 def prepare_image(path: str | Path, resolution: int) -> Image.Image:
     """Aspect-preserving resize and center crop to the training size."""
-    from ..backends.diffusers_common import fit_image  # imports torch: only on the worker
-
     with Image.open(path) as img:
         img.load()
         return fit_image(img, *training_size(img.width, img.height, resolution))

@@ -22,7 +22,7 @@ from .plan import TrainPlan
 
 if TYPE_CHECKING:
     from ..registry import ModelState
-    from ..schemas import TrainRequest
+    from ..schemas_training import TrainRequest
     from ..service import Service
 
 

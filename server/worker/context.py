@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.base import JobCancelled
 from ..broker.base import Broker, BrokerUnavailable
-from ..forecast import CallTimes
 from ..jobs import JobRecord, live_preview_key, preview_key
+from ..timing import CallTimes
 from .encode import encode
 
 if TYPE_CHECKING:

@@ -4,8 +4,8 @@ It loads and unloads models (in this process, or each in its own: ``process.py``
 decides residency (server/residency.py: what must be unloaded for a model to fit,
 idle unloads; on-demand loads: ``waiting.OnDemand``), measures what a model holds (after its load, and
 after each job or lease: its peak), restarts a model whose process was lost, and lends
-models to the upscaler and to ``/api/upscale`` jobs (``lease``): a leased model
-stays loaded, and a lease waits for a load in progress on an event, never a poll.
+models to the upscaler and to ``/api/upscale`` jobs (``leases.Leases``): a leased
+model stays loaded, and a lease waits for a load in progress on an event, never a poll.
 
 The claim loops are the worker's (``loop.py``): the host tells it when a model is
 ready to take jobs (``on_ready``) and when it must stop taking them (``on_stopping``).
@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -32,6 +31,7 @@ from ..families import runs_isolated
 from ..features import FITS
 from ..forecast import prior_vector
 from ..residency import NoRoom, Residency, TooBig, record_peak, shares_device, too_big
+from .leases import Leases
 from .process import ModelProcess
 from .waiting import OnDemand, cancel_waiting, fail_waiting, nobody_else
 
@@ -63,8 +63,7 @@ class ModelHost:
         self.loading = asyncio.Lock()  # one residency decision and load at a time (``load_locked``)
         self.on_demand = OnDemand(self)
         self._settled: dict[str, asyncio.Event] = {}  # set while a model is not loading
-        self._leases: dict[str, int] = {}
-        self._job_leases: dict[str, str] = {}  # job id -> model it holds (an /api/upscale job)
+        self.leases = Leases(self)  # models lent to the upscaler and /api/upscale jobs
         self._grown: set[str] = set()  # models whose measured peak rose with their last job
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -84,9 +83,13 @@ class ModelHost:
 
     def _set(self, ms: ModelState, state: State, error: str | None = None) -> None:
         ms.state, ms.load_error = state, error
-        settled = self._settled.setdefault(ms.name, asyncio.Event())
+        settled = self.settled(ms.name)
         settled.clear() if state == "loading" else settled.set()
         self.metrics.loaded.labels(ms.name).set(1 if state == "loaded" else 0)
+
+    def settled(self, name: str) -> asyncio.Event:
+        """Set while ``name`` is not loading (what a lease waits on)."""
+        return self._settled.setdefault(name, asyncio.Event())
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -322,58 +325,11 @@ class ModelHost:
         self.spawn(self.on_stopping(ms.name))
         self.spawn(self.announce(ms.name))
 
-    # ----- leases (the upscaler, /api/upscale jobs) ---------------------------------------------
-
-    async def acquire(self, name: str, job_id: str | None = None) -> Backend:
-        """Load ``name`` here if needed and hold it loaded until ``release`` (or, with
-        ``job_id``, until that job ends: ``release_job``)."""
-        ms = self.registry.get(name)
-        self._leases[name] = self._leases.get(name, 0) + 1
-        try:
-            await self.load(name)
-            await self._settled.setdefault(name, asyncio.Event()).wait()  # a load in progress finishes
-            if ms.state != "loaded" or ms.backend is None:
-                raise BackendError(f"model {name!r} could not be loaded: {ms.load_error or ms.state}")
-        except BaseException:
-            await self.release(name)
-            raise
-        if job_id is not None:
-            self._job_leases[job_id] = name
-        return ms.backend
-
-    async def release(self, name: str) -> None:
-        self._leases[name] -= 1
-        ms = self.registry.get(name)
-        if self._leases[name] == 0 and not ms.cfg.keep_loaded and ms.state == "loaded":
-            log.info("model %s: its last lease ended; unloading it (keep_loaded is false)", name)
-            await self.unload(name)
-
-    async def release_job(self, job_id: str) -> None:
-        """A job that held a model (``acquire(name, job_id)``) has ended."""
-        name = self._job_leases.pop(job_id, None)
-        if name is not None:
-            await self.release(name)
-
-    @asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[Backend]:
-        """``acquire`` / ``release`` around one use; what the use held at its peak counts after it."""
-        backend = await self.acquire(name)
-        try:
-            yield backend
-        finally:
-            try:
-                ms = self.registry.get(name)
-                self.residency.touch(name)
-                await anyio.to_thread.run_sync(self.job_ended, ms, backend)
-                await self.check_fit(ms)
-            finally:
-                await self.release(name)
-
     # ----- residency -----------------------------------------------------------------------
 
     async def _busy(self) -> set[str]:
         """Models with waiting or running jobs, or lent out (never evicted)."""
-        busy = self.running_models() | {name for name, count in self._leases.items() if count > 0}
+        busy = self.running_models() | self.leases.held()
         for name, ms in self.registry.models.items():
             if name not in busy and ms.state == "loaded" and (await self.broker.depth(name)) != (0, 0):
                 busy.add(name)

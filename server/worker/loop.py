@@ -28,8 +28,8 @@ from .. import deadlines
 from ..backends.base import BackendError, JobCancelled, device_fault, failure_message
 from ..batch_plan import batch_features
 from ..broker.base import Broker, BrokerUnavailable
-from ..forecast import measured_phases
 from ..jobs import JobRecord, JobStatus
+from ..timing import measured_phases
 from ..watchdog import job_limit, stall_message, timeout_message, watch
 from .batch import Batcher, execute_batch, shares
 from .context import JobContext, LoopClock, Running

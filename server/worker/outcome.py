@@ -80,7 +80,7 @@ class Outcomes:
         name = self.settings.upscaler
         if name is None:  # checked at submission; the settings changed since
             raise BackendError("upscale: no upscaler is configured on this worker")
-        async with self.host.lease(name) as backend:
+        async with self.host.leases.lease(name) as backend:
             return await anyio.to_thread.run_sync(_upscale_all, backend, images, scale, cancel)
 
     async def learn(self, r: Running, worker_s: float, phases: tuple[float, float, float] | None, stored: float) -> None:
@@ -103,7 +103,7 @@ class Outcomes:
         job = r.job
         if "extra" not in fields and job.extra:
             fields["extra"] = job.extra
-        await self.host.release_job(job.id)  # an /api/upscale job gives the upscaler back before it reads as done
+        await self.host.leases.release_job(job.id)  # an /api/upscale job gives the upscaler back before it reads as done
         try:
             ok = await self.broker.finish(job, status, fields, attempt=r.attempt, blobs=blobs or {})
         except BrokerUnavailable as exc:
