@@ -26,7 +26,13 @@ measured pipeline gets core 0 alone in both runs (the bench's direct calls, and 
 server's model process, pinned there: core 0 plays the GPU), while the worker's event
 loop and encoding, the API node, redis-server and the bench's submitting and polling
 share the other cores (the host's CPU). Without it, every process competes for every
-core and the rounds vary by +-5% between themselves.  With ``--in-process`` the model
+core and the rounds vary by +-5% between themselves.
+
+``--fresh``: each drain on a fresh server, and the direct calls in a fresh model
+process (``server.worker.process.ModelProcess``, loaded and called as the server's
+worker does, without a server).  On this VM one process runs the same calls up to
++-12% faster or slower than another for its whole life, so a bench that keeps its
+processes measures their luck; with fresh ones the median of the rounds does not.  With ``--in-process`` the model
 runs on a thread of the server's process, which then may use every core.
 """
 
@@ -38,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +57,17 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_backends_api import PROMPT, sdxl_settings  # noqa: E402
-from bench.nodes import cluster, lay_out  # noqa: E402
+from bench.nodes import cluster, lay_out, pin  # noqa: E402
 from server import hostmem  # noqa: E402
 from server.backends import create_backend  # noqa: E402
 from server.backends.base import WorkItem  # noqa: E402
 from server.config import build_settings  # noqa: E402
 from server.items import Item  # noqa: E402
 from server.worker.encode import encode  # noqa: E402
+from server.worker.process import ModelProcess  # noqa: E402
 from tests import tiny_pipelines as tp  # noqa: E402
 from tests.backend_helpers import NoopContext  # noqa: E402
+from tests.servers import RunningServer  # noqa: E402
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -127,6 +136,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one drain may take")
     p.add_argument("--pin", action="store_true", help="the measured pipeline on core 0, the API node, Redis and the polling on the rest")
+    p.add_argument("--fresh", action="store_true",
+                   help="each drain on a fresh server, and the direct calls in a fresh model process (server.worker.process)")
     p.add_argument("--in-process", action="store_true",
                    help="the server runs the model in its process (isolate: false; by default the model has its own)")
     args = p.parse_args()
@@ -136,7 +147,7 @@ def main() -> None:
     model_core, other_cores = {cores[0]}, set(cores[1:])
     torch.set_num_threads(args.threads)
     env = {"OMP_NUM_THREADS": str(args.threads)}
-    with tempfile.TemporaryDirectory(prefix="easel-drain-") as d:
+    with tempfile.TemporaryDirectory(prefix="easel-drain-") as d, ExitStack() as stack:
         tmp = Path(d)
         folder = tp.build_sdxl(tmp / "sdxl")
         raw = sdxl_settings(folder)
@@ -144,39 +155,65 @@ def main() -> None:
         if args.in_process:
             raw = {**raw, "models": {name: {**m, "isolate": False} for name, m in raw["models"].items()}}
         hostmem.tune(settings.host_memory.retain_mib)  # what the server does at start-up
-        backend = create_backend("sdxl", settings.models["sdxl"], settings)
-        backend.load()
         print(f"drain of {args.jobs} tiny-SDXL jobs ({args.size}x{args.size}, {args.steps} steps, PNG), mode {args.mode}, "
               f"{args.threads} torch thread(s), {args.rounds} alternated rounds" + (", pinned" if args.pin else "")
-              + (", the server's model in the server's process" if args.in_process else ""))  # fmt: skip
-        with cluster(tmp, args.mode, raw, env) as (srv, pids):
-            c = srv.client
-            server_drain(c, 4, args.size, args.steps, args.timeout, pids)  # warm-up both (the model's process is up after it)
+              + (", the server's model in the server's process" if args.in_process else "")
+              + (", a fresh server and model process for each drain" if args.fresh else ""))  # fmt: skip
+
+        def started() -> tuple[RunningServer, dict[str, int]]:
+            """A server (or API node, worker node and redis-server), warmed up and laid out."""
+            srv, pids = stack.enter_context(cluster(tmp, args.mode, raw, env))
+            server_drain(srv.client, 4, args.size, args.steps, args.timeout, pids)  # warm-up (the model's process is up after it)
             if args.pin:
                 lay_out(pids, model_core, other_cores)
+            return srv, pids
+
+        def direct() -> dict[str, float]:
+            if args.pin:
+                os.sched_setaffinity(0, model_core)  # this thread: the direct calls on the model's core
+            if not args.fresh:
+                return direct_drain(backend, args.jobs, args.size, args.steps)
+            child = ModelProcess("sdxl", settings.models["sdxl"], settings)  # as the server runs it, without the server
+            child.load()
+            try:
+                if args.pin and child.pid is not None:
+                    pin(child.pid, model_core)
+                direct_drain(child, 4, args.size, args.steps)
+                return direct_drain(child, args.jobs, args.size, args.steps)
+            finally:
+                child.unload()
+
+        def server() -> dict[str, Any]:
+            if args.pin:
+                os.sched_setaffinity(0, other_cores)  # the polling off the worker's model core
+            if not args.fresh:
+                return server_drain(node[0].client, args.jobs, args.size, args.steps, args.timeout, node[1])
+            with ExitStack() as one:
+                srv, pids = one.enter_context(cluster(tmp, args.mode, raw, env))
+                server_drain(srv.client, 4, args.size, args.steps, args.timeout, pids)
+                if args.pin:
+                    lay_out(pids, model_core, other_cores)
+                return server_drain(srv.client, args.jobs, args.size, args.steps, args.timeout, pids)
+
+        if not args.fresh:
+            node = started()
+            backend = create_backend("sdxl", settings.models["sdxl"], settings)
+            backend.load()
+            stack.callback(backend.unload)
             direct_drain(backend, 4, args.size, args.steps)
-            rows = []
-            for r in range(args.rounds):
-                order = ("direct", "server") if r % 2 == 0 else ("server", "direct")
-                row: dict[str, Any] = {}
-                for which in order:
-                    if which == "direct":
-                        if args.pin:
-                            os.sched_setaffinity(0, model_core)  # this thread: the direct calls on the model's core
-                        row["direct"] = direct_drain(backend, args.jobs, args.size, args.steps)
-                    else:
-                        if args.pin:
-                            os.sched_setaffinity(0, other_cores)  # the polling off the worker's model core
-                        row["server"] = server_drain(c, args.jobs, args.size, args.steps, args.timeout, pids)
-                rows.append(row)
-                s, dd = row["server"], row["direct"]
-                print(
-                    f"  round {r + 1}: server drain {s['drain']:.3f}s (pipeline calls {s['calls']:.3f}s, gaps sum {sum(s['gaps']):.3f}s "
-                    f"median {1000 * statistics.median(s['gaps']):.1f} ms max {1000 * max(s['gaps']):.1f} ms, last encode+store "
-                    f"{1000 * s['tail']:.1f} ms, submit {s['submit']:.3f}s); direct {dd['calls']:.3f}s (+ last encode "
-                    f"{dd['with_last_encode']:.3f}s); ratio {s['drain'] / dd['calls']:.3f}; CPU s during the drain: "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu"].items())
-                )  # fmt: skip
+        rows = []
+        for r in range(args.rounds):
+            order = ("direct", "server") if r % 2 == 0 else ("server", "direct")
+            row: dict[str, Any] = {which: direct() if which == "direct" else server() for which in order}
+            rows.append(row)
+            s, dd = row["server"], row["direct"]
+            print(
+                f"  round {r + 1}: server drain {s['drain']:.3f}s (pipeline calls {s['calls']:.3f}s, gaps sum {sum(s['gaps']):.3f}s "
+                f"median {1000 * statistics.median(s['gaps']):.1f} ms max {1000 * max(s['gaps']):.1f} ms, last encode+store "
+                f"{1000 * s['tail']:.1f} ms, submit {s['submit']:.3f}s); direct {dd['calls']:.3f}s (+ last encode "
+                f"{dd['with_last_encode']:.3f}s); ratio {s['drain'] / dd['calls']:.3f}; CPU s during the drain: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu"].items()), flush=True
+            )  # fmt: skip
         m_server = statistics.median(r["server"]["drain"] for r in rows)
         m_direct = statistics.median(r["direct"]["calls"] for r in rows)
         m_calls = statistics.median(r["server"]["calls"] for r in rows)
@@ -194,7 +231,6 @@ def main() -> None:
         paired = statistics.median(r["server"]["drain"] / r["direct"]["calls"] for r in rows)
         print(f"  ratio server drain / direct: {m_server / m_direct:.3f}x of the medians, {paired:.3f}x the median of the "
               f"rounds' ratios (target <= 1.05x); server pipeline calls / direct: {m_calls / m_direct:.3f}x")  # fmt: skip
-        backend.unload()
 
 
 if __name__ == "__main__":
