@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.redis_fixtures import RedisServer  # noqa: E402
+from bench.nodes import cluster  # noqa: E402
 from tests.servers import RunningServer, start_server, stub_settings  # noqa: E402
 
 KEYS = [f"bench-key-{k}" for k in range(4)]  # the status bench's jobs come from these keys in turn (fair share)
@@ -70,25 +69,8 @@ def status_cluster(tmp: Path, broker: str) -> Iterator[RunningServer]:
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = {**stub_settings(simulate_step_seconds=1000.0), "queue": {"capacity": 10000, "shutdown_grace_seconds": 1},
            "auth": {"api_keys": KEYS, "admin_keys": ["bench-admin"]}}  # fmt: skip
-    if broker == "memory":
-        srv = start_server(tmp, cfg)
-        try:
-            yield srv
-        finally:
-            srv.stop()
-        return
-    redis = RedisServer(tmp / "redis")
-    redis.start()
-    nodes: list[RunningServer] = []
-    try:
-        api = start_server(tmp, cfg, ("--broker", redis.url, "--role", "api"))
-        nodes.append(api)
-        nodes.append(start_server(tmp, cfg, ("--broker", redis.url, "--role", "worker")))
-        yield api
-    finally:
-        for node in nodes:
-            node.stop(signal.SIGKILL)
-        redis.stop()
+    with cluster(tmp, broker, cfg, headers=ADMIN) as (srv, _pids):
+        yield srv
 
 
 def bench_status(tmp: Path, calls: int, broker: str, depth: int = 5000) -> tuple[float, float]:

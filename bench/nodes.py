@@ -20,9 +20,12 @@ from tests.servers import RunningServer, start_server
 
 
 @contextmanager
-def cluster(tmp: Path, mode: str, settings: dict[str, Any], env: dict[str, str]) -> Iterator[tuple[RunningServer, dict[str, int]]]:
+def cluster(
+    tmp: Path, mode: str, settings: dict[str, Any], env: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> Iterator[tuple[RunningServer, dict[str, int]]]:
     """The node that takes submissions: memory (role all) or Redis (api + worker),
-    and the pids of the processes (for their CPU time)."""
+    and the pids of the processes (for their CPU time).  ``headers``: what a call of
+    the API node needs (a key, where the settings ask for one)."""
     if mode == "memory":
         srv = start_server(tmp, settings, env=env)
         try:
@@ -39,7 +42,7 @@ def cluster(tmp: Path, mode: str, settings: dict[str, Any], env: dict[str, str])
         worker = start_server(tmp, settings, ("--broker", redis.url, "--role", "worker"), env=env)
         nodes.append(worker)
         deadline = time.monotonic() + 60
-        while not api.client.get("/v1/models").json()["data"]:  # the worker's presence
+        while not api.client.get("/v1/models", headers=headers).json()["data"]:  # the worker's presence
             if time.monotonic() > deadline:
                 raise RuntimeError("the worker never announced its model")
             time.sleep(0.1)
