@@ -1,7 +1,8 @@
 """Time limits (server/watchdog.py): a job past ``job_timeout_seconds`` stops at its
 next step as an error; a job that reports no step for ``stall_seconds`` ends as an
 error at once, and its model is restarted (isolate) or marked error until the hung
-call returns (in-process). The stub's prompt ``hang`` / ``hang N`` is the hung call."""
+call returns (in-process). The stub's prompts ``hang N`` (ends when its job is
+cancelled) and ``stuck N`` (blind to cancellation) are the hung calls."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_in_process_model_that_hangs_is_marked_error_then_reloaded(server_factor
     settings["limits"] = {"stall_seconds": 1}
     srv = server_factory(settings)
     c = srv.client
-    hung = submit(c, "hang 5")  # returns after 5 s: the hung call "finally returns"
+    hung = submit(c, "stuck 5")  # blind to the cancel; returns after 5 s: the hung call "finally returns"
     st, took = run_until_finished(c, hung)
     assert st["status"] == "error" and "limits.stall_seconds" in st["message"], st
     assert took < 1 + MARGIN
@@ -92,3 +93,20 @@ def test_in_process_model_that_hangs_is_marked_error_then_reloaded(server_factor
         time.sleep(0.2)  # no event to await across processes
     assert wait_done(c, submit(c, "after the hang"))["status"] == "done"
     assert "unloading the model" in srv.log()
+
+
+def test_in_process_call_that_returns_once_its_stalled_job_is_stopped_comes_back(
+    server_factory: Callable[..., RunningServer],
+) -> None:
+    """``hang`` returns as soon as its job is stopped, which the stall does at once: the
+    model must still be unloaded and loaded again, however soon the call comes back."""
+    settings = stub_settings()
+    settings["limits"] = {"stall_seconds": 1}
+    c = server_factory(settings).client
+    st, _ = run_until_finished(c, submit(c, "hang"))
+    assert st["status"] == "error" and "limits.stall_seconds" in st["message"], st
+    deadline = time.monotonic() + 30
+    while model_info(c, "stub")["state"] != "loaded":
+        assert time.monotonic() < deadline, model_info(c, "stub")
+        time.sleep(0.2)  # no event to await across processes
+    assert wait_done(c, submit(c, "after the hang"))["status"] == "done"

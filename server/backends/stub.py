@@ -15,8 +15,10 @@ as a real pipeline's set-up makes it.
 For tests only, with ``simulate_faults: true`` (never in a shipped config): the
 prompt ``fail`` fails the job; ``hang`` (or ``hang N``: N seconds) blocks without
 reporting a step, until the job is cancelled or for at most ``MAX_HANG`` seconds (in
-an isolated model's process, until the process is killed); ``device fault`` raises
-the error a broken CUDA context gives (an illegal memory access).
+an isolated model's process, until the process is killed); ``stuck N`` blocks N
+seconds (at most ``MAX_HANG``) blind to cancellation, as a call hung in a kernel or
+in I/O is; ``device fault`` raises the error a broken CUDA context gives (an illegal
+memory access).
 """
 
 from __future__ import annotations
@@ -133,8 +135,10 @@ class StubBackend:
             raise BackendError("the stub backend was asked to fail (prompt 'fail')")
         if prompt == "device fault":
             raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated by the stub)")
-        if (hang := _hang_seconds(item.spec.prompt)) is not None:
+        if (hang := _hang_seconds(item.spec.prompt, "hang")) is not None:
             self._hang(hang, ctx)
+        if (stuck := _hang_seconds(item.spec.prompt, "stuck")) is not None:
+            self._sleeper.wait(stuck)  # cancelling the job does not end it
 
     def _hang(self, seconds: float, ctx: StepContext) -> None:
         """Block without reporting a step: a hung pipeline call, for tests."""
@@ -172,10 +176,11 @@ class StubBackend:
             draw.multiline_text((8, 8), text.encode("latin-1", "replace").decode("latin-1"), fill=(255, 255, 255), font=font)
 
 
-def _hang_seconds(prompt: str) -> float | None:
-    """Seconds the prompt ``hang`` / ``hang N`` asks to block; None for any other prompt."""
+def _hang_seconds(prompt: str, word: str) -> float | None:
+    """Seconds the prompt ``word`` / ``word N`` (``hang``, ``stuck``) asks to block;
+    None for any other prompt."""
     words = prompt.strip().lower().split()
-    if not words or words[0] != "hang" or len(words) > 2:
+    if not words or words[0] != word or len(words) > 2:
         return None
     try:
         return min(float(words[1]), MAX_HANG) if len(words) == 2 else MAX_HANG

@@ -298,10 +298,11 @@ class ModelHost:
                 "the model is unloaded when that call returns" + (", then loaded again (enabled)" if ms.cfg.enabled else "")
                 + " — or restart the server"
             )  # fmt: skip
-            self.spawn(self._recover(ms, job_id, work))
-        await self.on_stopping(ms.name)
-        self._set(ms, "error", error)
+        self._set(ms, "error", error)  # first: the recovery below must find it so, however soon the call returns
         log.error("%s", error)
+        await self.on_stopping(ms.name)
+        if not isinstance(backend, ModelProcess):
+            self.spawn(self._recover(ms, job_id, work))
         await self.announce(ms.name)
 
     async def _recover(self, ms: ModelState, job_id: str, work: asyncio.Future[Any]) -> None:
