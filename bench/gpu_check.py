@@ -20,8 +20,9 @@ serves it) and on each real folder named by ``--model-dir``, one row per check:
   table; the Qwen edit model 1..3; SDXL and Z-Image take one, the img2img source);
 - ``fp8 weight-only (torchao)``: ``quantization: "fp8"`` (FLUX.2-klein only);
 - ``model offload`` / ``sequential offload``: ``offload: model|sequential`` (CUDA);
-- ``prompt cache``, ``attention backends``, ``compile regional``, ``fp8dq (torchao, Hopper)``:
-  the speed knobs (``bench/gpu_check_knobs.py``; the prompt cache on the CPU too);
+- ``prompt cache``, ``attention backends``, ``compile regional``, ``fp8dq (torchao, Hopper)``,
+  ``batched calls 1/2/4``: the speed knobs (``bench/gpu_check_knobs.py``; the prompt
+  cache and the batched calls on the CPU too);
 - ``huge job -> error, worker goes on``: through a real server (``tests/servers.start_server``;
   the model in its own process, as served by default) an 8192x8192 n=64 job must end as
   ``error`` naming the memory failure, then a normal job on the same model must

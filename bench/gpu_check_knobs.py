@@ -15,20 +15,30 @@
   (``"fast"``), transformer passes and seconds (CPU too; the families that take it);
 - ``LoRA hotswap under compile``: two LoRAs of different ranks, a job without one and
   a new scale on a regionally compiled denoiser, with recompiles made errors (CUDA;
-  the tiny models, which make their LoRAs).
+  the tiny models, which make their LoRAs);
+- ``batched calls 1/2/4``: jobs a second with calls of 1, 2 and 4 compatible generates
+  (``run_batch``, what ``target_inflight`` 2 and 4 run; the families that batch), at
+  512x512 on a real model folder (a FLUX.2-klein folder gives the batching issue's GPU
+  row), at the tiny size on a tiny one; CPU too.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 import torch
 
 from bench.gpu_check_core import Check, Env, Loaded, Result, Skip, Target, respec, timed_run, work
+from server.backends.base import BatchSteps
 from server.backends.speed import denoiser, reset_attention_backend, set_attention_backend
 from server.families import FAMILIES
 from server.items import Lora
+from tests.backend_helpers import NoopContext
+
+PROMPT_PREFIX = "a lighthouse on a cliff at dusk, number"
+BATCH_SIDE = 512  # a real model's batched calls: where batching pays on a GPU (FLUX.2-klein-class jobs at 512x512)
 
 ATTENTION = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flex", "flash", "_flash_3", "sage", "xformers")
 HOPPER = (9, 0)
@@ -196,6 +206,35 @@ def lora_hotswap(env: Env, target: Target, loaded: Loaded) -> Result:
     )  # fmt: skip
 
 
+def batched_calls(env: Env, target: Target, loaded: Loaded) -> Result:
+    if not FAMILIES[target.backend].batches:
+        raise Skip("this family runs one job per call")
+    ms = loaded.get(target, env.served)
+    backend: Any = ms.backend
+    rates: dict[int, float] = {}
+    side = target.size if target.label.endswith("(tiny)") else BATCH_SIDE
+    for size in (1, 2, 4):
+        items = [respec(work(target, size=(side, side)), prompt=f"{PROMPT_PREFIX} {k}", seed=1 + k) for k in range(size)]
+        backend.run_batch(items, BatchSteps([NoopContext() for _ in items]))  # warm-up (and the prompts' embeddings)
+        seconds = []
+        for _ in range(2):
+            if env.cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = backend.run_batch(items, BatchSteps([NoopContext() for _ in items]))
+            if env.cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+            if len(out) != size or any(len(images) != 1 for images in out):
+                raise AssertionError(f"a call of {size} jobs returned {[len(images) for images in out]} images per job")
+        rates[size] = size / min(seconds)
+    return Result(
+        4 / rates[4], None, f"{rates[1]:.2f} / {rates[2]:.2f} / {rates[4]:.2f} jobs/s",
+        f"{side}x{side}, {target.steps} steps, calls of 1, 2, 4 jobs (the faster of two, after a warm-up): "
+        f"{', '.join(f'{k}: {r:.2f} jobs/s' for k, r in rates.items())}; a call of 4 gives {rates[4] / rates[1]:.2f}x the jobs a second of one",
+    )  # fmt: skip
+
+
 def knob_checks(env: Env) -> list[Check]:
     return [
         Check("prompt cache", prompt_cache),
@@ -205,4 +244,5 @@ def knob_checks(env: Env) -> list[Check]:
         Check("device_map load", device_map_load),
         Check("step cache per job", step_cache_per_job),
         Check("LoRA hotswap under compile", lora_hotswap),
+        Check("batched calls 1/2/4", batched_calls),
     ]

@@ -111,7 +111,7 @@ def test_prints_one_table_with_every_row(check: dict[str, Any]) -> None:
     out = check["stdout"]
     lines = out.splitlines()
     assert "easel GPU check on cpu" in out and "| backend" in out and " 0 failed in " in out
-    assert len(check["rows"]) == len(TINY) * 18
+    assert len(check["rows"]) == len(TINY) * 19
     for r in check["rows"]:
         assert any(r["target"] in line and f"| {r['check']} " in line and f"| {r['status']} " in line for line in lines), r
     assert "Peak VRAM per reference image, flux2_klein (tiny)" in out and "| # references |" in out
@@ -124,3 +124,15 @@ def test_step_cache_row_runs_on_the_cpu_where_the_family_takes_it(check: dict[st
         assert r["status"] == "ok" and r["value"].endswith("x") and r["seconds"] > 0 and "passes of the last block" in r["detail"], r
     else:
         assert r["status"] == "skipped" and "qwen_edit_gguf" in r["detail"], r
+
+
+@pytest.mark.parametrize("backend", TINY)
+def test_batched_calls_row_gives_jobs_a_second_for_calls_of_1_2_and_4(check: dict[str, Any], backend: str) -> None:
+    r = row(check, backend, "batched calls 1/2/4")
+    if backend == "qwen_edit_gguf":  # its family runs one job per call
+        assert r["status"] == "skipped" and "one job per call" in r["detail"], r
+        return
+    assert r["status"] == "ok" and r["seconds"] > 0, r
+    rates = [float(x) for x in r["value"].removesuffix(" jobs/s").split(" / ")]
+    assert len(rates) == 3 and all(x > 0 for x in rates), r
+    assert "calls of 1, 2, 4 jobs" in r["detail"], r
