@@ -125,3 +125,24 @@ def test_the_model_process_measures_the_size_the_registry_keeps(tiny_z_image: Pa
     finally:
         child.unload()
         here.unload()
+
+
+def test_the_parent_asks_the_model_process_only_what_it_cannot_know(tiny_z_image: Path) -> None:
+    """Between two jobs of a prompt run again, the worker asks the model's process
+    nothing: a prompt's token count is kept, and a process that cannot measure its
+    peak (the CPU) is not asked again.  Shown with the process gone: what is known
+    still answers, what must be asked fails."""
+    cfg = ModelConfig(backend="z_image", model_path=str(tiny_z_image), device="cpu")
+    child = ModelProcess("child", cfg, Settings())
+    child.load()
+    try:
+        counted = child.count_tokens("a red fox")
+        assert counted[0] >= 3, counted
+        assert child.after_job(release_cache=True) is None  # the CPU: no peak to measure
+        child.kill()
+        assert child.count_tokens("a red fox") == counted  # kept: no round trip
+        assert child.after_job(release_cache=True) is None  # not asked: no round trip
+        with pytest.raises(BackendError):
+            child.count_tokens("another prompt")  # must be asked: the process is gone
+    finally:
+        child.unload()

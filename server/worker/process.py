@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0
 FAULT_EXIT = 70  # the child's exit code after a device fault
+TOKEN_CACHE = 256  # prompts whose token counts a ModelProcess keeps
 
 
 class ModelProcessLost(BackendError):
@@ -197,6 +198,8 @@ class ModelProcess:
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # one call at a time: the pipe is one conversation
         self.size_mib: float | None = None  # measured in the child after its load
+        self._tokens: dict[str, tuple[int, int | None]] = {}  # prompt -> count_tokens' answer (this process's tokenizer)
+        self._measures = True  # False once after_job answered None: it cannot measure here (not CUDA), so no more asking
 
     @property
     def pid(self) -> int | None:
@@ -212,6 +215,8 @@ class ModelProcess:
         )
         self._proc.start()
         child.close()
+        self._tokens.clear()
+        self._measures = True
         self._conn = parent
         try:
             self.size_mib = self._call("load", None, None)
@@ -252,17 +257,26 @@ class ModelProcess:
         return None
 
     def count_tokens(self, prompt: str) -> tuple[int, int | None]:
-        """The model's tokenizer lives in its process: ask it."""
+        """The model's tokenizer lives in its process: ask it, once per prompt (a prompt
+        run again with other seeds costs no round trip before its call)."""
+        if (known := self._tokens.get(prompt)) is not None:
+            return known
         if self._conn is None:
             raise BackendError(f"model {self.name!r} is not loaded; load it first")
         tokens, limit = self._call("tokens", prompt, None)
-        return int(tokens), limit
+        if len(self._tokens) >= TOKEN_CACHE:
+            self._tokens.pop(next(iter(self._tokens)))  # the oldest prompt
+        self._tokens[prompt] = answer = (int(tokens), limit)
+        return answer
 
     def after_job(self, release_cache: bool) -> float | None:
-        """Measured in the model's process (its device, its allocator)."""
-        if self._conn is None:
+        """Measured in the model's process (its device, its allocator).  A process that
+        answered None cannot measure (not on CUDA, where a cache release is a no-op
+        too): it is not asked again, which saves a round trip between two jobs."""
+        if self._conn is None or not self._measures:
             return None
         peak: float | None = self._call("after_job", release_cache, None)
+        self._measures = peak is not None
         return peak
 
     def kill(self) -> None:
