@@ -6,7 +6,11 @@
    threads, runs alternated, medians compared. The server keeps freed memory for the
    next job (``host_memory.retain_mib``, server/hostmem.py) and this process, like a
    plain script, does not; ``--tune-direct`` gives the direct call the same malloc
-   settings, which leaves the HTTP and queue overhead alone in the ratio.
+   settings, which leaves the HTTP and queue overhead alone in the ratio.  It also
+   divides each job's end-to-end time by that job's own pipeline call as the server
+   timed it (its image's ``seconds``): what the server adds, free of the noise between
+   two processes' calls (on this VM two identical model processes run the same calls
+   up to 4% apart, and the host's speed drifts between runs).
 2. Forecast error (MAPE of ``expected_time_seconds`` against the real completion
    time) on a queue of 16 mixed tiny-SDXL jobs after a dozen warm-up jobs.
 
@@ -50,12 +54,30 @@ def sdxl_settings(folder: Path) -> dict[str, Any]:
     return {"models": {"sdxl": model}, "default_model": "sdxl"}
 
 
-def api_job(c: httpx.Client, body: dict[str, Any]) -> bytes:
-    """submit -> long-poll (answers on each status change, no polling delay) -> fetch."""
-    tid = c.post("/api/generate", json=body).json()["task_id"]
+def api_job(c: httpx.Client, body: dict[str, Any]) -> str:
+    """submit -> long-poll (answers on each status change, no polling delay) -> fetch;
+    the job's id."""
+    tid = str(c.post("/api/generate", json=body).json()["task_id"])
     r = c.get("/api/image", params={"task_id": tid, "delete": "true", "wait": 60})  # waits for the job, then the bytes
     r.raise_for_status()
-    return r.content
+    return tid
+
+
+def phases(c: httpx.Client, tid: str, sent: float, fetched: float) -> dict[str, float]:
+    """Where one job's end-to-end time went, in seconds: ``sent`` / ``fetched`` are the
+    wall-clock times (``time.time``) of the submit and of the image's last byte; the
+    record's times are on the broker's clock (this host's, or redis-server's on it)."""
+    st = c.get("/api/status", params={"task_id": tid}).json()
+    call = float(st["images"][0]["seconds"])  # the pipeline call, as the server timed it
+    created, started, finished = (float(st[k]) for k in ("created_at", "started_at", "finished_at"))
+    return {
+        "submit (to the record)": created - sent,
+        "queue (to the claim)": started - created,
+        "pipeline call": call,
+        "encode + store": finished - (started + call),
+        "answer (to the last byte)": fetched - finished,
+        "end to end": fetched - sent,
+    }
 
 
 def direct_call(pipe: Any, size: int, steps: int, seed: int) -> Any:
@@ -78,13 +100,14 @@ def bench_overhead(srv: RunningServer, folder: Path, runs: int, size: int, steps
     for _ in range(2):  # warm-up both
         api_job(c, body)
         direct_call(pipe, size, steps, 0)
-    api, direct, encoded = [], [], []
+    api, direct, encoded, jobs = [], [], [], []
     for _ in range(runs):
         if cores is not None:
             os.sched_setaffinity(0, cores[1])
-        t0 = time.perf_counter()
-        api_job(c, body)
+        sent, t0 = time.time(), time.perf_counter()
+        tid = api_job(c, body)
         api.append(time.perf_counter() - t0)
+        jobs.append(phases(c, tid, sent, time.time()))  # after the clock
         if cores is not None:
             os.sched_setaffinity(0, cores[0])
         t0 = time.perf_counter()
@@ -96,6 +119,11 @@ def bench_overhead(srv: RunningServer, folder: Path, runs: int, size: int, steps
     print(f"  {size}x{size}, {steps} steps, PNG, median of {runs} alternated runs:")
     print(f"  API end to end {1000 * m_api:.1f} ms; direct call {1000 * m_direct:.1f} ms (+ PNG encode {1000 * m_enc:.1f} ms)")
     print(f"  ratio API / direct: {m_api / m_direct:.3f}x (target <= 1.05x); API / (direct + encode): {m_api / m_enc:.3f}x")
+    own = [j["end to end"] / j["pipeline call"] for j in jobs]
+    q = statistics.quantiles(own, n=4)
+    print(f"  API end to end / the same job's pipeline call in the server: {statistics.median(own):.3f}x (quartiles {q[0]:.3f}-{q[2]:.3f}): "
+          "what the server adds to a job, without the noise between a direct call and the server's")  # fmt: skip
+    print("  where a job's time goes (median ms): " + ", ".join(f"{k} {1000 * statistics.median(j[k] for j in jobs):.1f}" for k in jobs[0]))
 
 
 def bench_forecast(srv: RunningServer, seed: int) -> None:

@@ -231,6 +231,9 @@ def main() -> None:
         paired = statistics.median(r["server"]["drain"] / r["direct"]["calls"] for r in rows)
         print(f"  ratio server drain / direct: {m_server / m_direct:.3f}x of the medians, {paired:.3f}x the median of the "
               f"rounds' ratios (target <= 1.05x); server pipeline calls / direct: {m_calls / m_direct:.3f}x")  # fmt: skip
+        own = [r["server"]["drain"] / r["server"]["calls"] for r in rows]
+        print(f"  server drain / its own pipeline calls: {statistics.median(own):.4f}x (range {min(own):.4f}-{max(own):.4f}): "
+              "what the server adds, without the noise between two processes' calls")  # fmt: skip
 
 
 if __name__ == "__main__":
