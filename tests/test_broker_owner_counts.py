@@ -4,6 +4,7 @@ counts for its owner, anonymous jobs apart, a waiting or running one not at all.
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from server.broker.base import Broker
@@ -31,3 +32,37 @@ async def test_each_owners_finished_jobs_are_counted_however_they_ended(broker: 
     await broker.cancel(jobs[5].id, "cancelled")
     assert await broker.finished_of(None) == 1 and await broker.finished_of("carol") == 0
     assert await broker.finished_count() == 4
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_expired_finished_jobs_leave_the_counts_and_the_owners_lists(kind: str, request: pytest.FixtureRequest) -> None:
+    """A finished job is forgotten ``result_ttl`` after it ended: the counts drop it;
+    in Redis the next job to finish takes it out of ``done``, and its owner's
+    ``done:{owner}`` expires with it (neither grows with owners who never list)."""
+    from server.broker.memory import MemoryBroker
+    from server.broker.redis import RedisBroker
+
+    b: Broker = (
+        MemoryBroker(result_ttl=1, result_memory_bytes=1 << 20)
+        if kind == "memory"
+        else RedisBroker(request.getfixturevalue("redis_flushed").url, result_ttl=1)
+    )
+    await b.start()
+    try:
+        old = make_job(owner="alice")
+        await b.submit(old, {}, capacity=10)
+        await b.cancel(old.id, "cancelled")  # finished now
+        deadline = anyio.current_time() + 10
+        while await b.get(old.id) is not None:  # expired: no event says so
+            assert anyio.current_time() < deadline, "the finished job never expired"
+            await anyio.sleep(0.1)
+        new = make_job(owner="bob")
+        await b.submit(new, {}, capacity=10)
+        await b.cancel(new.id, "cancelled")
+        if isinstance(b, RedisBroker):  # before any count trims them
+            assert not await b._redis.exists(b.keys.owner_done("alice"))
+            assert await b._redis.zrange(b.keys.done(), 0, -1) == [new.id.encode()]
+        assert await b.finished_count() == 1
+        assert await b.finished_of("alice") == 0 and await b.finished_of("bob") == 1
+    finally:
+        await b.close()

@@ -195,11 +195,14 @@ class RedisBroker(RedisEvents, RedisAccounts):
 
     @guarded
     async def finished_count(self) -> int:
-        return int(await self._redis.zcard(self.keys.done()))
+        return await self._count_kept(self.keys.done())
 
     @guarded
     async def finished_of(self, owner: str | None) -> int:
-        key = self.keys.owner_done(owner)
+        return await self._count_kept(self.keys.owner_done(owner))
+
+    async def _count_kept(self, key: str) -> int:
+        """The finished jobs in ``key`` (``done`` or ``done:{owner}``) whose records are kept."""
         async with self._redis.pipeline(transaction=False) as pipe:  # the expired ones go first (their records are gone)
             pipe.zremrangebyscore(key, "-inf", repr(self.now() - self.ttl))
             pipe.zcard(key)

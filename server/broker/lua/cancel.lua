@@ -10,7 +10,7 @@ if status == '"waiting"' then
   local t = now()
   q_remove(m, id, jk, false)
   redis.call('HSET', jk, 'status', '"cancelled"', 'message', message, 'finished_at', ts(t))
-  into_done(jk, id, t)
+  into_done(jk, id, t, ttl)
   expire_job(jk, ttl)
   to_outbox(jk, id, t)
   event(id, m, 'change')

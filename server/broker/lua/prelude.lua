@@ -92,10 +92,18 @@ end
 
 -- a job that ended (finish, cancel, reap): into ``done`` and its owner's
 -- (keys.owner_done: '' for none), and its quota released (quota_release)
-local function into_done(jk, id, t)
+-- a finished job into ``done`` and its owner's ``done:{owner}``; both lose, first,
+-- the ids finished more than ``ttl`` seconds ago (their records have expired), and
+-- ``done:{owner}`` expires with its newest record: neither grows with the jobs of
+-- owners who never list them
+local function into_done(jk, id, t, ttl)
+  local expired = ts(t - tonumber(ttl))
+  redis.call('ZREMRANGEBYSCORE', K_DONE, '-inf', '(' .. expired)
   redis.call('ZADD', K_DONE, ts(t), id)
   local owner = redis.call('HGET', jk, 'owner')
   owner = (owner and owner ~= 'null') and cjson.decode(owner) or ''
+  redis.call('ZREMRANGEBYSCORE', k_owner_done(owner), '-inf', '(' .. expired)
   redis.call('ZADD', k_owner_done(owner), ts(t), id)
+  redis.call('EXPIRE', k_owner_done(owner), ttl)
   quota_release(jk, id)
 end

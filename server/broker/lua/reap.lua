@@ -16,7 +16,7 @@ for _, m in ipairs(redis.call('SMEMBERS', K_MODELS)) do
       else
         redis.call('HINCRBY', jk, 'lost', 1)
         redis.call('HSET', jk, 'status', '"error"', 'message', message, 'finished_at', ts(t))
-        into_done(jk, id, t)
+        into_done(jk, id, t, ttl)
         expire_job(jk, ttl)
         to_outbox(jk, id, t)
       end
