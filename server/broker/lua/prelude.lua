@@ -91,11 +91,10 @@ local function quota_release(jk, id)
 end
 
 -- a job that ended (finish, cancel, reap): into ``done`` and its owner's
--- (keys.owner_done: '' for none), and its quota released (quota_release)
--- a finished job into ``done`` and its owner's ``done:{owner}``; both lose, first,
--- the ids finished more than ``ttl`` seconds ago (their records have expired), and
--- ``done:{owner}`` expires with its newest record: neither grows with the jobs of
--- owners who never list them
+-- (keys.owner_done: '' for none), and its quota released (quota_release).  Both
+-- sets lose, first, the ids that ended more than ``ttl`` seconds ago (their records
+-- have expired), and the owner's expires with its newest record: neither grows with
+-- the jobs of owners who never list them
 local function into_done(jk, id, t, ttl)
   local expired = ts(t - tonumber(ttl))
   redis.call('ZREMRANGEBYSCORE', K_DONE, '-inf', '(' .. expired)
