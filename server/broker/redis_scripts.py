@@ -19,7 +19,11 @@ lane new jobs take tail positions counting up from 2^31 and re-runs (and moves t
 the front) head positions counting down from 2^31 - 1.  Each lane keeps a sparse
 Fenwick tree over the 2^32 positions (``fen:{m}:{level}:{share}``, fields
 ``node:entry`` for the non-zero entries of the job vectors) and its totals
-(``t:entry``): a push or a removal is 32 node updates, a prefix 32 node reads.
+(``t:entry``).  A prefix reads at most 32 nodes (a handful near 2^31, where the
+positions are); an update climbs only as high as a prefix of the lane's positions
+reads (``fen_top``: up to 2^31 for a head position, up to 2^31 + the lane's tail
+capacity ``c`` for a tail one, the capacity doubled as the lane grows), so a push
+into a lane of n jobs is about log2(n) node updates per entry, not 32.
 Taking a lane's head is cheaper: its vector is added to the lane's popped sums
 (``p:entry``) and listed in ``pop:{m}:{level}:{share}``, and stays in the tree;
 every popped position is before every waiting one, so the sum of a lane's jobs
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..features import WIDTH
 from .keys import lua_keys
 
 LUA = Path(__file__).with_name("lua")
@@ -44,9 +49,11 @@ KEYS_MARK = "-- @keys"
 
 
 def prelude() -> str:
-    """``lua/prelude.lua`` with the generated key functions in place of its ``@keys`` line."""
+    """``lua/prelude.lua`` with the generated key functions, and ``WIDTH`` (the length
+    of a job's forecast vector), in place of its ``@keys`` line."""
     lines = (LUA / "prelude.lua").read_text().splitlines()
-    return "\n".join(lua_keys() if line.startswith(KEYS_MARK) else line for line in lines) + "\n"
+    generated = f"{lua_keys()}\nlocal WIDTH = {WIDTH}"
+    return "\n".join(generated if line.startswith(KEYS_MARK) else line for line in lines) + "\n"
 
 
 SHARED = ("prelude", "queue")  # before every script, in this order

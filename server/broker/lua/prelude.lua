@@ -1,4 +1,5 @@
--- Shared by every script; the key functions are generated from server/broker/keys.py (@keys).
+-- Shared by every script; the key functions (from server/broker/keys.py) and WIDTH
+-- (server/features.py) are generated in place of the @keys line.
 -- ``vec`` is a job's forecast vector as ``entry=value;...`` (its non-zero entries,
 -- values as Python's repr): values go to HINCRBYFLOAT as text, negated as text, so
 -- nothing is rounded by Lua.
@@ -10,7 +11,7 @@ local SHIFT = 1048576
 local FINISHED = {['"done"'] = true, ['"error"'] = true, ['"cancelled"'] = true}
 
 local function int(x) return string.format('%.0f', x) end
--- @keys: the key functions (k_<name>) and constants (K_<NAME>) of keys.KEYS go here
+-- @keys: the key functions (k_<name>) and constants (K_<NAME>) of keys.KEYS, and WIDTH, go here
 local FOR_WORKERS = {submit = true, cancel = true, command = true}
 
 local function now()

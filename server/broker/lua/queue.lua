@@ -19,13 +19,55 @@ local function neg(v)
   return '-' .. v
 end
 
+-- the highest node an update of tree index i must reach: no prefix read goes
+-- above the lane's last position.  A head position's climb ends at HALF (which
+-- every prefix of a tail position reads); a tail position's at HALF + the tree's
+-- tail capacity ``c`` (a power of two, 0 before the first tail position), doubled
+-- as the lane grows: the node HALF + 2c then gets node HALF + c (every tail entry
+-- so far; nothing climbed above it).  A tree without ``c`` was made by a version
+-- that climbed to 2^32 for every update, and goes on so (a lane's tree is deleted
+-- when it empties).
+local function fen_top(key, i)
+  local c = redis.call('HGET', key, 'c')
+  if not c then
+    if redis.call('EXISTS', key) == 1 then return TWO32 end
+    c = 0
+    redis.call('HSET', key, 'c', 0)
+  end
+  if i <= HALF then return HALF end
+  c = tonumber(c)
+  local x = i - HALF
+  if x > c then
+    local used = {}
+    if c > 0 then
+      local f = {}
+      for e = 0, WIDTH - 1 do f[#f + 1] = 'u:' .. e end
+      for e, u in ipairs(redis.call('HMGET', key, unpack(f))) do
+        if u then used[#used + 1] = e - 1 end
+      end
+    else
+      c = 1
+    end
+    while c < x do
+      for _, e in ipairs(used) do
+        local v = redis.call('HGET', key, int(HALF + c) .. ':' .. e)
+        if v then redis.call('HINCRBYFLOAT', key, int(HALF + 2 * c) .. ':' .. e, v) end
+      end
+      c = 2 * c
+    end
+    redis.call('HSET', key, 'c', int(c))
+  end
+  return HALF + c
+end
+
 -- add (sign 1) or subtract (sign -1) vec at position pos of a lane's tree
 local function fen_add(key, pos, vec, sign)
+  local top = fen_top(key, pos + 1)
   for e, v in string.gmatch(vec, '(%d+)=([^;]+)') do
     if sign < 0 then v = neg(v) else redis.call('HSET', key, 'u:' .. e, 1) end  -- u: the entries the lane uses
     redis.call('HINCRBYFLOAT', key, 't:' .. e, v)
     local i = pos + 1
-    while i <= TWO32 do
+    while i <= top do
       redis.call('HINCRBYFLOAT', key, int(i) .. ':' .. e, v)
       i = i + lowbit(i)
     end
