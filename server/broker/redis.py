@@ -269,6 +269,8 @@ class RedisBroker(RedisEvents, RedisAccounts):
             pairs += [name, to_json(value)]
         fence = "waiting" if only_waiting else "" if attempt is None else str(attempt)
         stored = (x for k, v in blobs.items() for x in (k, v))  # written by the script, past the fence only
+        if "step" in fields:  # (a job done): its steps not written yet are not needed any more
+            self._progress_jobs.pop(job.id, None)
         res = await self._script("finish", job.id, fence, to_json(JobStatus(status)), ttl, len(blobs), *stored, *pairs)
         if not res:
             return False
