@@ -295,11 +295,11 @@ class Service:
         if not 0 <= index < len(job.results):
             raise NotFound(f"index {index} is out of range; task {job.id} has {len(job.results)} image(s)", param="index")
         result = job.results[index]
-        data = None if result.gone else await self.broker.get_blob(result_key(job.id, index))
+        key = result_key(job.id, index)
+        data = None if result.gone else await (self.broker.take_blob(key) if delete else self.broker.get_blob(key))
         if data is None:
             raise Gone(f"image {index} of task {job.id} was already fetched with delete=true or expired", param="index")
         if delete:
-            await self.broker.delete_blob(result_key(job.id, index))
             results = list(job.results)
             results[index] = msgspec.structs.replace(result, gone="fetched with delete=true")
             await self.broker.update(job, {"results": results})

@@ -459,8 +459,12 @@ async def test_blobs(broker: Broker) -> None:
     key = result_key(job.id, 0)
     assert await broker.finish(run, JobStatus.DONE, {}, attempt=run.attempt, blobs={key: b"\x89PNG bytes"})
     assert await broker.get_blob(key) == b"\x89PNG bytes"
-    await broker.delete_blob(key)
+    assert await broker.take_blob(key) == b"\x89PNG bytes"  # once
+    assert await broker.take_blob(key) is None
     assert await broker.get_blob(key) is None
+    await broker.put_blob("img:race:0", b"one")
+    takers = await asyncio.gather(*(broker.take_blob("img:race:0") for _ in range(4)))
+    assert sorted(takers, key=lambda t: t is None) == [b"one", None, None, None]  # two fetches with delete=true: one image
     await broker.put_blob("prev:x:0", b"partial")
     assert await broker.get_blob("prev:x:0") == b"partial"
     assert await broker.get_blob("img:none:0") is None

@@ -49,8 +49,8 @@ async def _script_calls(r: object) -> int:
 
 
 async def test_a_node_writes_its_jobs_observations_in_one_call_that_equals_one_per_job(
-    redis_flushed: RedisServer,
-    anyio_backend: str,  # noqa: F811
+    redis_flushed: RedisServer,  # noqa: F811
+    anyio_backend: str,
 ) -> None:
     worker, api = redis_broker(redis_flushed.url), redis_broker(redis_flushed.url)
     await worker.start()

@@ -265,7 +265,8 @@ class Store(Protocol):
 
     async def get_blob(self, key: str) -> bytes | None: ...
 
-    async def delete_blob(self, key: str) -> None: ...
+    async def take_blob(self, key: str) -> bytes | None:
+        """``get_blob`` and delete it, in one step: of two takers, one gets the bytes."""
 
 
 class Deliveries(Protocol):

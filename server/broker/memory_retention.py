@@ -39,10 +39,11 @@ class MemoryRetention:
     async def get_blob(self, key: str) -> bytes | None:
         return self._blobs.get(key)
 
-    async def delete_blob(self, key: str) -> None:
+    async def take_blob(self, key: str) -> bytes | None:
         data = self._blobs.pop(key, None)
         if data is not None and key.startswith("img:"):
             self._result_bytes -= len(data)
+        return data
 
     def _evict(self, now: float | None = None) -> None:
         """Forget expired jobs; trim result bytes over the memory cap, oldest first."""

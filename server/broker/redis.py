@@ -335,8 +335,12 @@ class RedisBroker(RedisEvents, RedisAccounts):
         return bytes(data) if data is not None else None
 
     @guarded
-    async def delete_blob(self, key: str) -> None:
-        await self._redis.delete(self.keys.blob(key))
+    async def take_blob(self, key: str) -> bytes | None:
+        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one round trip, any Redis version
+            pipe.get(self.keys.blob(key))
+            pipe.delete(self.keys.blob(key))
+            data, _ = await pipe.execute()
+        return bytes(data) if data is not None else None
 
     @guarded
     async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
