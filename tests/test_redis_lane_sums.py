@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -17,26 +16,11 @@ from server.broker.base import Broker
 from server.features import DIM, WIDTH
 from server.jobs import JobRecord, JobStatus
 
-from .redis_fixtures import RedisServer, redis_flushed, redis_server  # noqa: F401
-from .test_broker_contract import make_job, redis_broker, vector
+from .redis_fixtures import redis_flushed, redis_server  # noqa: F401
+from .test_broker_contract import anyio_backend, make_job, rbroker, vector  # noqa: F401
 
 pytestmark = pytest.mark.anyio
 TWO32 = 2**32
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def rbroker(redis_flushed: RedisServer, anyio_backend: str) -> AsyncIterator[Broker]:  # noqa: F811
-    b = redis_broker(redis_flushed.url)
-    await b.start()
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 async def _node_updates(b: Broker, job: JobRecord) -> int:
@@ -51,7 +35,7 @@ async def _node_updates(b: Broker, job: JobRecord) -> int:
     return await calls() - before
 
 
-async def test_a_push_updates_about_log2_n_nodes_per_entry(rbroker: Broker) -> None:
+async def test_a_push_updates_about_log2_n_nodes_per_entry(rbroker: Broker) -> None:  # noqa: F811
     b = rbroker
     first = make_job()
     entries = int(np.count_nonzero(vector(first)))
@@ -87,7 +71,7 @@ async def _rewrite_as_the_version_before(b: Broker) -> str:
     return tree
 
 
-async def test_a_lane_left_by_the_version_that_climbed_to_2_32_keeps_its_sums(rbroker: Broker) -> None:
+async def test_a_lane_left_by_the_version_that_climbed_to_2_32_keeps_its_sums(rbroker: Broker) -> None:  # noqa: F811
     b = rbroker
     rng = random.Random(3)
     live: list[JobRecord] = []
