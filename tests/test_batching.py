@@ -454,7 +454,7 @@ def test_a_worker_killed_mid_batch_re_runs_every_job_of_it_once(tmp_path: Path, 
         for tid in ids:
             st = wait_for(api, tid, finished, timeout=90)
             assert st["status"] == "done" and st["attempt"] == 2, st
-        assert sorted(done_lines(w2)) == sorted(ids)  # each once, on the survivor
+        assert sorted(done_lines(w2, at_least=len(ids))) == sorted(ids)  # each once, on the survivor
         assert wait_for(api, hold, finished)["status"] == "done"
     finally:
         cluster.stop()
