@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,10 @@ def redis_flushed(redis_server: RedisServer) -> RedisServer:
         redis_server.start()
     redis_server.flushall()
     return redis_server
+
+
+async def command_calls(client: Any, command: str) -> int:
+    """How many times redis-server has run ``command`` (``INFO commandstats``; a
+    redis-py asyncio client)."""
+    stats = await client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))

@@ -15,15 +15,10 @@ from server.broker.redis_accounts import LEARN_INTERVAL
 from server.features import STATS, apply
 from server.forecast import call_features, observation
 
-from .redis_fixtures import RedisServer, redis_flushed, redis_server  # noqa: F401
-from .test_broker_contract import redis_broker
+from .redis_fixtures import RedisServer, command_calls, redis_flushed, redis_server  # noqa: F401
+from .test_broker_contract import anyio_backend, redis_broker  # noqa: F401
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def observations(n: int, seed: int) -> list[tuple[list[float], list[float], float]]:
@@ -43,14 +38,9 @@ def one_by_one(obs: list[tuple[list[float], list[float], float]]) -> np.ndarray:
     return stats
 
 
-async def _script_calls(r: object) -> int:
-    stats = await r.info("commandstats")  # type: ignore[attr-defined]
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def test_a_node_writes_its_jobs_observations_in_one_call_that_equals_one_per_job(
     redis_flushed: RedisServer,  # noqa: F811
-    anyio_backend: str,
+    anyio_backend: str,  # noqa: F811
 ) -> None:
     worker, api = redis_broker(redis_flushed.url), redis_broker(redis_flushed.url)
     await worker.start()
@@ -60,12 +50,12 @@ async def test_a_node_writes_its_jobs_observations_in_one_call_that_equals_one_p
         await worker.observe_cost("m", "image", *obs[0])
         await worker.cost_stats("m")  # (the script is loaded: its first call counts twice)
         r = worker._redis  # type: ignore[attr-defined]
-        before = await _script_calls(r)
+        before = await command_calls(r, "evalsha")
         for decayed, added, forget in obs[1:4]:
             await worker.observe_cost("m", "image", decayed, added, forget)
         stats = await worker.cost_stats("m")  # the node's own read: what it gathered is written first
         np.testing.assert_allclose(stats["image"], one_by_one(obs[:4]), rtol=1e-12)
-        assert await _script_calls(r) - before == 1
+        assert await command_calls(r, "evalsha") - before == 1
         sent = time.monotonic()
         for decayed, added, forget in obs[4:]:
             await worker.observe_cost("m", "image", decayed, added, forget)

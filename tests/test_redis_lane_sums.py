@@ -16,7 +16,7 @@ from server.broker.base import Broker
 from server.features import DIM, WIDTH
 from server.jobs import JobRecord, JobStatus
 
-from .redis_fixtures import redis_flushed, redis_server  # noqa: F401
+from .redis_fixtures import command_calls, redis_flushed, redis_server  # noqa: F401
 from .test_broker_contract import anyio_backend, make_job, rbroker, vector  # noqa: F401
 
 pytestmark = pytest.mark.anyio
@@ -26,13 +26,9 @@ TWO32 = 2**32
 async def _node_updates(b: Broker, job: JobRecord) -> int:
     """The HINCRBYFLOAT calls of one submit (redis-server's own count)."""
     r = b._redis  # type: ignore[attr-defined]
-
-    async def calls() -> int:
-        return int((await r.info("commandstats")).get("cmdstat_hincrbyfloat", {}).get("calls", 0))
-
-    before = await calls()
+    before = await command_calls(r, "hincrbyfloat")
     await b.submit(job, {}, capacity=100_000)
-    return await calls() - before
+    return await command_calls(r, "hincrbyfloat") - before
 
 
 async def test_a_push_updates_about_log2_n_nodes_per_entry(rbroker: Broker) -> None:  # noqa: F811
