@@ -296,13 +296,16 @@ class Service:
             raise NotFound(f"index {index} is out of range; task {job.id} has {len(job.results)} image(s)", param="index")
         result = job.results[index]
         key = result_key(job.id, index)
-        data = None if result.gone else await (self.broker.take_blob(key) if delete else self.broker.get_blob(key))
-        if data is None:
-            raise Gone(f"image {index} of task {job.id} was already fetched with delete=true or expired", param="index")
-        if delete:
+        if result.gone:
+            data = None
+        elif delete:  # the image and the mark that it was fetched, in one step
             results = list(job.results)
             results[index] = msgspec.structs.replace(result, gone="fetched with delete=true")
-            await self.broker.update(job, {"results": results})
+            data = await self.broker.take_blob(key, job, {"results": results})
+        else:
+            data = await self.broker.get_blob(key)
+        if data is None:
+            raise Gone(f"image {index} of task {job.id} was already fetched with delete=true or expired", param="index")
         return result, data
 
     async def preview(self, job: JobRecord, index: int) -> bytes | None:

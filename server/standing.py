@@ -19,6 +19,7 @@ None and ``note`` says why.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from collections.abc import Callable
@@ -70,10 +71,11 @@ class Forecasts:
         cfg = self.settings.models.get(model)
         if cfg is not None and cfg.forecast_prior is not None:
             priors: dict[str, list[float]] = {fit: prior_vector(cfg.forecast_prior).tolist() for fit in FITS}
-        else:
-            priors = await self.broker.priors(model)
+            stats = await self.broker.cost_stats(model)
+        else:  # both reads at once: one round trip to a shared broker, not two
+            priors, stats = await asyncio.gather(self.broker.priors(model), self.broker.cost_stats(model))
         cost = CostModel(priors)
-        cost.load(await self.broker.cost_stats(model))
+        cost.load(stats)
         self._costs[model] = _Cached(cost, version, now)
         return cost
 

@@ -156,6 +156,7 @@ def test_base64_and_delete(server: RunningServer) -> None:
     assert Image.open(io.BytesIO(base64.b64decode(r["image"]))).format == "WEBP"
     again = c.get("/api/image", params={"task_id": tid})
     assert again.status_code == 410 and "delete=true" in again.json()["error"]["message"]
+    assert c.get("/api/status", params={"task_id": tid}).json()["images"][0]["bytes"] == 0  # the record says it is gone
 
 
 def test_n_images_have_consecutive_seeds(server: RunningServer) -> None:

@@ -117,6 +117,29 @@ async def test_claim_waits_for_a_submit(broker: Broker) -> None:
     assert got is not None and got.id == job.id
 
 
+async def submits_seen(broker: Broker, model: str, count: int) -> None:
+    """Until ``count`` submits of ``model`` reached this process (Redis: through its events stream)."""
+    while (seen := broker.submits(model)) < count:
+        assert await broker.wait_submitted(model, 5, seen), f"{seen} of {count} submits seen"
+
+
+async def test_a_claim_says_whether_it_left_the_queue_empty(broker: Broker) -> None:
+    first, second = make_job(), make_job()
+    for job in (first, second):
+        await broker.submit(job, {}, capacity=10)
+    await submits_seen(broker, "m", 2)
+    assert not broker.emptied("m")  # nothing claimed yet
+    assert await broker.claim("m", "w", lease=30, timeout=0) is not None
+    assert not broker.emptied("m")  # one job left
+    assert await broker.claim("m", "w", lease=30, timeout=0) is not None
+    assert broker.emptied("m")
+    await broker.submit(make_job(), {}, capacity=10)
+    await submits_seen(broker, "m", 3)
+    assert not broker.emptied("m")  # a job came since
+    assert await broker.claim("m", "w", lease=30, timeout=0) is not None
+    assert broker.emptied("m") and not broker.emptied("other")
+
+
 async def test_positions_and_sums_ahead_match_a_brute_force_count(broker: Broker) -> None:
     rng = random.Random(7)
     live: list[JobRecord] = []
@@ -459,8 +482,14 @@ async def test_blobs(broker: Broker) -> None:
     key = result_key(job.id, 0)
     assert await broker.finish(run, JobStatus.DONE, {}, attempt=run.attempt, blobs={key: b"\x89PNG bytes"})
     assert await broker.get_blob(key) == b"\x89PNG bytes"
-    assert await broker.take_blob(key) == b"\x89PNG bytes"  # once
-    assert await broker.take_blob(key) is None
+    done = await broker.get(job.id)
+    assert done is not None and done.message is None
+    assert await broker.take_blob(key, done, {"message": "fetched"}) == b"\x89PNG bytes"  # once, the record marked with it
+    stored = await broker.get(job.id)
+    assert stored is not None and stored.message == done.message == "fetched"
+    assert await broker.take_blob(key, done, {"message": "again"}) is None  # gone: the record is left alone
+    stored = await broker.get(job.id)
+    assert stored is not None and stored.message == done.message == "fetched"
     assert await broker.get_blob(key) is None
     await broker.put_blob("img:race:0", b"one")
     takers = await asyncio.gather(*(broker.take_blob("img:race:0") for _ in range(4)))

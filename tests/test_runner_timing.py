@@ -144,3 +144,47 @@ def test_the_first_job_after_a_load_is_learned_apart_and_forecast_for_a_cold_mod
     cold = after[0]
     assert cold["gpu_seconds"] > FIRST_CALL, cold
     assert abs(cold["expected_at_submit"] - cold["gpu_seconds"]) < 0.25 * cold["gpu_seconds"], cold
+
+
+async def claims_and_outcomes(tmp: Path, jobs: int) -> list[tuple[str, str | None]]:
+    """What the worker did while ``jobs`` jobs, queued while the queue was paused, ran
+    once it resumed, in order: ("claim", the job taken or None) for each claim that took
+    a job or was the one try made the moment a job left the model, ("done", id) for
+    each outcome stored."""
+    raw = stub_settings(simulate_step_seconds=12.5)  # 2 steps at 64x64: ~0.1 s a job
+    raw["storage"] = {"output_dir": str(tmp / "outputs")}
+    app = create_app(build_settings(raw))
+    broker = app.state.service.broker
+    claim, finish = broker.claim, broker.finish
+    seen: list[tuple[str, str | None]] = []
+
+    async def spy_claim(model: str, worker: str, lease: float, timeout: float) -> Any:
+        got = await claim(model, worker, lease, timeout)
+        if got is not None or timeout == 0:
+            seen.append(("claim", got.id if got is not None else None))
+        return got
+
+    async def spy_finish(job: Any, status: Any, fields: Any, **kw: Any) -> bool:
+        ok = await finish(job, status, fields, **kw)
+        seen.append(("done", job.id))
+        return bool(ok)
+
+    broker.claim, broker.finish = spy_claim, spy_finish
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://easel") as c:
+            assert (await c.post("/v1/admin/models/stub/pause")).status_code == 200
+            ids = [(await c.post("/api/generate", json={"prompt": "a lighthouse", "steps": 2, "seed": s})).json()["task_id"] for s in range(jobs)]
+            assert (await c.post("/v1/admin/models/stub/resume")).status_code == 200
+            for tid in ids:
+                st = (await c.get("/api/image", params={"task_id": tid, "wait": 10}))
+                assert st.status_code == 200, st.text
+            return [(what, ids.index(i) if i is not None else None) for what, i in seen]  # type: ignore[misc]
+
+
+def test_a_lone_job_is_stored_without_a_claim_first_and_queued_jobs_run_back_to_back(tmp_path: Path) -> None:
+    # one job: nothing waits behind it, so its results are stored at once (no claim in between)
+    assert asyncio.run(claims_and_outcomes(tmp_path / "one", 1)) == [("claim", 0), ("done", 0)]
+    # three: each next job is claimed the moment the one before leaves the model, before its results are stored
+    assert asyncio.run(claims_and_outcomes(tmp_path / "three", 3)) == [
+        ("claim", 0), ("claim", 1), ("done", 0), ("claim", 2), ("done", 1), ("done", 2)]  # fmt: skip

@@ -265,8 +265,10 @@ class Store(Protocol):
 
     async def get_blob(self, key: str) -> bytes | None: ...
 
-    async def take_blob(self, key: str) -> bytes | None:
-        """``get_blob`` and delete it, in one step: of two takers, one gets the bytes."""
+    async def take_blob(self, key: str, job: JobRecord | None = None, fields: dict[str, Any] | None = None) -> bytes | None:
+        """``get_blob`` and delete it, in one step: of two takers, one gets the bytes.
+        When they were there, ``job``'s ``fields`` are set in the same step (a result
+        marked fetched)."""
 
 
 class Deliveries(Protocol):
@@ -293,6 +295,10 @@ class Events(Protocol):
 
     def submits(self, model: str) -> int:
         """How many submits of ``model`` this process has seen (a mark for ``wait_submitted``)."""
+
+    def emptied(self, model: str) -> bool:
+        """Whether this process's last claim of ``model`` left its queue empty, with no
+        submit of it seen since: a hint (a requeued job is not seen)."""
 
     async def wait_submitted(self, model: str, timeout: float, seen: int) -> bool:
         """Wait up to ``timeout`` seconds for a submit of ``model`` after the mark

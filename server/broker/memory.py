@@ -105,9 +105,11 @@ class MemoryBroker(LocalEvents, MemoryStatistics, MemoryRetention):
         return None
 
     async def claim(self, model: str, worker: str, lease: float, timeout: float) -> JobRecord | None:
-        entry = await self._queue(model).get(timeout)
+        q = self._queue(model)
+        entry = await q.get(timeout)
         if entry is None:
             return None
+        self.claimed(model, len(q))
         return self._running_now(model, self._jobs[entry.id], worker)
 
     async def claim_batch(self, model: str, worker: str, lease: float, plan: BatchPlan) -> list[JobRecord]:

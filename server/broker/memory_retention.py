@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from typing import Any
 
 from ..jobs import JobRecord, JobStatus, live_preview_key, preview_key, result_key
 
@@ -39,11 +40,18 @@ class MemoryRetention:
     async def get_blob(self, key: str) -> bytes | None:
         return self._blobs.get(key)
 
-    async def take_blob(self, key: str) -> bytes | None:
+    async def take_blob(self, key: str, job: JobRecord | None = None, fields: dict[str, Any] | None = None) -> bytes | None:
         data = self._blobs.pop(key, None)
-        if data is not None and key.startswith("img:"):
+        if data is None:
+            return None
+        if key.startswith("img:"):
             self._result_bytes -= len(data)
+        if job is not None and fields:
+            await self.update(job, fields)  # no await point before it: the same step
         return data
+
+    async def update(self, job: JobRecord, fields: dict[str, Any], *, attempt: int | None = None) -> bool:
+        raise NotImplementedError  # the broker's (``MemoryBroker.update``)
 
     def _evict(self, now: float | None = None) -> None:
         """Forget expired jobs; trim result bytes over the memory cap, oldest first."""

@@ -94,6 +94,7 @@ class LocalEvents:
         self.command_callbacks: list[CommandCallback] = []
         self.pause_version = 0  # changes when a pause or resume reaches this process
         self._submits_seen: dict[str, int] = {}  # model -> submits seen
+        self._emptied_at: dict[str, int] = {}  # model -> submits seen when a claim here left its queue empty
 
     def pauses_changed(self) -> None:
         """A queue was paused or resumed (here, or on another node): every follower
@@ -108,6 +109,19 @@ class LocalEvents:
 
     def submits(self, model: str) -> int:
         return self._submits_seen.get(model, 0)
+
+    def claimed(self, model: str, left: int) -> None:
+        """A claim of this process took a job of ``model`` and left ``left`` waiting."""
+        if left == 0:
+            self._emptied_at[model] = self._submits_seen.get(model, 0)
+        else:
+            self._emptied_at.pop(model, None)
+
+    def emptied(self, model: str) -> bool:
+        """This process's last claim of ``model`` left its queue empty, and no submit
+        of it has reached this process since.  A hint (a job put back by the reaper or
+        a stopping worker is not seen), for what to do first, never whether to claim."""
+        return self._emptied_at.get(model, -1) == self._submits_seen.get(model, 0)
 
     async def wait_submitted(self, model: str, timeout: float, seen: int) -> bool:
         if self._submits_seen.get(model, 0) > seen:

@@ -29,12 +29,12 @@ from .redis_accounts import RedisAccounts
 from .redis_codec import (
     CLAIM_POLL,
     ERRORS,
-    FIELD_SET,
     LEVEL_SHIFT,
     PAGE,
     PROGRESS_FIELDS,
     decode_record,
     encode_fields,
+    field_pairs,
     floats,
     guarded,
     to_json,
@@ -106,8 +106,10 @@ class RedisBroker(RedisEvents, RedisAccounts):
             waiters = self._claim_waiters.setdefault(model, set())
             waiters.add(wake)  # registered before the try: a submit in between still wakes us
             try:
-                raw = await self._script("claim", model, to_json(worker), float(lease), self._valid_until())
-                if raw:
+                got = await self._script("claim", model, to_json(worker), float(lease), self._valid_until())
+                if got:
+                    raw, left = got
+                    self.claimed(model, int(left))
                     return decode_record(raw)
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -234,13 +236,8 @@ class RedisBroker(RedisEvents, RedisAccounts):
         return await self._update(job, fields, attempt)
 
     async def _update(self, job: JobRecord, fields: dict[str, Any], attempt: int | None) -> bool:
-        unknown = set(fields) - FIELD_SET
-        if unknown:
-            raise ValueError(f"not job record fields: {sorted(unknown)}")
+        pairs = field_pairs(fields)
         kind = "progress" if PROGRESS_FIELDS.issuperset(fields) else "change"
-        pairs: list[Any] = []
-        for name, value in fields.items():
-            pairs += [name, to_json(value)]
         ok = await self._script("update", job.id, "" if attempt is None else str(attempt), kind, *pairs)
         if int(ok):
             for name, value in fields.items():
@@ -261,12 +258,7 @@ class RedisBroker(RedisEvents, RedisAccounts):
     ) -> bool:
         ttl = self._ttl_seconds()
         fields = {k: v for k, v in fields.items() if k not in ("status", "finished_at")}  # the broker sets those
-        unknown = set(fields) - FIELD_SET
-        if unknown:
-            raise ValueError(f"not job record fields: {sorted(unknown)}")
-        pairs: list[Any] = []
-        for name, value in fields.items():
-            pairs += [name, to_json(value)]
+        pairs = field_pairs(fields)
         fence = "waiting" if only_waiting else "" if attempt is None else str(attempt)
         stored = (x for k, v in blobs.items() for x in (k, v))  # written by the script, past the fence only
         if "step" in fields:  # (a job done): its steps not written yet are not needed any more
@@ -335,12 +327,15 @@ class RedisBroker(RedisEvents, RedisAccounts):
         return bytes(data) if data is not None else None
 
     @guarded
-    async def take_blob(self, key: str) -> bytes | None:
-        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: one round trip, any Redis version
-            pipe.get(self.keys.blob(key))
-            pipe.delete(self.keys.blob(key))
-            data, _ = await pipe.execute()
-        return bytes(data) if data is not None else None
+    async def take_blob(self, key: str, job: JobRecord | None = None, fields: dict[str, Any] | None = None) -> bytes | None:
+        pairs = field_pairs(fields or {})
+        data = await self._script("take_blob", key, job.id if job is not None else "", *pairs)
+        if data is None:
+            return None
+        if job is not None:
+            for name, value in (fields or {}).items():
+                setattr(job, name, value)
+        return bytes(data)
 
     @guarded
     async def claim_deliveries(self, lease: float, limit: int, job_id: str | None = None) -> list[str]:
@@ -349,10 +344,7 @@ class RedisBroker(RedisEvents, RedisAccounts):
 
     @guarded
     async def end_delivery(self, job_id: str, fields: dict[str, Any], retry_in: float | None = None) -> None:
-        unknown = set(fields) - FIELD_SET
-        if unknown:
-            raise ValueError(f"not job record fields: {sorted(unknown)}")
-        pairs = [x for name, value in fields.items() for x in (name, to_json(value))]
+        pairs = field_pairs(fields)
         await self._script("end_delivery", job_id, "" if retry_in is None else repr(float(retry_in)), *pairs)
 
 

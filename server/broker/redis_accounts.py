@@ -82,16 +82,8 @@ class RedisAccounts(RedisBase):
 
     @guarded
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:
-        models = [model] if model is not None else await self._models()
-        now = self.now()
-        out: list[WorkerInfo] = []
-        for m in models:
-            names = await self._redis.zrangebyscore(self.keys.presence(m), now, "+inf")
-            if not names:
-                continue
-            raws = await self._redis.hmget(self.keys.worker_info(m), names)
-            out += [msgspec.json.decode(raw, type=WorkerInfo) for raw in raws if raw is not None]
-        return out
+        raws = await self._script("workers", *([model] if model is not None else []))  # one round trip
+        return [msgspec.json.decode(raw, type=WorkerInfo) for raw in raws]
 
     @guarded
     async def reap(self) -> int:

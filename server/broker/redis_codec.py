@@ -54,6 +54,15 @@ def to_json(value: Any) -> bytes:
     return msgspec.json.encode(value)
 
 
+def field_pairs(fields: dict[str, Any]) -> list[Any]:
+    """``fields`` (record field -> value) as flat field/JSON pairs for a script;
+    ValueError for a name that is not a ``JobRecord`` field."""
+    unknown = set(fields) - FIELD_SET
+    if unknown:
+        raise ValueError(f"not job record fields: {sorted(unknown)}")
+    return [x for name, value in fields.items() for x in (name, to_json(value))]
+
+
 def encode_fields(job: JobRecord, names: Iterable[str] = FIELDS) -> list[Any]:
     """Field/JSON pairs of ``job``, flat (script arguments, HSET)."""
     out: list[Any] = []

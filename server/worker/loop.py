@@ -169,13 +169,19 @@ class Worker:
         would hold the GIL in its encoding thread while the claim's answer waits to be
         read, and the model would sit idle meanwhile.  A job claimed that way, the
         moment the one before it left the model, is timed from that moment: the claim
-        and hand-over between two queued jobs are part of what a job in the queue costs."""
+        and hand-over between two queued jobs are part of what a job in the queue costs.
+        When the claim of the job just run left the queue empty and no job has been
+        submitted since (``Broker.emptied``), its encode-and-store starts first: no
+        job would be claimed, and the round trip would only delay its answer."""
         finishing: Coroutine[Any, Any, None] | None = None
         freed_at = 0.0  # time.monotonic() when this loop's last job left the model
         try:
             while self.claiming and ms.state == "loaded":
                 jobs: list[JobRecord] = []
                 failure: BrokerUnavailable | None = None
+                if finishing is not None and self.broker.emptied(ms.name):
+                    self.host.spawn(finishing)
+                    finishing = None
                 back_to_back = finishing is not None
                 try:  # with a job to finish: one try now, without waiting for work
                     lease = self.settings.broker.lease_seconds
