@@ -108,8 +108,8 @@ class RedisBroker(RedisEvents, RedisAccounts):
             try:
                 got = await self._script("claim", model, to_json(worker), float(lease), self._valid_until())
                 if got:
-                    raw, left = got
-                    self.claimed(model, int(left))
+                    raw, waiting = got
+                    self.claimed(model, int(waiting))
                     return decode_record(raw)
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -2,9 +2,10 @@
 -- (Redis TIME; '' = always).  Takes the queue's next job (the first level's
 -- fair-share head, lua/queue.lua): attempt + 1, running on the worker from Redis
 -- TIME, into run:{m} with the lease deadline.  Returns {the record's HGETALL, the
--- number of jobs left waiting}, or false (also when it runs after ``valid until``: a claim whose sender gave up
--- waiting takes nothing, or the job would run nowhere until its lease expired and
--- count as lost), and while the queue is paused (prelude's ``paused``).
+-- number of jobs left waiting}, or false (also when it runs after ``valid until``:
+-- a claim whose sender gave up waiting takes nothing, or the job would run nowhere
+-- until its lease expired and count as lost), and while the queue is paused
+-- (prelude's ``paused``).
 local m, worker, lease = ARGV[3], ARGV[4], tonumber(ARGV[5])
 if ARGV[6] and ARGV[6] ~= '' and now() > tonumber(ARGV[6]) then return false end
 if paused(m) then return false end
