@@ -18,9 +18,9 @@ from .redis_codec import (
     READ_BLOCK_MS,
     READ_COUNT,
     client_options,
+    field_pairs,
     guarded,
     id_gt,
-    to_json,
 )
 
 log = logging.getLogger("server.broker.redis")
@@ -70,7 +70,7 @@ class RedisEvents(RedisBase):
                 fields = {"step": job.step, "total_steps": job.total_steps, "first_step_at": job.first_step_at, "last_step_at": job.last_step_at}
                 try:
                     followed = await self._script(
-                        "update", job.id, str(job.attempt), "progress", *(x for k, v in fields.items() for x in (k, to_json(v)))
+                        "update", job.id, str(job.attempt), "progress", *field_pairs(fields)
                     )
                     backoff = 0.1
                     if int(followed) != 2:  # nobody follows it step by step: gather the next steps
