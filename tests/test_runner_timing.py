@@ -146,11 +146,11 @@ def test_the_first_job_after_a_load_is_learned_apart_and_forecast_for_a_cold_mod
     assert abs(cold["expected_at_submit"] - cold["gpu_seconds"]) < 0.25 * cold["gpu_seconds"], cold
 
 
-async def claims_and_outcomes(tmp: Path, jobs: int) -> list[tuple[str, str | None]]:
+async def claims_and_outcomes(tmp: Path, jobs: int) -> list[tuple[str, int | None]]:
     """What the worker did while ``jobs`` jobs, queued while the queue was paused, ran
-    once it resumed, in order: ("claim", the job taken or None) for each claim that took
-    a job or was the one try made the moment a job left the model, ("done", id) for
-    each outcome stored."""
+    once it resumed, in order: ("claim", the index of the job taken, or None) for each
+    claim that took a job or was the one try made the moment a job left the model,
+    ("done", its index) for each outcome stored."""
     raw = stub_settings(simulate_step_seconds=12.5)  # 2 steps at 64x64: ~0.1 s a job
     raw["storage"] = {"output_dir": str(tmp / "outputs")}
     app = create_app(build_settings(raw))
@@ -179,7 +179,7 @@ async def claims_and_outcomes(tmp: Path, jobs: int) -> list[tuple[str, str | Non
             for tid in ids:
                 st = (await c.get("/api/image", params={"task_id": tid, "wait": 10}))
                 assert st.status_code == 200, st.text
-            return [(what, ids.index(i) if i is not None else None) for what, i in seen]  # type: ignore[misc]
+            return [(what, ids.index(i) if i is not None else None) for what, i in seen]
 
 
 def test_a_lone_job_is_stored_without_a_claim_first_and_queued_jobs_run_back_to_back(tmp_path: Path) -> None:
