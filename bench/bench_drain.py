@@ -28,12 +28,18 @@ loop and encoding, the API node, redis-server and the bench's submitting and pol
 share the other cores (the host's CPU). Without it, every process competes for every
 core and the rounds vary by +-5% between themselves.
 
-``--fresh``: each drain on a fresh server, and the direct calls in a fresh model
-process (``server.worker.process.ModelProcess``, loaded and called as the server's
-worker does, without a server).  On this VM one process runs the same calls up to
-+-12% faster or slower than another for its whole life, so a bench that keeps its
-processes measures their luck; with fresh ones the median of the rounds does not.  With ``--in-process`` the model
-runs on a thread of the server's process, which then may use every core.
+``--fresh``: each round on a fresh server and a fresh model process for the direct
+calls (``server.worker.process.ModelProcess``, loaded and called as the server's worker
+does, without a server); within the round the two alternate ``--inner`` times, and the
+round's ratio is its summed drains over its summed direct calls.  On this VM the host's
+speed drifts by +-25% over tens of seconds, and one process runs the same calls 5-10%
+faster or slower than another for its whole life: a bench that keeps its
+processes measures their luck, and one that starts new ones between two drains
+measures the drift.  Fresh processes each round, alternated within it, cancel the
+drift inside a round and sample the processes' luck across rounds.
+
+``--in-process``: the model runs on a thread of the server's process, which then may
+use every core.
 """
 
 from __future__ import annotations
@@ -126,6 +132,20 @@ def direct_drain(backend: Any, n: int, size: int, steps: int) -> dict[str, float
     return {"calls": calls, "with_last_encode": time.perf_counter() - t0}
 
 
+def summed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several drains (or direct runs) of one round as one: times and CPU seconds
+    added, gaps pooled, the last run's tail."""
+    out: dict[str, Any] = dict(runs[-1])
+    for key in ("drain", "submit", "calls", "with_last_encode", "first_wait"):
+        if key in out:
+            out[key] = sum(r[key] for r in runs)
+    if "gaps" in out:
+        out["gaps"] = [g for r in runs for g in r["gaps"]]
+    if "cpu" in out:
+        out["cpu"] = {k: sum(r["cpu"][k] for r in runs) for k in out["cpu"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=["memory", "redis"], default="memory")
@@ -137,7 +157,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600, help="seconds one drain may take")
     p.add_argument("--pin", action="store_true", help="the measured pipeline on core 0, the API node, Redis and the polling on the rest")
     p.add_argument("--fresh", action="store_true",
-                   help="each drain on a fresh server, and the direct calls in a fresh model process (server.worker.process)")
+                   help="each round on a fresh server and a fresh model process for the direct calls (server.worker.process)")
+    p.add_argument("--inner", type=int, default=3, help="with --fresh: alternated drains per round (summed)")
     p.add_argument("--in-process", action="store_true",
                    help="the server runs the model in its process (isolate: false; by default the model has its own)")
     args = p.parse_args()
@@ -158,7 +179,7 @@ def main() -> None:
         print(f"drain of {args.jobs} tiny-SDXL jobs ({args.size}x{args.size}, {args.steps} steps, PNG), mode {args.mode}, "
               f"{args.threads} torch thread(s), {args.rounds} alternated rounds" + (", pinned" if args.pin else "")
               + (", the server's model in the server's process" if args.in_process else "")
-              + (", a fresh server and model process for each drain" if args.fresh else ""))  # fmt: skip
+              + (f", a fresh server and model process each round, alternated {args.inner} times in it" if args.fresh else ""))  # fmt: skip
 
         def started() -> tuple[RunningServer, dict[str, int]]:
             """A server (or API node, worker node and redis-server), warmed up and laid out."""
@@ -168,32 +189,37 @@ def main() -> None:
                 lay_out(pids, model_core, other_cores)
             return srv, pids
 
-        def direct() -> dict[str, float]:
+        def direct(backend: Any) -> dict[str, float]:
+            if args.pin:  # in this process, this thread makes the calls: the model's core; else it waits, as the worker's loop
+                os.sched_setaffinity(0, other_cores if getattr(backend, "isolated", False) else model_core)
+            return direct_drain(backend, args.jobs, args.size, args.steps)
+
+        def server(node: tuple[RunningServer, dict[str, int]]) -> dict[str, Any]:
             if args.pin:
-                os.sched_setaffinity(0, model_core)  # this thread: the direct calls on the model's core
-            if not args.fresh:
-                return direct_drain(backend, args.jobs, args.size, args.steps)
-            child = ModelProcess("sdxl", settings.models["sdxl"], settings)  # as the server runs it, without the server
-            child.load()
-            try:
+                os.sched_setaffinity(0, other_cores)  # the polling off the worker's model core
+            return server_drain(node[0].client, args.jobs, args.size, args.steps, args.timeout, node[1])
+
+        def fresh_round(r: int) -> dict[str, Any]:
+            """A fresh server and a fresh model process, both warmed up; their drains
+            alternated ``--inner`` times and summed."""
+            with ExitStack() as one:
+                node = one.enter_context(cluster(tmp, args.mode, raw, env))
+                server_drain(node[0].client, 4, args.size, args.steps, args.timeout, node[1])
+                if args.pin:
+                    lay_out(node[1], model_core, other_cores)
+                    os.sched_setaffinity(0, model_core)  # the child is born on the model's core, as the bench's calls run
+                child = ModelProcess("sdxl", settings.models["sdxl"], settings)  # as the server runs it, without the server
+                child.load()
+                one.callback(child.unload)
                 if args.pin and child.pid is not None:
                     pin(child.pid, model_core)
                 direct_drain(child, 4, args.size, args.steps)
-                return direct_drain(child, args.jobs, args.size, args.steps)
-            finally:
-                child.unload()
-
-        def server() -> dict[str, Any]:
-            if args.pin:
-                os.sched_setaffinity(0, other_cores)  # the polling off the worker's model core
-            if not args.fresh:
-                return server_drain(node[0].client, args.jobs, args.size, args.steps, args.timeout, node[1])
-            with ExitStack() as one:
-                srv, pids = one.enter_context(cluster(tmp, args.mode, raw, env))
-                server_drain(srv.client, 4, args.size, args.steps, args.timeout, pids)
-                if args.pin:
-                    lay_out(pids, model_core, other_cores)
-                return server_drain(srv.client, args.jobs, args.size, args.steps, args.timeout, pids)
+                runs: dict[str, list[dict[str, Any]]] = {"direct": [], "server": []}
+                for i in range(args.inner):
+                    for which in ("direct", "server") if (r + i) % 2 == 0 else ("server", "direct"):
+                        runs[which].append(direct(child) if which == "direct" else server(node))
+                inner = [s["drain"] / d["calls"] for s, d in zip(runs["server"], runs["direct"], strict=True)]
+                return {**{which: summed(rs) for which, rs in runs.items()}, "inner": inner}
 
         if not args.fresh:
             node = started()
@@ -203,15 +229,20 @@ def main() -> None:
             direct_drain(backend, 4, args.size, args.steps)
         rows = []
         for r in range(args.rounds):
-            order = ("direct", "server") if r % 2 == 0 else ("server", "direct")
-            row: dict[str, Any] = {which: direct() if which == "direct" else server() for which in order}
+            if args.fresh:
+                row = fresh_round(r)
+            else:
+                order = ("direct", "server") if r % 2 == 0 else ("server", "direct")
+                row = {which: direct(backend) if which == "direct" else server(node) for which in order}
             rows.append(row)
             s, dd = row["server"], row["direct"]
             print(
                 f"  round {r + 1}: server drain {s['drain']:.3f}s (pipeline calls {s['calls']:.3f}s, gaps sum {sum(s['gaps']):.3f}s "
                 f"median {1000 * statistics.median(s['gaps']):.1f} ms max {1000 * max(s['gaps']):.1f} ms, last encode+store "
                 f"{1000 * s['tail']:.1f} ms, submit {s['submit']:.3f}s); direct {dd['calls']:.3f}s (+ last encode "
-                f"{dd['with_last_encode']:.3f}s); ratio {s['drain'] / dd['calls']:.3f}; CPU s during the drain: "
+                f"{dd['with_last_encode']:.3f}s); ratio {s['drain'] / dd['calls']:.3f}"
+                + (" (" + ", ".join(f"{x:.3f}" for x in row["inner"]) + ")" if "inner" in row else "")
+                + "; CPU s during the drain: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu"].items()), flush=True
             )  # fmt: skip
         m_server = statistics.median(r["server"]["drain"] for r in rows)
@@ -231,6 +262,9 @@ def main() -> None:
         paired = statistics.median(r["server"]["drain"] / r["direct"]["calls"] for r in rows)
         print(f"  ratio server drain / direct: {m_server / m_direct:.3f}x of the medians, {paired:.3f}x the median of the "
               f"rounds' ratios (target <= 1.05x); server pipeline calls / direct: {m_calls / m_direct:.3f}x")  # fmt: skip
+        if len(rows) >= 4:
+            q1, _, q3 = statistics.quantiles([r["server"]["drain"] / r["direct"]["calls"] for r in rows], n=4)
+            print(f"  the rounds' ratios: quartiles {q1:.3f}-{q3:.3f}, {len(rows)} rounds")
         own = [r["server"]["drain"] / r["server"]["calls"] for r in rows]
         print(f"  server drain / its own pipeline calls: {statistics.median(own):.4f}x (range {min(own):.4f}-{max(own):.4f}): "
               "what the server adds, without the noise between two processes' calls")  # fmt: skip
