@@ -191,7 +191,7 @@ def main() -> None:
 
         def direct(backend: Any) -> dict[str, float]:
             if args.pin:  # in this process, this thread makes the calls: the model's core; else it waits, as the worker's loop
-                os.sched_setaffinity(0, other_cores if getattr(backend, "isolated", False) else model_core)
+                os.sched_setaffinity(0, other_cores if backend.isolated else model_core)
             return direct_drain(backend, args.jobs, args.size, args.steps)
 
         def server(node: tuple[RunningServer, dict[str, int]]) -> dict[str, Any]:
